@@ -1,0 +1,77 @@
+"""Tests of the command line (click's CliRunner), and of ``python -m featurecache``."""
+
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+import featurecache
+from featurecache.cli import main
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_version(runner):
+    result = runner.invoke(main, ["--version"])
+    assert result.exit_code == 0 and featurecache.__version__ in result.output
+
+
+def test_help_on_every_command(runner):
+    result = runner.invoke(main, ["--help"])
+    assert result.exit_code == 0
+    assert main.commands, "no commands registered"
+    for name in main.commands:
+        r = runner.invoke(main, [name, "--help"])
+        assert r.exit_code == 0 and "Usage:" in r.output and "--verbose" in r.output and "--quiet" in r.output, name
+
+
+def test_inspect_prints_counts_per_class(runner, tiny_voc):
+    result = runner.invoke(main, ["inspect", str(tiny_voc), "--scales", "1,2", "--input-size", "32"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "3 images, 4 boxes, 2 classes" in out
+    lines = {ln.split()[0]: ln.split() for ln in out.splitlines() if ln.split()}
+    # cat: one image with a non-difficult cat (b), two boxes, one difficult.
+    assert lines["cat"][1:4] == ["1", "2", "1"]
+    assert lines["dog"][1:4] == ["2", "2", "0"]
+    assert "background" in lines and "ambiguous" in lines
+
+
+def test_inspect_split_and_whole_image(runner, tiny_voc):
+    result = runner.invoke(main, ["inspect", str(tiny_voc), "--split", "train", "--whole-image"])
+    assert result.exit_code == 0, result.output
+    assert "2 images" in result.output and "2 (1.0 per image)" in result.output
+
+
+def test_warning_shown_by_default_and_hidden_by_quiet(runner, tiny_voc):
+    loud = runner.invoke(main, ["inspect", str(tiny_voc), "--scales", "1"])
+    assert "dropped 1 degenerate" in loud.output
+    for args in (["-q", "inspect", str(tiny_voc), "--scales", "1"], ["inspect", str(tiny_voc), "--scales", "1", "-q"]):
+        quiet = runner.invoke(main, args)
+        assert quiet.exit_code == 0 and "dropped" not in quiet.output and "3 images" in quiet.output
+
+
+def test_bad_dataset_is_a_one_line_error(runner, tmp_path):
+    (tmp_path / "x.txt").write_text("")
+    result = runner.invoke(main, ["inspect", str(tmp_path)])
+    assert result.exit_code == 1
+    assert result.output.count("\n") == 1 and result.output.startswith("Error: ")
+    assert str(tmp_path) in result.output and "Traceback" not in result.output
+
+
+def test_bad_scales_are_refused(runner, tiny_voc):
+    result = runner.invoke(main, ["inspect", str(tiny_voc), "--scales", "1,x"])
+    assert result.exit_code == 2 and "comma-separated" in result.output
+    result = runner.invoke(main, ["inspect", str(tiny_voc), "--scales", "0.5"])
+    assert result.exit_code == 2 and ">= 1" in result.output
+
+
+def test_python_dash_m(tiny_voc):
+    out = subprocess.run([sys.executable, "-m", "featurecache", "inspect", str(tiny_voc), "--scales", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "3 images" in out.stdout
