@@ -29,6 +29,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
+def _restore_featurecache_logger():
+    """The CLI configures the package logger (own handler, no propagation); undo it per test."""
+    import logging
+
+    log = logging.getLogger("featurecache")
+    saved = log.handlers[:], log.propagate, log.level
+    yield
+    log.handlers[:], log.propagate = saved[0], saved[1]
+    log.setLevel(saved[2])
+
+
+@pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)
     np.random.seed(0)
