@@ -164,5 +164,50 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
     click.echo(summary.to_text())
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("dataset", type=click.Path(exists=True))
+@click.argument("out", type=click.Path(dir_okay=False))
+@dataset_options
+@click.option("--backbone", default="efficientnet_lite0",
+              help="efficientnet_lite0, alexnet, vgg16, resnet50, another torchvision model (with --layer), "
+                   "or timm:<name>.")
+@click.option("--layer", default=None, help="Torchvision graph node to read (default: the backbone's own).")
+@click.option("--weights", default="default",
+              help="'default' (packaged or cached weights), a torchvision weights name, a state-dict file, "
+                   "or 'none' (random; for tests).")
+@grid_options
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Patches per forward pass.")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Image decoding processes [default: min(4, CPUs)].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+              help="auto = CUDA when present (mixed precision, channels-last).")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
+@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none",
+              help="HDF5 compression of the features.")
+@click.option("--part-size", type=click.IntRange(min=1), default=2048,
+              help="Patches per committed part (the most a crash can lose).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache or unfinished run with other settings.")
+@click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping and recording it.")
+@_command
+def extract(dataset, out, layout, split, annotations, classes_file, backbone, layer, weights, scales, overlap,
+            input_size, whole_image, batch_size, workers, device, dtype, compression, part_size, overwrite, strict):
+    """Run every patch of DATASET through a frozen backbone once; cache the features in OUT (HDF5).
+
+    A killed run continues where it stopped when the same command is run again.
+    """
+    from featurecache.datasets import read_class_file
+    from featurecache.extract import extract as run_extract
+
+    ctx = click.get_current_context()
+    result = run_extract(
+        dataset, out, split=split, annotations=annotations, layout=layout,
+        classes=read_class_file(classes_file) if classes_file else None,
+        backbone=backbone, layer=layer, weights=None if weights == "none" else weights,
+        grid=_grid(scales, overlap, input_size, whole_image), batch_size=batch_size, workers=workers,
+        device=device, dtype=dtype, compression=compression, overwrite=overwrite, strict=strict,
+        part_patches=part_size, progress=False if ctx.obj.get("quiet") else None)
+    click.echo(result.summary())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="featurecache")

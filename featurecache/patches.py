@@ -35,6 +35,7 @@ __all__ = [
     "WHOLE_IMAGE_SCALE",
     "LabelRule",
     "PatchGrid",
+    "image_patches",
     "label_to_class",
 ]
 
@@ -285,3 +286,26 @@ class LabelRule:
     def from_dict(cls, d: dict) -> "LabelRule":
         """Inverse of :meth:`to_dict`."""
         return cls(**d)
+
+
+def image_patches(record, class_ids: np.ndarray, *, grid: PatchGrid, rule: LabelRule) -> tuple:
+    """Patch boxes, scales and labels of one annotated image.
+
+    Parameters
+    ----------
+    record : ImageRecord
+        Anything with ``width``, ``height``, ``boxes`` and ``difficult``.
+    class_ids : ndarray of shape (K,)
+        Class id of each of the record's boxes (``ImageSet.class_ids(record)``).
+    grid : PatchGrid
+    rule : LabelRule
+
+    Returns
+    -------
+    boxes : ndarray (N, 4) float32
+    scales : ndarray (N,) float32
+    labels : ndarray (N,) int64, in this module's encoding
+    """
+    boxes, scales = grid.boxes_and_scales(record.width, record.height)
+    labels = rule.label(boxes, record.boxes, class_ids, record.difficult)
+    return boxes, scales, labels

