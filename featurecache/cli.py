@@ -176,7 +176,8 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
               help="'default' (packaged or cached weights), a torchvision weights name, a state-dict file, "
                    "or 'none' (random; for tests).")
 @grid_options
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Patches per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Patches per forward pass [default: 16 on CPU, 256 on CUDA].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Image decoding processes [default: min(4, CPUs)].")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
