@@ -49,6 +49,7 @@ __all__ = [
     "PatchDataset",
     "describe_fingerprint_difference",
     "feature_fingerprint",
+    "read_rows",
 ]
 
 FORMAT_NAME = "featurecache"
@@ -604,11 +605,7 @@ class FeatureCache:
         ds = self._file[name]
         if self._all and len(idx) == ds.shape[0]:
             return ds[:]
-        if len(idx) == 0:
-            return np.zeros((0,) + ds.shape[1:], ds.dtype)
-        # h5py fancy indexing is slow; read the covering slice and pick from it.
-        lo, hi = int(idx[0]), int(idx[-1]) + 1
-        return ds[lo:hi][idx - lo]
+        return read_rows(ds, idx)
 
     @property
     def labels(self) -> np.ndarray:
@@ -652,6 +649,24 @@ class FeatureCache:
     def torch_dataset(self) -> "PatchDataset":
         """A ``torch.utils.data.Dataset`` of ``(features, label, image_index)`` over the selection."""
         return PatchDataset(self.path, self.indices)
+
+
+def read_rows(ds: h5py.Dataset, rows: np.ndarray, *, max_span: int = 16384) -> np.ndarray:
+    """Rows ``rows`` (sorted, unique) of an HDF5 dataset, read as contiguous slices.
+
+    h5py's point selection is slow, so runs of nearby rows are read as one slice of at most
+    ``max_span`` rows and picked from; memory stays bounded by the result plus one slice.
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows),) + ds.shape[1:], ds.dtype)
+    i = 0
+    while i < len(rows):
+        lo = int(rows[i])
+        j = int(np.searchsorted(rows, lo + max_span, side="left"))
+        hi = int(rows[j - 1]) + 1
+        out[i:j] = ds[lo:hi][rows[i:j] - lo]
+        i = j
+    return out
 
 
 def _parse_attr(v):

@@ -210,5 +210,97 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
     click.echo(result.summary())
 
 
+def _parse_hidden(ctx, param, value: str):
+    try:
+        sizes = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected widths like 2048 or 2048,2048 (0: no hidden layer), got {value!r}") \
+            from None
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def _parse_size(ctx, param, value: Optional[str]):
+    if value is None:
+        return None
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    v = value.strip().upper().rstrip("B").rstrip("I")
+    try:
+        return int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(float(v))
+    except ValueError:
+        raise click.BadParameter(f"expected a size like 4G or 512M, got {value!r}") from None
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--val", "val_cache", type=click.Path(exists=True, dir_okay=False),
+              help="Validation cache (early stopping for the MLP).")
+@click.option("--train-split", default=None, help="Train on this split of CACHE only.")
+@click.option("--val-split", default=None, help="Validate on this split (of --val, or of CACHE).")
+@click.option("--head", type=click.Choice(["mlp", "logreg", "linearsvm"]), default="mlp", help="Head type.")
+@click.option("--hidden", callback=_parse_hidden, default="2048",
+              help="MLP hidden widths: 2048 (FCa+FCb), 0 (FCb only), 2048,2048 (three layers).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, help="MLP dropout.")
+@click.option("--lr", type=float, default=0.01, help="MLP initial learning rate (divided by 10 on plateaus).")
+@click.option("--weight-decay", type=float, default=5e-4, help="MLP L2 penalty.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="MLP mini-batch size.")
+@click.option("--epochs", type=click.IntRange(min=1), default=60, help="MLP epoch cap.")
+@click.option("--C", "C", type=float, default=1.0, help="logreg/linearsvm inverse regularisation.")
+@click.option("--background", default="weight",
+              help="weight (re-weight background), sample:F (keep a fraction F of it), or none.")
+@click.option("--background-weight", type=float, default=None,
+              help="Weight of a background patch [default: balance background and objects].")
+@click.option("--memory-limit", callback=_parse_size, default=None,
+              help="Training features held in memory, e.g. 4G; above it the MLP streams from HDF5 "
+                   "[default: half the available memory].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="MLP device.")
+@click.option("--seed", type=int, default=0, help="Random seed.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="Head file [default: CACHE.head.pt].")
+@_command
+def fit(cache, val_cache, train_split, val_split, head, hidden, dropout, lr, weight_decay, batch_size, epochs, C,
+        background, background_weight, memory_limit, device, seed, out):
+    """Train a head (the paper's adaptation layers by default) on a feature cache."""
+    from pathlib import Path
+
+    from featurecache.heads import BackgroundPolicy, fit_head
+
+    if head == "mlp":
+        params = dict(hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                      max_epochs=epochs, device=device)
+    else:
+        params = dict(C=C)
+    policy = BackgroundPolicy.parse(background, weight=background_weight)
+    trained = fit_head(cache, head=head, params=params, background=policy, train_split=train_split,
+                       val=val_cache, val_split=val_split, memory_limit=memory_limit, random_state=seed)
+    path = Path(out) if out else Path(cache).with_suffix(".head.pt")
+    trained.save(path)
+    click.echo(f"{trained.summary_line()} -> {path}")
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.argument("head", type=click.Path(exists=True, dir_okay=False))
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--split", default=None, help="Evaluate on this split of CACHE only.")
+@click.option("--pooling", type=click.Choice(["power", "max", "mean"]), default="power",
+              help="Patch scores to image score: (1/M) sum p^k, max, or mean.")
+@click.option("--k", type=float, default=5.0, help="Exponent of the power pooling.")
+@click.option("--method", type=click.Choice(["voc07", "all", "raw"]), default="voc07",
+              help="AP: VOC 2007 11-point, VOC 2010+ interpolated area, or uninterpolated (sklearn).")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write CSV here.")
+@_command
+def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
+    """Score the images of CACHE with HEAD and print per-class AP and mAP."""
+    from pathlib import Path
+
+    from featurecache.evaluate import evaluate
+
+    report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method)
+    if json_out:
+        Path(json_out).write_text(report.to_json())
+    if csv_out:
+        Path(csv_out).write_text(report.to_csv())
+    click.echo(report.to_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="featurecache")

@@ -1,0 +1,280 @@
+"""Evaluation: patch scores to image scores, VOC-style average precision, patch-level reports.
+
+Image score of class C over the M patches of an image (ambiguous ones included), as in
+Oquab et al. (2014): ``pooling="power"``: (1/M) Σ_i y(C|P_i)^k (default k = 5);
+``"max"``: max_i y(C|P_i); ``"mean"``: the power mean with k = 1.
+
+Average precision (:func:`average_precision`), per class, ignoring the images whose only
+objects of the class are ``difficult``:
+
+* ``"voc07"``: the VOC 2007 11-point interpolated AP, mean over recall t ∈ {0, 0.1, …, 1} of
+  the best precision at recall ≥ t;
+* ``"all"``: VOC 2010 and later: area under the interpolated precision/recall curve
+  (precision made monotone from the right), at every recall step;
+* ``"raw"``: area under the uninterpolated curve, Σ (R_n − R_{n−1}) P_n, which is what
+  ``sklearn.metrics.average_precision_score`` computes.
+
+Tied scores are taken together as one threshold (so the result never depends on the
+order of ties). mAP is the mean over classes with at least one positive image.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+
+from featurecache.cache import FeatureCache
+from featurecache.errors import FeaturecacheError
+from featurecache.patches import AMBIGUOUS
+
+__all__ = [
+    "METHODS",
+    "POOLINGS",
+    "EvalReport",
+    "average_precision",
+    "evaluate",
+    "image_scores",
+    "patch_probabilities",
+    "per_class_ap",
+    "report_from_probabilities",
+]
+
+POOLINGS = ("power", "max", "mean")
+METHODS = ("voc07", "all", "raw")
+
+
+def image_scores(probs: np.ndarray, image_index: np.ndarray, n_images: int, *, pooling: str = "power",
+                 k: float = 5.0) -> np.ndarray:
+    """Aggregate patch class probabilities into image scores.
+
+    Parameters
+    ----------
+    probs : ndarray (N, 1 + C)
+        Head outputs: background, then the C classes.
+    image_index : ndarray (N,)
+        Image of each patch, in ``0 .. n_images - 1``.
+    n_images : int
+    pooling : {"power", "max", "mean"}
+    k : float
+        Exponent of the power mean.
+
+    Returns
+    -------
+    ndarray (n_images, C)
+        Images without patches score 0.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    p = np.asarray(probs, dtype=np.float64)[:, 1:]
+    idx = np.asarray(image_index, dtype=np.int64)
+    out = np.zeros((n_images, p.shape[1]))
+    if pooling == "max":
+        out[:] = -np.inf
+        np.maximum.at(out, idx, p)
+        out[np.isinf(out)] = 0.0
+        return out
+    power = 1.0 if pooling == "mean" else float(k)
+    np.add.at(out, idx, p ** power)
+    counts = np.bincount(idx, minlength=n_images).astype(np.float64)
+    return out / np.maximum(counts, 1)[:, None]
+
+
+def average_precision(scores: np.ndarray, positive: np.ndarray, *, ignore: Optional[np.ndarray] = None,
+                      method: str = "voc07") -> float:
+    """Average precision of one class over images (see the module docstring).
+
+    Parameters
+    ----------
+    scores : ndarray (M,)
+    positive : ndarray (M,), bool
+    ignore : ndarray (M,), bool, optional
+        Images left out (e.g. only difficult objects of the class).
+    method : {"voc07", "all", "raw"}
+
+    Returns
+    -------
+    float
+        In [0, 1]; NaN when there is no positive.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    if ignore is not None:
+        keep = ~np.asarray(ignore, dtype=bool)
+        s, pos = s[keep], pos[keep]
+    n_pos = int(pos.sum())
+    if n_pos == 0:
+        return float("nan")
+    order = np.argsort(-s, kind="stable")
+    s, pos = s[order], pos[order]
+    # The end of each run of tied scores is one threshold.
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
+    tp = np.cumsum(pos)[last].astype(np.float64)
+    fp = (last + 1) - tp
+    rec = tp / n_pos
+    prec = tp / (tp + fp)
+    if method == "voc07":
+        return float(np.mean([prec[rec >= t].max() if (rec >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]))
+    if method == "raw":
+        return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
+    mrec = np.r_[0.0, rec, 1.0]
+    mpre = np.r_[0.0, prec, 0.0]
+    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
+    i = np.flatnonzero(mrec[1:] != mrec[:-1])
+    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
+
+
+def per_class_ap(scores: np.ndarray, labels: np.ndarray, difficult: Optional[np.ndarray] = None, *,
+                 method: str = "voc07") -> tuple:
+    """AP of every class: returns ``(ap (C,), positives (C,))``; AP is NaN without positives."""
+    labels = np.asarray(labels, dtype=bool)
+    difficult = np.zeros_like(labels) if difficult is None else np.asarray(difficult, dtype=bool)
+    ap = np.array([average_precision(scores[:, c], labels[:, c], ignore=difficult[:, c] & ~labels[:, c],
+                                     method=method) for c in range(labels.shape[1])])
+    return ap, labels.sum(axis=0)
+
+
+@dataclass
+class EvalReport:
+    """Per-class AP, mAP and the patch-level report of one head on one cache."""
+
+    classes: tuple
+    ap: list
+    positives: list
+    mean_ap: float
+    method: str
+    pooling: str
+    k: float
+    n_images: int
+    n_patches: int
+    patch_accuracy: Optional[float] = None
+    labelled_patches: int = 0
+    confusion: Optional[list] = None
+    head: str = ""
+    objective: str = "patch"
+    cache: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["ap"] = [None if np.isnan(a) else float(a) for a in self.ap]
+        d["mean_ap"] = None if np.isnan(self.mean_ap) else float(self.mean_ap)
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def to_csv(self) -> str:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["class", "ap", "positives"])
+        for c, a, n in zip(self.classes, self.ap, self.positives):
+            w.writerow([c, "" if np.isnan(a) else f"{a:.6f}", int(n)])
+        w.writerow(["mAP", "" if np.isnan(self.mean_ap) else f"{self.mean_ap:.6f}", int(sum(self.positives))])
+        return buf.getvalue()
+
+    def to_text(self) -> str:
+        pool = f"power k={self.k:g}" if self.pooling == "power" else self.pooling
+        n_cls = int(np.sum(~np.isnan(np.asarray(self.ap, dtype=float))))
+        lines = [f"mAP {100 * self.mean_ap:.1f}  ({self.method} AP, {pool} pooling, objective {self.objective}, "
+                 f"{self.head} head; {self.n_images} images, {n_cls} classes with positives)"]
+        width = max([len(c) for c in self.classes] + [5])
+        lines.append(f"{'class':<{width}}  {'AP':>6}  {'positives':>9}")
+        for c, a, n in zip(self.classes, self.ap, self.positives):
+            lines.append(f"{c:<{width}}  {'-' if np.isnan(a) else f'{100 * a:.1f}':>6}  {int(n):>9}")
+        if self.patch_accuracy is not None:
+            lines.append(f"patch accuracy {100 * self.patch_accuracy:.1f}% on {self.labelled_patches:,} labelled "
+                         f"patches (background included, ambiguous excluded)")
+        return "\n".join(lines)
+
+
+class EvalError(FeaturecacheError):
+    """Evaluation cannot run (bad options, a head that does not fit the cache)."""
+
+
+def patch_probabilities(head, cache: FeatureCache, *, chunk_size: int = 65536) -> np.ndarray:
+    """Head outputs ``(N, 1 + C)`` for the selected patches of a cache, read chunk by chunk."""
+    out = [head.predict_proba(ch.features) for ch in cache.iter_chunks(chunk_size)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(cache.classes) + 1), np.float32)
+
+
+def report_from_probabilities(probs: np.ndarray, cache: FeatureCache, *, pooling: str = "power", k: float = 5.0,
+                              method: str = "voc07", head: str = "", objective: str = "patch") -> EvalReport:
+    """An :class:`EvalReport` from patch probabilities of a cache's selected patches."""
+    t = cache.images
+    local = np.searchsorted(t.row, cache.image_index)
+    scores = image_scores(probs, local, len(t), pooling=pooling, k=k)
+    return report_from_image_scores(scores, cache, method=method, pooling=pooling, k=k, head=head,
+                                    objective=objective, probs=probs)
+
+
+def report_from_image_scores(scores: np.ndarray, cache: FeatureCache, *, method: str = "voc07",
+                             pooling: str = "power", k: float = 5.0, head: str = "", objective: str = "patch",
+                             probs: Optional[np.ndarray] = None) -> EvalReport:
+    """An :class:`EvalReport` from image scores ``(M, C)`` of a cache's selected images."""
+    t = cache.images
+    ap, npos = per_class_ap(scores, t.labels, t.difficult, method=method)
+    valid = ~np.isnan(ap)
+    report = EvalReport(
+        classes=tuple(cache.classes), ap=[float(a) for a in ap], positives=[int(n) for n in npos],
+        mean_ap=float(ap[valid].mean()) if valid.any() else float("nan"), method=method, pooling=pooling,
+        k=float(k), n_images=len(t), n_patches=cache.num_patches, head=head, objective=objective,
+        cache=str(cache.path))
+    if probs is not None:
+        labels = cache.labels
+        lab = labels != AMBIGUOUS
+        pred = probs.argmax(1)
+        n_out = probs.shape[1]
+        conf = np.zeros((n_out, n_out), np.int64)
+        np.add.at(conf, (labels[lab], pred[lab]), 1)
+        report.confusion = conf.tolist()
+        report.labelled_patches = int(lab.sum())
+        report.patch_accuracy = float((pred[lab] == labels[lab]).mean()) if lab.any() else None
+    return report
+
+
+def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None, pooling: str = "power",
+             k: float = 5.0, method: str = "voc07") -> EvalReport:
+    """Score every image of a cache with a trained head and report AP per class.
+
+    Parameters
+    ----------
+    head : TrainedHead or path
+        A trained head, or its file. Refused when its feature fingerprint or classes
+        differ from the cache's.
+    cache : path or FeatureCache
+    split : str, optional
+        Evaluate on the images of this split only.
+    pooling : {"power", "max", "mean"}
+    k : float
+    method : {"voc07", "all", "raw"}
+
+    Returns
+    -------
+    EvalReport
+    """
+    from featurecache.heads import TrainedHead
+
+    if pooling not in POOLINGS:
+        raise EvalError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if method not in METHODS:
+        raise EvalError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(head, TrainedHead):
+        head = TrainedHead.load(head)
+    own = not isinstance(cache, FeatureCache)
+    c = FeatureCache(cache, split=split) if own else (cache if split is None else FeatureCache(cache.path, split=split))
+    try:
+        head.check_cache(c)
+        probs = patch_probabilities(head, c)
+        return report_from_probabilities(probs, c, pooling=pooling, k=k, method=method, head=head.kind,
+                                         objective=head.summary.get("objective", "patch"))
+    finally:
+        if c is not cache:
+            c.close()
