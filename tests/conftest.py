@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -135,3 +136,65 @@ def lite0():
     from featurecache.backbones import build_backbone
 
     return build_backbone("efficientnet_lite0")
+
+
+def make_synthetic_cache(path: Path, X, labels, image_index, image_labels, classes, *, splits=None,
+                         feature_settings=None, difficult=None):
+    """Write a minimal valid feature cache directly (no backbone): for head and evaluation tests."""
+    import h5py
+
+    from featurecache.cache import feature_fingerprint
+
+    X = np.asarray(X, np.float16)
+    image_index = np.asarray(image_index, np.int64)
+    m = len(image_labels)
+    fs = feature_settings or {"backbone": "synthetic", "layer": "none", "input_size": 0, "mode": "crop"}
+    counts = np.bincount(image_index, minlength=m)
+    str_dt = h5py.string_dtype("utf-8")
+    with h5py.File(path, "w") as f:
+        f["features"] = X
+        f["label"] = np.asarray(labels, np.int16)
+        f["image_index"] = image_index.astype(np.int32)
+        f["box"] = np.zeros((len(X), 4), np.float32)
+        f["scale"] = np.ones(len(X), np.float32)
+        g = f.create_group("images")
+        g.create_dataset("path", data=np.array([f"img{i}.jpg" for i in range(m)], dtype=object), dtype=str_dt)
+        g["width"] = np.full(m, 100, np.int32)
+        g["height"] = np.full(m, 100, np.int32)
+        g["labels"] = np.asarray(image_labels, bool)
+        g["difficult"] = np.zeros((m, len(classes)), bool) if difficult is None else np.asarray(difficult, bool)
+        g.create_dataset("split", data=np.array(splits or [""] * m, dtype=object), dtype=str_dt)
+        g["dataset_index"] = np.arange(m, dtype=np.int32)
+        g["patch_start"] = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        g["patch_count"] = counts.astype(np.int64)
+        s = f.create_group("skipped")
+        s.create_dataset("path", data=np.array([], dtype=object), dtype=str_dt)
+        s.create_dataset("reason", data=np.array([], dtype=object), dtype=str_dt)
+        f.attrs["format"] = "featurecache"
+        f.attrs["format_version"] = 1
+        f.attrs["classes"] = json.dumps(list(classes))
+        f.attrs["feature_settings"] = json.dumps(fs)
+        f.attrs["fingerprint"] = feature_fingerprint(fs)
+        f.attrs["backbone"] = json.dumps({"name": fs["backbone"]})
+        f.attrs["grid"] = json.dumps({"scales": [1.0], "min_overlap": 0.5, "input_size": 64, "whole": False})
+    return path
+
+
+def blob_cache(path: Path, *, n_images=40, patches=12, dim=16, n_classes=3, seed=0, splits=None,
+               feature_settings=None):
+    """A synthetic cache: each image has one object class; its object patches carry that class's
+    direction in feature space, the rest are background noise."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (n_classes, dim))
+    X, y, img = [], [], []
+    image_labels = np.zeros((n_images, n_classes), bool)
+    for i in range(n_images):
+        c = i % n_classes
+        image_labels[i, c] = True
+        for p in range(patches):
+            obj = p < 3
+            X.append(rng.normal(0, 1, dim) + (centers[c] if obj else 0))
+            y.append(c + 1 if obj else 0)
+            img.append(i)
+    return make_synthetic_cache(path, np.array(X), y, img, image_labels, [f"c{k}" for k in range(n_classes)],
+                                splits=splits, feature_settings=feature_settings)

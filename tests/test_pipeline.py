@@ -1,0 +1,58 @@
+"""End to end through the command line on the real VOC sample: extract -> fit -> eval."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import blob_cache
+from featurecache.cli import main
+
+
+@pytest.fixture(scope="module")
+def voc_cache(voc_sample, tmp_path_factory):
+    out = tmp_path_factory.mktemp("voc") / "voc.h5"
+    r = CliRunner().invoke(main, ["extract", str(voc_sample), str(out), "--scales", "1,2", "--input-size", "64",
+                                  "--workers", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["mlp", "logreg"])
+def test_extract_fit_eval_on_real_voc_is_far_above_chance(voc_cache, tmp_path, head):
+    runner = CliRunner()
+    head_file = tmp_path / f"{head}.head.pt"
+    r = runner.invoke(main, ["fit", str(voc_cache), "--train-split", "train", "--val-split", "val", "--head", head,
+                             "--out", str(head_file)])
+    assert r.exit_code == 0, r.output
+    assert f"{head} head:" in r.output and "training patches" in r.output and head_file.exists()
+    js = tmp_path / "r.json"
+    r = runner.invoke(main, ["eval", str(head_file), str(voc_cache), "--split", "val", "--json", str(js),
+                             "--csv", str(tmp_path / "r.csv")])
+    assert r.exit_code == 0, r.output
+    report = json.loads(js.read_text())
+    ap = np.array([a for a in report["ap"] if a is not None])
+    # Chance: a random ranking's AP is about the share of positive images of the class.
+    chance = np.mean([n / report["n_images"] for n in report["positives"] if n])
+    assert report["n_images"] == 33 and report["mean_ap"] > 3 * chance and report["mean_ap"] > 0.3, (
+        report["mean_ap"], chance)
+    assert abs(ap.mean() - report["mean_ap"]) < 1e-9
+    assert r.output.startswith(f"mAP {100 * report['mean_ap']:.1f}")
+    assert (tmp_path / "r.csv").read_text().splitlines()[0] == "class,ap,positives"
+
+
+def test_fit_writes_beside_the_cache_and_eval_refuses_other_features(tmp_path):
+    a = blob_cache(tmp_path / "a.h5")
+    b = blob_cache(tmp_path / "b.h5", feature_settings={"backbone": "vgg16", "layer": "classifier.4",
+                                                        "input_size": 224, "mode": "crop"})
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit", str(a), "--head", "logreg"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "a.head.pt").exists()
+    r = runner.invoke(main, ["eval", str(tmp_path / "a.head.pt"), str(b)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert "backbone: vgg16 (cache) vs synthetic (head)" in r.output
+    r = runner.invoke(main, ["fit", str(a), "--background", "sometimes"])
+    assert r.exit_code == 1 and "--background must be" in r.output
