@@ -725,8 +725,11 @@ def fit_head(
             raise HeadError(f"{val_cache.path}: validation features differ from training features ("
                             + describe_fingerprint_difference(val_cache.feature_settings, train.feature_settings,
                                                               ours_name="val", theirs_name="train") + ")")
-        vk, vw, _ = background_weights(val_cache.labels, BackgroundPolicy("weight", weight=w_bg)
-                                       if policy.kind != "none" else policy, random_state=random_state)
+        # Validation patches are weighted like the training distribution: a kept fraction F of
+        # the background is, in expectation, every background patch at weight F.
+        val_policy = policy if policy.kind == "none" else BackgroundPolicy(
+            "weight", weight=policy.fraction if policy.kind == "sample" else w_bg)
+        vk, vw, _ = background_weights(val_cache.labels, val_policy, random_state=random_state)
         val_source = ArraySource(val_cache.read_features(val_cache.indices[vk]), val_cache.labels[vk], vw)
     if need <= limit:
         source = ArraySource(train.read_features(rows), y, w)
