@@ -302,5 +302,48 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
     click.echo(report.to_text())
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.option("--val", "val_cache", type=click.Path(exists=True, dir_okay=False), help="Validation cache.")
+@click.option("--val-split", default=None, help="Evaluate on this split (of --val, or of CACHE).")
+@click.option("--train-split", default=None, help="Train on this split of CACHE.")
+@click.option("--grid", "grid_items", multiple=True,
+              help="KEY=V1,V2,... (repeatable). Training: head, hidden (0, 512, 2048+2048), dropout, lr, "
+                   "weight_decay, batch_size, epochs, C, background, background_weight; evaluation (no "
+                   "retraining): k, pooling, method.")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+              help="TOML sweep: [grid] setting = [values], optional [options] seeds/folds/val_split/train_split.")
+@click.option("--seeds", type=click.IntRange(min=1), default=None, help="Repetitions per configuration [default: 1].")
+@click.option("--folds", type=click.IntRange(min=2), default=None,
+              help="K-fold cross-validation over images instead of a validation set.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write CSV here.")
+@click.option("--save-best", type=click.Path(dir_okay=False), default=None,
+              help="Retrain the best configuration on all training images and save its head here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="MLP device.")
+@_command
+def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, json_out, csv_out,
+           save_best, device):
+    """Compare many head settings on one cache; prints a table sorted by mAP."""
+    from pathlib import Path
+
+    from featurecache.ablate import ablate as run_ablate
+    from featurecache.ablate import parse_grid, read_sweep_file
+
+    grid, options = read_sweep_file(config_file) if config_file else ({}, {})
+    grid.update(parse_grid(grid_items))
+    ctx = click.get_current_context()
+    result = run_ablate(
+        cache, grid=grid, val=val_cache, val_split=val_split or options.get("val_split"),
+        train_split=train_split or options.get("train_split"), folds=folds or options.get("folds"),
+        seeds=seeds or options.get("seeds", 1), save_best=save_best, device=device,
+        progress=False if ctx.obj.get("quiet") else None)
+    if json_out:
+        Path(json_out).write_text(result.to_json())
+    if csv_out:
+        Path(csv_out).write_text(result.to_csv())
+    click.echo(result.to_text())
+
+
 if __name__ == "__main__":  # pragma: no cover
     main(prog_name="featurecache")

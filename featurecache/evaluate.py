@@ -42,6 +42,8 @@ __all__ = [
     "image_scores",
     "patch_probabilities",
     "per_class_ap",
+    "report_from_arrays",
+    "report_from_image_scores",
     "report_from_probabilities",
 ]
 
@@ -210,34 +212,54 @@ def report_from_probabilities(probs: np.ndarray, cache: FeatureCache, *, pooling
     """An :class:`EvalReport` from patch probabilities of a cache's selected patches."""
     t = cache.images
     local = np.searchsorted(t.row, cache.image_index)
-    scores = image_scores(probs, local, len(t), pooling=pooling, k=k)
-    return report_from_image_scores(scores, cache, method=method, pooling=pooling, k=k, head=head,
-                                    objective=objective, probs=probs)
+    return report_from_arrays(probs, local, t.labels, t.difficult, cache.classes, patch_labels=cache.labels,
+                              pooling=pooling, k=k, method=method, head=head, objective=objective,
+                              cache=str(cache.path))
 
 
-def report_from_image_scores(scores: np.ndarray, cache: FeatureCache, *, method: str = "voc07",
-                             pooling: str = "power", k: float = 5.0, head: str = "", objective: str = "patch",
-                             probs: Optional[np.ndarray] = None) -> EvalReport:
-    """An :class:`EvalReport` from image scores ``(M, C)`` of a cache's selected images."""
-    t = cache.images
-    ap, npos = per_class_ap(scores, t.labels, t.difficult, method=method)
-    valid = ~np.isnan(ap)
-    report = EvalReport(
-        classes=tuple(cache.classes), ap=[float(a) for a in ap], positives=[int(n) for n in npos],
-        mean_ap=float(ap[valid].mean()) if valid.any() else float("nan"), method=method, pooling=pooling,
-        k=float(k), n_images=len(t), n_patches=cache.num_patches, head=head, objective=objective,
-        cache=str(cache.path))
-    if probs is not None:
-        labels = cache.labels
-        lab = labels != AMBIGUOUS
+def report_from_arrays(probs: np.ndarray, image_index: np.ndarray, image_labels: np.ndarray,
+                       image_difficult: np.ndarray, classes, *, patch_labels: Optional[np.ndarray] = None,
+                       pooling: str = "power", k: float = 5.0, method: str = "voc07", head: str = "",
+                       objective: str = "patch", cache: str = "") -> EvalReport:
+    """An :class:`EvalReport` from in-memory arrays.
+
+    Parameters
+    ----------
+    probs : ndarray (N, 1 + C)
+        Patch outputs.
+    image_index : ndarray (N,)
+        Image of each patch, in ``0 .. M - 1``.
+    image_labels, image_difficult : ndarray (M, C) bool
+    classes : sequence of str
+    patch_labels : ndarray (N,), optional
+        For the patch-level accuracy and confusion matrix.
+    """
+    scores = image_scores(probs, image_index, len(image_labels), pooling=pooling, k=k)
+    report = report_from_image_scores(scores, image_labels, image_difficult, classes, method=method,
+                                      pooling=pooling, k=k, head=head, objective=objective, cache=cache)
+    report.n_patches = len(probs)
+    if patch_labels is not None:
+        lab = patch_labels != AMBIGUOUS
         pred = probs.argmax(1)
         n_out = probs.shape[1]
         conf = np.zeros((n_out, n_out), np.int64)
-        np.add.at(conf, (labels[lab], pred[lab]), 1)
+        np.add.at(conf, (patch_labels[lab], pred[lab]), 1)
         report.confusion = conf.tolist()
         report.labelled_patches = int(lab.sum())
-        report.patch_accuracy = float((pred[lab] == labels[lab]).mean()) if lab.any() else None
+        report.patch_accuracy = float((pred[lab] == patch_labels[lab]).mean()) if lab.any() else None
     return report
+
+
+def report_from_image_scores(scores: np.ndarray, image_labels: np.ndarray, image_difficult: np.ndarray, classes, *,
+                             method: str = "voc07", pooling: str = "", k: float = 0.0, head: str = "",
+                             objective: str = "patch", cache: str = "") -> EvalReport:
+    """An :class:`EvalReport` from image scores ``(M, C)`` (any objective's)."""
+    ap, npos = per_class_ap(scores, image_labels, image_difficult, method=method)
+    valid = ~np.isnan(ap)
+    return EvalReport(
+        classes=tuple(classes), ap=[float(a) for a in ap], positives=[int(n) for n in npos],
+        mean_ap=float(ap[valid].mean()) if valid.any() else float("nan"), method=method, pooling=pooling,
+        k=float(k), n_images=len(image_labels), n_patches=0, head=head, objective=objective, cache=cache)
 
 
 def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None, pooling: str = "power",

@@ -40,6 +40,7 @@ __all__ = [
     "ArraySource",
     "StreamSource",
     "epoch_order",
+    "fit_estimator",
     "BackgroundPolicy",
     "HeadError",
     "LinearSVMHead",
@@ -85,10 +86,10 @@ def epoch_order(n: int, rng: np.random.RandomState, *, block: int = 8192, buffer
 
 
 class ArraySource:
-    """Training data in memory: features ``(n, d)``, labels, weights."""
+    """Training data in memory: features ``(n, d)`` (or rows ``index`` of a larger array), labels, weights."""
 
-    def __init__(self, X: np.ndarray, y: np.ndarray, w: np.ndarray) -> None:
-        self.X, self.y, self.w = X, y, w
+    def __init__(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, index: Optional[np.ndarray] = None) -> None:
+        self.X, self.y, self.w, self.index = X, y, w, index
 
     def __len__(self) -> int:
         return len(self.y)
@@ -98,7 +99,12 @@ class ArraySource:
         return self.X.shape[1]
 
     def buffer(self, pos: np.ndarray) -> np.ndarray:
-        return np.asarray(self.X[pos], dtype=np.float32)
+        rows = pos if self.index is None else self.index[pos]
+        return np.asarray(self.X[rows], dtype=np.float32)
+
+    def matrix(self) -> np.ndarray:
+        """All rows, for estimators that need them at once."""
+        return self.buffer(np.arange(len(self.y)))
 
 
 class StreamSource:
@@ -643,6 +649,13 @@ class TrainedHead:
         return "; ".join(parts) + (f"; objects: {per_class}" if per_class else "")
 
 
+def fit_estimator(est: BaseEstimator, source, val=None) -> BaseEstimator:
+    """Fit any head on a batch source (the MLP uses ``val`` for its schedule and early stopping)."""
+    if isinstance(est, MLPHead):
+        return est.fit_source(source, val)
+    return est.fit(source.matrix(), source.y, sample_weight=source.w)
+
+
 def _available_memory() -> int:
     try:
         with open("/proc/meminfo") as f:
@@ -742,10 +755,7 @@ def fit_head(
         source = StreamSource(train.features, rows, y, w)
         mode = "stream"
     logger.info("training %s on %d patches (%s, %.1f MiB of features)", head, len(keep), mode, need / 2**20)
-    if head == "mlp":
-        est.fit_source(source, val_source)
-    else:
-        est.fit(source.X, y, sample_weight=w)
+    fit_estimator(est, source, val_source)
     counts = np.bincount(y, minlength=n_out)
     summary = {
         "cache": str(train.path),

@@ -1,0 +1,90 @@
+"""Tests of head-only ablations on synthetic caches."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import blob_cache
+from featurecache.ablate import AblationError, _splits, ablate, parse_grid, read_sweep_file
+from featurecache.cli import main
+from featurecache.evaluate import evaluate
+from featurecache.heads import TrainedHead
+
+FAST = ["hidden=16", "epochs=8", "batch_size=32"]
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory):
+    splits = ["train" if i % 4 else "val" for i in range(48)]
+    return blob_cache(tmp_path_factory.mktemp("a") / "blobs.h5", n_images=48, splits=splits, seed=1)
+
+
+def test_parse_grid_values_and_errors():
+    g = parse_grid(["hidden=0,512,2048+2048", "background=weight,sample:0.1", "k=1,5", "head=mlp,logreg",
+                    "background-weight=none,0.5"])
+    assert g == {"hidden": [0, 512, (2048, 2048)], "background": ["weight", "sample:0.1"], "k": [1.0, 5.0],
+                 "head": ["mlp", "logreg"], "background_weight": [None, 0.5]}
+    for bad in (["depth=3"], ["head=forest"], ["k"], ["hidden=x"], ["background=some"], ["pooling=median"]):
+        with pytest.raises(Exception) as e:
+            parse_grid(bad)
+        assert isinstance(e.value, (AblationError,)) or "background" in str(e.value)
+
+
+def test_eval_only_settings_reuse_one_training(cache_file):
+    grid = parse_grid(FAST + ["hidden=0,16", "k=1,5,10", "pooling=power,max"])
+    r = ablate(cache_file, grid=grid, val_split="val", progress=False)
+    assert len(r.rows) == 2 * 3 * 2 and r.trainings == 2
+    assert r.varied == ["hidden", "k", "pooling"]
+    maps = [row.mean for row in r.rows]
+    assert maps == sorted(maps, reverse=True) and r.best.mean > 0.9
+    # Rows of one training share its time: the 6 evaluation settings did not retrain.
+    assert len({round(row.train_seconds[0], 9) for row in r.rows}) == 2
+
+
+def test_ablation_matches_a_separate_fit_and_eval(cache_file, tmp_path):
+    r = ablate(cache_file, grid=parse_grid(["head=logreg", "k=1,5"]), train_split="train", val_split="val",
+               save_best=tmp_path / "best.head.pt", progress=False)
+    best = r.best
+    head = TrainedHead.load(tmp_path / "best.head.pt")
+    rep = evaluate(head, cache_file, split="val", k=best.config["k"])
+    # The saved head is retrained on the same training images with the same settings.
+    assert rep.mean_ap == pytest.approx(best.mean, abs=1e-9)
+
+
+def test_folds_keep_each_image_on_one_side(cache_file):
+    splits = _splits(48, 5, 0)
+    ev = np.array([e for _, e in splits])
+    assert (ev.sum(0) == 1).all() and all(((t ^ e).all()) for t, e in splits)
+    r = ablate(cache_file, grid=parse_grid(FAST + ["head=mlp,logreg"]), folds=4, seeds=2, progress=False)
+    assert r.protocol.startswith("4-fold") and r.trainings == 2 * 4 * 2
+    assert all(len(row.maps) == 8 for row in r.rows) and all(row.std >= 0 for row in r.rows)
+
+
+def test_setup_errors(cache_file):
+    with pytest.raises(AblationError, match="say what to evaluate on"):
+        ablate(cache_file, grid={})
+    with pytest.raises(AblationError, match="replaces"):
+        ablate(cache_file, grid={}, folds=3, val_split="val")
+
+
+def test_toml_sweep_and_cli(cache_file, tmp_path):
+    cfg = tmp_path / "sweep.toml"
+    cfg.write_text('[grid]\nhead = ["mlp", "logreg"]\nhidden = [16]\nepochs = [5]\nk = [1, 5]\n'
+                   '[options]\nval_split = "val"\nseeds = 2\n')
+    grid, options = read_sweep_file(cfg)
+    assert grid["head"] == ["mlp", "logreg"] and options == {"val_split": "val", "seeds": 2}
+    out = tmp_path / "r.json"
+    r = CliRunner().invoke(main, ["ablate", str(cache_file), "--config", str(cfg), "--json", str(out), "--csv",
+                                  str(tmp_path / "r.csv"), "-q"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 4 and data["seeds"] == 2
+    lines = r.output.splitlines()
+    assert lines[0].startswith("4 configurations") and "mAP" in lines[2]
+    assert (tmp_path / "r.csv").read_text().startswith("rank,head,k,map_mean")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[grid]\nwidth = [1]\n")
+    r = CliRunner().invoke(main, ["ablate", str(cache_file), "--config", str(bad), "--val-split", "val"])
+    assert r.exit_code == 1 and "unknown setting 'width'" in r.output
