@@ -144,6 +144,7 @@ class AblationRow:
     config: dict
     maps: list
     train_seconds: list
+    patch_accuracy: list = field(default_factory=list)
 
     @property
     def mean(self) -> float:
@@ -179,7 +180,9 @@ class AblationResult:
             "fixed": {k: _show(v) for k, v in self.fixed.items()}, "seconds": self.seconds,
             "trainings": self.trainings, "best_head": self.best_head_path,
             "rows": [{"config": {k: _show(v) for k, v in r.config.items()}, "map_mean": r.mean, "map_std": r.std,
-                      "maps": r.maps, "train_seconds": float(np.mean(r.train_seconds))} for r in self.rows],
+                      "maps": r.maps, "train_seconds": float(np.mean(r.train_seconds)),
+                      "patch_accuracy": float(np.mean(r.patch_accuracy)) if r.patch_accuracy else None}
+                     for r in self.rows],
         }
 
     def to_json(self) -> str:
@@ -188,10 +191,11 @@ class AblationResult:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["rank"] + self.varied + ["map_mean", "map_std", "runs", "train_seconds"])
+        w.writerow(["rank"] + self.varied + ["map_mean", "map_std", "runs", "train_seconds", "patch_accuracy"])
         for i, r in enumerate(self.rows, 1):
             w.writerow([i] + [_cell(r.config, k) for k in self.varied]
-                       + [f"{r.mean:.6f}", f"{r.std:.6f}", len(r.maps), f"{np.mean(r.train_seconds):.3f}"])
+                       + [f"{r.mean:.6f}", f"{r.std:.6f}", len(r.maps), f"{np.mean(r.train_seconds):.3f}",
+                          f"{np.mean(r.patch_accuracy):.6f}" if r.patch_accuracy else ""])
         return buf.getvalue()
 
     def to_text(self) -> str:
@@ -200,9 +204,11 @@ class AblationResult:
         fixed = ", ".join(f"{k}={_show(v)}" for k, v in self.fixed.items() if k in _RELEVANT_FIXED)
         if fixed:
             head.append(f"fixed: {fixed}")
-        cols = ["rank"] + self.varied + ["mAP", "train s"]
+        cols = ["rank"] + self.varied + ["mAP", "patch acc", "train s"]
         table = [[str(i)] + [_cell(r.config, k) for k in self.varied]
-                 + [f"{100 * r.mean:.1f} ± {100 * r.std:.1f}", f"{np.mean(r.train_seconds):.1f}"]
+                 + [f"{100 * r.mean:.1f} ± {100 * r.std:.1f}",
+                    f"{100 * np.mean(r.patch_accuracy):.1f}" if r.patch_accuracy else "-",
+                    f"{np.mean(r.train_seconds):.1f}"]
                  for i, r in enumerate(self.rows, 1)]
         widths = [max(len(c), *(len(row[j]) for row in table)) for j, c in enumerate(cols)]
         lines = head + ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
@@ -373,11 +379,13 @@ def ablate(
                     dt = time.perf_counter() - t
                     for ecfg in eval_cfgs:
                         rep = report_from_arrays(probs, ev_img, ev_tl, ev_td, classes, pooling=ecfg["pooling"],
-                                                 k=ecfg["k"], method=ecfg["method"])
+                                                 k=ecfg["k"], method=ecfg["method"], patch_labels=ev_lab)
                         full = {**cfg, **ecfg}
                         row = results.setdefault(_canonical(full), AblationRow(full, [], []))
                         row.maps.append(rep.mean_ap)
                         row.train_seconds.append(dt)
+                        if rep.patch_accuracy is not None:
+                            row.patch_accuracy.append(rep.patch_accuracy)
                     bar.update(1)
     finally:
         bar.close()
