@@ -228,6 +228,8 @@ def _cell(cfg: dict, key: str) -> str:
     """A table cell; '-' for a setting that does not apply to the row's head."""
     if (key in _MLP_ONLY and cfg.get("head") != "mlp") or (key == "C" and cfg.get("head") == "mlp"):
         return "-"
+    if key == "k" and cfg.get("pooling") != "power":
+        return "-"
     return _show(cfg[key])
 
 
@@ -355,7 +357,13 @@ def ablate(
     varied = [k for k in DEFAULTS if len(settings[k]) > 1]
     fixed = {k: settings[k][0] for k in DEFAULTS if len(settings[k]) == 1}
     train_cfgs = [dict(zip(TRAIN_KEYS, c)) for c in itertools.product(*(settings[k] for k in TRAIN_KEYS))]
-    eval_cfgs = [dict(zip(EVAL_KEYS, c)) for c in itertools.product(*(settings[k] for k in EVAL_KEYS))]
+    eval_cfgs = []
+    for c in itertools.product(*(settings[k] for k in EVAL_KEYS)):
+        e = dict(zip(EVAL_KEYS, c))
+        if e["pooling"] != "power":  # k only shapes the power mean
+            e["k"] = settings["k"][0]
+        if e not in eval_cfgs:
+            eval_cfgs.append(e)
     # Settings that do not apply to a head (hidden for logreg, C for the MLP) would repeat runs.
     unique, seen = [], set()
     for cfg in train_cfgs:
@@ -413,4 +421,6 @@ def _canonical(cfg: dict) -> str:
             c.pop(k, None)
     else:
         c.pop("C", None)
+    if c.get("pooling", "power") != "power":
+        c.pop("k", None)
     return json.dumps({k: _show(v) for k, v in sorted(c.items())})
