@@ -33,6 +33,7 @@ from typing import Optional, Union
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from featurecache.errors import FeaturecacheError
 
@@ -50,6 +51,9 @@ __all__ = [
 
 #: ImageNet mean and std in 0–255 units, as used by torchvision's weights.
 IMAGENET = ((0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255))
+
+#: Pixels between neighbouring cells of the dense feature maps (all supported trunks).
+DENSE_STRIDE = 32
 
 #: Names with a registry entry (other torchvision and ``timm:`` names also work).
 BACKBONES = ("efficientnet_lite0", "alexnet", "vgg16", "resnet50")
@@ -117,11 +121,18 @@ class FrozenBackbone(nn.Module):
     resized); it returns ``(N, feature_dim)`` features.
     """
 
-    def __init__(self, body: nn.Module, spec: BackboneSpec, kind: str) -> None:
+    def __init__(self, body: nn.Module, spec: BackboneSpec, kind: str, *, dense_trunk: Optional[nn.Module] = None,
+                 dense_kind: Optional[str] = None) -> None:
         super().__init__()
         self.body = body
         self.spec = spec
         self._kind = kind
+        # Dense mode: a trunk giving a feature map with cells every DENSE_STRIDE input pixels.
+        # "avg": a window's feature is the mean of its input_size/stride cells (the network's
+        # own global average pooling); "fc": the trunk ends in FC6/FC7 as convolutions, one
+        # cell per 224-pixel window.
+        self.dense_trunk = dense_trunk
+        self.dense_kind = dense_kind
         self.register_buffer("mean", torch.tensor(spec.preprocessing.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(spec.preprocessing.std, dtype=torch.float32).view(1, 3, 1, 1))
         self.eval()
@@ -145,6 +156,37 @@ class FrozenBackbone(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.spec.feature_dim
+
+    @property
+    def supports_dense(self) -> bool:
+        return self.dense_trunk is not None
+
+    def dense_features(self, images: torch.Tensor, input_size: int) -> torch.Tensor:
+        """Features of every window of ``input_size`` pixels at every cell offset.
+
+        Parameters
+        ----------
+        images : tensor (1, 3, H, W)
+            RGB 0–255, H and W multiples of :data:`DENSE_STRIDE` and at least ``input_size``.
+        input_size : int
+
+        Returns
+        -------
+        tensor (C, (H - input_size) / stride + 1, (W - input_size) / stride + 1)
+        """
+        if self.dense_trunk is None:
+            raise BackboneError(f"{self.spec.name}: dense mode is not available for this backbone "
+                                f"(available: efficientnet_lite0, timm CNNs, resnet50, alexnet, vgg16)")
+        fmap = self.dense_trunk(self.normalize(images))
+        if isinstance(fmap, dict):
+            fmap = fmap["features"]
+        if self.dense_kind == "fc":
+            if input_size != 224:
+                raise BackboneError(f"{self.spec.name}: dense mode reads FC7 as a convolution over 224-pixel "
+                                    f"windows; use --input-size 224")
+            return fmap[0]
+        k = input_size // DENSE_STRIDE
+        return F.avg_pool2d(fmap, kernel_size=k, stride=1)[0]
 
 
 def sha256_file(path: Union[str, Path]) -> str:
@@ -244,6 +286,15 @@ def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[
         path = Path(weights)
         source, sha = str(path), sha256_file(path) if path.is_file() else ""
         _load_by_name_or_order(model, _load_state_dict_file(path), str(path))
+    dense = None
+    model.eval()
+    with torch.inference_mode():
+        probe = torch.randn(1, 3, 64, 64)
+        fmap = model.forward_features(probe)
+        pooled = model.forward_head(fmap, pre_logits=True)
+    # Dense mode needs the pooled features to be the plain mean of a stride-32 feature map.
+    if fmap.ndim == 4 and fmap.shape[-1] == 2 and torch.allclose(pooled, fmap.mean((2, 3)), atol=1e-5):
+        dense = _TimmTrunk(model)
     spec = BackboneSpec(
         name=name,
         architecture=f"timm:{model_name}",
@@ -254,7 +305,40 @@ def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[
         weights=source,
         weights_sha256=sha,
     )
-    return FrozenBackbone(model, spec, "timm")
+    return FrozenBackbone(model, spec, "timm", dense_trunk=dense, dense_kind="avg" if dense is not None else None)
+
+
+class _TimmTrunk(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_features(x)
+
+
+class _ConvFC(nn.Module):
+    """AlexNet/VGG convolutional trunk then FC6 and FC7 as convolutions (OverFeat-style)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.features = model.features
+        fc6, fc7 = [m for m in model.classifier if isinstance(m, nn.Linear)][:2]
+        channels = [m for m in model.features if isinstance(m, nn.Conv2d)][-1].out_channels
+        side = int(round((fc6.in_features / channels) ** 0.5))
+        # Views of the linear weights: the convolutions share their memory (VGG's FC6 is 400 MB).
+        self.fc6 = nn.Conv2d(channels, fc6.out_features, side)
+        self.fc6.weight = nn.Parameter(fc6.weight.data.view(fc6.out_features, channels, side, side),
+                                       requires_grad=False)
+        self.fc6.bias = nn.Parameter(fc6.bias.data, requires_grad=False)
+        self.fc7 = nn.Conv2d(fc6.out_features, fc7.out_features, 1)
+        self.fc7.weight = nn.Parameter(fc7.weight.data.view(fc7.out_features, fc7.in_features, 1, 1),
+                                       requires_grad=False)
+        self.fc7.bias = nn.Parameter(fc7.bias.data, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        return torch.relu(self.fc7(torch.relu(self.fc6(x))))
 
 
 def _torchvision_weights_file(model_name: str, weights: str) -> tuple:
@@ -310,6 +394,11 @@ def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[s
         near = [n for n in eval_nodes if n.split(".")[0] == layer.split(".")[0]][:8]
         raise BackboneError(f"{name}: no layer {layer!r}; nodes like it: {', '.join(near) or ', '.join(eval_nodes[-8:])}")
     body = create_feature_extractor(model, return_nodes={layer: "features"})
+    dense, dense_kind = None, None
+    if model_name in ("alexnet", "vgg16") and layer == _TORCHVISION_LAYERS[model_name]:
+        dense, dense_kind = _ConvFC(model).eval(), "fc"
+    elif model_name.startswith("resnet") and layer in ("flatten", "avgpool"):
+        dense, dense_kind = create_feature_extractor(model, return_nodes={"layer4": "features"}), "avg"
     with torch.inference_mode():
         probe = body(torch.zeros(1, 3, 224, 224))["features"]
     spec = BackboneSpec(
@@ -322,7 +411,7 @@ def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[s
         weights=source,
         weights_sha256=sha,
     )
-    return FrozenBackbone(body, spec, "torchvision")
+    return FrozenBackbone(body, spec, "torchvision", dense_trunk=dense, dense_kind=dense_kind)
 
 
 def _efficientnet_lite0_file() -> Path:

@@ -21,6 +21,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from featurecache import __version__
 from featurecache.backbones import FrozenBackbone, build_backbone
@@ -35,7 +36,7 @@ __all__ = ["ExtractError", "ExtractResult", "extract", "load_rgb", "resolve_devi
 
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
-MODE = "crop"
+MODES = ("crop", "dense")
 
 
 class ExtractError(FeaturecacheError):
@@ -181,7 +182,7 @@ def _dataset_digest(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def _feature_settings(backbone: FrozenBackbone, grid: PatchGrid) -> dict:
+def _feature_settings(backbone: FrozenBackbone, grid: PatchGrid, mode: str) -> dict:
     s = backbone.spec
     return {
         "backbone": s.name,
@@ -190,7 +191,7 @@ def _feature_settings(backbone: FrozenBackbone, grid: PatchGrid) -> dict:
         "weights_sha256": s.weights_sha256,
         "preprocessing": s.preprocessing.to_dict(),
         "input_size": grid.input_size,
-        "mode": MODE,
+        "mode": mode,
     }
 
 
@@ -267,6 +268,36 @@ class _PatchRunner:
         return np.concatenate(feats) if feats else np.zeros((0, dim), self.out_dtype)
 
 
+class _DenseRunner:
+    """Dense mode: the trunk runs once per image and scale; windows are pooled from its map."""
+
+    def __init__(self, backbone: FrozenBackbone, grid: PatchGrid, *, device: torch.device, out_dtype: np.dtype) -> None:
+        self.backbone = backbone
+        self.grid = grid
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.out_dtype = out_dtype
+        self.backbone.to(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def image(self, image: torch.Tensor, width: int, height: int) -> np.ndarray:
+        """Features of all dense windows of one image (1, 3, H, W), scale by scale, row-major."""
+        from featurecache.backbones import DENSE_STRIDE
+
+        out = []
+        for _, rw, rh, xs, ys in self.grid.dense_layout(width, height, stride=DENSE_STRIDE):
+            x = F.interpolate(image, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+            x = x.contiguous(memory_format=torch.channels_last)
+            if self.cuda:
+                with torch.autocast("cuda", dtype=torch.float16):
+                    fmap = self.backbone.dense_features(x, self.grid.input_size)
+            else:
+                fmap = self.backbone.dense_features(x, self.grid.input_size)
+            picked = fmap[:, torch.as_tensor(ys, device=fmap.device)][:, :, torch.as_tensor(xs, device=fmap.device)]
+            out.append(picked.flatten(1).T.float().cpu().numpy())
+        return np.concatenate(out).astype(self.out_dtype, copy=False)
+
+
 def extract(
     dataset: Union[str, Path, ImageSet],
     out: Union[str, Path],
@@ -280,6 +311,7 @@ def extract(
     weights: Optional[Union[str, Path]] = "default",
     grid: Optional[PatchGrid] = None,
     rule: Optional[LabelRule] = None,
+    mode: str = "crop",
     batch_size: Optional[int] = None,
     workers: Optional[int] = None,
     device: Union[str, torch.device] = "auto",
@@ -306,6 +338,14 @@ def extract(
         Default ``PatchGrid()`` (the paper's nine scales, 224-px input).
     rule : LabelRule, optional
         Default ``LabelRule()``.
+    mode : {"crop", "dense"}
+        ``"crop"`` (the paper's): every patch is cut out, resized and run through the whole
+        network. ``"dense"``: for each scale the image is resized so that a patch becomes
+        ``input_size`` pixels (sides rounded to the trunk's stride of 32), the convolutional
+        trunk runs once, and each window's feature is pooled from the feature map (the
+        network's own average pooling; FC6/FC7 as convolutions for AlexNet/VGG). The windows
+        lie on feature cells (:meth:`PatchGrid.dense_layout`) and the stored boxes are their
+        exact extent in the original image.
     batch_size : int, optional
         Patches per forward pass; patches of several images share a batch. Default 16 on
         the CPU (small batches stay in cache: at 224 px they run about 1.7x faster than 64)
@@ -340,6 +380,8 @@ def extract(
         writer; an unreadable image with ``strict=True``.
     """
     t0 = time.perf_counter()
+    if mode not in MODES:
+        raise ExtractError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if dtype not in DTYPES:
         raise ExtractError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if compression not in COMPRESSIONS:
@@ -356,8 +398,20 @@ def extract(
     net = backbone if isinstance(backbone, FrozenBackbone) else build_backbone(
         backbone, layer=layer, weights=weights, device="cpu")
     net = net.to(dev)
+    if mode == "dense":
+        from featurecache.backbones import DENSE_STRIDE
+
+        if not net.supports_dense:
+            raise ExtractError(f"{net.spec.name}: no dense mode for this backbone (efficientnet_lite0, timm CNNs "
+                               f"whose pre-logits are a global average, resnet50, alexnet, vgg16); use --mode crop")
+        if grid.whole:
+            raise ExtractError("--whole-image is a crop-mode grid; use --mode crop")
+        if grid.input_size % DENSE_STRIDE or (net.dense_kind == "fc" and grid.input_size != 224):
+            raise ExtractError(f"dense mode with {net.spec.name} needs --input-size "
+                               + ("224" if net.dense_kind == "fc" else f"a multiple of {DENSE_STRIDE}")
+                               + f", got {grid.input_size}")
     out = Path(out)
-    feature_settings = _feature_settings(net, grid)
+    feature_settings = _feature_settings(net, grid, mode)
     spec = net.spec.to_dict()
     settings = {
         "dataset": {"root": str(images.root), "layout": images.layout, "split": images.split,
@@ -369,7 +423,10 @@ def extract(
         "storage": {"dtype": dtype, "compression": compression},
         "batching": {"batch_size": batch_size, "part_patches": part_patches},
     }
-    counts = [grid.count(r.width, r.height) for r in images]
+    if mode == "dense":
+        counts = [len(grid.dense_boxes_and_scales(r.width, r.height)[0]) for r in images]
+    else:
+        counts = [grid.count(r.width, r.height) for r in images]
     parts = _plan_parts(counts, part_patches)
     with CacheWriter(out, settings, overwrite=overwrite) as writer:
         if writer.complete:
@@ -381,7 +438,7 @@ def extract(
             return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, 0,
                                  out.stat().st_size, already_complete=True)
         todo = [p for p in range(len(parts)) if p not in writer.done_parts]
-        computed = _run_parts(images, parts, todo, counts, writer, net, grid=grid, rule=rule,
+        computed = _run_parts(images, parts, todo, counts, writer, net, grid=grid, rule=rule, mode=mode,
                               batch_size=batch_size, workers=workers, device=dev, dtype=dtype, strict=strict,
                               progress=progress)
         attrs = {
@@ -392,7 +449,9 @@ def extract(
             "grid": grid.to_dict(),
             "label_rule": rule.to_dict(),
             "dataset": {**settings["dataset"], "annotations": str(annotations) if annotations else None},
-            "extraction": {"mode": MODE, "resize": "roi_align bilinear, adaptive sampling, aligned", "dtype": dtype,
+            "extraction": {"mode": mode, "resize": "roi_align bilinear, adaptive sampling, aligned" if mode == "crop"
+                           else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
+                           "dtype": dtype,
                            "compression": compression, "batch_size": batch_size, "part_patches": part_patches,
                            "device": str(dev), "mixed_precision": dev.type == "cuda"},
             "feature_settings": feature_settings,
@@ -412,7 +471,7 @@ def extract(
 
 
 def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: CacheWriter, net: FrozenBackbone, *,
-               grid: PatchGrid, rule: LabelRule, batch_size: int, workers: Optional[int], device: torch.device,
+               grid: PatchGrid, rule: LabelRule, mode: str, batch_size: int, workers: Optional[int], device: torch.device,
                dtype: str, strict: bool, progress: Optional[bool]) -> int:
     """Compute and commit the parts in ``todo``; return the number of patches computed."""
     from tqdm.auto import tqdm
@@ -428,6 +487,7 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: 
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,
                           out_dtype=np.dtype(dtype))
+    dense = _DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype)) if mode == "dense" else None
     total = sum(counts[i] for i in order)
     done_images = sum(len(parts[p]) for p in range(len(parts)) if p not in todo)
     bar = tqdm(total=total, unit="patch", disable=(None if progress is None else not progress), smoothing=0.1,
@@ -448,11 +508,19 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: 
                     skipped_reason.append(reason)
                     bar.update(counts[index])
                     continue
-                boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=grid, rule=rule)
+                boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=grid, rule=rule, mode=mode)
                 image = pixels.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
-                segments.append((image, torch.from_numpy(boxes).to(device)))
+                if dense is not None:
+                    segments.append(dense.image(image, rec.width, rec.height))
+                    bar.update(len(boxes))
+                else:
+                    segments.append((image, torch.from_numpy(boxes).to(device)))
                 meta.append((index, boxes, scales, labels))
-            feats = runner.run(segments, on_batch=bar.update)
+            if dense is not None:
+                feats = (np.concatenate(segments) if segments
+                         else np.zeros((0, net.feature_dim), np.dtype(dtype)))
+            else:
+                feats = runner.run(segments, on_batch=bar.update)
             computed += len(feats)
             data = PartData(
                 features=feats,

@@ -161,6 +161,64 @@ class PatchGrid:
         """Number of patches of a ``width x height`` image."""
         return len(self.boxes(width, height))
 
+    def dense_layout(self, width: float, height: float, *, stride: int = 32) -> list:
+        """The dense-mode grid: per scale, the resized image and its feature-cell windows.
+
+        At scale λ the image is resized by ``f = input_size·λ / min(w, h)`` (so a patch of
+        side min(w, h)/λ becomes ``input_size`` pixels), each side rounded to a multiple of
+        the trunk's ``stride`` and at least ``input_size``. A window is ``input_size``
+        pixels (``input_size / stride`` feature cells); windows start every ``c`` cells,
+        the largest whole number for which neighbours keep an IoU ≥ ``min_overlap``, and the
+        last one is snapped to the far edge so the grid covers the image.
+
+        Returns
+        -------
+        list of (scale, resized_width, resized_height, xs, ys)
+            ``xs``/``ys``: window start offsets in cells along each axis.
+        """
+        if self.whole:
+            raise ValueError("dense mode has no whole-image grid; use crop mode with whole=True")
+        if self.input_size % stride:
+            raise ValueError(f"dense mode needs an input size that is a multiple of the stride {stride}, "
+                             f"got {self.input_size}")
+        k = self.input_size // stride
+        # Largest cell step c with IoU (k - c) / (k + c) >= min_overlap, at least one cell.
+        c = max(1, int(math.floor(k * (1 - self.min_overlap) / (1 + self.min_overlap) + 1e-9)))
+        out = []
+        for lam in self.scales:
+            f = self.input_size * lam / min(width, height)
+            rw = max(self.input_size, int(round(width * f / stride)) * stride)
+            rh = max(self.input_size, int(round(height * f / stride)) * stride)
+
+            def starts(n_cells):
+                last = n_cells - k
+                pos = list(range(0, last + 1, c))
+                if pos[-1] != last:
+                    pos.append(last)
+                return np.array(pos, dtype=np.int64)
+
+            out.append((lam, rw, rh, starts(rw // stride), starts(rh // stride)))
+        return out
+
+    def dense_boxes_and_scales(self, width: float, height: float, *, stride: int = 32) -> tuple:
+        """Boxes (in original pixels) and scales of the dense-mode windows, scale by scale, row-major.
+
+        A window of cells ``[x, x + k)`` covers resized pixels ``[x·stride, x·stride + input_size)``,
+        i.e. original pixels divided by the per-axis resize factor (``resized / original``,
+        which differs from the nominal λ by the rounding to the stride).
+        """
+        boxes, scales = [], []
+        for lam, rw, rh, xs, ys in self.dense_layout(width, height, stride=stride):
+            fx, fy = rw / width, rh / height
+            x0, y0 = np.meshgrid(xs * stride / fx, ys * stride / fy)
+            x0, y0 = x0.ravel(), y0.ravel()
+            b = np.stack([x0, y0, x0 + self.input_size / fx, y0 + self.input_size / fy], axis=1)
+            b[:, 2] = np.minimum(b[:, 2], width)
+            b[:, 3] = np.minimum(b[:, 3], height)
+            boxes.append(b)
+            scales.append(np.full(len(b), lam))
+        return np.concatenate(boxes).astype(np.float32), np.concatenate(scales).astype(np.float32)
+
     def to_dict(self) -> dict:
         """JSON-ready settings (stored with caches)."""
         d = asdict(self)
@@ -288,7 +346,8 @@ class LabelRule:
         return cls(**d)
 
 
-def image_patches(record, class_ids: np.ndarray, *, grid: PatchGrid, rule: LabelRule) -> tuple:
+def image_patches(record, class_ids: np.ndarray, *, grid: PatchGrid, rule: LabelRule, mode: str = "crop",
+                  stride: int = 32) -> tuple:
     """Patch boxes, scales and labels of one annotated image.
 
     Parameters
@@ -299,6 +358,10 @@ def image_patches(record, class_ids: np.ndarray, *, grid: PatchGrid, rule: Label
         Class id of each of the record's boxes (``ImageSet.class_ids(record)``).
     grid : PatchGrid
     rule : LabelRule
+    mode : {"crop", "dense"}
+        Which grid: :meth:`PatchGrid.boxes_and_scales` or :meth:`PatchGrid.dense_boxes_and_scales`.
+    stride : int
+        The trunk's stride (dense mode).
 
     Returns
     -------
@@ -306,6 +369,9 @@ def image_patches(record, class_ids: np.ndarray, *, grid: PatchGrid, rule: Label
     scales : ndarray (N,) float32
     labels : ndarray (N,) int64, in this module's encoding
     """
-    boxes, scales = grid.boxes_and_scales(record.width, record.height)
+    if mode == "dense":
+        boxes, scales = grid.dense_boxes_and_scales(record.width, record.height, stride=stride)
+    else:
+        boxes, scales = grid.boxes_and_scales(record.width, record.height)
     labels = rule.label(boxes, record.boxes, class_ids, record.difficult)
     return boxes, scales, labels
