@@ -124,3 +124,24 @@ def test_unknown_names_and_layers():
         build_backbone("resnet18", weights=None)
     with pytest.raises(BackboneError, match="no layer 'blah'"):
         build_backbone("resnet18", weights=None, layer="blah")
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "alexnet", "vgg16", "resnet50", "timm:resnet18"])
+def test_dense_window_covering_the_whole_input_equals_crop_mode(name, lite0):
+    net = lite0 if name == "efficientnet_lite0" else build_backbone(name, weights=None)
+    assert net.supports_dense
+    x = torch.rand(1, 3, 224, 224) * 255
+    with torch.inference_mode():
+        crop = net(x)[0]
+        dense = net.dense_features(x, 224)
+        bigger = net.dense_features(torch.rand(1, 3, 288, 352) * 255, 224)
+    assert dense.shape == (net.feature_dim, 1, 1)
+    assert torch.nn.functional.cosine_similarity(crop, dense[:, 0, 0], dim=0) > 0.99999
+    assert bigger.shape == (net.feature_dim, 3, 5)  # (288 - 224) / 32 + 1 by (352 - 224) / 32 + 1
+
+
+def test_dense_needs_a_pooling_backbone():
+    net = build_backbone("resnet18", weights=None, layer="layer4.1.relu_1")
+    assert not net.supports_dense
+    with pytest.raises(BackboneError, match="dense mode is not available"):
+        net.dense_features(torch.zeros(1, 3, 224, 224), 224)

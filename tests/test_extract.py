@@ -305,3 +305,66 @@ def test_cli_extract_with_worker_processes_matches_the_library(subset, cache_pat
     _assert_same_cache(cache_path, out)
     result = CliRunner().invoke(main, args + ["--scales", "1"])
     assert result.exit_code == 1 and result.output.startswith("Error: ") and "--overwrite" in result.output
+
+
+# --------------------------------------------------------------------------- dense mode
+
+
+DENSE_GRID = PatchGrid(scales=(1, 2), input_size=64)
+
+
+@pytest.fixture(scope="module")
+def dense_cache(subset, lite0, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dense") / "d.h5"
+    extract(subset, out, backbone=lite0, mode="dense", **{**OPTS, "grid": DENSE_GRID})
+    return out
+
+
+def test_dense_cache_boxes_labels_and_provenance(dense_cache, subset):
+    images = read_dataset(subset)
+    with FeatureCache(dense_cache) as c:
+        assert c.attrs["extraction"]["mode"] == "dense" and c.feature_settings["mode"] == "dense"
+        want_b, want_l = [], []
+        for r in images:
+            b, _ = DENSE_GRID.dense_boxes_and_scales(r.width, r.height)
+            want_b.append(b)
+            want_l.append(LabelRule().label(b, r.boxes, images.class_ids(r), r.difficult))
+        np.testing.assert_array_equal(c.boxes, np.concatenate(want_b))
+        np.testing.assert_array_equal(c.labels, np.concatenate(want_l))
+        assert np.isfinite(c.read_features()).all() and c.read_features().std() > 0.1
+
+
+def test_dense_window_feature_is_the_trunk_on_the_resized_image(dense_cache, subset, lite0):
+    from torch.nn import functional as F
+
+    with FeatureCache(dense_cache) as c:
+        feats = c.read_features()
+        first = c.images.path[0]
+        w, h = int(c.images.width[0]), int(c.images.height[0])
+    _, rw, rh, xs, ys = DENSE_GRID.dense_layout(w, h)[1]
+    x = torch.from_numpy(load_rgb(subset / first)).permute(2, 0, 1)[None].float()
+    x = F.interpolate(x, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
+    with torch.inference_mode():
+        fmap = lite0.body.forward_features(lite0.normalize(x))
+    n1 = len(DENSE_GRID.dense_layout(w, h)[0][3]) * len(DENSE_GRID.dense_layout(w, h)[0][4])
+    # The first window of scale 2 is the mean of the top-left 2 x 2 cells (64 px / stride 32).
+    want = fmap[0, :, :2, :2].mean((1, 2)).numpy()
+    np.testing.assert_allclose(feats[n1], want, rtol=2e-2, atol=2e-2)  # float16 storage
+
+
+def test_crop_head_is_refused_on_dense_features(dense_cache, cache_path):
+    from featurecache.heads import HeadError, fit_head
+
+    head = fit_head(cache_path, head="logreg")
+    from featurecache.evaluate import evaluate
+
+    with pytest.raises(HeadError, match=r"mode: dense \(cache\) vs crop \(head\)"):
+        evaluate(head, dense_cache)
+
+
+def test_dense_mode_refuses_what_it_cannot_do(subset, lite0, tmp_path):
+    with pytest.raises(ExtractError, match="multiple of 32"):
+        extract(subset, tmp_path / "a.h5", backbone=lite0, mode="dense", **{**OPTS, "grid": PatchGrid(input_size=100)})
+    with pytest.raises(ExtractError, match="whole-image"):
+        extract(subset, tmp_path / "a.h5", backbone=lite0, mode="dense",
+                **{**OPTS, "grid": PatchGrid(whole=True, input_size=64)})

@@ -204,3 +204,41 @@ def test_invalid_rule_raises():
     with pytest.raises(ValueError):
         LabelRule(multiple_same_class="maybe")
     assert LabelRule.from_dict(LabelRule().to_dict()) == LabelRule()
+
+
+# --------------------------------------------------------------------------- dense grid
+
+
+@pytest.mark.parametrize("size", [(500, 375), (375, 500), (640, 480), (224, 224), (1000, 150)])
+@pytest.mark.parametrize("overlap", [0.0, 0.5, 0.7])
+def test_dense_layout_is_on_feature_cells_and_covers_the_image(size, overlap):
+    w, h = size
+    grid = PatchGrid(scales=(1, 1.6, 2.4, 4), min_overlap=overlap)
+    k = 224 // 32
+    for lam, rw, rh, xs, ys in grid.dense_layout(w, h):
+        assert rw % 32 == 0 and rh % 32 == 0 and min(rw, rh) >= 224
+        # The resized patch side is within one stride of the nominal 224 * (resize / nominal).
+        nominal = 224 * lam / min(w, h)
+        assert abs(rw / w - nominal) * w <= 16 + 1e-6 or rw == 224
+        for starts, n_cells in ((xs, rw // 32), (ys, rh // 32)):
+            assert starts[0] == 0 and starts[-1] == n_cells - k  # edge to edge
+            steps = np.diff(starts)
+            if len(steps):
+                c = steps[:-1].max() if len(steps) > 1 else steps[0]
+                assert (steps[:-1] == c).all() and 0 < steps[-1] <= c
+                assert (k - c) / (k + c) >= overlap - 1e-9  # neighbours overlap enough
+                assert (k - c - 1) / (k + c + 1) < overlap or c + 1 > n_cells - k  # c is the largest
+
+
+def test_dense_boxes_are_the_exact_windows_in_original_pixels():
+    grid = PatchGrid(scales=(1, 2))
+    boxes, scales = grid.dense_boxes_and_scales(500, 375)
+    layout = grid.dense_layout(500, 375)
+    assert len(boxes) == sum(len(xs) * len(ys) for _, _, _, xs, ys in layout)
+    lam, rw, rh, xs, ys = layout[1]
+    b = boxes[scales == 2]
+    np.testing.assert_allclose(b[0], [0, 0, 224 * 500 / rw, 224 * 375 / rh], rtol=1e-5)
+    np.testing.assert_allclose(b[-1, 2:], [500, 375], rtol=1e-5)
+    np.testing.assert_allclose(b[1, 0], xs[1] * 32 * 500 / rw, rtol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the stride"):
+        PatchGrid(input_size=100).dense_layout(500, 375)
