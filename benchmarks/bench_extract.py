@@ -13,6 +13,9 @@ Usage (from the repository root)::
 
     python benchmarks/bench_extract.py [--images 3] [--scales 1,1.3,...] [--input-size 224]
 
+Then crop mode against dense mode (``--mode dense``) on the same boxes, the dense grid's
+windows: the target is dense ≥ 4x crop on the CPU at the defaults.
+
 It prints patches/s of each and the ratios; the targets on CPU are extract ≥ 0.9 × bare and
 extract ≥ 1.0 × naive. "Bare" runs the network exactly as extract does (channels-last,
 the same batch size); the naive loop runs it as most users would (NCHW, batches of 64).
@@ -105,6 +108,9 @@ def main(argv=None):
     ap.add_argument("--input-size", type=int, default=224)
     ap.add_argument("--batch-size", type=int, default=16, help="extract and bare (the naive loop uses 64)")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True,
+                    help="also compare crop and dense mode on the same boxes")
+    ap.add_argument("--only-dense", action="store_true", help="skip the crop/bare/naive comparison")
     args = ap.parse_args(argv)
     full = read_dataset(args.data, split="val")
     images = ImageSet(full.root, full.layout, full.classes, full.records[: args.images], full.split)
@@ -115,6 +121,8 @@ def main(argv=None):
           f"{grid.input_size} px, batch {args.batch_size}", flush=True)
     with torch.inference_mode():  # warm-up
         net(torch.rand(8, 3, grid.input_size, grid.input_size) * 255)
+    if args.only_dense:
+        return crop_vs_dense(net, images, grid, args.batch_size)
     # One image per round, the three methods in rotating order, so that drifts in machine
     # speed hit all three alike.
     methods = {
@@ -137,6 +145,37 @@ def main(argv=None):
         print(f"{k:22s} {rate[k]:8.1f} patches/s  ({totals[k][1]:.1f} s for {totals[k][0]} patches)")
     print(f"extract / bare  = {rate['featurecache extract'] / rate['bare backbone']:.2f}   (target >= 0.9)")
     print(f"extract / naive = {rate['featurecache extract'] / rate['naive PIL loop']:.2f}   (target >= 1.0)")
+    if args.dense:
+        crop_vs_dense(net, images, grid, args.batch_size)
+
+
+def crop_vs_dense(net, images, grid, batch_size):
+    """Crop and dense mode on the same boxes (the dense grid's windows), one image per round."""
+    from featurecache.extract import _DenseRunner, _PatchRunner
+
+    crop = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=torch.device("cpu"),
+                        out_dtype=np.dtype("float16"))
+    dense = _DenseRunner(net, grid, device=torch.device("cpu"), out_dtype=np.dtype("float16"))
+    t_crop = t_dense = 0.0
+    n = 0
+    for i, r in enumerate(images):
+        x = torch.from_numpy(np.array(Image.open(r.path).convert("RGB"))).permute(2, 0, 1)[None].float()
+        boxes = torch.from_numpy(grid.dense_boxes_and_scales(r.width, r.height)[0])
+        order = ("crop", "dense") if i % 2 == 0 else ("dense", "crop")
+        for mode in order:
+            t = time.perf_counter()
+            if mode == "crop":
+                f = crop.run([(x, boxes)])
+                t_crop += time.perf_counter() - t
+            else:
+                f = dense.image(x, r.width, r.height)
+                t_dense += time.perf_counter() - t
+            assert len(f) == len(boxes)
+        n += len(boxes)
+    print(f"\ncrop vs dense on the same {n} boxes of {len(images)} images (dense grid, {grid.input_size} px):")
+    print(f"crop mode   {n / t_crop:8.1f} patches/s  ({t_crop / len(images):.2f} s per image)")
+    print(f"dense mode  {n / t_dense:8.1f} patches/s  ({t_dense / len(images):.2f} s per image)")
+    print(f"dense / crop = {t_crop / t_dense:.2f}   (target >= 4)")
 
 if __name__ == "__main__":
     sys.exit(main())
