@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,7 +162,43 @@ class FrozenBackbone(nn.Module):
     def supports_dense(self) -> bool:
         return self.dense_trunk is not None
 
-    def dense_features(self, images: torch.Tensor, input_size: int) -> torch.Tensor:
+    @property
+    def dense_margin(self) -> int:
+        """Pixels of context a tile needs around the cells it keeps: half the trunk's theoretical
+        receptive field plus half a cell, rounded up to the stride."""
+        rf, jump = 1, 1
+        for m in self.dense_trunk.modules():
+            if isinstance(m, nn.Conv2d):
+                rf += (m.kernel_size[0] - 1) * m.dilation[0] * jump
+                jump *= m.stride[0]
+        return int(math.ceil((rf / 2 + DENSE_STRIDE / 2) / DENSE_STRIDE)) * DENSE_STRIDE
+
+    def _tiled_trunk(self, x: torch.Tensor, max_side: int) -> torch.Tensor:
+        """The trunk's feature map computed on overlapping tiles no larger than ``max_side``."""
+        s = DENSE_STRIDE
+        margin = self.dense_margin
+        core = (max_side - 2 * margin) // s * s
+        if core < s:
+            raise BackboneError(f"{self.spec.name}: --max-side {max_side} is too small to tile; it needs at "
+                                f"least {2 * margin + s} (the receptive field needs {margin} px on each side)")
+        h, w = x.shape[-2:]
+        out = None
+        for y0 in range(0, h, core):
+            y1 = min(y0 + core, h)
+            ty0, ty1 = max(0, y0 - margin), min(h, y1 + margin)
+            for x0 in range(0, w, core):
+                x1 = min(x0 + core, w)
+                tx0, tx1 = max(0, x0 - margin), min(w, x1 + margin)
+                f = self.dense_trunk(x[..., ty0:ty1, tx0:tx1])
+                if isinstance(f, dict):
+                    f = f["features"]
+                if out is None:
+                    out = f.new_zeros(f.shape[0], f.shape[1], h // s, w // s)
+                out[..., y0 // s:y1 // s, x0 // s:x1 // s] = \
+                    f[..., (y0 - ty0) // s:(y1 - ty0) // s, (x0 - tx0) // s:(x1 - tx0) // s]
+        return out
+
+    def dense_features(self, images: torch.Tensor, input_size: int, *, max_side: Optional[int] = None) -> torch.Tensor:
         """Features of every window of ``input_size`` pixels at every cell offset.
 
         Parameters
@@ -169,6 +206,10 @@ class FrozenBackbone(nn.Module):
         images : tensor (1, 3, H, W)
             RGB 0–255, H and W multiples of :data:`DENSE_STRIDE` and at least ``input_size``.
         input_size : int
+        max_side : int, optional
+            Largest trunk input side: a larger image is run in overlapping tiles with a margin
+            of half the receptive field (:attr:`dense_margin`), which gives the same feature
+            map up to float rounding. Only for average-pooled trunks (not AlexNet/VGG).
 
         Returns
         -------
@@ -177,7 +218,15 @@ class FrozenBackbone(nn.Module):
         if self.dense_trunk is None:
             raise BackboneError(f"{self.spec.name}: dense mode is not available for this backbone "
                                 f"(available: efficientnet_lite0, timm CNNs, resnet50, alexnet, vgg16)")
-        fmap = self.dense_trunk(self.normalize(images))
+        x = self.normalize(images)
+        if max_side is not None and max(x.shape[-2:]) > max_side:
+            if self.dense_kind != "avg":
+                raise BackboneError(f"{self.spec.name}: a {x.shape[-1]}x{x.shape[-2]} trunk input exceeds "
+                                    f"--max-side {max_side} and tiling is only available for average-pooled "
+                                    f"trunks; raise --max-side or use fewer scales")
+            fmap = self._tiled_trunk(x, max_side)
+        else:
+            fmap = self.dense_trunk(x)
         if isinstance(fmap, dict):
             fmap = fmap["features"]
         if self.dense_kind == "fc":

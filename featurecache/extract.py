@@ -271,9 +271,11 @@ class _PatchRunner:
 class _DenseRunner:
     """Dense mode: the trunk runs once per image and scale; windows are pooled from its map."""
 
-    def __init__(self, backbone: FrozenBackbone, grid: PatchGrid, *, device: torch.device, out_dtype: np.dtype) -> None:
+    def __init__(self, backbone: FrozenBackbone, grid: PatchGrid, *, device: torch.device, out_dtype: np.dtype,
+                 max_side: Optional[int] = None) -> None:
         self.backbone = backbone
         self.grid = grid
+        self.max_side = max_side
         self.device = device
         self.cuda = device.type == "cuda"
         self.out_dtype = out_dtype
@@ -290,9 +292,9 @@ class _DenseRunner:
             x = x.contiguous(memory_format=torch.channels_last)
             if self.cuda:
                 with torch.autocast("cuda", dtype=torch.float16):
-                    fmap = self.backbone.dense_features(x, self.grid.input_size)
+                    fmap = self.backbone.dense_features(x, self.grid.input_size, max_side=self.max_side)
             else:
-                fmap = self.backbone.dense_features(x, self.grid.input_size)
+                fmap = self.backbone.dense_features(x, self.grid.input_size, max_side=self.max_side)
             picked = fmap[:, torch.as_tensor(ys, device=fmap.device)][:, :, torch.as_tensor(xs, device=fmap.device)]
             out.append(picked.flatten(1).T.float().cpu().numpy())
         return np.concatenate(out).astype(self.out_dtype, copy=False)
@@ -312,6 +314,7 @@ def extract(
     grid: Optional[PatchGrid] = None,
     rule: Optional[LabelRule] = None,
     mode: str = "crop",
+    max_side: Optional[int] = 2048,
     batch_size: Optional[int] = None,
     workers: Optional[int] = None,
     device: Union[str, torch.device] = "auto",
@@ -346,6 +349,10 @@ def extract(
         network's own average pooling; FC6/FC7 as convolutions for AlexNet/VGG). The windows
         lie on feature cells (:meth:`PatchGrid.dense_layout`) and the stored boxes are their
         exact extent in the original image.
+    max_side : int, optional
+        Dense mode: the largest trunk input side; larger resized images run in overlapping
+        tiles (margin of half the receptive field), which changes nothing beyond float
+        rounding. ``None``: no cap.
     batch_size : int, optional
         Patches per forward pass; patches of several images share a batch. Default 16 on
         the CPU (small batches stay in cache: at 224 px they run about 1.7x faster than 64)
@@ -424,6 +431,8 @@ def extract(
         "batching": {"batch_size": batch_size, "part_patches": part_patches},
     }
     if mode == "dense":
+        settings["batching"]["max_side"] = max_side
+    if mode == "dense":
         counts = [len(grid.dense_boxes_and_scales(r.width, r.height)[0]) for r in images]
     else:
         counts = [grid.count(r.width, r.height) for r in images]
@@ -439,6 +448,7 @@ def extract(
                                  out.stat().st_size, already_complete=True)
         todo = [p for p in range(len(parts)) if p not in writer.done_parts]
         computed = _run_parts(images, parts, todo, counts, writer, net, grid=grid, rule=rule, mode=mode,
+                              max_side=max_side,
                               batch_size=batch_size, workers=workers, device=dev, dtype=dtype, strict=strict,
                               progress=progress)
         attrs = {
@@ -453,6 +463,7 @@ def extract(
                            else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
                            "dtype": dtype,
                            "compression": compression, "batch_size": batch_size, "part_patches": part_patches,
+                           "max_side": max_side if mode == "dense" else None,
                            "device": str(dev), "mixed_precision": dev.type == "cuda"},
             "feature_settings": feature_settings,
             "fingerprint": feature_fingerprint(feature_settings),
@@ -471,7 +482,7 @@ def extract(
 
 
 def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: CacheWriter, net: FrozenBackbone, *,
-               grid: PatchGrid, rule: LabelRule, mode: str, batch_size: int, workers: Optional[int], device: torch.device,
+               grid: PatchGrid, rule: LabelRule, mode: str, max_side: Optional[int], batch_size: int, workers: Optional[int], device: torch.device,
                dtype: str, strict: bool, progress: Optional[bool]) -> int:
     """Compute and commit the parts in ``todo``; return the number of patches computed."""
     from tqdm.auto import tqdm
@@ -487,7 +498,8 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: 
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
     runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,
                           out_dtype=np.dtype(dtype))
-    dense = _DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype)) if mode == "dense" else None
+    dense = (_DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype), max_side=max_side)
+             if mode == "dense" else None)
     total = sum(counts[i] for i in order)
     done_images = sum(len(parts[p]) for p in range(len(parts)) if p not in todo)
     bar = tqdm(total=total, unit="patch", disable=(None if progress is None else not progress), smoothing=0.1,

@@ -145,3 +145,17 @@ def test_dense_needs_a_pooling_backbone():
     assert not net.supports_dense
     with pytest.raises(BackboneError, match="dense mode is not available"):
         net.dense_features(torch.zeros(1, 3, 224, 224), 224)
+
+
+def test_tiled_dense_trunk_gives_the_same_map(lite0):
+    x = torch.rand(1, 3, 256, 1536) * 255
+    with torch.inference_mode():
+        whole = lite0.dense_features(x, 224)
+        tiled = lite0.dense_features(x, 224, max_side=1216)  # 5 tiles with 448 px margins
+    assert lite0.dense_margin == 448  # half of the 851 px receptive field plus half a cell
+    torch.testing.assert_close(tiled, whole, rtol=1e-4, atol=1e-4)
+    with pytest.raises(BackboneError, match="too small to tile"):
+        lite0.dense_features(x, 224, max_side=512)
+    fc = build_backbone("alexnet", weights=None)
+    with pytest.raises(BackboneError, match="tiling is only available"):
+        fc.dense_features(torch.rand(1, 3, 224, 320) * 255, 224, max_side=288)
