@@ -360,7 +360,7 @@ def demo(workdir):
     """Make a small annotated image set and run extract -> fit -> eval -> ablate on it (no data needed).
 
     The images are textured discs, squares and triangles composited onto the photographs
-    shipped with scikit-learn; everything is written to WORKDIR. About a minute on 2 CPU cores.
+    shipped with scikit-learn; everything is written to WORKDIR. About 20 s on 2 CPU cores.
     """
     from featurecache.demo import run_demo
 

@@ -160,7 +160,7 @@ def run_demo(workdir: Union[str, Path] = "featurecache-demo", *, progress: Optio
         the data set and cache.
     progress : bool, optional
     input_size : int
-        Network input side (96 px keeps the demo at about a minute on 2 CPU cores).
+        Network input side (96 px keeps the demo at about 20 s on 2 CPU cores).
     scales : tuple of float
 
     Returns
