@@ -262,7 +262,7 @@ def test_resume_after_sigkill_at_many_points_gives_the_identical_file(voc_sample
         deadline = time.monotonic() + 300
         while proc.poll() is None and time.monotonic() < deadline:
             if parts.exists() and len(list(parts.glob("part-*.h5"))) > before:
-                time.sleep(float(rng.uniform(0, 0.3)))
+                time.sleep(float(rng.uniform(0, 0.05)))
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGKILL)
                     kills += 1
@@ -273,7 +273,7 @@ def test_resume_after_sigkill_at_many_points_gives_the_identical_file(voc_sample
             break
     p = subprocess.run(_cmd(root, out2), env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert kills >= 3
+    assert kills >= 2  # start-up, and at least one after a part was committed
     _assert_same_cache(ref, out2)
 
 
