@@ -199,11 +199,16 @@ class FrozenBackbone(nn.Module):
         return out
 
     def dense_features(self, images: torch.Tensor, input_size: int, *, max_side: Optional[int] = None) -> torch.Tensor:
+        """:meth:`dense_features_batch` of one image: a tensor (C, P_h, P_w)."""
+        return self.dense_features_batch(images, input_size, max_side=max_side)[0]
+
+    def dense_features_batch(self, images: torch.Tensor, input_size: int, *,
+                             max_side: Optional[int] = None) -> torch.Tensor:
         """Features of every window of ``input_size`` pixels at every cell offset.
 
         Parameters
         ----------
-        images : tensor (1, 3, H, W)
+        images : tensor (N, 3, H, W)
             RGB 0–255, H and W multiples of :data:`DENSE_STRIDE` and at least ``input_size``.
         input_size : int
         max_side : int, optional
@@ -213,7 +218,7 @@ class FrozenBackbone(nn.Module):
 
         Returns
         -------
-        tensor (C, (H - input_size) / stride + 1, (W - input_size) / stride + 1)
+        tensor (N, C, (H - input_size) / stride + 1, (W - input_size) / stride + 1)
         """
         if self.dense_trunk is None:
             raise BackboneError(f"{self.spec.name}: dense mode is not available for this backbone "
@@ -233,9 +238,9 @@ class FrozenBackbone(nn.Module):
             if input_size != 224:
                 raise BackboneError(f"{self.spec.name}: dense mode reads FC7 as a convolution over 224-pixel "
                                     f"windows; use --input-size 224")
-            return fmap[0]
+            return fmap
         k = input_size // DENSE_STRIDE
-        return F.avg_pool2d(fmap, kernel_size=k, stride=1)[0]
+        return F.avg_pool2d(fmap, kernel_size=k, stride=1)
 
 
 def sha256_file(path: Union[str, Path]) -> str:

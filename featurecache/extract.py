@@ -282,22 +282,50 @@ class _DenseRunner:
         self.backbone.to(memory_format=torch.channels_last)
 
     @torch.inference_mode()
-    def image(self, image: torch.Tensor, width: int, height: int) -> np.ndarray:
-        """Features of all dense windows of one image (1, 3, H, W), scale by scale, row-major."""
+    def images(self, items: list, *, bucket: Optional[bool] = None, max_batch: int = 16) -> list:
+        """Features of all dense windows of several images, each scale by scale, row-major.
+
+        Parameters
+        ----------
+        items : list of (tensor (1, 3, H, W), width, height)
+        bucket : bool, optional
+            Run the images whose resized size at a scale is the same as one trunk batch (up
+            to ``max_batch``), so that GPU batches stay full. Default: on CUDA only (on the CPU
+            one image at a time is as fast and keeps results independent of batching).
+        """
         from featurecache.backbones import DENSE_STRIDE
 
-        out = []
-        for _, rw, rh, xs, ys in self.grid.dense_layout(width, height, stride=DENSE_STRIDE):
-            x = F.interpolate(image, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-            x = x.contiguous(memory_format=torch.channels_last)
-            if self.cuda:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    fmap = self.backbone.dense_features(x, self.grid.input_size, max_side=self.max_side)
-            else:
-                fmap = self.backbone.dense_features(x, self.grid.input_size, max_side=self.max_side)
-            picked = fmap[:, torch.as_tensor(ys, device=fmap.device)][:, :, torch.as_tensor(xs, device=fmap.device)]
-            out.append(picked.flatten(1).T.float().cpu().numpy())
-        return np.concatenate(out).astype(self.out_dtype, copy=False)
+        bucket = self.cuda if bucket is None else bucket
+        layouts = [self.grid.dense_layout(w, h, stride=DENSE_STRIDE) for _, w, h in items]
+        out = [[None] * len(self.grid.scales) for _ in items]
+        for si in range(len(self.grid.scales)):
+            groups: dict = {}
+            for i, lay in enumerate(layouts):
+                key = (lay[si][1], lay[si][2]) if bucket else i
+                groups.setdefault(key, []).append(i)
+            for idxs in groups.values():
+                for c in range(0, len(idxs), max_batch if bucket else 1):
+                    chunk = idxs[c:c + (max_batch if bucket else 1)]
+                    _, rw, rh, _, _ = layouts[chunk[0]][si]
+                    x = torch.cat([F.interpolate(items[i][0], size=(rh, rw), mode="bilinear", antialias=True,
+                                                 align_corners=False) for i in chunk])
+                    x = x.contiguous(memory_format=torch.channels_last)
+                    if self.cuda:
+                        with torch.autocast("cuda", dtype=torch.float16):
+                            fmaps = self.backbone.dense_features_batch(x, self.grid.input_size,
+                                                                       max_side=self.max_side)
+                    else:
+                        fmaps = self.backbone.dense_features_batch(x, self.grid.input_size, max_side=self.max_side)
+                    for b, i in enumerate(chunk):
+                        _, _, _, xs, ys = layouts[i][si]
+                        fm = fmaps[b]
+                        picked = fm[:, torch.as_tensor(ys, device=fm.device)][:, :, torch.as_tensor(xs, device=fm.device)]
+                        out[i][si] = picked.flatten(1).T.float().cpu().numpy()
+        return [np.concatenate(o).astype(self.out_dtype, copy=False) for o in out]
+
+    def image(self, image: torch.Tensor, width: int, height: int) -> np.ndarray:
+        """Features of all dense windows of one image (1, 3, H, W), scale by scale, row-major."""
+        return self.images([(image, width, height)])[0]
 
 
 def extract(
@@ -523,14 +551,16 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: 
                 boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=grid, rule=rule, mode=mode)
                 image = pixels.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
                 if dense is not None:
-                    segments.append(dense.image(image, rec.width, rec.height))
-                    bar.update(len(boxes))
+                    segments.append((image, rec.width, rec.height))
                 else:
                     segments.append((image, torch.from_numpy(boxes).to(device)))
                 meta.append((index, boxes, scales, labels))
             if dense is not None:
-                feats = (np.concatenate(segments) if segments
+                # All images of the part at once, so that same-size images can share GPU batches.
+                per_image = dense.images(segments) if segments else []
+                feats = (np.concatenate(per_image) if per_image
                          else np.zeros((0, net.feature_dim), np.dtype(dtype)))
+                bar.update(len(feats))
             else:
                 feats = runner.run(segments, on_batch=bar.update)
             computed += len(feats)

@@ -368,3 +368,19 @@ def test_dense_mode_refuses_what_it_cannot_do(subset, lite0, tmp_path):
     with pytest.raises(ExtractError, match="whole-image"):
         extract(subset, tmp_path / "a.h5", backbone=lite0, mode="dense",
                 **{**OPTS, "grid": PatchGrid(whole=True, input_size=64)})
+
+
+def test_dense_bucketing_gives_the_same_features(subset, lite0):
+    """Same-size images share one trunk batch on CUDA; here the path is forced on the CPU."""
+    from featurecache.extract import _DenseRunner
+
+    runner = _DenseRunner(lite0, DENSE_GRID, device=torch.device("cpu"), out_dtype=np.dtype("float32"))
+    images = read_dataset(subset)
+    items = [(torch.from_numpy(load_rgb(r.path)).permute(2, 0, 1)[None].float(), r.width, r.height) for r in images]
+    # Different image sizes still often round to the same resized size at a scale.
+    resized = [[(rw, rh) for _, rw, rh, _, _ in DENSE_GRID.dense_layout(w, h)] for _, w, h in items]
+    assert any(len({r[s] for r in resized}) < len(items) for s in range(len(DENSE_GRID.scales)))
+    one_by_one = runner.images(items, bucket=False)
+    bucketed = runner.images(items, bucket=True)
+    for a, b in zip(one_by_one, bucketed):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
