@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import nn
 from torch.nn import functional as F
 
-from featurecache.cache import CacheError, FeatureCache, describe_fingerprint_difference, read_rows
+from featurecache.cache import FeatureCache, describe_fingerprint_difference, read_rows
 from featurecache.errors import FeaturecacheError
 from featurecache.patches import AMBIGUOUS, BACKGROUND
 

@@ -19,7 +19,7 @@ from featurecache.backbones import sha256_file
 from featurecache.cache import CacheError, FeatureCache, feature_fingerprint
 from featurecache.datasets import read_dataset
 from featurecache.extract import ExtractError, extract, load_rgb
-from featurecache.patches import AMBIGUOUS, LabelRule, PatchGrid
+from featurecache.patches import LabelRule, PatchGrid
 
 GRID = PatchGrid(scales=(1, 2), input_size=64)
 OPTS = dict(grid=GRID, workers=0, progress=False, part_patches=40, batch_size=16)
