@@ -62,6 +62,10 @@ def _command(f: Callable) -> Callable:
             return f(*args, **kwargs)
         except FeaturecacheError as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:
+            # Permission denied, disk full, a folder that vanished: name the file, no traceback.
+            where = e.filename or "featurecache"
+            raise click.ClickException(f"{where}: {e.strerror or e}") from None
 
     return _verbosity_options(wrapper)
 

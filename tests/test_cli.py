@@ -75,3 +75,15 @@ def test_python_dash_m(tiny_voc):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "3 images" in out.stdout
+
+
+def test_os_errors_are_one_line_messages_naming_the_file(runner, tiny_voc, tmp_path):
+    from conftest import blob_cache
+
+    cache = blob_cache(tmp_path / "c.h5")
+    out = tmp_path / "no-such-folder" / "r.json"
+    r = runner.invoke(main, ["fit", str(cache), "--head", "logreg", "--out", str(tmp_path / "h.pt")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(main, ["eval", str(tmp_path / "h.pt"), str(cache), "--json", str(out)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert str(out) in r.output and "No such file or directory" in r.output
