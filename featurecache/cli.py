@@ -248,7 +248,13 @@ def _parse_size(ctx, param, value: Optional[str]):
               help="Validation cache (early stopping for the MLP).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE only.")
 @click.option("--val-split", default=None, help="Validate on this split (of --val, or of CACHE).")
-@click.option("--head", type=click.Choice(["mlp", "logreg", "linearsvm"]), default="mlp", help="Head type.")
+@click.option("--objective", type=click.Choice(["patch", "image"]), default="patch",
+              help="patch: a patch classifier on box-derived patch labels (the paper's); image: each image's "
+                   "pooled patch features -> one-vs-rest logistic regression on its labels (no boxes needed).")
+@click.option("--image-pooling", default="mean",
+              help="image objective: mean, max, scales (per-scale means) and/or coarse, comma-separated.")
+@click.option("--head", type=click.Choice(["mlp", "logreg", "linearsvm"]), default="mlp",
+              help="Head type (patch objective).")
 @click.option("--hidden", callback=_parse_hidden, default="2048",
               help="MLP hidden widths: 2048 (FCa+FCb), 0 (FCb only), 2048,2048 (three layers).")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, help="MLP dropout.")
@@ -268,13 +274,22 @@ def _parse_size(ctx, param, value: Optional[str]):
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Head file [default: CACHE.head.pt].")
 @_command
-def fit(cache, val_cache, train_split, val_split, head, hidden, dropout, lr, weight_decay, batch_size, epochs, C,
+def fit(cache, val_cache, train_split, val_split, objective, image_pooling, head, hidden, dropout, lr, weight_decay, batch_size, epochs, C,
         background, background_weight, memory_limit, device, seed, out):
     """Train a head (the paper's adaptation layers by default) on a feature cache."""
     from pathlib import Path
 
     from featurecache.heads import BackgroundPolicy, fit_head
 
+    path = Path(out) if out else Path(cache).with_suffix(".head.pt")
+    if objective == "image":
+        from featurecache.objectives import fit_image_head
+
+        trained = fit_image_head(cache, train_split=train_split, C=C, random_state=seed,
+                                 pooling=tuple(p.strip() for p in image_pooling.split(",") if p.strip()))
+        trained.save(path)
+        click.echo(f"{trained.summary_line()} -> {path}")
+        return
     if head == "mlp":
         params = dict(hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                       max_epochs=epochs, device=device)
@@ -283,7 +298,6 @@ def fit(cache, val_cache, train_split, val_split, head, hidden, dropout, lr, wei
     policy = BackgroundPolicy.parse(background, weight=background_weight)
     trained = fit_head(cache, head=head, params=params, background=policy, train_split=train_split,
                        val=val_cache, val_split=val_split, memory_limit=memory_limit, random_state=seed)
-    path = Path(out) if out else Path(cache).with_suffix(".head.pt")
     trained.save(path)
     click.echo(f"{trained.summary_line()} -> {path}")
 

@@ -184,6 +184,8 @@ class EvalReport:
 
     def to_text(self) -> str:
         pool = f"power k={self.k:g}" if self.pooling == "power" else self.pooling
+        if self.objective == "image":
+            pool = f"image features {self.pooling.split(':', 1)[-1]}"
         n_cls = int(np.sum(~np.isnan(np.asarray(self.ap, dtype=float))))
         lines = [f"mAP {100 * self.mean_ap:.1f}  ({self.method} AP, {pool} pooling, objective {self.objective}, "
                  f"{self.head} head; {self.n_images} images, {n_cls} classes with positives)"]
@@ -294,6 +296,16 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     c = FeatureCache(cache, split=split) if own else (cache if split is None else FeatureCache(cache.path, split=split))
     try:
         head.check_cache(c)
+        if head.summary.get("objective") == "image":
+            from featurecache.objectives import image_features
+
+            scores = head.estimator.image_scores(image_features(c, pooling=head.estimator.pooling))
+            t = c.images
+            report = report_from_image_scores(scores, t.labels, t.difficult, c.classes, method=method,
+                                              pooling="image:" + "+".join(head.estimator.pooling), head=head.kind,
+                                              objective="image", cache=str(c.path))
+            report.n_patches = c.num_patches
+            return report
         probs = patch_probabilities(head, c)
         return report_from_probabilities(probs, c, pooling=pooling, k=k, method=method, head=head.kind,
                                          objective=head.summary.get("objective", "patch"))

@@ -459,11 +459,14 @@ HEADS = {"mlp": MLPHead, "logreg": LogRegHead, "linearsvm": LinearSVMHead}
 
 
 def make_head(kind: str = "mlp", **params) -> BaseEstimator:
-    """An unfitted head by name (``mlp``, ``logreg``, ``linearsvm``) with parameters."""
-    if kind not in HEADS:
+    """An unfitted head by name (``mlp``, ``logreg``, ``linearsvm``, ``image-logreg``) with parameters."""
+    from featurecache.objectives import ImageLogRegHead
+
+    kinds = {**HEADS, "image-logreg": ImageLogRegHead}
+    if kind not in kinds:
         raise HeadError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     try:
-        return HEADS[kind](**params)
+        return kinds[kind](**params)
     except TypeError as e:
         raise HeadError(f"head {kind}: {e}") from None
 
@@ -625,8 +628,9 @@ class TrainedHead:
         if int(p["format_version"]) > HEAD_FORMAT_VERSION:
             raise HeadError(f"{path}: head format {p['format_version']} is newer than this featurecache reads")
         params = json.loads(p["params"])
-        if "hidden" in params and isinstance(params["hidden"], list):
-            params["hidden"] = tuple(params["hidden"])
+        for key in ("hidden", "pooling"):
+            if isinstance(params.get(key), list):
+                params[key] = tuple(params[key])
         if p["kind"] == "mlp":
             params["device"] = device
         est = make_head(p["kind"], **params)
@@ -636,6 +640,11 @@ class TrainedHead:
 
     def summary_line(self) -> str:
         s = self.summary
+        if s.get("objective") == "image":
+            per_class = ", ".join(f"{k} {v}" for k, v in s.get("images_per_class", {}).items())
+            return (f"{self.kind} head (objective image, pooling {'+'.join(s.get('image_pooling', []))}): "
+                    f"{s.get('train_images', 0)} training images; {s.get('seconds', 0):.1f} s; "
+                    f"positive images: {per_class}")
         per_class = ", ".join(f"{k} {v}" for k, v in s.get("patches_per_class", {}).items() if v)
         parts = [f"{self.kind} head: {s.get('train_patches', 0):,} training patches "
                  f"({s.get('background_patches', 0):,} background, weight {s.get('background_weight', 1):.3g})"]
