@@ -248,9 +248,14 @@ def _parse_size(ctx, param, value: Optional[str]):
               help="Validation cache (early stopping for the MLP).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE only.")
 @click.option("--val-split", default=None, help="Validate on this split (of --val, or of CACHE).")
-@click.option("--objective", type=click.Choice(["patch", "image"]), default="patch",
+@click.option("--objective", type=click.Choice(["patch", "image", "mil"]), default="patch",
               help="patch: a patch classifier on box-derived patch labels (the paper's); image: each image's "
-                   "pooled patch features -> one-vs-rest logistic regression on its labels (no boxes needed).")
+                   "pooled patch features -> one-vs-rest logistic regression on its labels; mil: a patch scorer "
+                   "trained through an image-level aggregation on image labels (image and mil need no boxes).")
+@click.option("--mil-aggregation", type=click.Choice(["lse", "max", "power"]), default="lse",
+              help="mil: log-sum-exp (--mil-temperature), max, or the power mean (--k) of patch scores.")
+@click.option("--mil-temperature", type=float, default=5.0, help="mil: temperature r of log-sum-exp.")
+@click.option("--k", "mil_k", type=float, default=5.0, help="mil: exponent of the power aggregation.")
 @click.option("--image-pooling", default="mean",
               help="image objective: mean, max, scales (per-scale means) and/or coarse, comma-separated.")
 @click.option("--head", type=click.Choice(["mlp", "logreg", "linearsvm"]), default="mlp",
@@ -274,7 +279,8 @@ def _parse_size(ctx, param, value: Optional[str]):
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Head file [default: CACHE.head.pt].")
 @_command
-def fit(cache, val_cache, train_split, val_split, objective, image_pooling, head, hidden, dropout, lr, weight_decay, batch_size, epochs, C,
+def fit(cache, val_cache, train_split, val_split, objective, mil_aggregation, mil_temperature, mil_k, image_pooling,
+        head, hidden, dropout, lr, weight_decay, batch_size, epochs, C,
         background, background_weight, memory_limit, device, seed, out):
     """Train a head (the paper's adaptation layers by default) on a feature cache."""
     from pathlib import Path
@@ -282,11 +288,16 @@ def fit(cache, val_cache, train_split, val_split, objective, image_pooling, head
     from featurecache.heads import BackgroundPolicy, fit_head
 
     path = Path(out) if out else Path(cache).with_suffix(".head.pt")
-    if objective == "image":
-        from featurecache.objectives import fit_image_head
+    if objective in ("image", "mil"):
+        from featurecache.objectives import fit_image_head, fit_mil_head
 
-        trained = fit_image_head(cache, train_split=train_split, C=C, random_state=seed,
-                                 pooling=tuple(p.strip() for p in image_pooling.split(",") if p.strip()))
+        if objective == "image":
+            trained = fit_image_head(cache, train_split=train_split, C=C, random_state=seed,
+                                     pooling=tuple(p.strip() for p in image_pooling.split(",") if p.strip()))
+        else:
+            trained = fit_mil_head(cache, train_split=train_split, random_state=seed,
+                                   params=dict(aggregation=mil_aggregation, temperature=mil_temperature, k=mil_k,
+                                               device=device))
         trained.save(path)
         click.echo(f"{trained.summary_line()} -> {path}")
         return

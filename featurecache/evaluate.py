@@ -186,6 +186,8 @@ class EvalReport:
         pool = f"power k={self.k:g}" if self.pooling == "power" else self.pooling
         if self.objective == "image":
             pool = f"image features {self.pooling.split(':', 1)[-1]}"
+        elif self.objective == "mil":
+            pool = f"trained {self.pooling.split(':', 1)[-1]}"
         n_cls = int(np.sum(~np.isnan(np.asarray(self.ap, dtype=float))))
         lines = [f"mAP {100 * self.mean_ap:.1f}  ({self.method} AP, {pool} pooling, objective {self.objective}, "
                  f"{self.head} head; {self.n_images} images, {n_cls} classes with positives)"]
@@ -304,6 +306,17 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
             report = report_from_image_scores(scores, t.labels, t.difficult, c.classes, method=method,
                                               pooling="image:" + "+".join(head.estimator.pooling), head=head.kind,
                                               objective="image", cache=str(c.path))
+            report.n_patches = c.num_patches
+            return report
+        if head.summary.get("objective") == "mil":
+            t = c.images
+            est = head.estimator
+            scores = est.image_scores_from_patches(c.read_features(), np.searchsorted(t.row, c.image_index), len(t))
+            agg = est.aggregation + (f" r={est.temperature:g}" if est.aggregation == "lse" else
+                                     f" k={est.k:g}" if est.aggregation == "power" else "")
+            report = report_from_image_scores(scores, t.labels, t.difficult, c.classes, method=method,
+                                              pooling="mil:" + agg, head=head.kind, objective="mil",
+                                              cache=str(c.path))
             report.n_patches = c.num_patches
             return report
         probs = patch_probabilities(head, c)

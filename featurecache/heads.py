@@ -460,9 +460,9 @@ HEADS = {"mlp": MLPHead, "logreg": LogRegHead, "linearsvm": LinearSVMHead}
 
 def make_head(kind: str = "mlp", **params) -> BaseEstimator:
     """An unfitted head by name (``mlp``, ``logreg``, ``linearsvm``, ``image-logreg``) with parameters."""
-    from featurecache.objectives import ImageLogRegHead
+    from featurecache.objectives import ImageLogRegHead, MILHead
 
-    kinds = {**HEADS, "image-logreg": ImageLogRegHead}
+    kinds = {**HEADS, "image-logreg": ImageLogRegHead, "mil": MILHead}
     if kind not in kinds:
         raise HeadError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     try:
@@ -631,7 +631,7 @@ class TrainedHead:
         for key in ("hidden", "pooling"):
             if isinstance(params.get(key), list):
                 params[key] = tuple(params[key])
-        if p["kind"] == "mlp":
+        if p["kind"] in ("mlp", "mil"):
             params["device"] = device
         est = make_head(p["kind"], **params)
         est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]))
@@ -640,6 +640,9 @@ class TrainedHead:
 
     def summary_line(self) -> str:
         s = self.summary
+        if s.get("objective") == "mil":
+            return (f"mil head ({s.get('aggregation')} aggregation): {s.get('train_images', 0)} training images, "
+                    f"{s.get('epochs', 0)} epochs; {s.get('seconds', 0):.1f} s")
         if s.get("objective") == "image":
             per_class = ", ".join(f"{k} {v}" for k, v in s.get("images_per_class", {}).items())
             return (f"{self.kind} head (objective image, pooling {'+'.join(s.get('image_pooling', []))}): "

@@ -17,7 +17,7 @@ from sklearn.base import BaseEstimator
 from featurecache.cache import FeatureCache
 from featurecache.errors import FeaturecacheError
 
-__all__ = ["IMAGE_POOLINGS", "ImageLogRegHead", "fit_image_head", "image_features"]
+__all__ = ["IMAGE_POOLINGS", "ImageLogRegHead", "MILHead", "fit_image_head", "fit_mil_head", "image_features"]
 
 #: ``mean``/``max`` over all patches of an image; ``scales``: the mean at each scale,
 #: concatenated (coarse to fine); ``coarse``: the mean at the image's smallest λ (the largest
@@ -191,6 +191,217 @@ def fit_image_head(cache, *, train_split: Optional[str] = None, pooling: Sequenc
                    "images_per_class": {n: int(k) for n, k in zip(c.classes, t.labels.sum(0))},
                    "seconds": time.perf_counter() - t0}
         return TrainedHead(est, "image-logreg", tuple(c.classes), dict(c.feature_settings), c.fingerprint, summary)
+    finally:
+        if c is not cache:
+            c.close()
+
+
+class MILHead(BaseEstimator):
+    """Multiple-instance learning: a patch scorer trained through an image-level aggregation.
+
+    Each patch gets one logit per class from a linear layer (``hidden=0``) or a small MLP;
+    an image's logit for a class aggregates its patches' logits, and a per-class binary
+    cross-entropy compares it with the image labels. No patch labels or boxes are used
+    (Oquab et al., CVPR 2015, train this way with max pooling). Aggregations:
+
+    * ``"max"``: the largest patch logit;
+    * ``"lse"``: log-sum-exp with temperature r, (1/r)·log mean_i exp(r·z_i), between the
+      mean (r → 0) and the max (r → ∞);
+    * ``"power"``: the paper's test-time score on probabilities, ((1/M) Σ σ(z_i)^k)^(1/k).
+
+    Trained with Adam on mini-batches of whole images, with weight decay and early stopping
+    on a held-out fraction of the training images (the best epoch's parameters are kept).
+
+    Parameters
+    ----------
+    hidden : int
+        0 for a linear scorer (default), else the width of one ReLU hidden layer.
+    aggregation : {"lse", "max", "power"}
+    temperature : float
+        r of ``lse``. Default 5.
+    k : float
+        Exponent of ``power``. Default 5.
+    lr, weight_decay : float
+    max_epochs, patience : int
+    batch_images : int
+    validation_fraction : float
+        Training images held out for early stopping (0 disables it).
+    device : str
+    random_state : int, optional
+    """
+
+    def __init__(self, hidden: int = 0, aggregation: str = "lse", temperature: float = 5.0, k: float = 5.0,
+                 lr: float = 0.05, weight_decay: float = 1e-4, max_epochs: int = 100, patience: int = 10,
+                 batch_images: int = 16, validation_fraction: float = 0.2, device: str = "auto",
+                 random_state: Optional[int] = 0) -> None:
+        self.hidden = hidden
+        self.aggregation = aggregation
+        self.temperature = temperature
+        self.k = k
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.batch_images = batch_images
+        self.validation_fraction = validation_fraction
+        self.device = device
+        self.random_state = random_state
+
+    def _net(self, d: int, c: int) -> "torch.nn.Module":
+        from torch import nn
+
+        if int(self.hidden) > 0:
+            return nn.Sequential(nn.Linear(d, int(self.hidden)), nn.ReLU(), nn.Dropout(0.5), nn.Linear(int(self.hidden), c))
+        return nn.Linear(d, c)
+
+    def _image_logits(self, z: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
+        """z: (B, P, C) patch logits, mask: (B, P) valid patches -> (B, C) image logits (or probabilities for power)."""
+        neg = torch.finfo(z.dtype).min / 4
+        m = mask[:, :, None]
+        if self.aggregation == "max":
+            return z.masked_fill(~m, neg).amax(1)
+        if self.aggregation == "lse":
+            r = float(self.temperature)
+            n = mask.sum(1, keepdim=True).clamp_min(1).to(z.dtype)
+            return (torch.logsumexp((r * z).masked_fill(~m, neg), dim=1) - torch.log(n)) / r
+        k = float(self.k)
+        p = torch.sigmoid(z) * m
+        mean = (p ** k).sum(1) / mask.sum(1, keepdim=True).clamp_min(1).to(z.dtype)
+        return mean.clamp_min(1e-12) ** (1.0 / k)
+
+    def _loss(self, out: "torch.Tensor", y: "torch.Tensor", w: "torch.Tensor") -> "torch.Tensor":
+        from torch.nn import functional as F
+
+        if self.aggregation == "power":
+            losses = F.binary_cross_entropy(out.clamp(1e-6, 1 - 1e-6), y, reduction="none")
+        else:
+            losses = F.binary_cross_entropy_with_logits(out, y, reduction="none")
+        return (losses * w).sum() / w.sum().clamp_min(1e-12)
+
+    @staticmethod
+    def _groups(image_index: np.ndarray, n_images: int) -> list:
+        order = np.argsort(image_index, kind="stable")
+        bounds = np.searchsorted(image_index[order], np.arange(n_images + 1))
+        return [order[bounds[i]:bounds[i + 1]] for i in range(n_images)]
+
+    def _batch(self, X, groups, images, dev):
+        n = max(len(groups[i]) for i in images)
+        xb = np.zeros((len(images), n, X.shape[1]), np.float32)
+        mb = np.zeros((len(images), n), bool)
+        for b, i in enumerate(images):
+            g = groups[i]
+            xb[b, :len(g)] = X[g]
+            mb[b, :len(g)] = True
+        return torch.from_numpy(xb).to(dev), torch.from_numpy(mb).to(dev)
+
+    def fit(self, X: np.ndarray, image_index: np.ndarray, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> "MILHead":
+        """Train on patch features ``X`` (N, D) of images ``image_index`` (N,) with labels ``Y`` (M, C)."""
+        if self.aggregation not in ("lse", "max", "power"):
+            raise FeaturecacheError(f"MIL aggregation must be lse, max or power, got {self.aggregation!r}")
+        X = np.asarray(X, np.float32)
+        Y = np.asarray(Y, np.float32)
+        m, c = Y.shape
+        w_all = np.ones_like(Y) if ignore is None else (~np.asarray(ignore, bool)).astype(np.float32)
+        groups = self._groups(np.asarray(image_index, np.int64), m)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        rng = np.random.RandomState(seed)
+        usable = np.array([len(g) > 0 for g in groups])
+        ids = rng.permutation(np.flatnonzero(usable))
+        n_val = int(round(self.validation_fraction * len(ids))) if self.validation_fraction else 0
+        val_ids, train_ids = ids[:n_val], ids[n_val:]
+        dev = torch.device("cuda" if self.device == "auto" and torch.cuda.is_available() else
+                           ("cpu" if self.device == "auto" else self.device))
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            net = self._net(X.shape[1], c).to(dev)
+            opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            best, best_state, bad, history = float("inf"), None, 0, []
+            for epoch in range(int(self.max_epochs)):
+                net.train()
+                total = 0.0
+                for s in range(0, len(train_ids), int(self.batch_images)):
+                    b = train_ids[s:s + int(self.batch_images)]
+                    xb, mb = self._batch(X, groups, b, dev)
+                    out = self._image_logits(net(xb), mb)
+                    loss = self._loss(out, torch.from_numpy(Y[b]).to(dev), torch.from_numpy(w_all[b]).to(dev))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    total += float(loss.detach()) * len(b)
+                train_ids = train_ids[rng.permutation(len(train_ids))]
+                val_loss = self._eval_loss(net, X, groups, val_ids, Y, w_all, dev) if len(val_ids) else None
+                history.append({"epoch": epoch + 1, "train_loss": total / max(len(train_ids), 1), "val_loss": val_loss})
+                monitored = val_loss if val_loss is not None else history[-1]["train_loss"]
+                if monitored < best - 1e-4:
+                    best, bad = monitored, 0
+                    best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+                else:
+                    bad += 1
+                    if bad >= int(self.patience):
+                        break
+        net.load_state_dict(best_state)
+        net.eval()
+        self.net_, self.history_, self.n_epochs_ = net, history, len(history)
+        self.n_features_in_, self.n_outputs_ = X.shape[1], c
+        return self
+
+    def _eval_loss(self, net, X, groups, ids, Y, w, dev) -> float:
+        net.eval()
+        with torch.inference_mode():
+            xb, mb = self._batch(X, groups, ids, dev)
+            out = self._image_logits(net(xb), mb)
+            return float(self._loss(out, torch.from_numpy(Y[ids]).to(dev), torch.from_numpy(w[ids]).to(dev)))
+
+    def patch_scores(self, X: np.ndarray) -> np.ndarray:
+        """Per-class patch probabilities σ(z) ``(N, C)`` (for localisation maps)."""
+        dev = next(self.net_.parameters()).device
+        with torch.inference_mode():
+            return torch.sigmoid(self.net_(torch.from_numpy(np.asarray(X, np.float32)).to(dev))).cpu().numpy()
+
+    def image_scores_from_patches(self, X: np.ndarray, image_index: np.ndarray, n_images: int) -> np.ndarray:
+        """Image scores ``(M, C)`` in [0, 1]: the trained aggregation of each image's patches."""
+        groups = self._groups(np.asarray(image_index, np.int64), n_images)
+        dev = next(self.net_.parameters()).device
+        out = np.zeros((n_images, self.n_outputs_), np.float32)
+        with torch.inference_mode():
+            for s in range(0, n_images, 64):
+                ids = [i for i in range(s, min(s + 64, n_images)) if len(groups[i])]
+                if not ids:
+                    continue
+                xb, mb = self._batch(X, groups, ids, dev)
+                o = self._image_logits(self.net_(xb), mb)
+                out[ids] = (o if self.aggregation == "power" else torch.sigmoid(o)).cpu().numpy()
+        return out
+
+    def _state(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.net_.state_dict().items()}
+
+    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+        net = self._net(n_features, n_outputs)
+        net.load_state_dict(state)
+        self.net_ = net.eval()
+        self.n_features_in_, self.n_outputs_ = n_features, n_outputs
+
+
+def fit_mil_head(cache, *, train_split: Optional[str] = None, params: Optional[dict] = None, random_state: int = 0):
+    """Train the ``mil`` objective on a cache's patch features and image labels; returns a TrainedHead."""
+    import time
+
+    from featurecache.heads import TrainedHead
+
+    t0 = time.perf_counter()
+    own = not isinstance(cache, FeatureCache)
+    c = FeatureCache(cache, split=train_split) if own or train_split else cache
+    try:
+        t = c.images
+        local = np.searchsorted(t.row, c.image_index)
+        est = MILHead(**{"random_state": random_state, **(params or {})})
+        est.fit(c.read_features(), local, t.labels, ignore=t.difficult & ~t.labels)
+        summary = {"objective": "mil", "cache": str(c.path), "train_split": train_split, "train_images": int(len(t)),
+                   "aggregation": est.aggregation, "epochs": est.n_epochs_,
+                   "images_per_class": {n: int(k) for n, k in zip(c.classes, t.labels.sum(0))},
+                   "seconds": time.perf_counter() - t0}
+        return TrainedHead(est, "mil", tuple(c.classes), dict(c.feature_settings), c.fingerprint, summary)
     finally:
         if c is not cache:
             c.close()
