@@ -50,8 +50,11 @@ def image_features(cache: FeatureCache, *, pooling: Sequence[str] = ("mean",), c
     levels = np.unique(scales_all)
     n_levels = len(levels)
     sums = np.zeros((m, d))
-    maxs = np.full((m, d), -np.inf)
-    level_sums = np.zeros((m, n_levels, d))
+    want_max = "max" in pooling
+    want_levels = "scales" in pooling or "coarse" in pooling
+    maxs = np.full((m, d) if want_max else (0, d), -np.inf)
+    # Per-scale sums are M x scales x D: only when asked for.
+    level_sums = np.zeros((m, n_levels, d) if want_levels else (0, n_levels, d))
     level_counts = np.zeros((m, n_levels))
     local_all = np.searchsorted(t.row, cache.image_index)
     start = 0
@@ -62,8 +65,10 @@ def image_features(cache: FeatureCache, *, pooling: Sequence[str] = ("mean",), c
         start += n
         f = ch.features.astype(np.float64)
         np.add.at(sums, local, f)
-        np.maximum.at(maxs, local, f)
-        np.add.at(level_sums, (local, lev), f)
+        if want_max:
+            np.maximum.at(maxs, local, f)
+        if want_levels:
+            np.add.at(level_sums, (local, lev), f)
         np.add.at(level_counts, (local, lev), 1)
     counts = np.maximum(level_counts.sum(1), 1)[:, None]
     parts = []
