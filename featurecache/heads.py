@@ -341,7 +341,19 @@ class MLPHead(ClassifierMixin, BaseEstimator):
         self.classes_ = np.arange(n_outputs)
 
 
-class _LinearSklearnHead(ClassifierMixin, BaseEstimator):
+class CoefficientState:
+    """Saving and restoring ``coef_``/``intercept_`` as plain tensors (no pickle)."""
+
+    def _state(self) -> dict:
+        return {"coef": torch.from_numpy(self.coef_.copy()), "intercept": torch.from_numpy(self.intercept_.copy())}
+
+    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+        self.coef_ = state["coef"].numpy().astype(np.float64)
+        self.intercept_ = state["intercept"].numpy().astype(np.float64)
+        self.n_features_in_, self.n_outputs_ = n_features, n_outputs
+
+
+class _LinearSklearnHead(CoefficientState, ClassifierMixin, BaseEstimator):
     """Shared code of the scikit-learn baselines: full-width coefficient arrays."""
 
     def _full_coefficients(self, model, n_out: int) -> None:
@@ -375,13 +387,8 @@ class _LinearSklearnHead(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         return self.predict_proba(X).argmax(1)
 
-    def _state(self) -> dict:
-        return {"coef": torch.from_numpy(self.coef_.copy()), "intercept": torch.from_numpy(self.intercept_.copy())}
-
     def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
-        self.coef_ = state["coef"].numpy().astype(np.float64)
-        self.intercept_ = state["intercept"].numpy().astype(np.float64)
-        self.n_features_in_, self.n_outputs_ = n_features, n_outputs
+        super()._restore(state, n_features, n_outputs)
         self.classes_ = np.arange(n_outputs)
 
 

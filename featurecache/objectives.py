@@ -16,6 +16,7 @@ from sklearn.base import BaseEstimator
 
 from featurecache.cache import FeatureCache
 from featurecache.errors import FeaturecacheError
+from featurecache.heads import CoefficientState
 
 __all__ = ["IMAGE_POOLINGS", "ImageLogRegHead", "MILHead", "fit_image_head", "fit_mil_head", "image_features"]
 
@@ -85,7 +86,7 @@ def image_features(cache: FeatureCache, *, pooling: Sequence[str] = ("mean",), c
     return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-class ImageLogRegHead(BaseEstimator):
+class ImageLogRegHead(CoefficientState, BaseEstimator):
     """One-vs-rest logistic regression on pooled image features and multi-hot labels.
 
     Parameters
@@ -151,14 +152,6 @@ class ImageLogRegHead(BaseEstimator):
             p = 1.0 / (1.0 + np.exp(-z))
         return np.nan_to_num(p, nan=0.0).astype(np.float32)
 
-    def _state(self) -> dict:
-        return {"coef": torch.from_numpy(self.coef_.copy()), "intercept": torch.from_numpy(self.intercept_.copy())}
-
-    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
-        self.coef_ = state["coef"].numpy().astype(np.float64)
-        self.intercept_ = state["intercept"].numpy().astype(np.float64)
-        self.n_features_in_, self.n_outputs_ = n_features, n_outputs
-
 
 def fit_image_head(cache, *, train_split: Optional[str] = None, pooling: Sequence[str] = ("mean",), C: float = 1.0,
                    random_state: int = 0):
@@ -179,6 +172,17 @@ def fit_image_head(cache, *, train_split: Optional[str] = None, pooling: Sequenc
         With ``summary["objective"] == "image"``; :func:`featurecache.evaluate.evaluate`
         scores images with it directly.
     """
+    def train(c: FeatureCache):
+        est = ImageLogRegHead(C=C, pooling=tuple(pooling), random_state=random_state)
+        t = c.images
+        est.fit(image_features(c, pooling=pooling), t.labels, ignore=t.difficult & ~t.labels)
+        return est, {"image_pooling": list(pooling)}
+
+    return _fit_image_objective(cache, train_split, "image", "image-logreg", train)
+
+
+def _fit_image_objective(cache, train_split: Optional[str], objective: str, kind: str, train):
+    """Open the training selection, run ``train(cache) -> (estimator, extra summary)``, wrap it."""
     import time
 
     from featurecache.heads import TrainedHead
@@ -187,15 +191,13 @@ def fit_image_head(cache, *, train_split: Optional[str] = None, pooling: Sequenc
     own = not isinstance(cache, FeatureCache)
     c = FeatureCache(cache, split=train_split) if own or train_split else cache
     try:
-        X = image_features(c, pooling=pooling)
+        est, extra = train(c)
         t = c.images
-        est = ImageLogRegHead(C=C, pooling=tuple(pooling), random_state=random_state).fit(
-            X, t.labels, ignore=t.difficult & ~t.labels)
-        summary = {"objective": "image", "cache": str(c.path), "train_split": train_split,
-                   "train_images": int(len(t)), "image_pooling": list(pooling),
-                   "images_per_class": {n: int(k) for n, k in zip(c.classes, t.labels.sum(0))},
+        summary = {"objective": objective, "cache": str(c.path), "train_split": train_split,
+                   "train_images": int(len(t)),
+                   "images_per_class": {n: int(k) for n, k in zip(c.classes, t.labels.sum(0))}, **extra,
                    "seconds": time.perf_counter() - t0}
-        return TrainedHead(est, "image-logreg", tuple(c.classes), dict(c.feature_settings), c.fingerprint, summary)
+        return TrainedHead(est, kind, tuple(c.classes), dict(c.feature_settings), c.fingerprint, summary)
     finally:
         if c is not cache:
             c.close()
@@ -390,23 +392,11 @@ class MILHead(BaseEstimator):
 
 def fit_mil_head(cache, *, train_split: Optional[str] = None, params: Optional[dict] = None, random_state: int = 0):
     """Train the ``mil`` objective on a cache's patch features and image labels; returns a TrainedHead."""
-    import time
 
-    from featurecache.heads import TrainedHead
-
-    t0 = time.perf_counter()
-    own = not isinstance(cache, FeatureCache)
-    c = FeatureCache(cache, split=train_split) if own or train_split else cache
-    try:
+    def train(c: FeatureCache):
         t = c.images
-        local = np.searchsorted(t.row, c.image_index)
         est = MILHead(**{"random_state": random_state, **(params or {})})
-        est.fit(c.read_features(), local, t.labels, ignore=t.difficult & ~t.labels)
-        summary = {"objective": "mil", "cache": str(c.path), "train_split": train_split, "train_images": int(len(t)),
-                   "aggregation": est.aggregation, "epochs": est.n_epochs_,
-                   "images_per_class": {n: int(k) for n, k in zip(c.classes, t.labels.sum(0))},
-                   "seconds": time.perf_counter() - t0}
-        return TrainedHead(est, "mil", tuple(c.classes), dict(c.feature_settings), c.fingerprint, summary)
-    finally:
-        if c is not cache:
-            c.close()
+        est.fit(c.read_features(), np.searchsorted(t.row, c.image_index), t.labels, ignore=t.difficult & ~t.labels)
+        return est, {"aggregation": est.aggregation, "epochs": est.n_epochs_}
+
+    return _fit_image_objective(cache, train_split, "mil", "mil", train)
