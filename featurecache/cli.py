@@ -14,6 +14,11 @@ from featurecache.errors import FeaturecacheError
 
 logger = logging.getLogger("featurecache")
 
+# featurecache.objectives.OBJECTIVES / DEFAULT_OBJECTIVE, repeated so that `--help` does not
+# import torch (tests/test_cli.py checks they agree).
+_OBJECTIVES = ("patch", "image", "mil", "hybrid")
+_DEFAULT_OBJECTIVE = "mil"
+
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
@@ -248,16 +253,26 @@ def _parse_size(ctx, param, value: Optional[str]):
               help="Validation cache (early stopping for the MLP).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE only.")
 @click.option("--val-split", default=None, help="Validate on this split (of --val, or of CACHE).")
-@click.option("--objective", type=click.Choice(["patch", "image", "mil"]), default="patch",
+@click.option("--objective", type=click.Choice(list(_OBJECTIVES)), default=_DEFAULT_OBJECTIVE,
               help="patch: a patch classifier on box-derived patch labels (the paper's); image: each image's "
-                   "pooled patch features -> one-vs-rest logistic regression on its labels; mil: a patch scorer "
-                   "trained through an image-level aggregation on image labels (image and mil need no boxes).")
-@click.option("--mil-aggregation", type=click.Choice(["lse", "max", "power"]), default="lse",
-              help="mil: log-sum-exp (--mil-temperature), max, or the power mean (--k) of patch scores.")
-@click.option("--mil-temperature", type=float, default=5.0, help="mil: temperature r of log-sum-exp.")
-@click.option("--k", "mil_k", type=float, default=5.0, help="mil: exponent of the power aggregation.")
+                   "pooled patch features -> a per-class image head on its labels; mil: a patch scorer trained "
+                   "through an image-level aggregation on image labels; hybrid: mil plus a weighted patch loss "
+                   "on box labels. image and mil need no boxes. Default: the best measured on the shared real "
+                   "data (docs/results.md). Options below apply to the objectives they name.")
+@click.option("--aggregation", "--mil-aggregation", "aggregation", default="power:5",
+              help="mil/hybrid: lse[:r] (log-sum-exp, temperature r), max, or power[:k] of patch scores.")
+@click.option("--patch-weight", type=float, default=1.0, help="hybrid: weight of the patch loss.")
 @click.option("--image-pooling", default="mean",
               help="image objective: mean, max, scales (per-scale means) and/or coarse, comma-separated.")
+@click.option("--image-head", type=click.Choice(["logreg", "mlp"]), default="logreg",
+              help="image objective: one-vs-rest logistic regression (--C) or a sigmoid MLP.")
+@click.option("--image-hidden", type=click.IntRange(min=0), default=0,
+              help="image (mlp head), mil, hybrid: hidden width of the scorer (0: linear).")
+@click.option("--image-lr", type=float, default=0.01, help="image (mlp head), mil, hybrid: Adam learning rate.")
+@click.option("--image-weight-decay", type=float, default=1e-4,
+              help="image (mlp head), mil, hybrid: L2 penalty.")
+@click.option("--image-epochs", type=click.IntRange(min=1), default=200,
+              help="image (mlp head), mil, hybrid: epochs.")
 @click.option("--head", type=click.Choice(["mlp", "logreg", "linearsvm"]), default="mlp",
               help="Head type (patch objective).")
 @click.option("--hidden", callback=_parse_hidden, default="2048",
@@ -279,36 +294,48 @@ def _parse_size(ctx, param, value: Optional[str]):
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Head file [default: CACHE.head.pt].")
 @_command
-def fit(cache, val_cache, train_split, val_split, objective, mil_aggregation, mil_temperature, mil_k, image_pooling,
-        head, hidden, dropout, lr, weight_decay, batch_size, epochs, C,
-        background, background_weight, memory_limit, device, seed, out):
+def fit(cache, val_cache, train_split, val_split, objective, aggregation, patch_weight, image_pooling, image_head,
+        image_hidden, image_lr, image_weight_decay, image_epochs, head, hidden, dropout, lr, weight_decay, batch_size,
+        epochs, C, background, background_weight, memory_limit, device, seed, out):
     """Train a head (the paper's adaptation layers by default) on a feature cache."""
     from pathlib import Path
 
-    from featurecache.heads import BackgroundPolicy, fit_head
+    from featurecache.heads import BackgroundPolicy
+    from featurecache.objectives import DEFAULT_OBJECTIVE, OBJECTIVE_OPTIONS, fit_objective, parse_aggregation
 
+    ctx = click.get_current_context()
+    given = [p.name for p in ctx.command.params
+             if p.name in set().union(*OBJECTIVE_OPTIONS.values())
+             and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+    stray = [n for n in given if n not in OBJECTIVE_OPTIONS[objective]]
+    if stray:
+        names = ", ".join("--" + ("val" if n == "val_cache" else n).replace("_", "-") for n in stray)
+        raise click.UsageError(f"{names} do(es) not apply to objective {objective}"
+                               + ("" if objective != DEFAULT_OBJECTIVE or ctx.get_parameter_source("objective")
+                                  is not click.core.ParameterSource.DEFAULT else
+                                  " (the default); for the paper's patch classifier add --objective patch"))
     path = Path(out) if out else Path(cache).with_suffix(".head.pt")
-    if objective in ("image", "mil"):
-        from featurecache.objectives import fit_image_head, fit_mil_head
-
-        if objective == "image":
-            trained = fit_image_head(cache, train_split=train_split, C=C, random_state=seed,
-                                     pooling=tuple(p.strip() for p in image_pooling.split(",") if p.strip()))
-        else:
-            trained = fit_mil_head(cache, train_split=train_split, random_state=seed,
-                                   params=dict(aggregation=mil_aggregation, temperature=mil_temperature, k=mil_k,
-                                               device=device))
-        trained.save(path)
-        click.echo(f"{trained.summary_line()} -> {path}")
-        return
-    if head == "mlp":
-        params = dict(hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                      max_epochs=epochs, device=device)
+    trainer = dict(hidden=image_hidden, lr=image_lr, weight_decay=image_weight_decay, max_epochs=image_epochs,
+                   device=device)
+    if objective == "patch":
+        params = (dict(hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                       max_epochs=epochs, device=device) if head == "mlp" else dict(C=C))
+        fit_head_kind = head
+    elif objective == "image":
+        params = dict(C=C) if image_head == "logreg" else trainer
+        fit_head_kind = image_head
     else:
-        params = dict(C=C)
-    policy = BackgroundPolicy.parse(background, weight=background_weight)
-    trained = fit_head(cache, head=head, params=params, background=policy, train_split=train_split,
-                       val=val_cache, val_split=val_split, memory_limit=memory_limit, random_state=seed)
+        name, value = parse_aggregation(aggregation)
+        params = dict(trainer, aggregation=name, **({"temperature": value} if name == "lse" else
+                                                    {"k": value} if name == "power" else {}))
+        if objective == "hybrid":
+            params["patch_weight"] = patch_weight
+        fit_head_kind = None
+    trained = fit_objective(
+        cache, objective=objective, head=fit_head_kind, params=params,
+        background=BackgroundPolicy.parse(background, weight=background_weight), train_split=train_split,
+        pooling=tuple(p.strip() for p in image_pooling.split(",") if p.strip()), val=val_cache, val_split=val_split,
+        memory_limit=memory_limit, random_state=seed)
     trained.save(path)
     click.echo(f"{trained.summary_line()} -> {path}")
 
@@ -317,9 +344,10 @@ def fit(cache, val_cache, train_split, val_split, objective, mil_aggregation, mi
 @click.argument("head", type=click.Path(exists=True, dir_okay=False))
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default=None, help="Evaluate on this split of CACHE only.")
-@click.option("--pooling", type=click.Choice(["power", "max", "mean"]), default="power",
-              help="Patch scores to image score: (1/M) sum p^k, max, or mean.")
-@click.option("--k", type=float, default=5.0, help="Exponent of the power pooling.")
+@click.option("--pooling", type=click.Choice(["power", "max", "mean"]), default=None,
+              help="Patch heads: patch scores to image score, (1/M) sum p^k, max, or mean [default: power]. "
+                   "Image-level heads score images themselves.")
+@click.option("--k", type=float, default=None, help="Patch heads: exponent of the power pooling [default: 5].")
 @click.option("--method", type=click.Choice(["voc07", "all", "raw"]), default="voc07",
               help="AP: VOC 2007 11-point, VOC 2010+ interpolated area, or uninterpolated (sklearn).")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
@@ -345,9 +373,12 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
 @click.option("--val-split", default=None, help="Evaluate on this split (of --val, or of CACHE).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE.")
 @click.option("--grid", "grid_items", multiple=True,
-              help="KEY=V1,V2,... (repeatable). Training: head, hidden (0, 512, 2048+2048), dropout, lr, "
-                   "weight_decay, batch_size, epochs, C, background, background_weight; evaluation (no "
-                   "retraining): k, pooling, method.")
+              help="KEY=V1,V2,... (repeatable). Training: objective (patch, image, mil, hybrid); patch: head, "
+                   "hidden (0, 512, 2048+2048), dropout, lr, weight_decay, batch_size, epochs, C, background, "
+                   "background_weight; image: image_pooling (mean, max, scales, coarse, '+'-joined, or whole), "
+                   "image_head (logreg, mlp), C; mil/hybrid: aggregation (lse:2, max, power:5), patch_weight; "
+                   "image mlp/mil/hybrid: image_hidden, image_lr, image_weight_decay, image_epochs. Evaluation "
+                   "(no retraining): k, pooling, method.")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML sweep: [grid] setting = [values], optional [options] seeds/folds/val_split/train_split.")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Repetitions per configuration [default: 1].")
@@ -355,12 +386,15 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
               help="K-fold cross-validation over images instead of a validation set.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write CSV here.")
+@click.option("--whole-image", "whole_image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="A --whole-image cache of the same images: image_pooling=whole is then the whole-image "
+                   "one-vs-rest probe, on the same folds.")
 @click.option("--save-best", type=click.Path(dir_okay=False), default=None,
               help="Retrain the best configuration on all training images and save its head here.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="MLP device.")
 @_command
-def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, json_out, csv_out,
-           save_best, device):
+def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, whole_image, json_out,
+           csv_out, save_best, device):
     """Compare many head settings on one cache; prints a table sorted by mAP."""
     from pathlib import Path
 
@@ -373,7 +407,8 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
     result = run_ablate(
         cache, grid=grid, val=val_cache, val_split=val_split or options.get("val_split"),
         train_split=train_split or options.get("train_split"), folds=folds or options.get("folds"),
-        seeds=seeds or options.get("seeds", 1), save_best=save_best, device=device,
+        seeds=seeds or options.get("seeds", 1), whole_image=whole_image or options.get("whole_image"),
+        save_best=save_best, device=device,
         progress=False if ctx.obj.get("quiet") else None)
     if json_out:
         Path(json_out).write_text(result.to_json())

@@ -186,7 +186,7 @@ class EvalReport:
         pool = f"power k={self.k:g}" if self.pooling == "power" else self.pooling
         if self.objective == "image":
             pool = f"image features {self.pooling.split(':', 1)[-1]}"
-        elif self.objective == "mil":
+        elif self.objective in ("mil", "hybrid"):
             pool = f"trained {self.pooling.split(':', 1)[-1]}"
         n_cls = int(np.sum(~np.isnan(np.asarray(self.ap, dtype=float))))
         lines = [f"mAP {100 * self.mean_ap:.1f}  ({self.method} AP, {pool} pooling, objective {self.objective}, "
@@ -266,8 +266,8 @@ def report_from_image_scores(scores: np.ndarray, image_labels: np.ndarray, image
         k=float(k), n_images=len(image_labels), n_patches=0, head=head, objective=objective, cache=cache)
 
 
-def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None, pooling: str = "power",
-             k: float = 5.0, method: str = "voc07") -> EvalReport:
+def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None,
+             pooling: Optional[str] = None, k: Optional[float] = None, method: str = "voc07") -> EvalReport:
     """Score every image of a cache with a trained head and report AP per class.
 
     Parameters
@@ -278,8 +278,11 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     cache : path or FeatureCache
     split : str, optional
         Evaluate on the images of this split only.
-    pooling : {"power", "max", "mean"}
-    k : float
+    pooling : {"power", "max", "mean"}, optional
+        Patch heads: how patch scores become image scores (default ``power``). Refused for
+        image-level heads (``image``, ``mil``, ``hybrid``), which score images themselves.
+    k : float, optional
+        Exponent of ``power`` (default 5); refused for image-level heads, as ``pooling``.
     method : {"voc07", "all", "raw"}
 
     Returns
@@ -288,12 +291,17 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     """
     from featurecache.heads import TrainedHead
 
+    if not isinstance(head, TrainedHead):
+        head = TrainedHead.load(head)
+    objective = head.summary.get("objective", "patch")
+    if objective != "patch" and (pooling is not None or k is not None):
+        raise EvalError(f"pooling and k apply to patch heads; this {objective} head scores images itself")
+    pooling = "power" if pooling is None else pooling
+    k = 5.0 if k is None else k
     if pooling not in POOLINGS:
         raise EvalError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if method not in METHODS:
         raise EvalError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    if not isinstance(head, TrainedHead):
-        head = TrainedHead.load(head)
     own = not isinstance(cache, FeatureCache)
     c = FeatureCache(cache, split=split) if own else (cache if split is None else FeatureCache(cache.path, split=split))
     try:
@@ -308,15 +316,15 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
                                               objective="image", cache=str(c.path))
             report.n_patches = c.num_patches
             return report
-        if head.summary.get("objective") == "mil":
+        if head.summary.get("objective") in ("mil", "hybrid"):
+            from featurecache.objectives import BagSource
+
             t = c.images
             est = head.estimator
-            scores = est.image_scores_from_patches(c.read_features(), np.searchsorted(t.row, c.image_index), len(t))
-            agg = est.aggregation + (f" r={est.temperature:g}" if est.aggregation == "lse" else
-                                     f" k={est.k:g}" if est.aggregation == "power" else "")
+            scores = est.image_scores_from_source(BagSource.from_cache(c))
             report = report_from_image_scores(scores, t.labels, t.difficult, c.classes, method=method,
-                                              pooling="mil:" + agg, head=head.kind, objective="mil",
-                                              cache=str(c.path))
+                                              pooling="mil:" + est.describe_aggregation(), head=head.kind,
+                                              objective=head.summary["objective"], cache=str(c.path))
             report.n_patches = c.num_patches
             return report
         probs = patch_probabilities(head, c)

@@ -466,10 +466,14 @@ HEADS = {"mlp": MLPHead, "logreg": LogRegHead, "linearsvm": LinearSVMHead}
 
 
 def make_head(kind: str = "mlp", **params) -> BaseEstimator:
-    """An unfitted head by name (``mlp``, ``logreg``, ``linearsvm``, ``image-logreg``) with parameters."""
-    from featurecache.objectives import ImageLogRegHead, MILHead
+    """An unfitted head by name with parameters.
 
-    kinds = {**HEADS, "image-logreg": ImageLogRegHead, "mil": MILHead}
+    ``mlp``, ``logreg``, ``linearsvm`` (patch heads); ``image-logreg``, ``image-mlp`` (image
+    objective); ``mil`` (mil and hybrid objectives).
+    """
+    from featurecache.objectives import ImageLogRegHead, ImageMLPHead, MILHead
+
+    kinds = {**HEADS, "image-logreg": ImageLogRegHead, "image-mlp": ImageMLPHead, "mil": MILHead}
     if kind not in kinds:
         raise HeadError(f"unknown head {kind!r}; choose one of {', '.join(HEADS)}")
     try:
@@ -638,7 +642,7 @@ class TrainedHead:
         for key in ("hidden", "pooling"):
             if isinstance(params.get(key), list):
                 params[key] = tuple(params[key])
-        if p["kind"] in ("mlp", "mil"):
+        if p["kind"] in ("mlp", "mil", "image-mlp"):
             params["device"] = device
         est = make_head(p["kind"], **params)
         est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]))
@@ -647,9 +651,13 @@ class TrainedHead:
 
     def summary_line(self) -> str:
         s = self.summary
-        if s.get("objective") == "mil":
-            return (f"mil head ({s.get('aggregation')} aggregation): {s.get('train_images', 0)} training images, "
-                    f"{s.get('epochs', 0)} epochs; {s.get('seconds', 0):.1f} s")
+        if s.get("objective") in ("mil", "hybrid"):
+            line = (f"{s['objective']} head ({s.get('aggregation')} aggregation): {s.get('train_images', 0)} "
+                    f"training images, {s.get('epochs', 0)} epochs; {s.get('seconds', 0):.1f} s")
+            if s["objective"] == "hybrid":
+                line += (f"; patch loss weight {s.get('patch_weight', 0):g} on {s.get('train_patches', 0):,} "
+                         f"patches (background {s.get('background', '')})")
+            return line
         if s.get("objective") == "image":
             per_class = ", ".join(f"{k} {v}" for k, v in s.get("images_per_class", {}).items())
             return (f"{self.kind} head (objective image, pooling {'+'.join(s.get('image_pooling', []))}): "

@@ -88,3 +88,54 @@ def test_toml_sweep_and_cli(cache_file, tmp_path):
     bad.write_text("[grid]\nwidth = [1]\n")
     r = CliRunner().invoke(main, ["ablate", str(cache_file), "--config", str(bad), "--val-split", "val"])
     assert r.exit_code == 1 and "unknown setting 'width'" in r.output
+
+
+@pytest.fixture(scope="module")
+def whole_file(cache_file, tmp_path_factory):
+    """A one-patch-per-image cache of the same images (their mean patch feature)."""
+    from conftest import make_synthetic_cache
+    from featurecache.cache import FeatureCache
+
+    with FeatureCache(cache_file) as c:
+        t = c.images
+        X, img = c.read_features(), c.image_index
+        mean = np.stack([X[img == i].mean(0) for i in range(len(t))])
+        return make_synthetic_cache(tmp_path_factory.mktemp("w") / "whole.h5", mean, [0] * len(t), np.arange(len(t)),
+                                    t.labels, list(c.classes), splits=list(t.split))
+
+
+def test_objectives_in_one_run_with_the_whole_image_probe(cache_file, whole_file):
+    from featurecache.objectives import fit_image_head
+
+    grid = parse_grid(["objective=patch,image,mil", "head=mlp,logreg", "image_pooling=mean,whole", "C=0.5",
+                       "k=1,5", "aggregation=max", "image_epochs=20", "image_lr=0.01"] + FAST)
+    r = ablate(cache_file, grid=grid, val_split="val", whole_image=whole_file, progress=False)
+    # patch: 2 heads (x 2 k); image: 2 poolings (head and k do not apply); mil: 1.
+    assert r.trainings == 2 + 2 + 1 and len(r.rows) == 4 + 2 + 1
+    by = {(row.config["objective"], row.config["image_pooling"] if row.config["objective"] == "image" else ""): row
+          for row in r.rows}
+    probe = by[("image", "whole")]
+    head = fit_image_head(whole_file, train_split="train", C=0.5)
+    assert probe.mean == pytest.approx(evaluate(head, whole_file, split="val").mean_ap, abs=1e-9)
+    text = r.to_text()
+    image_line = next(line for line in text.splitlines() if " whole " in line)
+    assert " - " in image_line  # head, k: not applicable to the image objective
+    assert all(0 <= row.mean <= 1 for row in r.rows)
+    with pytest.raises(AblationError, match="whole-image cache"):
+        ablate(cache_file, grid=parse_grid(["objective=image", "image_pooling=whole"]), val_split="val")
+    with pytest.raises(AblationError, match="unknown objective"):
+        parse_grid(["objective=boxes"])
+    with pytest.raises(AblationError, match="image_pooling"):
+        parse_grid(["image_pooling=mean+median"])
+
+
+@pytest.mark.parametrize("objective", ["image", "hybrid"])
+def test_save_best_reproduces_image_level_objectives(cache_file, tmp_path, objective):
+    grid = parse_grid([f"objective={objective}", "image_pooling=mean+max", "aggregation=lse:2,max",
+                       "image_epochs=10", "image_lr=0.01"])
+    r = ablate(cache_file, grid=grid, train_split="train", val_split="val", save_best=tmp_path / "best.pt",
+               device="cpu", progress=False)
+    head = TrainedHead.load(tmp_path / "best.pt", device="cpu")
+    assert head.summary["objective"] == objective
+    rep = evaluate(head, cache_file, split="val")
+    assert rep.objective == objective and rep.mean_ap == pytest.approx(r.best.mean, abs=1e-6)

@@ -82,8 +82,26 @@ def test_os_errors_are_one_line_messages_naming_the_file(runner, tiny_voc, tmp_p
 
     cache = blob_cache(tmp_path / "c.h5")
     out = tmp_path / "no-such-folder" / "r.json"
-    r = runner.invoke(main, ["fit", str(cache), "--head", "logreg", "--out", str(tmp_path / "h.pt")])
+    r = runner.invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg", "--out",
+                             str(tmp_path / "h.pt")])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["eval", str(tmp_path / "h.pt"), str(cache), "--json", str(out)])
     assert r.exit_code == 1 and r.output.count("\n") == 1
     assert str(out) in r.output and "No such file or directory" in r.output
+
+
+def test_fit_objective_choices_match_the_library_and_stray_options_are_refused(tmp_path):
+    from conftest import blob_cache
+    from featurecache import cli
+    from featurecache.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+
+    assert cli._OBJECTIVES == OBJECTIVES and cli._DEFAULT_OBJECTIVE == DEFAULT_OBJECTIVE
+    cache = blob_cache(tmp_path / "b.h5")
+    runner = CliRunner()
+    r = runner.invoke(main, ["fit", str(cache), "--objective", "image", "--hidden", "0", "--dropout", "0.2"])
+    assert r.exit_code == 2 and "--hidden, --dropout do(es) not apply to objective image" in r.output
+    r = runner.invoke(main, ["fit", str(cache), "--head", "logreg"])
+    assert r.exit_code == 2 and f"objective {DEFAULT_OBJECTIVE} (the default)" in r.output
+    assert "add --objective patch" in r.output
+    r = runner.invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg", "--C", "0.5"])
+    assert r.exit_code == 0, r.output

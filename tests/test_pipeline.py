@@ -24,8 +24,8 @@ def voc_cache(voc_sample, tmp_path_factory):
 def test_extract_fit_eval_on_real_voc_is_far_above_chance(voc_cache, tmp_path, head):
     runner = CliRunner()
     head_file = tmp_path / f"{head}.head.pt"
-    r = runner.invoke(main, ["fit", str(voc_cache), "--train-split", "train", "--val-split", "val", "--head", head,
-                             "--out", str(head_file)])
+    r = runner.invoke(main, ["fit", str(voc_cache), "--objective", "patch", "--train-split", "train",
+                             "--val-split", "val", "--head", head, "--out", str(head_file)])
     assert r.exit_code == 0, r.output
     assert f"{head} head:" in r.output and "training patches" in r.output and head_file.exists()
     js = tmp_path / "r.json"
@@ -48,11 +48,11 @@ def test_fit_writes_beside_the_cache_and_eval_refuses_other_features(tmp_path):
     b = blob_cache(tmp_path / "b.h5", feature_settings={"backbone": "vgg16", "layer": "classifier.4",
                                                         "input_size": 224, "mode": "crop"})
     runner = CliRunner()
-    r = runner.invoke(main, ["fit", str(a), "--head", "logreg"])
+    r = runner.invoke(main, ["fit", str(a), "--objective", "patch", "--head", "logreg"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "a.head.pt").exists()
     r = runner.invoke(main, ["eval", str(tmp_path / "a.head.pt"), str(b)])
     assert r.exit_code == 1 and r.output.count("\n") == 1
     assert "backbone: vgg16 (cache) vs synthetic (head)" in r.output
-    r = runner.invoke(main, ["fit", str(a), "--background", "sometimes"])
+    r = runner.invoke(main, ["fit", str(a), "--objective", "patch", "--background", "sometimes"])
     assert r.exit_code == 1 and "--background must be" in r.output
