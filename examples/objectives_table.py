@@ -19,6 +19,8 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from featurecache.ablate import ablate, parse_grid
 from featurecache.extract import extract
 from featurecache.patches import PatchGrid
@@ -46,7 +48,7 @@ def describe(cfg):
     o = cfg["objective"]
     if o == "patch":
         pool = "max" if cfg["pooling"] == "max" else f"k = {cfg['k']:g}"
-        return f"FCa {cfg['hidden']} + FCb" if cfg["hidden"] else "FCb only", f"{cfg['background']}, {pool}"
+        return (f"FCa {cfg['hidden']:g} + FCb" if cfg["hidden"] else "FCb only"), f"{cfg['background']}, {pool}"
     if o == "image":
         if cfg["image_pooling"] == "whole":
             return "whole image (probe)", f"logreg C = {cfg['C']:g}"
@@ -72,27 +74,52 @@ def table(name, data):
     how = data["protocol"]
     lines = [f"{name}: {how}, {data['seeds']} seed(s), one ablate run of {data['trainings']} trainings in "
              f"{data['seconds'] / 60:.0f} min; mAP % mean ± std over folds × seeds", "",
-             "| objective | model | best setting | mAP | train s |", "|---|---|---|---|---|"]
+             "| objective | model | best setting | mAP | vs probe, paired | train s |", "|---|---|---|---|---|---|"]
     best = {}
     for row in data["rows"]:  # sorted best first
         cfg = {k: _num(v) for k, v in row["config"].items()}
         key = "probe" if cfg["objective"] == "image" and cfg["image_pooling"] == "whole" else cfg["objective"]
         best.setdefault(key, (cfg, row))
+    probe = np.array(best["probe"][1]["maps"]) if "probe" in best else None
     for key in ("patch", "image", "mil", "hybrid", "probe"):
         if key not in best:
             continue
         cfg, row = best[key]
         model, setting = describe(cfg)
         label = "whole-image probe" if key == "probe" else key
+        paired = ""
+        if probe is not None and key != "probe":
+            # Same folds and seeds in the same order: per-run differences.
+            d = 100 * (np.array(row["maps"]) - probe)
+            paired = f"{d.mean():+.1f} ± {d.std():.1f} (ahead in {int((d > 0).sum())}/{len(d)})"
         lines.append(f"| {label} | {model} | {setting} | {100 * row['map_mean']:.1f} ± {100 * row['map_std']:.1f} "
-                     f"| {row['train_seconds']:.1f} |")
+                     f"| {paired} | {row['train_seconds']:.1f} |")
+    lines += ["", "At `featurecache fit`'s default settings of each objective:", "",
+              "| objective | model | setting | mAP |", "|---|---|---|---|"]
+    for key, want in DEFAULT_ROWS.items():
+        for row in data["rows"]:
+            cfg = {k: _num(v) for k, v in row["config"].items()}
+            if cfg["objective"] == key and all(cfg.get(k) == v for k, v in want.items()):
+                model, setting = describe(cfg)
+                lines.append(f"| {key} | {model} | {setting} | {100 * row['map_mean']:.1f} ± "
+                             f"{100 * row['map_std']:.1f} |")
+                break
     return "\n".join(lines)
+
+
+# `fit`'s defaults per objective (featurecache.heads.MLPHead, objectives.ImageLogRegHead, MILHead).
+DEFAULT_ROWS = {
+    "patch": {"hidden": 2048.0, "background": "weight", "pooling": "power", "k": 5.0},
+    "image": {"image_pooling": "mean", "C": 1.0},
+    "mil": {"aggregation": "power:5"},
+    "hybrid": {"aggregation": "power:5", "patch_weight": 0.3, "background": "weight"},
+}
 
 
 def _num(v):
     try:
-        return float(v) if "." in v or v.isdigit() else v
-    except (TypeError, AttributeError):
+        return float(v)
+    except (TypeError, ValueError):
         return v
 
 

@@ -52,7 +52,7 @@ DEFAULTS = {
     "objective": "patch",
     "head": "mlp", "hidden": 2048, "dropout": 0.5, "lr": 0.01, "weight_decay": 5e-4, "batch_size": 256,
     "epochs": 60, "C": 1.0, "background": "weight", "background_weight": None,
-    "image_pooling": "mean", "image_head": "logreg", "aggregation": "power:5", "patch_weight": 1.0,
+    "image_pooling": "mean", "image_head": "logreg", "aggregation": "power:5", "patch_weight": 0.3,
     "image_hidden": 0, "image_lr": 0.01, "image_weight_decay": 1e-4, "image_epochs": 200,
     "k": 5.0, "pooling": "power", "method": "voc07",
 }

@@ -756,7 +756,7 @@ def fit_objective(cache: Union[str, Path, FeatureCache], *, objective: str = DEF
     params : dict, optional
         Estimator parameters: :class:`featurecache.heads.MLPHead` (or ``C``) for ``patch``,
         ``C`` or :class:`ImageMLPHead`'s for ``image``, :class:`MILHead`'s for ``mil`` and
-        ``hybrid`` (``hybrid`` sets ``patch_weight`` to 1 unless given).
+        ``hybrid`` (``hybrid`` sets ``patch_weight`` to 0.3 unless given).
     background : str
         Background policy of the patch loss (``patch``, ``hybrid``).
     pooling : sequence of str
@@ -785,7 +785,7 @@ def fit_objective(cache: Union[str, Path, FeatureCache], *, objective: str = DEF
                               params=params, random_state=random_state)
     if objective in ("mil", "hybrid"):
         if objective == "hybrid":
-            params.setdefault("patch_weight", 1.0)
+            params.setdefault("patch_weight", 0.3)
             if float(params["patch_weight"]) <= 0:
                 raise FeaturecacheError("objective hybrid needs a positive patch weight")
         else:
