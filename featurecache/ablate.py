@@ -299,8 +299,9 @@ def _estimator_params(cfg: dict, n_out: int, seed: int, device: str) -> dict:
 
 def _trainer_params(cfg: dict, seed: int, device: str) -> dict:
     """Parameters of the image-label trainers (ImageMLPHead, MILHead) from a configuration."""
-    return dict(hidden=int(cfg["image_hidden"]), lr=float(cfg["image_lr"]), weight_decay=float(cfg["image_weight_decay"]),
-                max_epochs=int(cfg["image_epochs"]), device=device, random_state=seed)
+    return dict(hidden=int(cfg["image_hidden"]), lr=float(cfg["image_lr"]),
+                weight_decay=float(cfg["image_weight_decay"]), max_epochs=int(cfg["image_epochs"]), device=device,
+                random_state=seed)
 
 
 def _mil_params(cfg: dict, seed: int, device: str) -> dict:

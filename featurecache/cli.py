@@ -261,7 +261,8 @@ def _parse_size(ctx, param, value: Optional[str]):
                    "data (docs/results.md). Options below apply to the objectives they name.")
 @click.option("--aggregation", "--mil-aggregation", "aggregation", default="power:5",
               help="mil/hybrid: lse[:r] (log-sum-exp, temperature r), max, or power[:k] of patch scores.")
-@click.option("--patch-weight", type=float, default=0.3, help="hybrid: weight of the patch loss (0.3 measured best of 0.3 and 1 at defaults).")
+@click.option("--patch-weight", type=float, default=0.3,
+              help="hybrid: weight of the patch loss (0.3 measured better than 1 at the other defaults).")
 @click.option("--image-pooling", default="mean",
               help="image objective: mean, max, scales (per-scale means) and/or coarse, comma-separated.")
 @click.option("--image-head", type=click.Choice(["logreg", "mlp"]), default="logreg",

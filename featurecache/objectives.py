@@ -32,7 +32,8 @@ from featurecache.patches import AMBIGUOUS, BACKGROUND
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_OBJECTIVE", "IMAGE_POOLINGS", "OBJECTIVES", "OBJECTIVE_OPTIONS", "BagSource", "ImageLogRegHead", "ImageMLPHead", "MILHead",
+__all__ = ["DEFAULT_OBJECTIVE", "IMAGE_POOLINGS", "OBJECTIVES", "OBJECTIVE_OPTIONS", "BagSource", "ImageLogRegHead",
+           "ImageMLPHead", "MILHead",
            "fit_image_head", "fit_mil_head", "fit_objective", "image_features", "parse_aggregation",
            "pool_image_features"]
 
@@ -264,7 +265,8 @@ class BagSource:
 
     @classmethod
     def from_cache(cls, cache: FeatureCache, *, memory_limit: Optional[int] = None,
-                   patch_labels: Optional[np.ndarray] = None, patch_weights: Optional[np.ndarray] = None) -> "BagSource":
+                   patch_labels: Optional[np.ndarray] = None,
+                   patch_weights: Optional[np.ndarray] = None) -> "BagSource":
         """The selected images of a cache: features read into memory if they fit ``memory_limit``
         bytes (default half the available memory), else read image batch by image batch."""
         from featurecache.heads import _available_memory
@@ -420,7 +422,8 @@ class MILHead(BaseEstimator):
         from torch import nn
 
         if int(self.hidden) > 0:
-            return nn.Sequential(nn.Linear(d, int(self.hidden)), nn.ReLU(), nn.Dropout(0.5), nn.Linear(int(self.hidden), c))
+            h = int(self.hidden)
+            return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Dropout(0.5), nn.Linear(h, c))
         return nn.Linear(d, c)
 
     def _image_logits(self, z: "torch.Tensor", mask: "torch.Tensor", *, warm: bool = False) -> "torch.Tensor":
@@ -534,8 +537,8 @@ class MILHead(BaseEstimator):
                 if len(val_ids):
                     net.eval()
                     with torch.inference_mode():
-                        val_loss = sum(float(self._losses(net, source, val_ids[s:s + bs], Y, W, dev)) * len(val_ids[s:s + bs])
-                                       for s in range(0, len(val_ids), bs)) / len(val_ids)
+                        val_loss = sum(float(self._losses(net, source, v, Y, W, dev)) * len(v)
+                                       for v in np.array_split(val_ids, range(bs, len(val_ids), bs))) / len(val_ids)
                 history.append({"epoch": epoch + 1, "train_loss": total / len(train_ids), "val_loss": val_loss})
                 if val_loss is None:
                     continue
@@ -739,7 +742,8 @@ def fit_mil_head(cache: Union[str, Path, FeatureCache], *, train_split: Optional
             c.close()
 
 
-def fit_objective(cache: Union[str, Path, FeatureCache], *, objective: str = DEFAULT_OBJECTIVE, train_split: Optional[str] = None,
+def fit_objective(cache: Union[str, Path, FeatureCache], *, objective: str = DEFAULT_OBJECTIVE,
+                  train_split: Optional[str] = None,
                   head: Optional[str] = None, params: Optional[dict] = None, background: str = "weight",
                   pooling: Sequence[str] = ("mean",), val=None, val_split: Optional[str] = None,
                   memory_limit: Optional[int] = None, random_state: int = 0):

@@ -264,3 +264,24 @@ def test_cli_fit_hybrid(tmp_path):
     assert r.output.startswith("hybrid head (power k=5 aggregation)") and "patch loss weight 0.5" in r.output
     r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "mil", "--aggregation", "median"])
     assert r.exit_code == 1 and r.output.startswith("Error:") and "aggregation" in r.output
+
+
+def test_mil_early_stopping_keeps_the_best_held_out_epoch(tmp_path):
+    from featurecache.objectives import MILHead
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40 * 5, 8)).astype(np.float32)
+    img = np.repeat(np.arange(40), 5)
+    Y = rng.random((40, 2)) < 0.5  # labels unrelated to the features: held-out loss soon rises
+    est = MILHead(validation_fraction=0.25, patience=3, max_epochs=200, lr=0.05, device="cpu").fit(X, img, Y)
+    vals = [h["val_loss"] for h in est.history_]
+    assert all(v is not None for v in vals) and est.n_epochs_ < 200
+    best = int(np.argmin(vals))
+    assert est.n_epochs_ == best + 1 + 3  # stopped after `patience` epochs without a better held-out loss
+    # The kept parameters are the best epoch's: their held-out loss equals the minimum.
+    source_ids = np.random.RandomState(0).permutation(40)[:10]
+    from featurecache.objectives import BagSource
+
+    again = est._losses(est.net_, BagSource(X, img, 40), np.sort(source_ids), Y.astype(np.float32),
+                        np.ones((40, 2), np.float32), torch.device("cpu"))
+    assert float(again.detach()) == pytest.approx(vals[best], rel=1e-4)
