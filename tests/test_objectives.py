@@ -285,3 +285,30 @@ def test_mil_early_stopping_keeps_the_best_held_out_epoch(tmp_path):
     again = est._losses(est.net_, BagSource(X, img, 40), np.sort(source_ids), Y.astype(np.float32),
                         np.ones((40, 2), np.float32), torch.device("cpu"))
     assert float(again.detach()) == pytest.approx(vals[best], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_image_level_objectives_serve_class_folder_data(tmp_path, lite0):
+    """Class folders have no boxes: the image-level objectives train from the folder labels."""
+    from PIL import Image, ImageDraw
+
+    from featurecache.ablate import ablate, parse_grid
+    from featurecache.extract import extract
+    from featurecache.patches import PatchGrid
+
+    rng = np.random.default_rng(0)
+    for cls in ("discs", "squares"):
+        (tmp_path / "data" / cls).mkdir(parents=True)
+        for i in range(12):
+            im = Image.fromarray(rng.integers(0, 255, (96, 128, 3), dtype=np.uint8))
+            d = ImageDraw.Draw(im)
+            x, y, s = int(rng.integers(0, 60)), int(rng.integers(0, 30)), int(rng.integers(40, 64))
+            colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+            (d.ellipse if cls == "discs" else d.rectangle)([x, y, x + s, y + s], fill=colour)
+            im.save(tmp_path / "data" / cls / f"{i}.png")
+    cache = tmp_path / "folders.h5"
+    extract(tmp_path / "data", cache, backbone=lite0, grid=PatchGrid(scales=(1, 1.6), input_size=64), workers=0,
+            progress=False)
+    r = ablate(cache, grid=parse_grid(["objective=image,mil"]), folds=3, device="cpu", progress=False)
+    by = {row.config["objective"]: row.mean for row in r.rows}
+    assert by["image"] > 0.8 and by["mil"] > 0.8, by
