@@ -369,6 +369,26 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
 
 
 @main.command(context_settings=CONTEXT)
+@click.argument("head", type=click.Path(exists=True, dir_okay=False))
+@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.argument("image")
+@click.option("--stride", type=click.IntRange(min=1), default=8, help="Map cell size in pixels.")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the maps (classes x rows x columns) as .npz here.")
+@_command
+def localize(head, cache, image, stride, out):
+    """Per-class localisation map of one cached IMAGE (row number, stored path, file name or stem):
+    the per-pixel mean of the scores of the patches covering each pixel. Needs a patch, mil or
+    hybrid head; prints each top class's peak."""
+    from featurecache.evaluate import localization_map
+
+    m = localization_map(head, cache, int(image) if image.isdigit() else image, stride=stride)
+    if out:
+        m.save(out)
+    click.echo(m.to_text() + (f" -> {out}" if out else ""))
+
+
+@main.command(context_settings=CONTEXT)
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.option("--val", "val_cache", type=click.Path(exists=True, dir_okay=False), help="Validation cache.")
 @click.option("--val-split", default=None, help="Evaluate on this split (of --val, or of CACHE).")

@@ -16,6 +16,8 @@ objects of the class are ``difficult``:
 
 Tied scores are taken together as one threshold (so the result never depends on the
 order of ties). mAP is the mean over classes with at least one positive image.
+
+:func:`localization_map` averages a head's patch scores per pixel (the paper's localisation).
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ __all__ = [
     "METHODS",
     "POOLINGS",
     "EvalReport",
+    "LocalizationMap",
     "average_precision",
     "evaluate",
     "image_scores",
+    "localization_map",
     "patch_probabilities",
     "per_class_ap",
     "report_from_arrays",
@@ -333,3 +337,135 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     finally:
         if c is not cache:
             c.close()
+
+
+# --------------------------------------------------------------------------- localisation
+
+
+@dataclass
+class LocalizationMap:
+    """Per-class maps of one image: each cell is the mean score of the patches covering it.
+
+    Attributes
+    ----------
+    path : str
+        The image, as the cache stores it.
+    classes : tuple of str
+    scores : ndarray (C, ceil(height / stride), ceil(width / stride)), float32
+        Per-pixel average of the patch scores (Oquab et al., 2014, §4: localisation); 0 where
+        no patch covers a cell.
+    stride : int
+        Pixels per cell.
+    width, height : int
+        The image's size in pixels.
+    objective : str
+        Which objective's head produced the patch scores.
+    """
+
+    path: str
+    classes: tuple
+    scores: np.ndarray
+    stride: int
+    width: int
+    height: int
+    objective: str
+
+    def peak(self, cls: Union[int, str]) -> tuple:
+        """``(score, x, y)``: the highest cell of a class, at its centre in image pixels."""
+        c = self.classes.index(cls) if isinstance(cls, str) else int(cls)
+        iy, ix = np.unravel_index(int(np.argmax(self.scores[c])), self.scores[c].shape)
+        return float(self.scores[c, iy, ix]), (ix + 0.5) * self.stride, (iy + 0.5) * self.stride
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write an ``.npz``: ``scores``, ``classes``, ``stride``, ``width``, ``height``, ``image``."""
+        path = Path(path)
+        np.savez_compressed(path, scores=self.scores, classes=np.array(self.classes), stride=self.stride,
+                            width=self.width, height=self.height, image=self.path)
+        return path
+
+    def to_text(self, top: int = 3) -> str:
+        best = np.argsort([-self.scores[c].max() for c in range(len(self.classes))])[:top]
+        parts = []
+        for c in best:
+            s, x, y = self.peak(int(c))
+            parts.append(f"{self.classes[c]} {s:.3f} at ({x:.0f}, {y:.0f})")
+        return (f"{self.path} ({self.width}x{self.height}, {self.stride}-px cells, objective {self.objective}): "
+                + "; ".join(parts))
+
+
+def _find_image(cache: FeatureCache, image: Union[int, str]) -> int:
+    paths = cache.images.path
+    if isinstance(image, (int, np.integer)):
+        if not 0 <= int(image) < len(paths):
+            raise EvalError(f"{cache.path}: no image {image} (it has {len(paths)})")
+        return int(image)
+    text = str(image)
+    hits = [i for i, p in enumerate(paths) if p == text or p.endswith("/" + text) or Path(p).stem == text]
+    if len(hits) != 1:
+        raise EvalError(f"{cache.path}: {'no' if not hits else f'{len(hits)}'} image(s) match {text!r}"
+                        + ("" if hits else f" (e.g. {paths[0]})" if paths else ""))
+    return hits[0]
+
+
+def localization_map(head, cache: Union[str, Path, FeatureCache], image: Union[int, str], *,
+                     stride: int = 8) -> LocalizationMap:
+    """Per-class localisation map of one cached image: per-pixel average of its patch scores.
+
+    Parameters
+    ----------
+    head : TrainedHead or path
+        A ``patch`` head (class probabilities of each patch) or a ``mil``/``hybrid`` head
+        (per-class patch scores σ(z)). ``image`` heads score pooled features, not patches,
+        and are refused.
+    cache : path or FeatureCache
+    image : int or str
+        Row of the cache's image table, or the image's stored path (or its file name, or
+        its stem).
+    stride : int
+        Cell size of the map in pixels.
+
+    Returns
+    -------
+    LocalizationMap
+    """
+    from featurecache.heads import TrainedHead
+
+    if stride < 1:
+        raise EvalError(f"stride must be a positive number of pixels, got {stride}")
+    if not isinstance(head, TrainedHead):
+        head = TrainedHead.load(head)
+    objective = head.summary.get("objective", "patch")
+    if objective == "image":
+        raise EvalError("an image-objective head scores pooled image features, not patches; localisation needs a "
+                        "patch, mil or hybrid head")
+    full = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    try:
+        head.check_cache(full)
+        row = _find_image(full, image)
+        t = full.images
+        one = FeatureCache(full.path, images=[int(t.row[row])])
+    finally:
+        if full is not cache:
+            full.close()
+    with one:
+        X, boxes = one.read_features(), one.boxes.astype(np.float64)
+        w, h = int(one.images.width[0]), int(one.images.height[0])
+        scores = (head.estimator.patch_scores(X) if objective in ("mil", "hybrid")
+                  else head.predict_proba(X)[:, 1:])
+        path = one.images.path[0]
+    gh, gw = -(-h // stride), -(-w // stride)
+    # Cells a patch covers (any overlap), as half-open index ranges.
+    x0 = np.clip(np.floor(boxes[:, 0] / stride), 0, gw).astype(int)
+    y0 = np.clip(np.floor(boxes[:, 1] / stride), 0, gh).astype(int)
+    x1 = np.clip(np.ceil(boxes[:, 2] / stride), 0, gw).astype(int)
+    y1 = np.clip(np.ceil(boxes[:, 3] / stride), 0, gh).astype(int)
+    # Summed-area bookkeeping: +v at the top-left corner, -v past each edge, +v past both.
+    n_cls = scores.shape[1]
+    total = np.zeros((n_cls + 1, gh + 1, gw + 1))
+    vals = np.concatenate([scores.T, np.ones((1, len(scores)))]).astype(np.float64)  # last row counts patches
+    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
+        np.add.at(total, (slice(None), ys, xs), sign * vals)
+    total = total.cumsum(1).cumsum(2)[:, :gh, :gw]
+    count = total[-1]
+    maps = np.where(count > 0, total[:-1] / np.maximum(count, 1e-12), 0.0).astype(np.float32)
+    return LocalizationMap(path, tuple(head.classes), maps, int(stride), w, h, objective)
