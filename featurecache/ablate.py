@@ -399,9 +399,9 @@ class _ImageFeatures:
             self.whole = (feats, index)
 
     def get(self, pooling: str, side: str) -> np.ndarray:
-        key = (pooling, side)
+        t = self.tables[side]
+        key = (pooling, id(t))  # in cross-validation both sides are one table: pooled once
         if key not in self.memo:
-            t = self.tables[side]
             if pooling == _WHOLE:
                 if self.whole is None:
                     raise AblationError("image_pooling=whole needs a whole-image cache of the same images "
