@@ -250,9 +250,9 @@ def _parse_size(ctx, param, value: Optional[str]):
 @main.command(context_settings=CONTEXT)
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.option("--val", "val_cache", type=click.Path(exists=True, dir_okay=False),
-              help="Validation cache (early stopping for the MLP).")
+              help="patch: validation cache (early stopping for the MLP).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE only.")
-@click.option("--val-split", default=None, help="Validate on this split (of --val, or of CACHE).")
+@click.option("--val-split", default=None, help="patch: validate on this split (of --val, or of CACHE).")
 @click.option("--objective", type=click.Choice(list(_OBJECTIVES)), default=_DEFAULT_OBJECTIVE,
               help="patch: a patch classifier on box-derived patch labels (the paper's); image: each image's "
                    "pooled patch features -> a per-class image head on its labels; mil: a patch scorer trained "
@@ -298,7 +298,7 @@ def _parse_size(ctx, param, value: Optional[str]):
 def fit(cache, val_cache, train_split, val_split, objective, aggregation, patch_weight, image_pooling, image_head,
         image_hidden, image_lr, image_weight_decay, image_epochs, head, hidden, dropout, lr, weight_decay, batch_size,
         epochs, C, background, background_weight, memory_limit, device, seed, out):
-    """Train a head (the paper's adaptation layers by default) on a feature cache."""
+    """Train a head on a feature cache: by default a MIL patch scorer on image labels (--objective)."""
     from pathlib import Path
 
     from featurecache.heads import BackgroundPolicy
