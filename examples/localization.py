@@ -20,9 +20,8 @@ import numpy as np
 from featurecache.datasets import read_dataset
 from featurecache.evaluate import localization_map
 from featurecache.extract import extract
-from featurecache.heads import fit_head
-from featurecache.objectives import fit_objective
 from featurecache.patches import PatchGrid
+from featurecache.train import fit_head, fit_objective
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample" / "VOC2012"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from featurecache.evaluate import evaluate
 from featurecache.extract import extract
-from featurecache.heads import fit_head
 from featurecache.patches import DEFAULT_SCALES, PatchGrid
+from featurecache.train import fit_head
 
 ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "voc2012-sample" / "VOC2012"
 

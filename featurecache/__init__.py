@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from featurecache.errors import FeaturecacheError  # noqa: E402
 from featurecache.datasets import DatasetError, ImageRecord, ImageSet, read_dataset  # noqa: E402
+from featurecache.errors import FeaturecacheError  # noqa: E402
 from featurecache.patches import AMBIGUOUS, BACKGROUND, LabelRule, PatchGrid  # noqa: E402
 
 __all__ = [

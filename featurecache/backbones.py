@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import BackboneError
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +61,6 @@ BACKBONES = ("efficientnet_lite0", "alexnet", "vgg16", "resnet50")
 
 _TORCHVISION_LAYERS = {"alexnet": "classifier.5", "vgg16": "classifier.4", "resnet50": "flatten"}
 
-
-class BackboneError(FeaturecacheError):
-    """A backbone cannot be built (unknown name or layer, weights missing or not matching)."""
 
 
 @dataclass(frozen=True)
@@ -271,7 +268,8 @@ def _load_state_dict_file(path: Path) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a bad file
-        raise BackboneError(f"{path}: cannot load weights ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise BackboneError(f"{path}: cannot load weights ({type(e).__name__}: {first})") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -446,7 +444,8 @@ def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[s
     _, eval_nodes = get_graph_node_names(model)
     if layer not in eval_nodes:
         near = [n for n in eval_nodes if n.split(".")[0] == layer.split(".")[0]][:8]
-        raise BackboneError(f"{name}: no layer {layer!r}; nodes like it: {', '.join(near) or ', '.join(eval_nodes[-8:])}")
+        like = ", ".join(near) or ", ".join(eval_nodes[-8:])
+        raise BackboneError(f"{name}: no layer {layer!r}; nodes like it: {like}")
     body = create_feature_extractor(model, return_nodes={layer: "features"})
     dense, dense_kind = None, None
     if model_name in ("alexnet", "vgg16") and layer == _TORCHVISION_LAYERS[model_name]:

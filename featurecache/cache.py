@@ -33,9 +33,11 @@ from typing import Iterator, Optional, Sequence, Union
 
 import h5py
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import CacheError
+from featurecache.patches import PatchGrid
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +47,13 @@ __all__ = [
     "CacheError",
     "CacheWriter",
     "FeatureCache",
+    "ImageTable",
+    "MemoryCache",
     "PatchChunk",
     "PatchDataset",
     "describe_fingerprint_difference",
     "feature_fingerprint",
+    "open_cache",
     "read_rows",
 ]
 
@@ -57,9 +62,6 @@ FORMAT_VERSION = 1
 PART_PATTERN = re.compile(r"^part-(\d{6})\.h5$")
 _STR = h5py.string_dtype("utf-8")
 
-
-class CacheError(FeaturecacheError):
-    """A cache cannot be read, written, resumed, or used with a given head."""
 
 
 def _json(obj) -> str:
@@ -308,7 +310,8 @@ class CacheWriter:
             The data set listing, in the order the parts index it.
         classes : sequence of str
         attrs : dict
-            File attributes (each stored as JSON).
+            File attributes (each stored as JSON). ``format``, ``format_version`` and
+            ``settings`` are written by this method.
         """
         missing = [p for p in range(num_parts) if p not in self.done_parts]
         if missing:
@@ -359,6 +362,9 @@ class CacheWriter:
             sk.create_dataset("reason", data=np.array([skipped_reason[i] for i in order], dtype=object), dtype=_STR)
             for key, value in attrs.items():
                 out.attrs[key] = value if isinstance(value, str) else _json(value)
+            # The schema's own attributes are this module's to write, whatever the caller passed.
+            out.attrs["format"] = FORMAT_NAME
+            out.attrs["format_version"] = FORMAT_VERSION
             out.attrs["settings"] = _json(self.settings)
         _fsync_file(self.tmp_path)
         os.replace(self.tmp_path, self.path)
@@ -462,6 +468,18 @@ class ImageTable:
     def __len__(self) -> int:
         return len(self.row)
 
+    def take(self, positions: np.ndarray) -> "ImageTable":
+        """The table of the images at ``positions`` (rows of this table, sorted)."""
+        p = np.asarray(positions, dtype=np.int64)
+        return ImageTable(row=self.row[p], path=tuple(self.path[i] for i in p), width=self.width[p],
+                          height=self.height[p], labels=self.labels[p], difficult=self.difficult[p],
+                          split=tuple(self.split[i] for i in p), patch_start=self.patch_start[p],
+                          patch_count=self.patch_count[p])
+
+    def in_split(self, split: str) -> np.ndarray:
+        """Positions of the images whose split membership includes ``split``."""
+        return np.flatnonzero([split in s.split(",") for s in self.split])
+
 
 class FeatureCache:
     """Read a feature cache, optionally restricted to a split or a subset of images.
@@ -551,8 +569,6 @@ class FeatureCache:
 
     @property
     def grid(self):
-        from featurecache.patches import PatchGrid
-
         return PatchGrid.from_dict(self.attrs["grid"])
 
     @property
@@ -646,9 +662,170 @@ class FeatureCache:
             yield PatchChunk(sel, self._read("features", sel).astype(dtype, copy=False), self.labels[s:s + chunk_size],
                              img[s:s + chunk_size])
 
+    def select(self, images: Sequence[int]) -> "FeatureCache":
+        """A new reader of the images at positions ``images`` of this selection (close it after use)."""
+        pos = np.asarray(images, dtype=np.int64)
+        if len(pos) and (pos.min() < 0 or pos.max() >= self.num_images):
+            raise CacheError(f"{self.path}: image positions must be in [0, {self.num_images})")
+        return FeatureCache(self.path, images=self._rows[pos])
+
+    def to_memory(self) -> "MemoryCache":
+        """The selected patches' features, labels and image table, read into memory once."""
+        return MemoryCache(self)
+
     def torch_dataset(self) -> "PatchDataset":
         """A ``torch.utils.data.Dataset`` of ``(features, label, image_index)`` over the selection."""
         return PatchDataset(self.path, self.indices)
+
+
+class MemoryCache:
+    """A cache's selected patches held in memory, read like a :class:`FeatureCache`.
+
+    :meth:`select` and :meth:`split` give views of image subsets that share the arrays (no
+    copy of the features), so that cross-validation reads a cache once and trains and scores
+    every fold through the same code as a cache on disk. ``memo`` is a dictionary shared by
+    a cache and all its views, for results computed once over all images (pooled features).
+
+    Parameters
+    ----------
+    source : FeatureCache
+        Its selected patches are read (features as float32).
+    """
+
+    def __init__(self, source: FeatureCache) -> None:
+        self.path, self.classes, self.attrs = source.path, source.classes, source.attrs
+        self.feature_settings, self.fingerprint = source.feature_settings, source.fingerprint
+        self._X = source.read_features()
+        self._labels, self._image_index = source.labels, source.image_index
+        self._scales, self._boxes = source.scales, source.boxes
+        self._table = source.images
+        self._local = np.searchsorted(self._table.row, self._image_index)  # image position of each patch
+        self._img_pos = np.arange(len(self._table))
+        self._patch_pos = np.arange(len(self._X))
+        self._memo: dict = {}
+        self._root = self
+
+    def _view(self, image_positions: np.ndarray) -> "MemoryCache":
+        view = object.__new__(MemoryCache)
+        view.__dict__.update(self.__dict__)
+        view._img_pos = self._img_pos[np.asarray(image_positions, dtype=np.int64)]
+        view._patch_pos = np.flatnonzero(np.isin(self._root._local, view._img_pos))
+        return view
+
+    def select(self, images: Sequence[int]) -> "MemoryCache":
+        """A view of the images at positions ``images`` of this view's table (sorted)."""
+        pos = np.unique(np.asarray(images, dtype=np.int64))
+        if len(pos) and (pos[0] < 0 or pos[-1] >= self.num_images):
+            raise CacheError(f"{self.path}: image positions must be in [0, {self.num_images})")
+        return self._view(pos)
+
+    def split(self, split: str) -> "MemoryCache":
+        """A view of the images of a split (as ``FeatureCache(path, split=...)``)."""
+        pos = self.images.in_split(split)
+        if len(pos) == 0:
+            raise CacheError(f"{self.path}: no image in split {split!r}")
+        return self._view(pos)
+
+    def root(self) -> "MemoryCache":
+        """The cache of all images this view was selected from."""
+        return self._root
+
+    @property
+    def memo(self) -> tuple:
+        """``(shared dictionary, positions of this view's images in the root's table)``."""
+        return self._memo, self._img_pos
+
+    def __enter__(self) -> "MemoryCache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Nothing to release; for symmetry with :class:`FeatureCache`."""
+
+    def __repr__(self) -> str:
+        return f"MemoryCache({str(self.path)!r}: {self.num_images} images, {self.num_patches} patches)"
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._X.shape[1])
+
+    @property
+    def images(self) -> ImageTable:
+        return self._table.take(self._img_pos)
+
+    @property
+    def num_images(self) -> int:
+        return len(self._img_pos)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Rows of :attr:`features` of the selected patches, sorted."""
+        return self._patch_pos
+
+    @property
+    def num_patches(self) -> int:
+        return len(self._patch_pos)
+
+    def __len__(self) -> int:
+        return self.num_patches
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels[self._patch_pos]
+
+    @property
+    def image_index(self) -> np.ndarray:
+        return self._image_index[self._patch_pos]
+
+    @property
+    def scales(self) -> np.ndarray:
+        return self._scales[self._patch_pos]
+
+    @property
+    def boxes(self) -> np.ndarray:
+        return self._boxes[self._patch_pos]
+
+    @property
+    def features(self) -> np.ndarray:
+        """All patches' features in memory (index it with :attr:`indices`)."""
+        return self._X
+
+    def read_features(self, indices: Optional[np.ndarray] = None, *, dtype=np.float32) -> np.ndarray:
+        idx = self._patch_pos if indices is None else np.sort(np.asarray(indices, dtype=np.int64))
+        return self._X[idx].astype(dtype, copy=False)
+
+    def iter_chunks(self, chunk_size: int = 65536, *, dtype=np.float32) -> Iterator[PatchChunk]:
+        idx, labels, img = self._patch_pos, self.labels, self.image_index
+        for s in range(0, len(idx), chunk_size):
+            sel = idx[s:s + chunk_size]
+            yield PatchChunk(sel, self._X[sel].astype(dtype, copy=False), labels[s:s + chunk_size],
+                             img[s:s + chunk_size])
+
+
+AnyCache = Union[FeatureCache, MemoryCache]
+
+
+@contextlib.contextmanager
+def open_cache(cache: Union[str, Path, FeatureCache, MemoryCache], split: Optional[str] = None) -> Iterator[AnyCache]:
+    """A cache to read: a path is opened (and closed on exit), an open cache is used as it is.
+
+    With ``split``, the images of that split: a new reader of the same file for a
+    :class:`FeatureCache` (closed on exit; the caller's stays open), a view for a
+    :class:`MemoryCache`.
+    """
+    if isinstance(cache, MemoryCache):
+        yield cache if split is None else cache.split(split)
+        return
+    if isinstance(cache, FeatureCache) and split is None:
+        yield cache
+        return
+    c = FeatureCache(cache.path if isinstance(cache, FeatureCache) else cache, split=split)
+    try:
+        yield c
+    finally:
+        c.close()
 
 
 def read_rows(ds: h5py.Dataset, rows: np.ndarray, *, max_span: int = 16384) -> np.ndarray:
@@ -700,8 +877,6 @@ class PatchDataset(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        import torch
-
         if self._file is None:
             self._file = h5py.File(self.path, "r")
         row = int(self.indices[i])

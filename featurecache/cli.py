@@ -1,23 +1,28 @@
-"""The ``featurecache`` command line: each command parses, makes one library call, prints."""
+"""The ``featurecache`` command line: each command parses, makes one library call, prints.
+
+Commands import the torch-heavy modules (extract, train, evaluate, ablate, demo) in their
+bodies, so that ``--help`` and ``inspect`` start without loading torch.
+"""
 
 from __future__ import annotations
 
 import functools
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Optional
 
 import click
 
 from featurecache import __version__
+from featurecache.datasets import LAYOUTS, read_class_file, read_dataset
 from featurecache.errors import FeaturecacheError
+from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
+from featurecache.patches import DEFAULT_SCALES, LabelRule, PatchGrid
+from featurecache.resources import DEVICES
+from featurecache.summary import summarize
 
 logger = logging.getLogger("featurecache")
-
-# featurecache.objectives.OBJECTIVES / DEFAULT_OBJECTIVE, repeated so that `--help` does not
-# import torch (tests/test_cli.py checks they agree).
-_OBJECTIVES = ("patch", "image", "mil", "hybrid")
-_DEFAULT_OBJECTIVE = "mil"
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
@@ -66,13 +71,21 @@ def _command(f: Callable) -> Callable:
         try:
             return f(*args, **kwargs)
         except FeaturecacheError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(_message(ctx, e)) from None
         except OSError as e:
             # Permission denied, disk full, a folder that vanished: name the file, no traceback.
             where = e.filename or "featurecache"
             raise click.ClickException(f"{where}: {e.strerror or e}") from None
 
     return _verbosity_options(wrapper)
+
+
+def _message(ctx: click.Context, error: FeaturecacheError) -> str:
+    """A library error's message, with the flag of this command in place of the library parameter it names."""
+    for p in ctx.command.params:
+        if error.param is not None and p.name == error.param and isinstance(p, click.Option):
+            return error.for_option(p.opts[0])
+    return str(error)
 
 
 # --------------------------------------------------------------------------- shared options
@@ -92,13 +105,12 @@ def _parse_scales(ctx, param, value: Optional[str]):
 
 def dataset_options(f: Callable) -> Callable:
     """--layout, --split, --annotations, --classes."""
-    from featurecache.datasets import LAYOUTS
-
     f = click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
                      help="Class list file, one name a line (default: sorted names found).")(f)
     f = click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
                      help="COCO instances JSON; DATASET is then the image folder.")(f)
-    f = click.option("--split", default=None, help="VOC split: ImageSets/Main/<SPLIT>.txt (default: every annotation).")(f)
+    f = click.option("--split", default=None,
+                     help="VOC split: ImageSets/Main/<SPLIT>.txt (default: every annotation).")(f)
     f = click.option("--layout", type=click.Choice(("auto",) + LAYOUTS), default="auto",
                      help="Data set layout.")(f)
     return f
@@ -106,8 +118,6 @@ def dataset_options(f: Callable) -> Callable:
 
 def grid_options(f: Callable) -> Callable:
     """--scales, --overlap, --input-size, --whole-image."""
-    from featurecache.patches import DEFAULT_SCALES
-
     f = click.option("--whole-image", is_flag=True, help="One patch per image: the whole image (baseline).")(f)
     f = click.option("--input-size", type=click.IntRange(min=8), default=224,
                      help="Network input side in pixels; every patch is resized to it.")(f)
@@ -120,15 +130,11 @@ def grid_options(f: Callable) -> Callable:
 
 def _read_images(dataset: str, layout: str, split: Optional[str], annotations: Optional[str],
                  classes_file: Optional[str]):
-    from featurecache.datasets import read_class_file, read_dataset
-
     classes = read_class_file(classes_file) if classes_file else None
     return read_dataset(dataset, layout=layout, split=split, annotations=annotations, classes=classes)
 
 
 def _grid(scales, overlap: float, input_size: int, whole_image: bool):
-    from featurecache.patches import PatchGrid
-
     try:
         return PatchGrid(scales=scales, min_overlap=overlap, input_size=input_size, whole=whole_image)
     except ValueError as e:
@@ -164,9 +170,6 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, input_size, whole_image,
             min_patch_fraction, min_object_fraction):
     """Count images, boxes per class and the patch labels a patch grid would produce."""
-    from featurecache.patches import LabelRule
-    from featurecache.summary import summarize
-
     images = _read_images(dataset, layout, split, annotations, classes_file)
     rule = LabelRule(min_patch_fraction=min_patch_fraction, min_object_fraction=min_object_fraction)
     summary = summarize(images, grid=_grid(scales, overlap, input_size, whole_image), rule=rule, name=dataset)
@@ -196,7 +199,7 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
               help="Patches per forward pass [default: 16 on CPU, 256 on CUDA].")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
               help="Image decoding processes [default: min(4, CPUs)].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto",
+@click.option("--device", type=click.Choice(DEVICES), default="auto",
               help="auto = CUDA when present (mixed precision, channels-last).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
 @click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none",
@@ -207,12 +210,12 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping and recording it.")
 @_command
 def extract(dataset, out, layout, split, annotations, classes_file, backbone, layer, weights, scales, overlap,
-            input_size, whole_image, mode, max_side, batch_size, workers, device, dtype, compression, part_size, overwrite, strict):
+            input_size, whole_image, mode, max_side, batch_size, workers, device, dtype, compression, part_size,
+            overwrite, strict):
     """Run every patch of DATASET through a frozen backbone once; cache the features in OUT (HDF5).
 
     A killed run continues where it stopped when the same command is run again.
     """
-    from featurecache.datasets import read_class_file
     from featurecache.extract import extract as run_extract
 
     ctx = click.get_current_context()
@@ -227,13 +230,46 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
     click.echo(result.summary())
 
 
-def _parse_hidden(ctx, param, value: str):
-    try:
-        sizes = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected widths like 2048 or 2048,2048 (0: no hidden layer), got {value!r}") \
-            from None
-    return sizes[0] if len(sizes) == 1 else sizes
+def _click_type(opt: Option):
+    if opt.kind == "choice":
+        return click.Choice(list(opt.choices))
+    if opt.kind == "path":
+        return click.Path(exists=True, dir_okay=False)
+    if opt.kind in ("float", "int"):
+        number = float if opt.kind == "float" else int
+        if opt.minimum is None and opt.maximum is None:
+            return number
+        ranged = click.FloatRange if opt.kind == "float" else click.IntRange
+        return ranged(min=opt.minimum, max=opt.maximum, max_open=opt.maximum_open)
+    return str
+
+
+def _option(opt: Option, **overrides) -> Callable:
+    """A click option made from a registry option: flag, type, default and help defined once, there."""
+    flag = "--" + (opt.name if opt.name == "C" else opt.name.replace("_", "-"))
+    default = opt.default
+    if isinstance(default, tuple):
+        default = ",".join(str(v) for v in default)
+    kw = dict(type=_click_type(opt), default=default, help=opt.help, show_default=default is not None)
+    kw.update(overrides)
+    return click.option(flag, *opt.aliases, opt.name, **kw)
+
+
+def objective_options(f: Callable) -> Callable:
+    """Every training option of :data:`featurecache.heads.registry.OPTIONS`."""
+    for opt in reversed(OPTIONS.values()):
+        f = _option(opt)(f)
+    return f
+
+
+def _grid_help() -> str:
+    per = {name: [n for n, o in OPTIONS.items() if o.grid and n != "objective" and name in o.objectives]
+           for name in OPTIONS["objective"].choices}
+    parts = [f"{name}: {', '.join(keys)}" for name, keys in per.items()]
+    return ("KEY=V1,V2,... (repeatable); list values join parts with '+' (hidden=0,2048+2048; "
+            "image_pooling=mean+max, or whole with --whole-image). Training: objective ("
+            + ", ".join(OPTIONS["objective"].choices) + "); " + "; ".join(parts)
+            + ". Evaluation (no retraining): " + ", ".join(EVAL_OPTIONS) + ".")
 
 
 def _parse_size(ctx, param, value: Optional[str]):
@@ -249,115 +285,56 @@ def _parse_size(ctx, param, value: Optional[str]):
 
 @main.command(context_settings=CONTEXT)
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
-@click.option("--val", "val_cache", type=click.Path(exists=True, dir_okay=False),
-              help="patch: validation cache (early stopping for the MLP).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE only.")
-@click.option("--val-split", default=None, help="patch: validate on this split (of --val, or of CACHE).")
-@click.option("--objective", type=click.Choice(list(_OBJECTIVES)), default=_DEFAULT_OBJECTIVE,
-              help="patch: a patch classifier on box-derived patch labels (the paper's); image: each image's "
-                   "pooled patch features -> a per-class image head on its labels; mil: a patch scorer trained "
-                   "through an image-level aggregation on image labels; hybrid: mil plus a weighted patch loss "
-                   "on box labels. image and mil need no boxes. Default: the best measured on the shared real "
-                   "data (docs/results.md). Options below apply to the objectives they name.")
-@click.option("--aggregation", "--mil-aggregation", "aggregation", default="power:5",
-              help="mil/hybrid: lse[:r] (log-sum-exp, temperature r), max, or power[:k] of patch scores.")
-@click.option("--patch-weight", type=float, default=0.3,
-              help="hybrid: weight of the patch loss (0.3 measured better than 1 at the other defaults).")
-@click.option("--image-pooling", default="mean",
-              help="image objective: mean, max, scales (per-scale means) and/or coarse, comma-separated.")
-@click.option("--image-head", type=click.Choice(["logreg", "mlp"]), default="logreg",
-              help="image objective: one-vs-rest logistic regression (--C) or a sigmoid MLP.")
-@click.option("--image-hidden", type=click.IntRange(min=0), default=0,
-              help="image (mlp head), mil, hybrid: hidden width of the scorer (0: linear).")
-@click.option("--image-lr", type=float, default=0.01, help="image (mlp head), mil, hybrid: Adam learning rate.")
-@click.option("--image-weight-decay", type=float, default=1e-4,
-              help="image (mlp head), mil, hybrid: L2 penalty.")
-@click.option("--image-epochs", type=click.IntRange(min=1), default=200,
-              help="image (mlp head), mil, hybrid: epochs.")
-@click.option("--head", type=click.Choice(["mlp", "logreg", "linearsvm"]), default="mlp",
-              help="Head type (patch objective).")
-@click.option("--hidden", callback=_parse_hidden, default="2048",
-              help="MLP hidden widths: 2048 (FCa+FCb), 0 (FCb only), 2048,2048 (three layers).")
-@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.5, help="MLP dropout.")
-@click.option("--lr", type=float, default=0.01, help="MLP initial learning rate (divided by 10 on plateaus).")
-@click.option("--weight-decay", type=float, default=5e-4, help="MLP L2 penalty.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, help="MLP mini-batch size.")
-@click.option("--epochs", type=click.IntRange(min=1), default=60, help="MLP epoch cap.")
-@click.option("--C", "C", type=float, default=1.0, help="logreg/linearsvm inverse regularisation.")
-@click.option("--background", default="weight",
-              help="weight (re-weight background), sample:F (keep a fraction F of it), or none.")
-@click.option("--background-weight", type=float, default=None,
-              help="Weight of a background patch [default: balance background and objects].")
+@objective_options
 @click.option("--memory-limit", callback=_parse_size, default=None,
-              help="Training features held in memory, e.g. 4G; above it the MLP streams from HDF5 "
+              help="Training features held in memory, e.g. 4G; above it torch heads stream from HDF5 "
                    "[default: half the available memory].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="MLP device.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", help="Device of the torch heads.")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Head file [default: CACHE.head.pt].")
 @_command
-def fit(cache, val_cache, train_split, val_split, objective, aggregation, patch_weight, image_pooling, image_head,
-        image_hidden, image_lr, image_weight_decay, image_epochs, head, hidden, dropout, lr, weight_decay, batch_size,
-        epochs, C, background, background_weight, memory_limit, device, seed, out):
+def fit(cache, train_split, objective, memory_limit, device, seed, out, **options):
     """Train a head on a feature cache: by default a MIL patch scorer on image labels (--objective)."""
-    from pathlib import Path
+    from featurecache.train import fit_objective
 
-    from featurecache.heads import BackgroundPolicy
-    from featurecache.objectives import DEFAULT_OBJECTIVE, OBJECTIVE_OPTIONS, fit_objective, parse_aggregation
-
-    ctx = click.get_current_context()
-    given = [p.name for p in ctx.command.params
-             if p.name in set().union(*OBJECTIVE_OPTIONS.values())
-             and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
-    stray = [n for n in given if n not in OBJECTIVE_OPTIONS[objective]]
-    if stray:
-        names = ", ".join("--" + ("val" if n == "val_cache" else n).replace("_", "-") for n in stray)
-        raise click.UsageError(f"{names} do(es) not apply to objective {objective}"
-                               + ("" if objective != DEFAULT_OBJECTIVE or ctx.get_parameter_source("objective")
-                                  is not click.core.ParameterSource.DEFAULT else
-                                  " (the default); for the paper's patch classifier add --objective patch"))
+    spec = get_objective(objective)
+    _refuse_other_objectives(objective, spec.options)
+    val, val_split = options.pop("val"), options.pop("val_split")
+    config = FitConfig(objective, {k: v for k, v in options.items() if k in spec.options}, train_split=train_split,
+                       val=val, val_split=val_split, memory_limit=memory_limit, device=device, random_state=seed)
+    trained = fit_objective(cache, config)
     path = Path(out) if out else Path(cache).with_suffix(".head.pt")
-    trainer = dict(hidden=image_hidden, lr=image_lr, weight_decay=image_weight_decay, max_epochs=image_epochs,
-                   device=device)
-    if objective == "patch":
-        params = (dict(hidden=hidden, dropout=dropout, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
-                       max_epochs=epochs, device=device) if head == "mlp" else dict(C=C))
-        fit_head_kind = head
-    elif objective == "image":
-        params = dict(C=C) if image_head == "logreg" else trainer
-        fit_head_kind = image_head
-    else:
-        name, value = parse_aggregation(aggregation)
-        params = dict(trainer, aggregation=name, **({"temperature": value} if name == "lse" else
-                                                    {"k": value} if name == "power" else {}))
-        if objective == "hybrid":
-            params["patch_weight"] = patch_weight
-        fit_head_kind = None
-    trained = fit_objective(
-        cache, objective=objective, head=fit_head_kind, params=params,
-        background=BackgroundPolicy.parse(background, weight=background_weight), train_split=train_split,
-        pooling=tuple(p.strip() for p in image_pooling.split(",") if p.strip()), val=val_cache, val_split=val_split,
-        memory_limit=memory_limit, random_state=seed)
     trained.save(path)
     click.echo(f"{trained.summary_line()} -> {path}")
+
+
+def _refuse_other_objectives(objective: str, accepted: tuple) -> None:
+    """An option given explicitly for another objective is an error rather than silently ignored."""
+    ctx = click.get_current_context()
+    given = [p for p in ctx.command.params if p.name in OPTIONS and p.name != "objective"
+             and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
+    stray = [p.opts[0] for p in given if p.name not in accepted]
+    if stray:
+        default = ctx.get_parameter_source("objective") is click.core.ParameterSource.DEFAULT
+        raise click.UsageError(f"{', '.join(stray)} do(es) not apply to objective {objective}"
+                               + (" (the default); for the paper's patch classifier add --objective patch"
+                                  if default else ""))
 
 
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("head", type=click.Path(exists=True, dir_okay=False))
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.option("--split", default=None, help="Evaluate on this split of CACHE only.")
-@click.option("--pooling", type=click.Choice(["power", "max", "mean"]), default=None,
-              help="Patch heads: patch scores to image score, (1/M) sum p^k, max, or mean [default: power]. "
-                   "Image-level heads score images themselves.")
-@click.option("--k", type=float, default=None, help="Patch heads: exponent of the power pooling [default: 5].")
-@click.option("--method", type=click.Choice(["voc07", "all", "raw"]), default="voc07",
-              help="AP: VOC 2007 11-point, VOC 2010+ interpolated area, or uninterpolated (sklearn).")
+@_option(EVAL_OPTIONS["pooling"], default=None, show_default=False,
+         help=EVAL_OPTIONS["pooling"].help + " [default: power]. Image-level heads score images themselves.")
+@_option(EVAL_OPTIONS["k"], default=None, show_default=False, help=EVAL_OPTIONS["k"].help + " [default: 5].")
+@_option(EVAL_OPTIONS["method"])
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write CSV here.")
 @_command
 def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
     """Score the images of CACHE with HEAD and print per-class AP and mAP."""
-    from pathlib import Path
-
     from featurecache.evaluate import evaluate
 
     report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method)
@@ -393,13 +370,7 @@ def localize(head, cache, image, stride, out):
 @click.option("--val", "val_cache", type=click.Path(exists=True, dir_okay=False), help="Validation cache.")
 @click.option("--val-split", default=None, help="Evaluate on this split (of --val, or of CACHE).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE.")
-@click.option("--grid", "grid_items", multiple=True,
-              help="KEY=V1,V2,... (repeatable). Training: objective (patch, image, mil, hybrid); patch: head, "
-                   "hidden (0, 512, 2048+2048), dropout, lr, weight_decay, batch_size, epochs, C, background, "
-                   "background_weight; image: image_pooling (mean, max, scales, coarse, '+'-joined, or whole), "
-                   "image_head (logreg, mlp), C; mil/hybrid: aggregation (lse:2, max, power:5), patch_weight; "
-                   "image mlp/mil/hybrid: image_hidden, image_lr, image_weight_decay, image_epochs. Evaluation "
-                   "(no retraining): k, pooling, method.")
+@click.option("--grid", "grid_items", multiple=True, help=_grid_help())
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
               help="TOML sweep: [grid] setting = [values], optional [options] seeds/folds/val_split/train_split.")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Repetitions per configuration [default: 1].")
@@ -412,13 +383,11 @@ def localize(head, cache, image, stride, out):
                    "one-vs-rest probe, on the same folds.")
 @click.option("--save-best", type=click.Path(dir_okay=False), default=None,
               help="Retrain the best configuration on all training images and save its head here.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", help="MLP device.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", help="Device of the torch heads.")
 @_command
 def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, whole_image, json_out,
            csv_out, save_best, device):
     """Compare many head settings on one cache; prints a table sorted by mAP."""
-    from pathlib import Path
-
     from featurecache.ablate import ablate as run_ablate
     from featurecache.ablate import parse_grid, read_sweep_file
 

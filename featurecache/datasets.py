@@ -36,7 +36,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import DatasetError
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ LAYOUTS = ("voc", "coco", "folders", "plain")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-
-class DatasetError(FeaturecacheError):
-    """A data set cannot be read; the message names the file and the problem on one line."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -315,7 +312,8 @@ def read_dataset(
     elif layout == "folders":
         ds = _read_folders(path, classes=classes)
     else:
-        ds = ImageSet(path.resolve(), "plain", classes or (), [_folder_record(path, p, None) for p in _image_files(path)])
+        records = [_folder_record(path, p, None) for p in _image_files(path)]
+        ds = ImageSet(path.resolve(), "plain", classes or (), records)
     if not ds.records:
         raise DatasetError(f"{path}: no images found ({layout} layout{', split ' + split if split else ''})")
     _warn_box_problems(ds)

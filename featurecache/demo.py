@@ -19,6 +19,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from PIL import Image
+from sklearn.datasets import load_sample_image
+
+from featurecache.ablate import ablate, parse_grid
+from featurecache.evaluate import evaluate
+from featurecache.extract import extract
+from featurecache.patches import PatchGrid
+from featurecache.train import fit_objective
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +84,6 @@ def make_demo_dataset(root: Union[str, Path], *, n_train: int = 40, n_val: int =
     -------
     Path
     """
-    from PIL import Image
-    from sklearn.datasets import load_sample_image
-
     root = Path(root)
     (root / "Annotations").mkdir(parents=True, exist_ok=True)
     (root / "JPEGImages").mkdir(exist_ok=True)
@@ -171,12 +176,6 @@ def run_demo(workdir: Union[str, Path] = "featurecache-demo", *, progress: Optio
     -------
     DemoResult
     """
-    from featurecache.ablate import ablate, parse_grid
-    from featurecache.evaluate import evaluate
-    from featurecache.extract import extract
-    from featurecache.objectives import fit_objective
-    from featurecache.patches import PatchGrid
-
     t0 = time.perf_counter()
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)

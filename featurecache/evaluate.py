@@ -1,8 +1,8 @@
-"""Evaluation: patch scores to image scores, VOC-style average precision, patch-level reports.
+"""Evaluation: VOC-style average precision of image scores, patch-level reports, localisation maps.
 
-Image score of class C over the M patches of an image (ambiguous ones included), as in
-Oquab et al. (2014): ``pooling="power"``: (1/M) Σ_i y(C|P_i)^k (default k = 5);
-``"max"``: max_i y(C|P_i); ``"mean"``: the power mean with k = 1.
+Scores come from a :class:`~featurecache.heads.trained.TrainedHead` (patch heads' patch
+probabilities are pooled into image scores as :mod:`featurecache.heads.pooling` describes);
+this module turns them into AP and tables and knows no estimator.
 
 Average precision (:func:`average_precision`), per class, ignoring the images whose only
 objects of the class are ``difficult``:
@@ -31,8 +31,10 @@ from typing import Optional, Union
 
 import numpy as np
 
-from featurecache.cache import FeatureCache
-from featurecache.errors import FeaturecacheError
+from featurecache.cache import FeatureCache, open_cache
+from featurecache.errors import EvalError, HeadError
+from featurecache.heads.pooling import SCORE_POOLINGS, pool_scores
+from featurecache.heads.trained import TrainedHead
 from featurecache.patches import AMBIGUOUS
 
 __all__ = [
@@ -51,44 +53,11 @@ __all__ = [
     "report_from_probabilities",
 ]
 
-POOLINGS = ("power", "max", "mean")
+POOLINGS = SCORE_POOLINGS
 METHODS = ("voc07", "all", "raw")
 
-
-def image_scores(probs: np.ndarray, image_index: np.ndarray, n_images: int, *, pooling: str = "power",
-                 k: float = 5.0) -> np.ndarray:
-    """Aggregate patch class probabilities into image scores.
-
-    Parameters
-    ----------
-    probs : ndarray (N, 1 + C)
-        Head outputs: background, then the C classes.
-    image_index : ndarray (N,)
-        Image of each patch, in ``0 .. n_images - 1``.
-    n_images : int
-    pooling : {"power", "max", "mean"}
-    k : float
-        Exponent of the power mean.
-
-    Returns
-    -------
-    ndarray (n_images, C)
-        Images without patches score 0.
-    """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
-    p = np.asarray(probs, dtype=np.float64)[:, 1:]
-    idx = np.asarray(image_index, dtype=np.int64)
-    out = np.zeros((n_images, p.shape[1]))
-    if pooling == "max":
-        out[:] = -np.inf
-        np.maximum.at(out, idx, p)
-        out[np.isinf(out)] = 0.0
-        return out
-    power = 1.0 if pooling == "mean" else float(k)
-    np.add.at(out, idx, p ** power)
-    counts = np.bincount(idx, minlength=n_images).astype(np.float64)
-    return out / np.maximum(counts, 1)[:, None]
+#: Patch probabilities to image scores (:func:`featurecache.heads.pooling.pool_scores`).
+image_scores = pool_scores
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray, *, ignore: Optional[np.ndarray] = None,
@@ -109,7 +78,7 @@ def average_precision(scores: np.ndarray, positive: np.ndarray, *, ignore: Optio
         In [0, 1]; NaN when there is no positive.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        raise EvalError(f"must be one of {', '.join(METHODS)}, got {method!r}", param="method")
     s = np.asarray(scores, dtype=np.float64)
     pos = np.asarray(positive, dtype=bool)
     if ignore is not None:
@@ -167,6 +136,7 @@ class EvalReport:
     objective: str = "patch"
     cache: str = ""
     extra: dict = field(default_factory=dict)
+    scoring: str = ""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -187,11 +157,7 @@ class EvalReport:
         return buf.getvalue()
 
     def to_text(self) -> str:
-        pool = f"power k={self.k:g}" if self.pooling == "power" else self.pooling
-        if self.objective == "image":
-            pool = f"image features {self.pooling.split(':', 1)[-1]}"
-        elif self.objective in ("mil", "hybrid"):
-            pool = f"trained {self.pooling.split(':', 1)[-1]}"
+        pool = self.scoring or (f"power k={self.k:g}" if self.pooling == "power" else self.pooling)
         n_cls = int(np.sum(~np.isnan(np.asarray(self.ap, dtype=float))))
         lines = [f"mAP {100 * self.mean_ap:.1f}  ({self.method} AP, {pool} pooling, objective {self.objective}, "
                  f"{self.head} head; {self.n_images} images, {n_cls} classes with positives)"]
@@ -205,17 +171,12 @@ class EvalReport:
         return "\n".join(lines)
 
 
-class EvalError(FeaturecacheError):
-    """Evaluation cannot run (bad options, a head that does not fit the cache)."""
-
-
-def patch_probabilities(head, cache: FeatureCache, *, chunk_size: int = 65536) -> np.ndarray:
+def patch_probabilities(head: TrainedHead, cache, *, chunk_size: int = 65536) -> np.ndarray:
     """Head outputs ``(N, 1 + C)`` for the selected patches of a cache, read chunk by chunk."""
-    out = [head.predict_proba(ch.features) for ch in cache.iter_chunks(chunk_size)]
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(cache.classes) + 1), np.float32)
+    return head.patch_probabilities(cache, chunk_size=chunk_size)
 
 
-def report_from_probabilities(probs: np.ndarray, cache: FeatureCache, *, pooling: str = "power", k: float = 5.0,
+def report_from_probabilities(probs: np.ndarray, cache, *, pooling: str = "power", k: float = 5.0,
                               method: str = "voc07", head: str = "", objective: str = "patch") -> EvalReport:
     """An :class:`EvalReport` from patch probabilities of a cache's selected patches."""
     t = cache.images
@@ -242,7 +203,7 @@ def report_from_arrays(probs: np.ndarray, image_index: np.ndarray, image_labels:
     patch_labels : ndarray (N,), optional
         For the patch-level accuracy and confusion matrix.
     """
-    scores = image_scores(probs, image_index, len(image_labels), pooling=pooling, k=k)
+    scores = pool_scores(probs, image_index, len(image_labels), pooling=pooling, k=k)
     report = report_from_image_scores(scores, image_labels, image_difficult, classes, method=method,
                                       pooling=pooling, k=k, head=head, objective=objective, cache=cache)
     report.n_patches = len(probs)
@@ -279,7 +240,7 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     head : TrainedHead or path
         A trained head, or its file. Refused when its feature fingerprint or classes
         differ from the cache's.
-    cache : path or FeatureCache
+    cache : path, FeatureCache or MemoryCache
     split : str, optional
         Evaluate on the images of this split only.
     pooling : {"power", "max", "mean"}, optional
@@ -293,50 +254,27 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     -------
     EvalReport
     """
-    from featurecache.heads import TrainedHead
-
-    if not isinstance(head, TrainedHead):
-        head = TrainedHead.load(head)
-    objective = head.summary.get("objective", "patch")
-    if objective != "patch" and (pooling is not None or k is not None):
-        raise EvalError(f"pooling and k apply to patch heads; this {objective} head scores images itself")
-    pooling = "power" if pooling is None else pooling
-    k = 5.0 if k is None else k
-    if pooling not in POOLINGS:
-        raise EvalError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    head = head if isinstance(head, TrainedHead) else TrainedHead.load(head)
+    if pooling is not None and pooling not in POOLINGS:
+        raise EvalError(f"must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling")
     if method not in METHODS:
-        raise EvalError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    own = not isinstance(cache, FeatureCache)
-    c = FeatureCache(cache, split=split) if own else (cache if split is None else FeatureCache(cache.path, split=split))
-    try:
+        raise EvalError(f"must be one of {', '.join(METHODS)}, got {method!r}", param="method")
+    with open_cache(cache, split) as c:
         head.check_cache(c)
-        if head.summary.get("objective") == "image":
-            from featurecache.objectives import image_features
-
-            scores = head.estimator.image_scores(image_features(c, pooling=head.estimator.pooling))
-            t = c.images
-            report = report_from_image_scores(scores, t.labels, t.difficult, c.classes, method=method,
-                                              pooling="image:" + "+".join(head.estimator.pooling), head=head.kind,
-                                              objective="image", cache=str(c.path))
-            report.n_patches = c.num_patches
-            return report
-        if head.summary.get("objective") in ("mil", "hybrid"):
-            from featurecache.objectives import BagSource
-
-            t = c.images
-            est = head.estimator
-            scores = est.image_scores_from_source(BagSource.from_cache(c))
-            report = report_from_image_scores(scores, t.labels, t.difficult, c.classes, method=method,
-                                              pooling="mil:" + est.describe_aggregation(), head=head.kind,
-                                              objective=head.summary["objective"], cache=str(c.path))
-            report.n_patches = c.num_patches
-            return report
-        probs = patch_probabilities(head, c)
-        return report_from_probabilities(probs, c, pooling=pooling, k=k, method=method, head=head.kind,
-                                         objective=head.summary.get("objective", "patch"))
-    finally:
-        if c is not cache:
-            c.close()
+        try:
+            label, text = head.scoring(pooling=pooling, k=k)
+            if head.spec.pools_patches:
+                report = report_from_probabilities(head.patch_probabilities(c), c, pooling=label,
+                                                   k=5.0 if k is None else k, method=method)
+            else:
+                t = c.images
+                report = report_from_image_scores(head.image_scores(c, pooling=pooling, k=k), t.labels, t.difficult,
+                                                  c.classes, method=method, pooling=label)
+                report.n_patches = c.num_patches
+        except HeadError as e:
+            raise EvalError(e.message, param=e.param) from None
+    report.head, report.objective, report.cache, report.scoring = head.kind, head.objective, str(c.path), text
+    return report
 
 
 # --------------------------------------------------------------------------- localisation
@@ -417,7 +355,7 @@ def localization_map(head, cache: Union[str, Path, FeatureCache], image: Union[i
         A ``patch`` head (class probabilities of each patch) or a ``mil``/``hybrid`` head
         (per-class patch scores σ(z)). ``image`` heads score pooled features, not patches,
         and are refused.
-    cache : path or FeatureCache
+    cache : path, FeatureCache or MemoryCache
     image : int or str
         Row of the cache's image table, or the image's stored path (or its file name, or
         its stem).
@@ -428,31 +366,23 @@ def localization_map(head, cache: Union[str, Path, FeatureCache], image: Union[i
     -------
     LocalizationMap
     """
-    from featurecache.heads import TrainedHead
-
     if stride < 1:
-        raise EvalError(f"stride must be a positive number of pixels, got {stride}")
-    if not isinstance(head, TrainedHead):
-        head = TrainedHead.load(head)
-    objective = head.summary.get("objective", "patch")
-    if objective == "image":
-        raise EvalError("an image-objective head scores pooled image features, not patches; localisation needs a "
-                        "patch, mil or hybrid head")
-    full = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-    try:
+        raise EvalError(f"must be a positive number of pixels, got {stride}", param="stride")
+    head = head if isinstance(head, TrainedHead) else TrainedHead.load(head)
+    if not head.spec.patch_scores:
+        raise EvalError(f"an {head.objective}-objective head scores pooled image features, not patches; "
+                        "localisation needs a patch, mil or hybrid head")
+    with open_cache(cache) as full:
         head.check_cache(full)
-        row = _find_image(full, image)
-        t = full.images
-        one = FeatureCache(full.path, images=[int(t.row[row])])
-    finally:
-        if full is not cache:
-            full.close()
-    with one:
-        X, boxes = one.read_features(), one.boxes.astype(np.float64)
-        w, h = int(one.images.width[0]), int(one.images.height[0])
-        scores = (head.estimator.patch_scores(X) if objective in ("mil", "hybrid")
-                  else head.predict_proba(X)[:, 1:])
-        path = one.images.path[0]
+        with full.select([_find_image(full, image)]) as one:
+            X, boxes = one.read_features(), one.boxes.astype(np.float64)
+            w, h, path = int(one.images.width[0]), int(one.images.height[0]), one.images.path[0]
+    maps = _per_pixel_mean(head.patch_scores(X), boxes, w, h, stride)
+    return LocalizationMap(path, tuple(head.classes), maps, int(stride), w, h, head.objective)
+
+
+def _per_pixel_mean(scores: np.ndarray, boxes: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:
+    """``(C, ceil(h / stride), ceil(w / stride))``: each cell's mean score over the patches covering it."""
     gh, gw = -(-h // stride), -(-w // stride)
     # Cells a patch covers (any overlap), as half-open index ranges.
     x0 = np.clip(np.floor(boxes[:, 0] / stride), 0, gw).astype(int)
@@ -467,5 +397,4 @@ def localization_map(head, cache: Union[str, Path, FeatureCache], image: Union[i
         np.add.at(total, (slice(None), ys, xs), sign * vals)
     total = total.cumsum(1).cumsum(2)[:, :gh, :gw]
     count = total[-1]
-    maps = np.where(count > 0, total[:-1] / np.maximum(count, 1e-12), 0.0).astype(np.float32)
-    return LocalizationMap(path, tuple(head.classes), maps, int(stride), w, h, objective)
+    return np.where(count > 0, total[:-1] / np.maximum(count, 1e-12), 0.0).astype(np.float32)

@@ -15,32 +15,35 @@ import logging
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
 
+import h5py
 import numpy as np
 import torch
+import torchvision
+from PIL import Image
 from torch.nn import functional as F
+from torchvision.ops import roi_align
+from tqdm.auto import tqdm
 
 from featurecache import __version__
-from featurecache.backbones import FrozenBackbone, build_backbone
-from featurecache.cache import CacheWriter, PartData, feature_fingerprint, now_iso
+from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone
+from featurecache.cache import CacheWriter, FeatureCache, PartData, feature_fingerprint, now_iso
 from featurecache.datasets import ImageSet, read_dataset
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import ExtractError
 from featurecache.patches import LabelRule, PatchGrid, image_patches
+from featurecache.resources import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExtractError", "ExtractResult", "extract", "load_rgb", "resolve_device"]
+__all__ = ["ExtractConfig", "ExtractError", "ExtractResult", "extract", "load_rgb", "resolve_device"]
 
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
 MODES = ("crop", "dense")
 
-
-class ExtractError(FeaturecacheError):
-    """Extraction stopped on bad input (with ``strict=True``) or bad settings."""
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,6 @@ class ExtractResult:
                 f"{self.seconds:.1f} s, {self.patches_per_second:.1f} patches/s, {size}")
 
 
-def resolve_device(device: Union[str, torch.device] = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractError("--device cuda: no CUDA device is available (use --device auto or cpu)")
-    return d
-
-
 # --------------------------------------------------------------------------- decoding
 
 
@@ -108,8 +101,6 @@ def load_rgb(path: Union[str, Path]) -> np.ndarray:
     [0, 1] (or their own maximum when larger). EXIF orientation is not applied, since box
     annotations refer to the stored pixels.
     """
-    from PIL import Image
-
     with Image.open(path) as im:
         im.load()
         if im.mode.startswith("I;16") or im.mode in ("I", "F"):
@@ -196,9 +187,6 @@ def _feature_settings(backbone: FrozenBackbone, grid: PatchGrid, mode: str) -> d
 
 
 def _versions() -> dict:
-    import h5py
-    import torchvision
-
     v = {"featurecache": __version__, "torch": torch.__version__, "torchvision": torchvision.__version__,
          "h5py": h5py.__version__, "numpy": np.__version__, "python": platform.python_version()}
     try:
@@ -245,8 +233,6 @@ class _PatchRunner:
         self.backbone.to(memory_format=torch.channels_last)
 
     def crops(self, pieces: list) -> torch.Tensor:
-        from torchvision.ops import roi_align
-
         out = [roi_align(image, [boxes], output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
                for image, boxes in pieces]
         return torch.cat(out) if len(out) > 1 else out[0]
@@ -293,8 +279,6 @@ class _DenseRunner:
             to ``max_batch``), so that GPU batches stay full. Default: on CUDA only (on the CPU
             one image at a time is as fast and keeps results independent of batching).
         """
-        from featurecache.backbones import DENSE_STRIDE
-
         bucket = self.cuda if bucket is None else bucket
         layouts = [self.grid.dense_layout(w, h, stride=DENSE_STRIDE) for _, w, h in items]
         out = [[None] * len(self.grid.scales) for _ in items]
@@ -319,7 +303,8 @@ class _DenseRunner:
                     for b, i in enumerate(chunk):
                         _, _, _, xs, ys = layouts[i][si]
                         fm = fmaps[b]
-                        picked = fm[:, torch.as_tensor(ys, device=fm.device)][:, :, torch.as_tensor(xs, device=fm.device)]
+                        rows, cols = torch.as_tensor(ys, device=fm.device), torch.as_tensor(xs, device=fm.device)
+                        picked = fm[:, rows][:, :, cols]
                         out[i][si] = picked.flatten(1).T.float().cpu().numpy()
         return [np.concatenate(o).astype(self.out_dtype, copy=False) for o in out]
 
@@ -328,40 +313,14 @@ class _DenseRunner:
         return self.images([(image, width, height)])[0]
 
 
-def extract(
-    dataset: Union[str, Path, ImageSet],
-    out: Union[str, Path],
-    *,
-    split: Optional[str] = None,
-    annotations: Optional[Union[str, Path]] = None,
-    classes: Optional[Sequence[str]] = None,
-    layout: str = "auto",
-    backbone: Union[str, FrozenBackbone] = "efficientnet_lite0",
-    layer: Optional[str] = None,
-    weights: Optional[Union[str, Path]] = "default",
-    grid: Optional[PatchGrid] = None,
-    rule: Optional[LabelRule] = None,
-    mode: str = "crop",
-    max_side: Optional[int] = 2048,
-    batch_size: Optional[int] = None,
-    workers: Optional[int] = None,
-    device: Union[str, torch.device] = "auto",
-    dtype: str = "float16",
-    compression: str = "none",
-    overwrite: bool = False,
-    strict: bool = False,
-    part_patches: int = 2048,
-    progress: Optional[bool] = None,
-) -> ExtractResult:
-    """Extract and cache the backbone features of every patch of every image.
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract: every option of :func:`extract` but the data set and the output.
 
-    Parameters
+    Attributes
     ----------
-    dataset : path or ImageSet
-        A data set root (read with :func:`featurecache.datasets.read_dataset` and the
-        ``split``, ``annotations``, ``classes`` and ``layout`` options) or an image set.
-    out : path
-        The HDF5 cache to write.
+    split, annotations, classes, layout
+        How the data set is read (:func:`featurecache.datasets.read_dataset`).
     backbone : str or FrozenBackbone
         A name for :func:`featurecache.backbones.build_backbone` (with ``layer`` and
         ``weights``), or a built backbone.
@@ -403,6 +362,58 @@ def extract(
         (it fixes how batches are formed, hence the exact features).
     progress : bool, optional
         Show a progress bar; default only on a terminal.
+    """
+
+    split: Optional[str] = None
+    annotations: Optional[Union[str, Path]] = None
+    classes: Optional[Sequence[str]] = None
+    layout: str = "auto"
+    backbone: Union[str, FrozenBackbone] = "efficientnet_lite0"
+    layer: Optional[str] = None
+    weights: Optional[Union[str, Path]] = "default"
+    grid: PatchGrid = field(default_factory=PatchGrid)
+    rule: LabelRule = field(default_factory=LabelRule)
+    mode: str = "crop"
+    max_side: Optional[int] = 2048
+    batch_size: Optional[int] = None
+    workers: Optional[int] = None
+    device: Union[str, torch.device] = "auto"
+    dtype: str = "float16"
+    compression: str = "none"
+    overwrite: bool = False
+    strict: bool = False
+    part_patches: int = 2048
+    progress: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("mode", self.mode, MODES), ("dtype", self.dtype, DTYPES),
+                                     ("compression", self.compression, COMPRESSIONS)):
+            if value not in allowed:
+                raise ExtractError(f"must be one of {', '.join(allowed)}, got {value!r}", param=name)
+        for name in ("batch_size", "part_patches"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ExtractError("must be positive", param=name)
+        # None means the default, as for every other option.
+        object.__setattr__(self, "grid", self.grid or PatchGrid())
+        object.__setattr__(self, "rule", self.rule or LabelRule())
+
+
+def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: Optional[ExtractConfig] = None,
+            **options) -> ExtractResult:
+    """Extract and cache the backbone features of every patch of every image.
+
+    Parameters
+    ----------
+    dataset : path or ImageSet
+        A data set root (read with :func:`featurecache.datasets.read_dataset` and the
+        ``split``, ``annotations``, ``classes`` and ``layout`` options) or an image set.
+    out : path
+        The HDF5 cache to write.
+    config : ExtractConfig, optional
+        All options at once; default ``ExtractConfig()``.
+    **options
+        Fields of :class:`ExtractConfig` (``grid``, ``backbone``, ``mode``, ``workers`` ...)
+        over those of ``config``.
 
     Returns
     -------
@@ -415,122 +426,120 @@ def extract(
         writer; an unreadable image with ``strict=True``.
     """
     t0 = time.perf_counter()
-    if mode not in MODES:
-        raise ExtractError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if dtype not in DTYPES:
-        raise ExtractError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    if compression not in COMPRESSIONS:
-        raise ExtractError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
-    dev = resolve_device(device)
-    if batch_size is None:
-        batch_size = 256 if dev.type == "cuda" else 16
-    if batch_size < 1 or part_patches < 1:
-        raise ExtractError("batch_size and part_patches must be positive")
+    config = replace(config, **options) if config is not None else ExtractConfig(**options)
+    dev = resolve_device(config.device)
+    batch_size = config.batch_size or (256 if dev.type == "cuda" else 16)
     images = dataset if isinstance(dataset, ImageSet) else read_dataset(
-        dataset, layout=layout, split=split, annotations=annotations, classes=classes)
-    grid = grid or PatchGrid()
-    rule = rule or LabelRule()
-    net = backbone if isinstance(backbone, FrozenBackbone) else build_backbone(
-        backbone, layer=layer, weights=weights, device="cpu")
+        dataset, layout=config.layout, split=config.split, annotations=config.annotations, classes=config.classes)
+    net = config.backbone if isinstance(config.backbone, FrozenBackbone) else build_backbone(
+        config.backbone, layer=config.layer, weights=config.weights, device="cpu")
     net = net.to(dev)
-    if mode == "dense":
-        from featurecache.backbones import DENSE_STRIDE
-
-        if not net.supports_dense:
-            raise ExtractError(f"{net.spec.name}: no dense mode for this backbone (efficientnet_lite0, timm CNNs "
-                               f"whose pre-logits are a global average, resnet50, alexnet, vgg16); use --mode crop")
-        if grid.whole:
-            raise ExtractError("--whole-image is a crop-mode grid; use --mode crop")
-        if grid.input_size % DENSE_STRIDE or (net.dense_kind == "fc" and grid.input_size != 224):
-            raise ExtractError(f"dense mode with {net.spec.name} needs --input-size "
-                               + ("224" if net.dense_kind == "fc" else f"a multiple of {DENSE_STRIDE}")
-                               + f", got {grid.input_size}")
+    if config.mode == "dense":
+        _check_dense(net, config.grid)
     out = Path(out)
-    feature_settings = _feature_settings(net, grid, mode)
-    spec = net.spec.to_dict()
-    settings = {
-        "dataset": {"root": str(images.root), "layout": images.layout, "split": images.split,
-                    "num_images": len(images), "sha256": _dataset_digest(images)},
-        "classes": list(images.classes),
-        "features": feature_settings,
-        "grid": grid.to_dict(),
-        "label_rule": rule.to_dict(),
-        "storage": {"dtype": dtype, "compression": compression},
-        "batching": {"batch_size": batch_size, "part_patches": part_patches},
-    }
-    if mode == "dense":
-        settings["batching"]["max_side"] = max_side
-    if mode == "dense":
-        counts = [len(grid.dense_boxes_and_scales(r.width, r.height)[0]) for r in images]
-    else:
-        counts = [grid.count(r.width, r.height) for r in images]
-    parts = _plan_parts(counts, part_patches)
-    with CacheWriter(out, settings, overwrite=overwrite) as writer:
+    settings = _settings(images, net, config, batch_size)
+    counts = _patch_counts(images, config.grid, config.mode)
+    parts = _plan_parts(counts, config.part_patches)
+    with CacheWriter(out, settings, overwrite=config.overwrite) as writer:
         if writer.complete:
-            from featurecache.cache import FeatureCache
-
-            with FeatureCache(out) as c:
-                n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
             logger.info("%s: already complete with the same settings", out)
-            return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, 0,
-                                 out.stat().st_size, already_complete=True)
+            return _result(out, t0, 0, already_complete=True)
         todo = [p for p in range(len(parts)) if p not in writer.done_parts]
-        computed = _run_parts(images, parts, todo, counts, writer, net, grid=grid, rule=rule, mode=mode,
-                              max_side=max_side,
-                              batch_size=batch_size, workers=workers, device=dev, dtype=dtype, strict=strict,
-                              progress=progress)
-        attrs = {
-            "format": "featurecache",
-            "format_version": 1,
-            "classes": list(images.classes),
-            "backbone": spec,
-            "grid": grid.to_dict(),
-            "label_rule": rule.to_dict(),
-            "dataset": {**settings["dataset"], "annotations": str(annotations) if annotations else None},
-            "extraction": {"mode": mode, "resize": "roi_align bilinear, adaptive sampling, aligned" if mode == "crop"
-                           else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
-                           "dtype": dtype,
-                           "compression": compression, "batch_size": batch_size, "part_patches": part_patches,
-                           "max_side": max_side if mode == "dense" else None,
-                           "device": str(dev), "mixed_precision": dev.type == "cuda"},
-            "feature_settings": feature_settings,
-            "fingerprint": feature_fingerprint(feature_settings),
-            "versions": _versions(),
-            "created": now_iso(),
-        }
-        writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=dtype, compression=compression,
-                        images=images.records, classes=images.classes, attrs=attrs)
-    from featurecache.cache import FeatureCache
-
-    with FeatureCache(out) as c:
-        n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
-    result = ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, computed, out.stat().st_size)
+        computed = _run_parts(images, parts, todo, counts, writer, net, config=config, device=dev,
+                              batch_size=batch_size)
+        writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=config.dtype,
+                        compression=config.compression, images=images.records, classes=images.classes,
+                        attrs=_attrs(images, net, config, settings, dev, batch_size))
+    result = _result(out, t0, computed)
     logger.info("%s", result.summary())
     return result
 
 
-def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: CacheWriter, net: FrozenBackbone, *,
-               grid: PatchGrid, rule: LabelRule, mode: str, max_side: Optional[int], batch_size: int, workers: Optional[int], device: torch.device,
-               dtype: str, strict: bool, progress: Optional[bool]) -> int:
-    """Compute and commit the parts in ``todo``; return the number of patches computed."""
-    from tqdm.auto import tqdm
+def _check_dense(net: FrozenBackbone, grid: PatchGrid) -> None:
+    if not net.supports_dense:
+        raise ExtractError(f"{net.spec.name}: no dense mode for this backbone (efficientnet_lite0, timm CNNs "
+                           f"whose pre-logits are a global average, resnet50, alexnet, vgg16); use --mode crop")
+    if grid.whole:
+        raise ExtractError("--whole-image is a crop-mode grid; use --mode crop")
+    if grid.input_size % DENSE_STRIDE or (net.dense_kind == "fc" and grid.input_size != 224):
+        raise ExtractError(f"dense mode with {net.spec.name} needs --input-size "
+                           + ("224" if net.dense_kind == "fc" else f"a multiple of {DENSE_STRIDE}")
+                           + f", got {grid.input_size}")
 
+
+def _patch_counts(images: ImageSet, grid: PatchGrid, mode: str) -> list:
+    if mode == "dense":
+        return [len(grid.dense_boxes_and_scales(r.width, r.height)[0]) for r in images]
+    return [grid.count(r.width, r.height) for r in images]
+
+
+def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batch_size: int) -> dict:
+    """Everything that determines the file's content: a resume with other settings is refused."""
+    settings = {
+        "dataset": {"root": str(images.root), "layout": images.layout, "split": images.split,
+                    "num_images": len(images), "sha256": _dataset_digest(images)},
+        "classes": list(images.classes),
+        "features": _feature_settings(net, config.grid, config.mode),
+        "grid": config.grid.to_dict(),
+        "label_rule": config.rule.to_dict(),
+        "storage": {"dtype": config.dtype, "compression": config.compression},
+        "batching": {"batch_size": batch_size, "part_patches": config.part_patches},
+    }
+    if config.mode == "dense":
+        settings["batching"]["max_side"] = config.max_side
+    return settings
+
+
+def _attrs(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, settings: dict, dev: torch.device,
+           batch_size: int) -> dict:
+    """The file's provenance attributes (the schema's own are the cache writer's)."""
+    crop = config.mode == "crop"
+    return {
+        "classes": list(images.classes),
+        "backbone": net.spec.to_dict(),
+        "grid": config.grid.to_dict(),
+        "label_rule": config.rule.to_dict(),
+        "dataset": {**settings["dataset"], "annotations": str(config.annotations) if config.annotations else None},
+        "extraction": {"mode": config.mode,
+                       "resize": "roi_align bilinear, adaptive sampling, aligned" if crop
+                       else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
+                       "dtype": config.dtype, "compression": config.compression, "batch_size": batch_size,
+                       "part_patches": config.part_patches, "max_side": None if crop else config.max_side,
+                       "device": str(dev), "mixed_precision": dev.type == "cuda"},
+        "feature_settings": settings["features"],
+        "fingerprint": feature_fingerprint(settings["features"]),
+        "versions": _versions(),
+        "created": now_iso(),
+    }
+
+
+def _result(out: Path, t0: float, computed: int, *, already_complete: bool = False) -> ExtractResult:
+    with FeatureCache(out) as c:
+        n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
+    return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, computed, out.stat().st_size,
+                         already_complete=already_complete)
+
+
+def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: CacheWriter, net: FrozenBackbone, *,
+               config: ExtractConfig, device: torch.device, batch_size: int) -> int:
+    """Compute and commit the parts in ``todo``; return the number of patches computed."""
     if not todo:
         return 0
-    if workers is None:
-        workers = min(4, os.cpu_count() or 1)
+    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
     order = [i for p in todo for i in parts[p]]
     items = [(i, str(images[i].path), images[i].width, images[i].height) for i in order]
     loader = torch.utils.data.DataLoader(
         _Decoder(items), batch_size=1, collate_fn=_only, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    grid, dtype = config.grid, config.dtype
     runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,
                           out_dtype=np.dtype(dtype))
-    dense = (_DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype), max_side=max_side)
-             if mode == "dense" else None)
+    dense = (_DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype), max_side=config.max_side)
+             if config.mode == "dense" else None)
     total = sum(counts[i] for i in order)
     done_images = sum(len(parts[p]) for p in range(len(parts)) if p not in todo)
-    bar = tqdm(total=total, unit="patch", disable=(None if progress is None else not progress), smoothing=0.1,
+    quiet = None if config.progress is None else not config.progress
+    bar = tqdm(total=total, unit="patch", disable=quiet, smoothing=0.1,
                dynamic_ncols=True, desc="extract")
     computed = 0
     stream = iter(loader)
@@ -541,14 +550,15 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: 
                 index, pixels, reason = next(stream)
                 rec = images[index]
                 if pixels is None:
-                    if strict:
+                    if config.strict:
                         raise ExtractError(f"{rec.path}: {reason} (--strict)")
                     logger.warning("%s: %s; skipped", rec.path, reason)
                     skipped_idx.append(index)
                     skipped_reason.append(reason)
                     bar.update(counts[index])
                     continue
-                boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=grid, rule=rule, mode=mode)
+                boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=grid, rule=config.rule,
+                                                     mode=config.mode)
                 image = pixels.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
                 if dense is not None:
                     segments.append((image, rec.width, rec.height))

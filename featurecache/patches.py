@@ -269,7 +269,8 @@ class LabelRule:
                 raise ValueError(f"LabelRule {name} must be in (0, 1], got {v}")
             object.__setattr__(self, name, v)
         if self.multiple_same_class not in ("keep", "ambiguous"):
-            raise ValueError(f"LabelRule multiple_same_class must be 'keep' or 'ambiguous', got {self.multiple_same_class!r}")
+            raise ValueError("LabelRule multiple_same_class must be 'keep' or 'ambiguous', "
+                             f"got {self.multiple_same_class!r}")
 
     def qualifies(self, patch_boxes: np.ndarray, object_boxes: np.ndarray) -> np.ndarray:
         """Boolean ``(N, K)`` matrix: does patch ``n`` qualify for object ``k``."""

@@ -91,11 +91,10 @@ def test_os_errors_are_one_line_messages_naming_the_file(runner, tiny_voc, tmp_p
 
 
 def test_fit_objective_choices_match_the_library_and_stray_options_are_refused(tmp_path):
-    from conftest import blob_cache
-    from featurecache import cli
-    from featurecache.objectives import DEFAULT_OBJECTIVE, OBJECTIVES
+    from featurecache.heads.registry import DEFAULT_OBJECTIVE
 
-    assert cli._OBJECTIVES == OBJECTIVES and cli._DEFAULT_OBJECTIVE == DEFAULT_OBJECTIVE
+    from conftest import blob_cache
+
     cache = blob_cache(tmp_path / "b.h5")
     runner = CliRunner()
     r = runner.invoke(main, ["fit", str(cache), "--objective", "image", "--hidden", "0", "--dropout", "0.2"])

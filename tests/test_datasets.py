@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import make_voc, write_voc_xml
 from featurecache.datasets import DatasetError, detect_layout, read_class_file, read_dataset
+
+from conftest import make_voc, write_voc_xml
 
 # --------------------------------------------------------------------------- VOC, generated
 

@@ -110,8 +110,7 @@ def _hand_made_mil_head(cache_path, n_features):
     import torch
 
     from featurecache.cache import FeatureCache
-    from featurecache.heads import TrainedHead
-    from featurecache.objectives import MILHead
+    from featurecache.heads import MILHead, TrainedHead
 
     est = MILHead(device="cpu")
     net = torch.nn.Linear(n_features, 1)
@@ -128,9 +127,10 @@ def _hand_made_mil_head(cache_path, n_features):
 def test_localization_map_is_the_per_pixel_mean_of_covering_patch_scores(tmp_path):
     import h5py
 
-    from conftest import make_synthetic_cache
     from featurecache.evaluate import EvalError, localization_map
-    from featurecache.objectives import fit_image_head
+    from featurecache.train import fit_objective
+
+    from conftest import make_synthetic_cache
 
     X = np.zeros((5, 4))
     X[:, 0] = [3.0, -3.0, 0.0, 0.0, 1.0]  # patch scores sigma(x0); the last patch is image 1's
@@ -157,15 +157,16 @@ def test_localization_map_is_the_per_pixel_mean_of_covering_patch_scores(tmp_pat
     with pytest.raises(EvalError, match="match 'cat'"):
         localization_map(head, path, "cat")
     with pytest.raises(EvalError, match="scores pooled image features"):
-        localization_map(fit_image_head(path), path, 0)
+        localization_map(fit_objective(path, objective="image"), path, 0)
 
 
 def test_cli_localize(tmp_path):
     import h5py
     from click.testing import CliRunner
 
-    from conftest import make_synthetic_cache
     from featurecache.cli import main
+
+    from conftest import make_synthetic_cache
 
     X = np.zeros((2, 4))
     X[:, 0] = [2.0, -2.0]

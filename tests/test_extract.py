@@ -14,12 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import VOC_IDS, voc_subset
 from featurecache.backbones import sha256_file
 from featurecache.cache import CacheError, FeatureCache, feature_fingerprint
 from featurecache.datasets import read_dataset
 from featurecache.extract import ExtractError, extract, load_rgb
 from featurecache.patches import LabelRule, PatchGrid
+
+from conftest import VOC_IDS, voc_subset
 
 GRID = PatchGrid(scales=(1, 2), input_size=64)
 OPTS = dict(grid=GRID, workers=0, progress=False, part_patches=40, batch_size=16)
@@ -353,7 +354,8 @@ def test_dense_window_feature_is_the_trunk_on_the_resized_image(dense_cache, sub
 
 
 def test_crop_head_is_refused_on_dense_features(dense_cache, cache_path):
-    from featurecache.heads import HeadError, fit_head
+    from featurecache.errors import HeadError
+    from featurecache.train import fit_head
 
     head = fit_head(cache_path, head="logreg")
     from featurecache.evaluate import evaluate

@@ -1,13 +1,15 @@
 """End to end through the command line on the real VOC sample: extract -> fit -> eval."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import blob_cache
 from featurecache.cli import main
+
+from conftest import blob_cache
 
 
 @pytest.fixture(scope="module")
@@ -55,4 +57,20 @@ def test_fit_writes_beside_the_cache_and_eval_refuses_other_features(tmp_path):
     assert r.exit_code == 1 and r.output.count("\n") == 1
     assert "backbone: vgg16 (cache) vs synthetic (head)" in r.output
     r = runner.invoke(main, ["fit", str(a), "--objective", "patch", "--background", "sometimes"])
-    assert r.exit_code == 1 and "--background must be" in r.output
+    assert r.exit_code == 1 and "Error: --background: must be weight, sample:F or none" in r.output
+
+
+def test_the_readmes_python_snippets_run(tmp_path, monkeypatch):
+    """Each ```python block of the README runs as written, on a small cache named as it names it."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippets = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(snippets) >= 2
+    splits = ["train" if i % 3 else "val" for i in range(30)]
+    blob_cache(tmp_path / "voc.h5", n_images=30, splits=splits)
+    monkeypatch.chdir(tmp_path)
+    for code in snippets:
+        scope: dict = {}
+        exec(compile(code, "README.md", "exec"), scope)  # noqa: S102 - the project's own documentation
+    assert scope["report"].mean_ap > 0.9

@@ -1,80 +1,17 @@
-"""Tests of the image-level objectives: pooled-feature heads, multiple-instance and hybrid heads."""
+"""Tests of the multiple-instance objectives (mil, hybrid): bags, aggregations, training, streaming."""
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-from conftest import blob_cache, make_synthetic_cache
 from featurecache.cache import FeatureCache
 from featurecache.cli import main
-from featurecache.errors import FeaturecacheError
 from featurecache.evaluate import evaluate
-from featurecache.heads import TrainedHead
-from featurecache.objectives import fit_image_head, image_features
+from featurecache.heads import BagSource, MILHead, TrainedHead
+from featurecache.train import fit_objective
 
-
-def test_image_features_pool_each_image(tmp_path):
-    rng = np.random.default_rng(0)
-    X = rng.normal(size=(7, 3)).astype(np.float16)
-    img = np.array([0, 0, 0, 1, 1, 1, 1])
-    path = make_synthetic_cache(tmp_path / "c.h5", X, [0] * 7, img, np.zeros((2, 1), bool), ["a"])
-    import h5py
-
-    with h5py.File(path, "a") as f:  # two scales: λ = 1 for the first patch of each image, 2 for the rest
-        f["scale"][:] = np.array([1, 2, 2, 1, 2, 2, 2], np.float32)
-    Xf = X.astype(np.float32)
-    with FeatureCache(path) as c:
-        got = image_features(c, pooling=("mean", "max", "scales", "coarse"), chunk_size=3)
-    np.testing.assert_allclose(got[0, 0:3], Xf[:3].mean(0), rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(got[1, 3:6], Xf[3:].max(0), rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(got[1, 6:12], np.r_[Xf[3], Xf[4:].mean(0)], rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose(got[0, 12:15], Xf[0], rtol=1e-3, atol=1e-3)
-    with FeatureCache(path) as c, pytest.raises(FeaturecacheError, match="image pooling must be among"):
-        image_features(c, pooling=("median",))
-
-
-def test_image_objective_learns_and_round_trips(tmp_path):
-    splits = ["train" if i % 4 else "val" for i in range(60)]
-    cache = blob_cache(tmp_path / "b.h5", n_images=60, splits=splits)
-    head = fit_image_head(cache, train_split="train", pooling=("mean", "max"))
-    assert head.summary["objective"] == "image" and head.summary["train_images"] == 45
-    report = evaluate(head, cache, split="val")
-    assert report.objective == "image" and report.mean_ap > 0.95
-    path = head.save(tmp_path / "h.pt")
-    again = evaluate(TrainedHead.load(path), cache, split="val")
-    assert again.ap == report.ap
-
-
-def test_max_pooling_finds_a_signal_in_one_patch_that_mean_pooling_dilutes(tmp_path):
-    rng = np.random.default_rng(0)
-    n_img, per, dim = 120, 50, 32
-    direction = np.zeros(dim)
-    direction[:4] = 4.5  # a strong, localised signal in a few feature dimensions
-    X, img, labels = [], [], np.zeros((n_img, 1), bool)
-    for i in range(n_img):
-        pos = i % 2 == 0
-        labels[i, 0] = pos
-        f = rng.normal(size=(per, dim))
-        if pos:
-            f[rng.integers(per)] += direction  # one patch of fifty carries the class
-        X.append(f)
-        img += [i] * per
-    splits = ["train" if i < 80 else "val" for i in range(n_img)]
-    cache = make_synthetic_cache(tmp_path / "one.h5", np.concatenate(X), [0] * len(img), img, labels, ["obj"],
-                                 splits=splits)
-    by_max = evaluate(fit_image_head(cache, train_split="train", pooling=("max",)), cache, split="val").mean_ap
-    by_mean = evaluate(fit_image_head(cache, train_split="train", pooling=("mean",)), cache, split="val").mean_ap
-    assert by_max > 0.9 and by_max > by_mean + 0.1, (by_max, by_mean)
-
-
-def test_cli_fit_image_objective(tmp_path):
-    cache = blob_cache(tmp_path / "b.h5")
-    r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "image", "--image-pooling", "mean,scales"])
-    assert r.exit_code == 0, r.output
-    assert "objective image, pooling mean+scales" in r.output and (tmp_path / "b.head.pt").exists()
-    r = CliRunner().invoke(main, ["eval", str(tmp_path / "b.head.pt"), str(cache)])
-    assert r.exit_code == 0 and "objective image" in r.output.splitlines()[0]
+from conftest import make_synthetic_cache
 
 
 def _one_patch_signal_cache(path, n_img=120, per=50, dim=32, seed=0):
@@ -97,10 +34,9 @@ def _one_patch_signal_cache(path, n_img=120, per=50, dim=32, seed=0):
 
 @pytest.mark.parametrize("aggregation", ["max", "lse"])
 def test_mil_finds_the_one_signal_patch(tmp_path, aggregation):
-    from featurecache.objectives import fit_mil_head
 
     cache, where = _one_patch_signal_cache(tmp_path / "one.h5")
-    head = fit_mil_head(cache, train_split="train", params=dict(aggregation=aggregation, device="cpu"))
+    head = fit_objective(cache, objective="mil", train_split="train", aggregation=aggregation, device="cpu")
     assert head.summary["objective"] == "mil"
     report = evaluate(head, cache, split="val")
     assert report.objective == "mil" and report.mean_ap > 0.9, report.mean_ap
@@ -116,11 +52,10 @@ def test_mil_finds_the_one_signal_patch(tmp_path, aggregation):
 
 
 def test_warm_up_is_what_lets_max_aggregation_find_the_patch(tmp_path):
-    from featurecache.objectives import fit_mil_head
 
     cache, _ = _one_patch_signal_cache(tmp_path / "one.h5")
-    aps = {w: evaluate(fit_mil_head(cache, train_split="train",
-                                    params=dict(aggregation="max", warmup_epochs=w, device="cpu")),
+    aps = {w: evaluate(fit_objective(cache, objective="mil", train_split="train", aggregation="max", device="cpu",
+                                     params=dict(warmup_epochs=w)),
                        cache, split="val").mean_ap for w in (0, 10)}
     # From a random start max aggregation locks onto noise patches (measured: AP ~0.54).
     assert aps[10] > 0.9 and aps[0] < aps[10] - 0.2, aps
@@ -166,12 +101,11 @@ def _distractor_cache(path, n_img=120, per=30, dim=32, seed=0):
 
 
 def test_hybrid_patch_loss_uses_box_labels_that_mil_cannot_see(tmp_path):
-    from featurecache.objectives import fit_objective
 
     cache = _distractor_cache(tmp_path / "d.h5")
-    common = dict(aggregation="max", lr=0.01, device="cpu")
-    mil = fit_objective(cache, objective="mil", train_split="train", params=common)
-    hybrid = fit_objective(cache, objective="hybrid", train_split="train", params=dict(common, patch_weight=1.0))
+    common = dict(aggregation="max", image_lr=0.01, device="cpu", train_split="train")
+    mil = fit_objective(cache, objective="mil", **common)
+    hybrid = fit_objective(cache, objective="hybrid", patch_weight=1.0, **common)
     assert hybrid.summary["objective"] == "hybrid" and hybrid.summary["patch_weight"] == 1.0
     ap_mil = evaluate(mil, cache, split="val").mean_ap
     report = evaluate(hybrid, cache, split="val")
@@ -184,19 +118,18 @@ def test_hybrid_patch_loss_uses_box_labels_that_mil_cannot_see(tmp_path):
 
 
 def test_mil_streams_bags_from_hdf5_with_the_same_result(tmp_path):
-    from featurecache.objectives import fit_mil_head
 
     cache, _ = _one_patch_signal_cache(tmp_path / "one.h5", n_img=40)
-    params = dict(aggregation="lse", temperature=2.0, max_epochs=5, device="cpu")
-    mem = fit_mil_head(cache, train_split="train", params=params)
-    disk = fit_mil_head(cache, train_split="train", params=params, memory_limit=0)
+    settings = dict(objective="mil", aggregation="lse:2", image_epochs=5, device="cpu", train_split="train")
+    mem = fit_objective(cache, **settings)
+    disk = fit_objective(cache, **settings, memory_limit=0)
     assert mem.summary["training_data"] == "memory" and disk.summary["training_data"] == "stream"
     for k, v in mem.estimator._state().items():
         assert torch.equal(v, disk.estimator._state()[k]), k
 
 
 def test_bag_source_batches_pad_and_keep_patch_order(tmp_path):
-    from featurecache.objectives import BagSource
+
 
     X = np.arange(12, dtype=np.float32).reshape(6, 2)
     src = BagSource(X, np.array([1, 0, 1, 1, 2, 0]), 4, patch_labels=np.array([0, 1, 2, 0, -1, 1]))
@@ -209,7 +142,7 @@ def test_bag_source_batches_pad_and_keep_patch_order(tmp_path):
 
 
 def test_power_aggregation_is_the_papers_power_mean():
-    from featurecache.objectives import MILHead
+
 
     z = torch.tensor([[[0.3], [-2.0], [1.5]], [[-40.0], [-60.0], [0.0]]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
@@ -225,37 +158,6 @@ def test_power_aggregation_is_the_papers_power_mean():
     assert torch.allclose(lse[0, 0], z[0, :, 0].mean(), atol=1e-3)  # r -> 0: the mean
 
 
-def test_parse_aggregation_and_objective_errors(tmp_path):
-    from featurecache.objectives import fit_objective, parse_aggregation
-
-    assert parse_aggregation("lse") == ("lse", 2.0) and parse_aggregation("power:10") == ("power", 10.0)
-    assert parse_aggregation("max") == ("max", None)
-    for bad in ("mean", "max:3", "lse:x", "power:0"):
-        with pytest.raises(FeaturecacheError, match="aggregation"):
-            parse_aggregation(bad)
-    cache = blob_cache(tmp_path / "b.h5")
-    with pytest.raises(FeaturecacheError, match="positive patch weight"):
-        fit_objective(cache, objective="hybrid", params={"patch_weight": 0})
-    with pytest.raises(FeaturecacheError, match="only used by the patch objective"):
-        fit_objective(cache, objective="image", val_split="val")
-    with pytest.raises(FeaturecacheError, match="unknown objective"):
-        fit_objective(cache, objective="boxes")
-
-
-def test_image_objective_mlp_head(tmp_path):
-    from featurecache.objectives import fit_objective
-
-    splits = ["train" if i % 4 else "val" for i in range(60)]
-    cache = blob_cache(tmp_path / "b.h5", n_images=60, splits=splits)
-    head = fit_objective(cache, objective="image", head="mlp", train_split="train", pooling=("mean",),
-                         params=dict(hidden=16, max_epochs=60, device="cpu"))
-    assert head.kind == "image-mlp" and head.summary["epochs"] == 60
-    report = evaluate(head, cache, split="val")
-    assert report.objective == "image" and report.mean_ap > 0.95
-    again = evaluate(TrainedHead.load(head.save(tmp_path / "h.pt"), device="cpu"), cache, split="val")
-    assert again.ap == report.ap
-
-
 def test_cli_fit_hybrid(tmp_path):
     cache = _distractor_cache(tmp_path / "d.h5", n_img=40)
     r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "hybrid", "--aggregation", "power:5",
@@ -267,7 +169,7 @@ def test_cli_fit_hybrid(tmp_path):
 
 
 def test_mil_early_stopping_keeps_the_best_held_out_epoch(tmp_path):
-    from featurecache.objectives import MILHead
+
 
     rng = np.random.default_rng(0)
     X = rng.normal(size=(40 * 5, 8)).astype(np.float32)
@@ -280,7 +182,7 @@ def test_mil_early_stopping_keeps_the_best_held_out_epoch(tmp_path):
     assert est.n_epochs_ == best + 1 + 3  # stopped after `patience` epochs without a better held-out loss
     # The kept parameters are the best epoch's: their held-out loss equals the minimum.
     source_ids = np.random.RandomState(0).permutation(40)[:10]
-    from featurecache.objectives import BagSource
+
 
     again = est._losses(est.net_, BagSource(X, img, 40), np.sort(source_ids), Y.astype(np.float32),
                         np.ones((40, 2), np.float32), torch.device("cpu"))

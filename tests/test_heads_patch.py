@@ -6,21 +6,22 @@ import pytest
 import torch
 from sklearn.base import clone
 
-from conftest import blob_cache
 from featurecache.cache import FeatureCache
+from featurecache.errors import HeadError
 from featurecache.evaluate import evaluate
 from featurecache.heads import (
     BackgroundPolicy,
-    HeadError,
     LinearSVMHead,
     LogRegHead,
     MLPHead,
     TrainedHead,
     background_weights,
     epoch_order,
-    fit_head,
 )
 from featurecache.patches import AMBIGUOUS
+from featurecache.train import fit_head
+
+from conftest import blob_cache
 
 FAST_MLP = dict(hidden=32, max_epochs=15, batch_size=32, lr=0.05, device="cpu")
 

@@ -1,0 +1,39 @@
+"""Stage two: heads trained on cached features, one registry of objectives, and the head file.
+
+Submodules: :mod:`~featurecache.heads.registry` (objectives, options, defaults, head kinds;
+no torch), :mod:`~featurecache.heads.pooling` (patches to images; numpy only),
+:mod:`~featurecache.heads.background`, the estimators in :mod:`~featurecache.heads.patch`,
+:mod:`~featurecache.heads.image` and :mod:`~featurecache.heads.mil`, and
+:mod:`~featurecache.heads.trained` (:class:`TrainedHead`). Names are imported on first
+use, so that reading the registry does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from featurecache.errors import HeadError  # noqa: F401  (re-exported)
+
+_EXPORTS = {
+    "ArraySource": "_sources", "BagSource": "_sources", "StreamSource": "_sources", "epoch_order": "_sources",
+    "BackgroundPolicy": "background", "background_weights": "background",
+    "CoefficientState": "patch", "LinearSVMHead": "patch", "LogRegHead": "patch", "MLPHead": "patch",
+    "ImageLogRegHead": "image", "ImageMLPHead": "image", "MILHead": "mil",
+    "IMAGE_POOLINGS": "pooling", "SCORE_POOLINGS": "pooling", "image_features": "pooling",
+    "pool_image_features": "pooling", "pool_scores": "pooling",
+    "DEFAULT_OBJECTIVE": "registry", "FitConfig": "registry", "HEAD_KINDS": "registry", "OBJECTIVES": "registry",
+    "OPTIONS": "registry", "get_objective": "registry", "make_head": "registry", "parse_aggregation": "registry",
+    "TrainedHead": "trained",
+}
+
+__all__ = sorted([*_EXPORTS, "HeadError"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"featurecache.heads.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'featurecache.heads' has no attribute {name!r}")
+
+
+def __dir__() -> list:
+    return __all__

@@ -1,0 +1,123 @@
+"""The one training loop of the torch heads, their learning-rate/stopping schedules, and tensor persistence."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from featurecache.resources import resolve_device
+
+__all__ = ["PatienceSchedule", "PlateauSchedule", "TorchState", "train_torch"]
+
+
+class PlateauSchedule:
+    """Divide the learning rate by 10 when the monitored loss stops improving by ``tol`` (relative);
+    stop at the ``drops``-th division. The monitored loss is the held-out one when there is one."""
+
+    def __init__(self, drops: int, tol: float) -> None:
+        self.drops, self.tol, self.best, self.count = int(drops), float(tol), math.inf, 0
+
+    def update(self, train_loss: float, val_loss: Optional[float], opt: torch.optim.Optimizer) -> tuple:
+        """``(improved, stop)`` after an epoch."""
+        monitored = val_loss if val_loss is not None else train_loss
+        if monitored < self.best * (1 - self.tol):
+            self.best = monitored
+            return True, False
+        self.count += 1
+        if self.count >= self.drops:
+            return False, True
+        for g in opt.param_groups:
+            g["lr"] /= 10
+        return False, False
+
+
+class PatienceSchedule:
+    """A fixed learning rate; with held-out data, stop after ``patience`` epochs without a better loss."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience, self.best, self.bad = int(patience), math.inf, 0
+
+    def update(self, train_loss: float, val_loss: Optional[float], opt: torch.optim.Optimizer) -> tuple:
+        if val_loss is None:
+            return False, False
+        if val_loss < self.best - 1e-4:
+            self.best, self.bad = val_loss, 0
+            return True, False
+        self.bad += 1
+        return False, self.bad >= self.patience
+
+
+def train_torch(make: Callable[[], tuple], *, seed: int, device: torch.device, max_epochs: int,
+                run_epoch: Callable[[nn.Module, torch.optim.Optimizer, int], float],
+                validate: Optional[Callable[[nn.Module], float]], schedule) -> tuple:
+    """Train a torch head: seeded initialisation, epochs, schedule, the best held-out epoch kept.
+
+    Parameters
+    ----------
+    make : callable
+        ``() -> (net on device, optimiser)``; called with torch's RNG seeded by ``seed``
+        (forked, so the caller's RNG state is untouched).
+    seed : int
+    device : torch.device
+    max_epochs : int
+    run_epoch : callable
+        ``(net, optimiser, epoch) -> mean training loss``; the net is in training mode.
+    validate : callable, optional
+        ``net -> held-out loss``.
+    schedule : PlateauSchedule or PatienceSchedule
+
+    Returns
+    -------
+    net : nn.Module
+        In evaluation mode, with the best held-out epoch's parameters when there was
+        held-out data, else the last epoch's.
+    history : list of dict
+        Per epoch: ``epoch``, ``train_loss``, ``val_loss`` (or None), ``lr``.
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        net, opt = make()
+        history, best_state = [], None
+        for epoch in range(int(max_epochs)):
+            net.train()
+            lr = opt.param_groups[0]["lr"]
+            train_loss = run_epoch(net, opt, epoch)
+            val_loss = validate(net) if validate is not None else None
+            history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
+            improved, stop = schedule.update(train_loss, val_loss, opt)
+            if improved and val_loss is not None:
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            if stop:
+                break
+    if best_state is not None:
+        net.load_state_dict(best_state)
+    return net.eval(), history
+
+
+class TorchState:
+    """Saving and restoring a torch head's ``net_`` as plain tensors (no pickle).
+
+    The class provides ``_build(n_features, n_outputs) -> nn.Module`` and a ``device``
+    parameter.
+    """
+
+    def _state(self) -> dict:
+        return {k: v.detach().cpu() for k, v in self.net_.state_dict().items()}
+
+    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+        net = self._build(n_features, n_outputs)
+        net.load_state_dict(state)
+        self.net_ = net.to(resolve_device(self.device)).eval()
+        self.n_features_in_, self.n_outputs_ = n_features, n_outputs
+
+    def _forward(self, X, *, batch: int = 8192) -> torch.Tensor:
+        """Raw outputs of ``net_`` for features ``X`` (n, d), computed ``batch`` rows at a time, on the CPU."""
+        dev = next(self.net_.parameters()).device
+        X = np.asarray(X, dtype=np.float32)
+        with torch.inference_mode():
+            out = [self.net_(torch.from_numpy(X[s:s + batch]).to(dev)).float().cpu() for s in range(0, len(X), batch)]
+        return torch.cat(out) if out else torch.zeros((0, self.n_outputs_))

@@ -1,0 +1,162 @@
+"""The ``image`` objective: each image's pooled patch features, then a per-class image head on its labels."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.linear_model import LogisticRegression
+
+from featurecache.cache import open_cache
+from featurecache.heads._sources import BagSource
+from featurecache.heads.mil import MILHead, image_level_summary
+from featurecache.heads.patch import CoefficientState
+from featurecache.heads.pooling import image_features
+from featurecache.heads.registry import OPTIONS, FitConfig, make_head
+from featurecache.heads.trained import TrainedHead
+
+__all__ = ["ImageLogRegHead", "ImageMLPHead", "fit_image_objective"]
+
+_POOLING = tuple(OPTIONS["image_pooling"].read(OPTIONS["image_pooling"].default).split("+"))
+
+
+class _ImageScorer:
+    """Scoring a cache's images through the pooled features the head was trained on (``pooling``)."""
+
+    def score_images(self, cache) -> np.ndarray:
+        """Per-class scores ``(M, C)`` of a cache's selected images."""
+        return self.image_scores(image_features(cache, pooling=self.pooling))
+
+    def scoring_label(self) -> str:
+        return "image:" + "+".join(self.pooling)
+
+    def scoring_text(self) -> str:
+        return "image features " + "+".join(self.pooling)
+
+
+class ImageLogRegHead(_ImageScorer, CoefficientState, BaseEstimator):
+    """One-vs-rest logistic regression on pooled image features and multi-hot labels.
+
+    Parameters
+    ----------
+    C : float
+        Inverse L2 strength of each binary problem. Default 1.0.
+    max_iter : int
+    pooling : tuple of str
+        Which :func:`image_features` the head was trained on (kept with the head).
+    random_state : int, optional
+
+    Attributes
+    ----------
+    coef_ : ndarray (C, D)
+    intercept_ : ndarray (C,)
+        ``-inf`` for a class with no positive (or no negative) training image: it scores 0
+        (or 1) everywhere.
+    """
+
+    def __init__(self, C: float = OPTIONS["C"].default, max_iter: int = 2000, pooling: tuple = _POOLING,
+                 random_state: Optional[int] = 0) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.pooling = pooling
+        self.random_state = random_state
+
+    def fit(self, X: np.ndarray, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> "ImageLogRegHead":
+        """Fit one binary logistic regression per class.
+
+        Parameters
+        ----------
+        X : ndarray (M, D)
+        Y : ndarray (M, C), bool
+        ignore : ndarray (M, C), bool, optional
+            Images left out of a class's problem (VOC ``difficult``-only).
+        """
+        X = np.asarray(X, dtype=np.float64)
+        Y = np.asarray(Y, dtype=bool)
+        ignore = np.zeros_like(Y) if ignore is None else np.asarray(ignore, bool)
+        coef = np.zeros((Y.shape[1], X.shape[1]))
+        intercept = np.full(Y.shape[1], -np.inf)
+        for c in range(Y.shape[1]):
+            keep = ~ignore[:, c]
+            y = Y[keep, c]
+            if y.all():
+                intercept[c] = np.inf
+                continue
+            if not y.any():
+                continue
+            model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
+            model.fit(X[keep], y)
+            coef[c], intercept[c] = model.coef_[0], model.intercept_[0]
+        self.coef_, self.intercept_ = coef, intercept
+        self.n_features_in_, self.n_outputs_ = X.shape[1], Y.shape[1]
+        return self
+
+    def image_scores(self, X: np.ndarray) -> np.ndarray:
+        """Per-class probabilities ``(M, C)``."""
+        z = np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+        with np.errstate(over="ignore", invalid="ignore"):
+            p = 1.0 / (1.0 + np.exp(-z))
+        return np.nan_to_num(p, nan=0.0).astype(np.float32)
+
+
+class ImageMLPHead(_ImageScorer, MILHead):
+    """Per-class sigmoid head (linear or one hidden layer) on pooled image features.
+
+    The ``image`` objective's trainable alternative to :class:`ImageLogRegHead`: binary
+    cross-entropy on multi-hot image labels, Adam, weight decay, optional early stopping on
+    held-out images. (Internally an image is a bag of one vector.)
+
+    Parameters
+    ----------
+    hidden, lr, weight_decay, max_epochs, patience, batch_images, validation_fraction, device, random_state
+        As :class:`MILHead`.
+    pooling : tuple of str
+        Which :func:`image_features` the head was trained on (kept with the head).
+    """
+
+    def __init__(self, hidden: int = OPTIONS["image_hidden"].default, lr: float = OPTIONS["image_lr"].default,
+                 weight_decay: float = OPTIONS["image_weight_decay"].default,
+                 max_epochs: int = OPTIONS["image_epochs"].default, patience: int = 10, batch_images: int = 16,
+                 validation_fraction: float = 0.0, pooling: tuple = _POOLING, device: str = "auto",
+                 random_state: Optional[int] = 0) -> None:
+        super().__init__(hidden=hidden, aggregation="max", lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
+                         patience=patience, batch_images=batch_images, validation_fraction=validation_fraction,
+                         device=device, random_state=random_state)
+        self.pooling = pooling
+
+    def fit(self, X: np.ndarray, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> "ImageMLPHead":
+        """Train on image features ``X`` (M, D) and labels ``Y`` (M, C)."""
+        X = np.asarray(X, np.float32)
+        return self.fit_source(BagSource(X, np.arange(len(X)), len(X)), Y, ignore)
+
+    def image_scores(self, X: np.ndarray) -> np.ndarray:
+        """Per-class probabilities ``(M, C)``."""
+        return self.patch_scores(X)
+
+
+def fit_image_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
+    """Train the ``image`` objective on a cache: pooled features, then a per-class image head.
+
+    Parameters
+    ----------
+    cache : path, FeatureCache or MemoryCache
+    config : FitConfig
+    kind : {"image-logreg", "image-mlp"}
+    params : dict
+        Estimator parameters, ``pooling`` among them.
+
+    Returns
+    -------
+    TrainedHead
+    """
+    t0 = time.perf_counter()
+    with open_cache(cache, config.train_split) as c:
+        est, t = make_head(kind, **params), c.images
+        est.fit(image_features(c, pooling=est.pooling), t.labels, ignore=t.difficult & ~t.labels)
+        extra = {"image_pooling": list(est.pooling)}
+        if isinstance(est, MILHead):
+            extra["epochs"] = est.n_epochs_
+        return TrainedHead(est, kind, tuple(c.classes), dict(c.feature_settings), c.fingerprint,
+                           image_level_summary(c, config, t0, extra), config.objective)

@@ -1,0 +1,406 @@
+"""The paper's objective: patch classifiers on box-derived patch labels (FCa/FCb in torch, scikit-learn baselines).
+
+Estimators follow the scikit-learn contract (``fit(X, y, sample_weight=None)``,
+``predict_proba``, ``get_params``/``set_params``, fitted attributes ending in ``_``). ``y``
+holds patch labels in the encoding of :mod:`featurecache.patches`: ``0`` background,
+``c + 1`` class ``c``; the outputs of every head are ``[background, class 0, class 1, ...]``
+(``n_outputs`` columns, whether or not every class occurs in the training data).
+
+:func:`fit_patch_objective` trains any of them on a cache (in memory when it fits, otherwise
+streaming shuffled chunks from HDF5, with identical results) with a background policy.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.svm import LinearSVC
+from torch import nn
+from torch.nn import functional as F
+
+from featurecache.cache import describe_fingerprint_difference, open_cache
+from featurecache.errors import HeadError
+from featurecache.heads._sources import ArraySource, batches, patch_source
+from featurecache.heads._torch import PlateauSchedule, TorchState, train_torch
+from featurecache.heads.background import BackgroundPolicy, as_policy, background_weights
+from featurecache.heads.registry import OPTIONS, FitConfig, make_head
+from featurecache.heads.trained import TrainedHead
+from featurecache.patches import BACKGROUND
+from featurecache.resources import resolve_device
+
+__all__ = ["CoefficientState", "LinearSVMHead", "LogRegHead", "MLPHead", "fit_patch_objective"]
+
+
+def _hidden_tuple(hidden) -> tuple:
+    if hidden is None:
+        return ()
+    if isinstance(hidden, (int, np.integer)):
+        return () if int(hidden) == 0 else (int(hidden),)
+    return tuple(int(h) for h in hidden if int(h) > 0)
+
+
+class _PatchClassifier(ClassifierMixin):
+    """What every patch head derives from ``predict_proba``: labels and per-class patch scores."""
+
+    def predict(self, X) -> np.ndarray:
+        """The most probable output of each patch (0: background)."""
+        return self.predict_proba(X).argmax(1)
+
+    def patch_scores(self, X) -> np.ndarray:
+        """Per-class probabilities ``(n, n_outputs_ - 1)`` (background left out)."""
+        return self.predict_proba(X)[:, 1:]
+
+
+def _build_mlp(n_in: int, hidden: tuple, n_out: int, dropout: float) -> nn.Sequential:
+    layers, d = [], n_in
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        d = h
+    layers.append(nn.Linear(d, n_out))
+    return nn.Sequential(*layers)
+
+
+class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
+    """The paper's adaptation layers: FCa (ReLU, dropout) then FCb (softmax), in torch.
+
+    Parameters
+    ----------
+    hidden : int or tuple of int
+        FCa widths. ``2048`` (default) is the paper's FCa+FCb; ``0`` trains FCb alone;
+        ``(2048, 2048)`` adds a third layer.
+    dropout : float
+        Dropout after each hidden layer. Default 0.5.
+    lr : float
+        Initial SGD learning rate. Default 0.01.
+    momentum : float
+        Default 0.9.
+    weight_decay : float
+        L2 penalty. Default 5e-4.
+    batch_size : int
+        Mini-batch size. Default 256.
+    max_epochs : int
+        Epoch cap. Default 60.
+    lr_drops : int
+        The learning rate is divided by 10 each time the monitored loss (training loss, or
+        validation loss when validation data is given) stops improving by ``tol``
+        (relative); training stops at the ``lr_drops``-th division. Default 3.
+    tol : float
+        Default 1e-3.
+    n_outputs : int, optional
+        Number of outputs (background + classes); default ``max(y) + 1``.
+    device : str
+        ``"auto"`` (CUDA when present), ``"cpu"`` or ``"cuda"``.
+    random_state : int, optional
+        Seeds initialisation, dropout and shuffling. Default 0.
+
+    Attributes
+    ----------
+    net_ : torch.nn.Sequential
+    n_features_in_, n_outputs_ : int
+    classes_ : ndarray
+        ``arange(n_outputs_)``.
+    history_ : list of dict
+        Per epoch: ``train_loss``, ``val_loss`` (or None), ``lr``.
+    n_epochs_ : int
+    """
+
+    def __init__(self, hidden=OPTIONS["hidden"].default, dropout: float = OPTIONS["dropout"].default,
+                 lr: float = OPTIONS["lr"].default, momentum: float = 0.9,
+                 weight_decay: float = OPTIONS["weight_decay"].default, batch_size: int = OPTIONS["batch_size"].default,
+                 max_epochs: int = OPTIONS["epochs"].default, lr_drops: int = 3, tol: float = 1e-3,
+                 n_outputs: Optional[int] = None, device: str = "auto", random_state: Optional[int] = 0) -> None:
+        self.hidden = hidden
+        self.dropout = dropout
+        self.lr = lr
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.batch_size = batch_size
+        self.max_epochs = max_epochs
+        self.lr_drops = lr_drops
+        self.tol = tol
+        self.n_outputs = n_outputs
+        self.device = device
+        self.random_state = random_state
+
+    def fit(self, X, y, sample_weight=None, *, validation: Optional[tuple] = None) -> "MLPHead":
+        """Train on features ``X`` ``(n, d)`` and labels ``y``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n, d)
+        y : array-like of shape (n,), int
+        sample_weight : array-like of shape (n,), optional
+        validation : tuple ``(X_val, y_val[, w_val])``, optional
+            Held-out patches: their weighted loss drives the learning-rate schedule and the
+            parameters of the best epoch are kept (early stopping).
+        """
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        w = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
+        if X.ndim != 2 or len(X) != len(y) or len(w) != len(y):
+            raise HeadError(f"X, y and sample_weight disagree: {X.shape}, {y.shape}, {w.shape}", param="X")
+        val = None
+        if validation is not None:
+            Xv, yv = np.asarray(validation[0], np.float32), np.asarray(validation[1], np.int64)
+            wv = np.asarray(validation[2], np.float32) if len(validation) > 2 else np.ones(len(yv), np.float32)
+            val = ArraySource(Xv, yv, wv)
+        return self.fit_source(ArraySource(X, y, w), val)
+
+    def fit_source(self, source, val=None) -> "MLPHead":
+        """Train from an :class:`ArraySource` or :class:`StreamSource` (same order, same model)."""
+        if len(source) == 0:
+            raise HeadError("no training patches")
+        y_max = int(max(source.y.max(), val.y.max() if val is not None and len(val) else 0))
+        n_out = int(self.n_outputs) if self.n_outputs is not None else y_max + 1
+        if y_max >= n_out or source.y.min() < 0:
+            raise HeadError(f"labels must be in [0, {n_out}); got {source.y.min()}..{y_max}", param="y")
+        dev = resolve_device(self.device)
+        seed = 0 if self.random_state is None else int(self.random_state)
+        rng = np.random.RandomState(seed)
+
+        def make():
+            net = self._build(source.n_features, n_out).to(dev)
+            return net, torch.optim.SGD(net.parameters(), lr=self.lr, momentum=self.momentum,
+                                        weight_decay=self.weight_decay)
+
+        def run_epoch(net, opt, epoch):
+            total = wsum = 0.0
+            for xb, yb, wb in batches(source, rng, int(self.batch_size)):
+                xb, yb, wb = (torch.from_numpy(a).to(dev) for a in (xb, yb, wb))
+                ws = wb.sum()
+                if ws.item() <= 0:
+                    continue
+                losses = F.cross_entropy(net(xb), yb, reduction="none")
+                opt.zero_grad(set_to_none=True)
+                ((losses * wb).sum() / ws).backward()
+                opt.step()
+                total += float((losses.detach() * wb).sum())
+                wsum += float(ws)
+            return total / max(wsum, 1e-12)
+
+        net, history = train_torch(make, seed=seed, device=dev, max_epochs=int(self.max_epochs), run_epoch=run_epoch,
+                                   validate=(lambda net: self._loss(net, val, dev)) if val is not None else None,
+                                   schedule=PlateauSchedule(self.lr_drops, self.tol))
+        self.net_, self.history_, self.n_epochs_ = net, history, len(history)
+        self.n_features_in_, self.n_outputs_ = source.n_features, n_out
+        self.classes_ = np.arange(n_out)
+        return self
+
+    def _build(self, n_features: int, n_outputs: int) -> nn.Module:
+        return _build_mlp(n_features, _hidden_tuple(self.hidden), n_outputs, float(self.dropout))
+
+    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+        super()._restore(state, n_features, n_outputs)
+        self.classes_ = np.arange(n_outputs)
+
+    def _loss(self, net: nn.Module, data, dev) -> float:
+        net.eval()
+        total = wsum = 0.0
+        with torch.inference_mode():
+            for s in range(0, len(data), 8192):
+                pos = np.arange(s, min(s + 8192, len(data)))
+                xb = torch.from_numpy(data.buffer(pos)).to(dev)
+                yb = torch.from_numpy(data.y[pos]).to(dev)
+                wb = torch.from_numpy(data.w[pos]).to(dev)
+                total += float((F.cross_entropy(net(xb), yb, reduction="none") * wb).sum())
+                wsum += float(wb.sum())
+        return total / max(wsum, 1e-12)
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Softmax outputs ``(n, n_outputs_)``: background then classes."""
+        return self._forward(X).softmax(-1).numpy()
+
+
+
+class CoefficientState:
+    """Saving and restoring ``coef_``/``intercept_`` as plain tensors (no pickle)."""
+
+    def _state(self) -> dict:
+        return {"coef": torch.from_numpy(self.coef_.copy()), "intercept": torch.from_numpy(self.intercept_.copy())}
+
+    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+        self.coef_ = state["coef"].numpy().astype(np.float64)
+        self.intercept_ = state["intercept"].numpy().astype(np.float64)
+        self.n_features_in_, self.n_outputs_ = n_features, n_outputs
+
+
+class _LinearSklearnHead(CoefficientState, _PatchClassifier, BaseEstimator):
+    """Shared code of the scikit-learn baselines: full-width coefficient arrays."""
+
+    def _full_coefficients(self, model, n_out: int) -> None:
+        coef = np.asarray(model.coef_, dtype=np.float64)
+        intercept = np.asarray(model.intercept_, dtype=np.float64).reshape(-1)
+        present = np.asarray(model.classes_, dtype=np.int64)
+        if len(present) == 2 and coef.shape[0] == 1:
+            # Binary models keep one vector: score(c1) - score(c0) = w.x + b.
+            coef = np.vstack([np.zeros_like(coef[0]), coef[0]])
+            intercept = np.array([0.0, intercept[0]])
+        full_coef = np.zeros((n_out, coef.shape[1]))
+        full_intercept = np.full(n_out, -np.inf)  # an output never seen in training gets p = 0
+        full_coef[present] = coef
+        full_intercept[present] = intercept
+        self.coef_, self.intercept_ = full_coef, full_intercept
+        self.n_features_in_, self.n_outputs_ = coef.shape[1], n_out
+        self.classes_ = np.arange(n_out)
+
+    def _n_out(self, y: np.ndarray) -> int:
+        return int(self.n_outputs) if self.n_outputs is not None else int(y.max()) + 1
+
+    def decision_function(self, X) -> np.ndarray:
+        return np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+
+    def predict_proba(self, X) -> np.ndarray:
+        z = self.decision_function(X)
+        z = z - z.max(axis=1, keepdims=True)
+        e = np.exp(z)
+        return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+    def fit_source(self, source, val=None):
+        """Train on a batch source held in memory (``val`` is not used)."""
+        return self.fit(source.matrix(), source.y, sample_weight=source.w)
+
+    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+        super()._restore(state, n_features, n_outputs)
+        self.classes_ = np.arange(n_outputs)
+
+
+class LogRegHead(_LinearSklearnHead):
+    """Multinomial logistic regression (scikit-learn ``LogisticRegression``, lbfgs).
+
+    Parameters
+    ----------
+    C : float
+        Inverse L2 strength. Default 1.0.
+    max_iter : int
+        Default 1000.
+    n_outputs : int, optional
+    random_state : int, optional
+    """
+
+    def __init__(self, C: float = OPTIONS["C"].default, max_iter: int = 1000, tol: float = 1e-4,
+                 n_outputs: Optional[int] = None,
+                 random_state: Optional[int] = 0) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.n_outputs = n_outputs
+        self.random_state = random_state
+
+    def fit(self, X, y, sample_weight=None) -> "LogRegHead":
+        y = np.asarray(y, dtype=np.int64)
+        model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol, random_state=self.random_state)
+        model.fit(np.asarray(X, dtype=np.float32), y, sample_weight=sample_weight)
+        self._full_coefficients(model, self._n_out(y))
+        return self
+
+
+class LinearSVMHead(_LinearSklearnHead):
+    """One-vs-rest linear SVM (scikit-learn ``LinearSVC``, squared hinge).
+
+    Probabilities are the softmax of the one-vs-rest margins (no calibration: it would need
+    held-out data and costs a refit per fold). They rank images as the margins do, which is
+    what average precision measures, but are not calibrated probabilities.
+
+    Parameters
+    ----------
+    C : float
+        Default 1.0.
+    max_iter : int
+        Default 5000.
+    n_outputs : int, optional
+    random_state : int, optional
+    """
+
+    def __init__(self, C: float = OPTIONS["C"].default, max_iter: int = 5000, n_outputs: Optional[int] = None,
+                 random_state: Optional[int] = 0) -> None:
+        self.C = C
+        self.max_iter = max_iter
+        self.n_outputs = n_outputs
+        self.random_state = random_state
+
+    def fit(self, X, y, sample_weight=None) -> "LinearSVMHead":
+        y = np.asarray(y, dtype=np.int64)
+        model = LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(np.asarray(X, dtype=np.float32), y, sample_weight=sample_weight)
+        self._full_coefficients(model, self._n_out(y))
+        return self
+
+
+
+
+# --------------------------------------------------------------------------- training on a cache
+
+
+def _validation_source(cache, train, config: FitConfig, policy: BackgroundPolicy, w_bg: float) -> tuple:
+    """``(ArraySource or None, path or None)``: the held-out patches that drive the MLP's schedule
+    (``config.val``, or ``config.val_split`` of the cache given for training)."""
+    if config.val is None and config.val_split is None:
+        return None, None
+    with open_cache(config.val if config.val is not None else cache, config.val_split) as val:
+        if val.fingerprint != train.fingerprint:
+            raise HeadError(f"{val.path}: validation features differ from training features ("
+                            + describe_fingerprint_difference(val.feature_settings, train.feature_settings,
+                                                              ours_name="val", theirs_name="train") + ")")
+        # Validation patches are weighted like the training distribution: a kept fraction F of
+        # the background is, in expectation, every background patch at weight F.
+        val_policy = policy if policy.kind == "none" else BackgroundPolicy(
+            "weight", weight=policy.fraction if policy.kind == "sample" else w_bg)
+        vk, vw, _ = background_weights(val.labels, val_policy, random_state=config.random_state)
+        return ArraySource(val.read_features(val.indices[vk]), val.labels[vk], vw), str(val.path)
+
+
+def fit_patch_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
+    """Train a patch head (``kind`` mlp, logreg or linearsvm) on a cache's labelled patches.
+
+    Parameters
+    ----------
+    cache : path, FeatureCache or MemoryCache
+    config : FitConfig
+        Its ``background``/``background_weight`` options, splits, validation data, memory
+        limit and seed.
+    kind : str
+    params : dict
+        Estimator parameters (:func:`featurecache.heads.registry.estimator_for`).
+
+    Returns
+    -------
+    TrainedHead
+    """
+    t0 = time.perf_counter()
+    policy = as_policy(config.option("background"), weight=config.option("background_weight"))
+    with open_cache(cache, config.train_split) as train:
+        n_out = len(train.classes) + 1
+        est = make_head(kind, **{"n_outputs": n_out, **params})
+        labels = train.labels
+        keep, w, w_bg = background_weights(labels, policy, random_state=config.random_state)
+        if len(keep) == 0:
+            raise HeadError(f"{train.path}: no labelled patches to train on")
+        source = patch_source(train, keep, labels[keep], w, memory_limit=config.memory_limit)
+        if source.streaming and not isinstance(est, MLPHead):
+            raise HeadError(f"{train.path}: {len(keep) * train.feature_dim * 4 / 2**30:.1f} GiB of training features "
+                            f"exceed the memory limit and the {kind} head cannot stream; use the mlp head, "
+                            "background sample:0.1, or a larger memory limit", param="memory_limit")
+        val_source, val_path = _validation_source(cache, train, config, policy, w_bg)
+        est.fit_source(source, val_source)
+        counts = np.bincount(labels[keep], minlength=n_out)
+        summary = {"objective": "patch", "cache": str(train.path), "train_split": config.train_split, "val": val_path,
+                   "val_split": config.val_split, "background": policy.describe(), "background_weight": w_bg,
+                   "train_patches": int(len(keep)), "background_patches": int(counts[BACKGROUND]),
+                   "patches_per_class": {c: int(n) for c, n in zip(train.classes, counts[1:])},
+                   "training_data": "stream" if source.streaming else "memory",
+                   "seconds": time.perf_counter() - t0, "random_state": config.random_state}
+        if isinstance(est, MLPHead):
+            vals = [h["val_loss"] for h in est.history_ if h["val_loss"] is not None]
+            summary.update(epochs=est.n_epochs_, final_loss=est.history_[-1]["train_loss"] if est.history_ else None,
+                           val_loss=min(vals) if vals else None)
+        return TrainedHead(est, kind, tuple(train.classes), dict(train.feature_settings), train.fingerprint, summary,
+                           "patch")

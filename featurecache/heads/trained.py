@@ -1,0 +1,182 @@
+"""A trained head and its file: the one route from a head to patch scores and image scores on a cache."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from featurecache.cache import describe_fingerprint_difference
+from featurecache.errors import HeadError
+from featurecache.heads.pooling import pool_scores
+from featurecache.heads.registry import Objective, get_objective, make_head, objective_of_kind
+
+__all__ = ["HEAD_FORMAT", "HEAD_FORMAT_VERSION", "TrainedHead"]
+
+HEAD_FORMAT = "featurecache-head"
+#: Version 1 files written before heads recorded their objective read as before: the
+#: objective comes from the summary, else from the head kind.
+HEAD_FORMAT_VERSION = 1
+
+#: Estimator parameters read back as tuples (JSON stores lists).
+_TUPLE_PARAMS = ("hidden", "pooling")
+
+
+@dataclass
+class TrainedHead:
+    """A fitted head with what it needs to be used safely on caches.
+
+    Attributes
+    ----------
+    estimator : object
+        The fitted estimator (:data:`featurecache.heads.registry.HEAD_KINDS`).
+    kind : str
+        Its head kind (``mlp``, ``logreg``, ``linearsvm``, ``image-logreg``, ``image-mlp``,
+        ``mil``).
+    classes : tuple of str
+    feature_settings : dict
+        The cache's, at training time; compared with a cache's before use.
+    fingerprint : str
+    summary : dict
+        Training facts (patches per class, background weight, epochs, seconds, loss ...).
+    objective : str, optional
+        What it learnt from (:data:`featurecache.heads.registry.OBJECTIVES`); default: the
+        summary's ``objective``, else the one the kind implies.
+    """
+
+    estimator: object
+    kind: str
+    classes: tuple
+    feature_settings: dict
+    fingerprint: str
+    summary: dict = field(default_factory=dict)
+    objective: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = self.summary.get("objective") or objective_of_kind(self.kind)
+        get_objective(self.objective)
+
+    @property
+    def spec(self) -> Objective:
+        """The registry's description of its objective."""
+        return get_objective(self.objective)
+
+    # -- use on caches
+    def check_cache(self, cache) -> None:
+        """Refuse a cache whose features differ from the training cache's, or whose classes do."""
+        if cache.fingerprint != self.fingerprint:
+            raise HeadError(f"{cache.path}: features differ from the ones this head was trained on ("
+                            + describe_fingerprint_difference(cache.feature_settings, self.feature_settings)
+                            + ")")
+        if tuple(cache.classes) != tuple(self.classes):
+            ours, theirs = ", ".join(cache.classes[:5]), ", ".join(self.classes[:5])
+            raise HeadError(f"{cache.path}: classes differ from the head's ({len(cache.classes)} vs "
+                            f"{len(self.classes)}: {ours}... vs {theirs}...)")
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Patch heads: class probabilities ``(N, 1 + C)`` of patch features (background first)."""
+        self._need_patch_probabilities()
+        return self.estimator.predict_proba(X)
+
+    def patch_probabilities(self, cache, *, chunk_size: int = 65536) -> np.ndarray:
+        """Patch heads: :meth:`predict_proba` of a cache's selected patches, read chunk by chunk."""
+        self._need_patch_probabilities()
+        self.check_cache(cache)
+        out = [self.estimator.predict_proba(ch.features) for ch in cache.iter_chunks(chunk_size)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.classes) + 1), np.float32)
+
+    def image_scores(self, cache, *, pooling: Optional[str] = None, k: Optional[float] = None) -> np.ndarray:
+        """Per-class scores ``(M, C)`` of a cache's selected images.
+
+        Patch heads pool their patch probabilities (``pooling``, default ``power`` with
+        ``k = 5``); the image-level heads score images themselves and refuse ``pooling``
+        and ``k``.
+        """
+        self.check_cache(cache)
+        if self.spec.pools_patches:
+            t = cache.images
+            local = np.searchsorted(t.row, cache.image_index)
+            return pool_scores(self.patch_probabilities(cache), local, len(t), pooling=pooling or "power",
+                               k=5.0 if k is None else k)
+        if pooling is not None or k is not None:
+            raise HeadError(f"applies to patch heads; this {self.objective} head scores images itself",
+                            param="pooling" if pooling is not None else "k")
+        return self.estimator.score_images(cache)
+
+    def patch_scores(self, X) -> np.ndarray:
+        """Per-class scores ``(N, C)`` of single patches (localisation), for heads that have them."""
+        if not self.spec.patch_scores:
+            raise HeadError(f"an {self.objective}-objective head scores pooled image features, not patches; "
+                            "localisation needs a patch, mil or hybrid head")
+        return self.estimator.patch_scores(X)
+
+    def scoring(self, *, pooling: Optional[str] = None, k: Optional[float] = None) -> tuple:
+        """``(label, text)`` of how images are scored: ``("power", "power k=5")``, ``("mil:max", "trained max")``."""
+        if self.spec.pools_patches:
+            pooling = pooling or "power"
+            k = 5.0 if k is None else k
+            return pooling, (f"power k={k:g}" if pooling == "power" else pooling)
+        return self.estimator.scoring_label(), self.estimator.scoring_text()
+
+    def _need_patch_probabilities(self) -> None:
+        if not self.spec.pools_patches:
+            raise HeadError(f"a {self.objective} head has no patch class probabilities; use image_scores")
+
+    def summary_line(self) -> str:
+        """One line on what training did, for the end of ``featurecache fit``."""
+        return self.spec.describe({"objective": self.objective, **self.summary}, self.kind)
+
+    # -- the file
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``)."""
+        path = Path(path)
+        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.estimator.get_params().items()}
+        payload = {
+            "format": HEAD_FORMAT,
+            "format_version": HEAD_FORMAT_VERSION,
+            "kind": self.kind,
+            "objective": self.objective,
+            "params": json.dumps(params),
+            "classes": json.dumps(list(self.classes)),
+            "feature_settings": json.dumps(self.feature_settings, sort_keys=True),
+            "fingerprint": self.fingerprint,
+            "summary": json.dumps(self.summary, default=float),
+            "n_features": int(self.estimator.n_features_in_),
+            "n_outputs": int(self.estimator.n_outputs_),
+            "state": self.estimator._state(),
+        }
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: Union[str, Path], *, device: str = "auto") -> "TrainedHead":
+        """Read a head file; never executes code from it."""
+        path = Path(path)
+        if not path.is_file():
+            raise HeadError(f"{path}: no such head file")
+        try:
+            p = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise HeadError(f"{path}: not a readable head file ({type(e).__name__})") from None
+        if not isinstance(p, dict) or p.get("format") != HEAD_FORMAT:
+            raise HeadError(f"{path}: not a featurecache head file")
+        if int(p["format_version"]) > HEAD_FORMAT_VERSION:
+            raise HeadError(f"{path}: head format {p['format_version']} is newer than this featurecache reads")
+        params = json.loads(p["params"])
+        for key in _TUPLE_PARAMS:
+            if isinstance(params.get(key), list):
+                params[key] = tuple(params[key])
+        if "device" in params:
+            params["device"] = device
+        est = make_head(p["kind"], **params)
+        est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]))
+        return cls(est, p["kind"], tuple(json.loads(p["classes"])), json.loads(p["feature_settings"]),
+                   p["fingerprint"], json.loads(p["summary"]), p.get("objective"))

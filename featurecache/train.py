@@ -1,0 +1,111 @@
+"""Training a head on a cache: one entry point for every objective, configured by one frozen config.
+
+:func:`fit_objective` validates the options against the objective registry
+(:mod:`featurecache.heads.registry`) and hands the cache to that objective's trainer.
+:func:`fit_head` is the paper's patch objective with its head kind and estimator
+parameters spelled out.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Union
+
+from featurecache.cache import FeatureCache, MemoryCache
+from featurecache.heads.background import BackgroundPolicy, background_weights
+from featurecache.heads.registry import FitConfig, get_objective
+from featurecache.heads.trained import TrainedHead
+
+__all__ = ["BackgroundPolicy", "FitConfig", "background_weights", "fit_head", "fit_objective"]
+
+CacheLike = Union[str, Path, FeatureCache, MemoryCache]
+
+
+def fit_objective(cache: CacheLike, config: Optional[FitConfig] = None, **settings) -> TrainedHead:
+    """Train a head for any objective on a cache.
+
+    Parameters
+    ----------
+    cache : path, FeatureCache or MemoryCache
+        The training cache (``train_split`` selects its images).
+    config : FitConfig, optional
+        The whole configuration; default ``FitConfig()`` (the default objective at its
+        default options).
+    **settings
+        Fields of :class:`FitConfig` (``objective``, ``train_split``, ``val``, ``val_split``,
+        ``memory_limit``, ``device``, ``random_state``, ``params``) or training options by
+        name (``head``, ``hidden``, ``background``, ``image_pooling``, ``aggregation`` ...,
+        see :data:`featurecache.heads.registry.OPTIONS`), over those of ``config``.
+
+    Returns
+    -------
+    TrainedHead
+
+    Raises
+    ------
+    HeadError
+        An unknown objective or option, an invalid value (naming the option), or an option
+        of another objective.
+
+    Examples
+    --------
+    >>> head = fit_objective("voc.h5", objective="patch", head="logreg", background="sample:0.1",
+    ...                      train_split="train")                              # doctest: +SKIP
+    """
+    config = _merge(config or FitConfig(), settings)
+    return get_objective(config.objective).train(cache, config)
+
+
+def _merge(config: FitConfig, settings: dict) -> FitConfig:
+    fields = set(FitConfig.__dataclass_fields__) - {"options"}
+    own = {k: v for k, v in settings.items() if k in fields}
+    options = {**config.options, **{k: v for k, v in settings.items() if k not in fields}}
+    base = {f: getattr(config, f) for f in fields}
+    return FitConfig(**{**base, **own, "options": options})
+
+
+def fit_head(cache: CacheLike, *, head: str = "mlp", params: Optional[dict] = None,
+             background: Union[str, BackgroundPolicy] = "weight", background_weight: Optional[float] = None,
+             train_split: Optional[str] = None, val=None, val_split: Optional[str] = None,
+             memory_limit: Optional[int] = None, random_state: int = 0) -> TrainedHead:
+    """Train a patch head (the paper's objective) on a cache.
+
+    Parameters
+    ----------
+    cache : path, FeatureCache or MemoryCache
+    head : {"mlp", "logreg", "linearsvm"}
+    params : dict, optional
+        Estimator parameters (``hidden``, ``dropout``, ``lr``, ``C`` ...).
+    background : str or BackgroundPolicy
+        ``"weight"`` (default, balanced), ``"sample:0.1"``, ``"none"``.
+    background_weight : float, optional
+        The weight of a background patch under ``weight`` (default: balanced).
+    train_split : str, optional
+    val : path or cache, optional
+        Validation cache (MLP: early stopping and learning-rate schedule on its loss).
+    val_split : str, optional
+        Split of ``val`` (or of ``cache``) to validate on.
+    memory_limit : int, optional
+        Bytes of float32 training features to hold in memory; above it the MLP streams
+        from HDF5 (same model). Default half of the available memory.
+    random_state : int
+
+    Returns
+    -------
+    TrainedHead
+    """
+    if isinstance(background, BackgroundPolicy):
+        background, background_weight = _policy_text(background)
+    config = FitConfig("patch", {"head": head, "background": background, "background_weight": background_weight},
+                       train_split=train_split, val=val, val_split=val_split, memory_limit=memory_limit,
+                       random_state=random_state, params=dict(params or {}))
+    return fit_objective(cache, config)
+
+
+def _policy_text(policy: BackgroundPolicy) -> tuple:
+    """``(background, background_weight)`` options of a policy (its share stays the default)."""
+    if policy.kind == "sample":
+        return f"sample:{policy.fraction!r}", None
+    return policy.kind, policy.weight
+
+

@@ -1,0 +1,56 @@
+"""Tests of the training entry point: one config, options by name, errors naming the option."""
+
+import numpy as np
+import pytest
+
+from featurecache.errors import HeadError
+from featurecache.heads import BackgroundPolicy
+from featurecache.train import FitConfig, fit_head, fit_objective
+
+from conftest import blob_cache
+
+
+@pytest.fixture(scope="module")
+def cache_file(tmp_path_factory):
+    return blob_cache(tmp_path_factory.mktemp("f") / "b.h5", n_images=30)
+
+
+def test_settings_override_the_config(cache_file):
+    config = FitConfig("patch", {"head": "logreg", "C": 1.0})
+    head = fit_objective(cache_file, config, C=0.01)
+    assert head.kind == "logreg" and head.estimator.C == 0.01 and head.objective == "patch"
+    assert config.options["C"] == 1.0  # the config itself is unchanged (frozen)
+    with pytest.raises(AttributeError):
+        config.objective = "mil"
+    mlp = fit_objective(cache_file, config, head="mlp", hidden=0, epochs=2, device="cpu")
+    assert mlp.kind == "mlp" and len(mlp.estimator.net_) == 1 and mlp.summary["epochs"] <= 2
+
+
+def test_bad_options_name_the_option(cache_file):
+    with pytest.raises(HeadError, match="unknown option") as e:
+        FitConfig("patch", {"depth": 3})
+    assert e.value.param == "options"
+    with pytest.raises(HeadError) as e:
+        FitConfig("patch", {"dropout": 1.5})
+    assert e.value.param == "dropout"
+    with pytest.raises(HeadError) as e:
+        fit_objective(cache_file, objective="patch", background="sometimes")
+    assert e.value.param == "background" and "sample:F" in str(e.value)
+
+
+def test_fit_head_takes_a_policy_object_or_its_text(cache_file):
+    a = fit_head(cache_file, head="logreg", background=BackgroundPolicy("sample", fraction=0.5))
+    b = fit_head(cache_file, head="logreg", background="sample:0.5")
+    assert a.summary["background"] == b.summary["background"] == "sample:0.5"
+    np.testing.assert_array_equal(a.estimator.coef_, b.estimator.coef_)
+    c = fit_head(cache_file, head="logreg", background=BackgroundPolicy("weight", weight=0.25))
+    assert c.summary["background_weight"] == 0.25
+
+
+def test_a_failed_training_leaves_no_file_open(cache_file):
+    import h5py
+
+    before = len(h5py.h5f.get_obj_ids())
+    with pytest.raises(HeadError):
+        fit_objective(cache_file, objective="patch", head="logreg", memory_limit=0)  # logreg cannot stream
+    assert len(h5py.h5f.get_obj_ids()) == before
