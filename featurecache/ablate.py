@@ -35,8 +35,10 @@ from tqdm.auto import tqdm
 from featurecache.cache import FeatureCache, MemoryCache
 from featurecache.errors import AblationError, HeadError
 from featurecache.evaluate import report_from_arrays, report_from_image_scores
-from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, relevant
+from featurecache.heads.pooling import pool_scores
+from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
 from featurecache.heads.trained import TrainedHead
+from featurecache.metrics import bootstrap_map, bootstrap_weights, image_folds, interval
 from featurecache.train import fit_objective
 
 logger = logging.getLogger(__name__)
@@ -63,6 +65,11 @@ def _read(key: str, text: str):
         return _GRID_OPTIONS[key].read(text)
     except HeadError as e:
         raise AblationError(f"{key}: {e.message}", param="grid") from None
+
+
+def _probe(cfg: dict) -> bool:
+    """Whether a configuration is the whole-image probe (an image head on a ``--whole-image`` cache)."""
+    return cfg.get("image_pooling") == _WHOLE and get_objective(cfg["objective"]).image_features
 
 
 def _check_grid(grid: dict) -> dict:
@@ -133,6 +140,13 @@ class AblationRow:
     maps: list
     train_seconds: list
     patch_accuracy: list = field(default_factory=list)
+    #: ``(fold, image scores)`` of each run, for the bootstrap.
+    runs: list = field(default_factory=list, repr=False)
+    #: Bootstrap: 95% interval of the mAP, and the paired differences to the best row and to
+    #: the whole-image probe's row ``(difference, low, high)``, in mAP units.
+    ci: tuple = (float("nan"), float("nan"))
+    vs_best: Optional[tuple] = None
+    vs_probe: Optional[tuple] = None
 
     @property
     def mean(self) -> float:
@@ -141,6 +155,10 @@ class AblationRow:
     @property
     def std(self) -> float:
         return float(np.std(self.maps))
+
+    def interval_dict(self) -> dict:
+        return {"map_ci": list(self.ci), "vs_best": list(self.vs_best) if self.vs_best else None,
+                "vs_probe": list(self.vs_probe) if self.vs_probe else None}
 
 
 @dataclass
@@ -169,8 +187,10 @@ class AblationResult:
             "trainings": self.trainings, "best_head": self.best_head_path,
             "rows": [{"config": {k: _show(v) for k, v in r.config.items()}, "map_mean": r.mean, "map_std": r.std,
                       "maps": r.maps, "train_seconds": float(np.mean(r.train_seconds)),
-                      "patch_accuracy": float(np.mean(r.patch_accuracy)) if r.patch_accuracy else None}
+                      "patch_accuracy": float(np.mean(r.patch_accuracy)) if r.patch_accuracy else None,
+                      **r.interval_dict()}
                      for r in self.rows],
+            "bootstrap": self.extra.get("bootstrap"),
         }
 
     def to_json(self) -> str:
@@ -179,24 +199,32 @@ class AblationResult:
     def to_csv(self) -> str:
         buf = io.StringIO()
         w = csv.writer(buf)
-        w.writerow(["rank"] + self.varied + ["map_mean", "map_std", "runs", "train_seconds", "patch_accuracy"])
+        w.writerow(["rank"] + self.varied + ["map_mean", "map_std", "runs", "train_seconds", "patch_accuracy",
+                                             "ci_low", "ci_high", "vs_best", "vs_best_low", "vs_best_high",
+                                             "vs_probe", "vs_probe_low", "vs_probe_high"])
         for i, r in enumerate(self.rows, 1):
             w.writerow([i] + [_cell(r.config, k) for k in self.varied]
                        + [f"{r.mean:.6f}", f"{r.std:.6f}", len(r.maps), f"{np.mean(r.train_seconds):.3f}",
-                          f"{np.mean(r.patch_accuracy):.6f}" if r.patch_accuracy else ""])
+                          f"{np.mean(r.patch_accuracy):.6f}" if r.patch_accuracy else ""]
+                       + [f"{v:.6f}" for v in r.ci]
+                       + [f"{v:.6f}" if d else "" for d in (r.vs_best, r.vs_probe) for v in (d or (0, 0, 0))])
         return buf.getvalue()
 
     def to_text(self) -> str:
         head = [f"{len(self.rows)} configurations, {self.protocol}, {self.seeds} seed(s); {self.trainings} "
-                f"trainings in {self.seconds:.0f} s; mAP in % (mean ± std over seeds × folds)"]
+                f"trainings in {self.seconds:.0f} s; mAP in % (mean ± std over seeds × folds; [95% paired bootstrap "
+                f"interval over images])"]
         used = set().union(*(relevant(r.config) for r in self.rows)) if self.rows else set()
         fixed = ", ".join(f"{k}={_show(v)}" for k, v in self.fixed.items() if k in _RELEVANT_FIXED and k in used)
         if fixed:
             head.append(f"fixed: {fixed}")
-        cols = ["rank"] + self.varied + ["mAP", "patch acc", "train s"]
+        probe = any(r.vs_probe for r in self.rows)
+        cols = ["rank"] + self.varied + ["mAP", "95% CI", "vs best"] + (["vs probe"] if probe else []) + [
+            "patch acc", "train s"]
         table = [[str(i)] + [_cell(r.config, k) for k in self.varied]
-                 + [f"{100 * r.mean:.1f} ± {100 * r.std:.1f}",
-                    f"{100 * np.mean(r.patch_accuracy):.1f}" if r.patch_accuracy else "-",
+                 + [f"{100 * r.mean:.1f} ± {100 * r.std:.1f}", _interval_text(r.ci), _difference_text(r.vs_best)]
+                 + ([_difference_text(r.vs_probe)] if probe else [])
+                 + [f"{100 * np.mean(r.patch_accuracy):.1f}" if r.patch_accuracy else "-",
                     f"{np.mean(r.train_seconds):.1f}"]
                  for i, r in enumerate(self.rows, 1)]
         widths = [max(len(c), *(len(row[j]) for row in table)) for j, c in enumerate(cols)]
@@ -211,6 +239,14 @@ _RELEVANT_FIXED = ("objective", "head", "hidden", "background", "k", "pooling", 
                    "aggregation")
 
 
+def _interval_text(ci: tuple) -> str:
+    return "-" if np.isnan(ci[0]) else f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]"
+
+
+def _difference_text(d: Optional[tuple]) -> str:
+    return "-" if not d or np.isnan(d[1]) else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
+
+
 def _cell(cfg: dict, key: str) -> str:
     """A table cell; '-' for a setting that does not apply to the row's objective or head."""
     return _show(cfg[key]) if key in relevant(cfg) else "-"
@@ -222,19 +258,6 @@ def _show(v) -> str:
     if isinstance(v, float) and v.is_integer():
         return str(int(v))
     return "balanced" if v is None else str(v)
-
-
-def _splits(n_images: int, folds: Optional[int], seed: int) -> list:
-    """(train image mask, eval image mask) pairs for K-fold CV over images."""
-    rng = np.random.RandomState(seed)
-    order = rng.permutation(n_images)
-    parts = np.array_split(order, folds)
-    out = []
-    for p in parts:
-        ev = np.zeros(n_images, bool)
-        ev[p] = True
-        out.append((~ev, ev))
-    return out
 
 
 class _WholeImage:
@@ -274,19 +297,21 @@ def _fit(cfg: dict, fold: _Fold, seed: int, device: str, whole: Optional[_WholeI
     """Train one configuration on a fold's training images."""
     options = {k: v for k, v in cfg.items() if k in OPTIONS and k != "objective"}
     train = fold.train
-    if cfg.get("image_pooling") == _WHOLE:
+    if _probe(cfg):
         train, options["image_pooling"] = whole.view(train)[0], "mean"
     config = FitConfig(cfg["objective"], options, device=device, random_state=seed)
     return fit_objective(train, config)
 
 
 def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: Optional[_WholeImage]) -> list:
-    """``(evaluation settings, report)`` pairs of a trained head on a fold's evaluation images."""
+    """``(evaluation settings, report, image scores)`` of a trained head on a fold's evaluation images."""
     te = fold.test
     t = te.images
-    if head.spec.pools_patches:
+    # Evaluation settings score the patch heads the grid trains; a head auto chose is scored as it was chosen.
+    pooled = head.spec.pools_patches and get_objective(cfg["objective"]).pools_patches
+    if pooled:
         probs, local = head.patch_probabilities(te), np.searchsorted(t.row, te.image_index)
-    elif cfg.get("image_pooling") == _WHOLE:
+    elif _probe(cfg):
         view, order = whole.view(te)
         scores = head.image_scores(view)[order]
     else:
@@ -297,12 +322,13 @@ def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: 
         if key in done:  # evaluation settings that do not apply to this objective
             continue
         done.add(key)
-        if head.spec.pools_patches:
+        if pooled:
             rep = report_from_arrays(probs, local, t.labels, t.difficult, te.classes, pooling=ecfg["pooling"],
                                      k=ecfg["k"], method=ecfg["method"], patch_labels=te.labels)
+            scores = pool_scores(probs, local, len(t), pooling=ecfg["pooling"], k=ecfg["k"])
         else:
             rep = report_from_image_scores(scores, t.labels, t.difficult, te.classes, method=ecfg["method"])
-        out.append((ecfg, rep))
+        out.append((ecfg, rep, scores))
     return out
 
 
@@ -319,7 +345,7 @@ def _training_cache(cache, train_split: Optional[str], val, val_split: Optional[
     """The training images, in memory: ``train_split``, or the images outside ``val_split`` of the same file."""
     with FeatureCache(cache, split=train_split) as c:
         root = c.to_memory()
-    if val is None and val_split is not None and train_split is None:
+    if val is None and val_split is not None:  # an evaluation image never trains (train_split may hold it too)
         return root.select(np.flatnonzero([val_split not in s.split(",") for s in root.images.split]))
     return root
 
@@ -330,8 +356,8 @@ def _folds(train: MemoryCache, cache, folds: Optional[int], val, val_split: Opti
     if folds is not None:
         if folds > n:
             raise AblationError(f"{cache}: --folds {folds} is more than its {n} images")
-        return ([_Fold(train.select(np.flatnonzero(tr)), train.select(np.flatnonzero(ev)))
-                 for tr, ev in _splits(n, folds, 0)], f"{folds}-fold cross-validation over {n} images")
+        return ([_Fold(train.select(tr), train.select(ev)) for tr, ev in image_folds(n, folds, 0)],
+                f"{folds}-fold cross-validation over {n} images")
     with FeatureCache(val if val is not None else cache, split=val_split) as v:
         if v.fingerprint != train.fingerprint:
             raise AblationError(f"{v.path}: validation features differ from the training cache's")
@@ -355,6 +381,8 @@ def _configurations(settings: dict) -> tuple:
     unique, seen = [], set()
     for c in itertools.product(*(settings[k] for k in TRAIN_KEYS)):
         cfg = dict(zip(TRAIN_KEYS, c))
+        if cfg["image_pooling"] == _WHOLE and not _probe(cfg):  # the whole-image probe is an image head only
+            cfg["image_pooling"] = DEFAULTS["image_pooling"]
         key = _canonical({**cfg, **eval_cfgs[0]})
         if key not in seen:
             seen.add(key)
@@ -368,14 +396,15 @@ def _run(configs: list, eval_cfgs: list, folds: list, seeds: int, device: str, w
     bar = tqdm(total=len(configs) * seeds * len(folds), unit="fit", desc="ablate",
                disable=(None if progress is None else not progress))
     try:
-        for cfg, seed, fold in itertools.product(configs, range(seeds), folds):
+        for cfg, seed, (f, fold) in itertools.product(configs, range(seeds), enumerate(folds)):
             t = time.perf_counter()
             head = _fit(cfg, fold, seed, device, whole)
             reports = _reports(cfg, head, fold, eval_cfgs, whole)
             dt = time.perf_counter() - t
-            for ecfg, rep in reports:
+            for ecfg, rep, scores in reports:
                 full = {**cfg, **ecfg}
                 row = results.setdefault(_canonical(full), AblationRow(full, [], []))
+                row.runs.append((f, scores))
                 row.maps.append(rep.mean_ap)
                 row.train_seconds.append(dt)
                 if rep.patch_accuracy is not None:
@@ -399,6 +428,7 @@ def ablate(
     save_best: Optional[Union[str, Path]] = None,
     device: str = "auto",
     progress: Optional[bool] = None,
+    n_boot: int = 1000,
 ) -> AblationResult:
     """Run every combination of a grid of head settings and objectives on one cache.
 
@@ -429,6 +459,9 @@ def ablate(
         For the torch heads.
     progress : bool, optional
         Progress bar over trainings; default only on a terminal.
+    n_boot : int
+        Bootstrap resamples of the images for each row's 95% interval and the paired
+        differences to the best row and to the whole-image probe (0: none).
 
     Returns
     -------
@@ -450,6 +483,7 @@ def ablate(
     fixed = {k: settings[k][0] for k in DEFAULTS if len(settings[k]) == 1}
     result = AblationResult(rows, varied, fixed, protocol, seeds, str(train.path), seconds=0.0,
                             trainings=len(configs) * seeds * len(evaluations))
+    result.extra["bootstrap"] = _bootstrap(rows, [f.test.images for f in evaluations], n_boot=n_boot)
     if save_best is not None:
         _save_best(rows[0].config, train, device, whole, save_best)
         result.best_head_path = str(save_best)
@@ -463,9 +497,38 @@ def _save_best(cfg: dict, train: MemoryCache, device: str, whole: Optional[_Whol
     head.summary["ablation_config"] = {k: _show(v) for k, v in cfg.items() if k in relevant(cfg)}
     if head.spec.pools_patches:
         head.summary.update(pooling=cfg["pooling"], k=cfg["k"])
-    if cfg.get("image_pooling") == _WHOLE:
+    if _probe(cfg):
         head.summary["note"] = f"trained on whole-image features ({whole.path}); evaluate it on that cache"
     head.save(path)
+
+
+def _bootstrap(rows: list, tables: list, *, n_boot: int, seed: int = 0) -> dict:
+    """Paired bootstrap over images: each row's 95% interval and its differences to the best and probe rows.
+
+    In each evaluation fold, ``n_boot`` resamples draw its images with replacement (seed
+    ``seed``); the same draws serve every row, so differences are paired. A run's mAP is
+    recomputed on each resample (an image drawn twice counts twice); a row's statistic is
+    the mean over its runs, as its mAP is. Intervals: the 2.5th to 97.5th percentile spread
+    of the resampled values around their mean, placed around the measured value
+    (:func:`featurecache.metrics.interval`).
+    """
+    if not rows or n_boot <= 0:
+        return {"resamples": 0}
+    rng = np.random.RandomState(seed)
+    weights = [bootstrap_weights(len(t), n_boot, rng) for t in tables]
+    for r in rows:
+        r.boot = np.mean([bootstrap_map(scores, tables[f].labels, tables[f].difficult, weights[f],
+                                        method=r.config["method"]) for f, scores in r.runs], axis=0)
+        r.ci = interval(r.boot, center=r.mean)
+    best = rows[0]
+    probe = next((r for r in rows if _probe(r.config)), None)
+    for r in rows:
+        if r is not best:
+            r.vs_best = (r.mean - best.mean, *interval(r.boot - best.boot, center=r.mean - best.mean))
+        if probe is not None and r is not probe:
+            r.vs_probe = (r.mean - probe.mean, *interval(r.boot - probe.boot, center=r.mean - probe.mean))
+    return {"resamples": n_boot, "seed": seed, "unit": "image, within each evaluation fold, paired across rows",
+            "interval": "2.5th-97.5th percentile spread, centred on the measured value"}
 
 
 def _canonical(cfg: dict) -> str:

@@ -730,6 +730,10 @@ class MemoryCache:
         """The cache of all images this view was selected from."""
         return self._root
 
+    def to_memory(self) -> "MemoryCache":
+        """Itself: already in memory (as :meth:`FeatureCache.to_memory` for a cache on disk)."""
+        return self
+
     @property
     def memo(self) -> tuple:
         """``(shared dictionary, positions of this view's images in the root's table)``."""

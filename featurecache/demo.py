@@ -140,12 +140,13 @@ class DemoResult:
     report: object
     ablation: object
     seconds: float
+    selection: str = ""
 
     def to_text(self) -> str:
         return "\n".join([
             "== extraction", self.extraction.summary(), "",
-            f"== evaluation on the val split of the head `featurecache fit` trains by default "
-            f"(objective {self.report.objective})",
+            "== `featurecache fit` by default: candidates cross-validated on the training images", self.selection, "",
+            f"== evaluation on the val split of the chosen head (objective {self.report.objective})",
             self.report.to_text(), "",
             "== objectives and head settings compared on the same cache (no re-extraction)",
             self.ablation.to_text(), "",
@@ -184,11 +185,12 @@ def run_demo(workdir: Union[str, Path] = "featurecache-demo", *, progress: Optio
         make_demo_dataset(data)
     cache = work / "demo.h5"
     extraction = extract(data, cache, grid=PatchGrid(scales=scales, input_size=input_size), progress=progress)
-    head = fit_objective(cache, train_split="train")
+    head = fit_objective(cache, train_split="train", progress=progress)
     head_path = head.save(work / "demo.head.pt")
     report = evaluate(head, cache, split="val")
     # The paper's patch heads (2 x 2 trainings, 2 poolings) against the image-level objectives.
     grid = ["objective=patch,image,mil,hybrid", "hidden=0,2048", "background=weight,sample:0.1", "epochs=30",
             "pooling=power,max"]
     ablation = ablate(cache, grid=parse_grid(grid), train_split="train", val_split="val", progress=progress)
-    return DemoResult(work, data, cache, head_path, extraction, report, ablation, time.perf_counter() - t0)
+    return DemoResult(work, data, cache, head_path, extraction, report, ablation, time.perf_counter() - t0,
+                      head.selection_table())

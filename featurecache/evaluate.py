@@ -4,18 +4,8 @@ Scores come from a :class:`~featurecache.heads.trained.TrainedHead` (patch heads
 probabilities are pooled into image scores as :mod:`featurecache.heads.pooling` describes);
 this module turns them into AP and tables and knows no estimator.
 
-Average precision (:func:`average_precision`), per class, ignoring the images whose only
-objects of the class are ``difficult``:
-
-* ``"voc07"``: the VOC 2007 11-point interpolated AP, mean over recall t ∈ {0, 0.1, …, 1} of
-  the best precision at recall ≥ t;
-* ``"all"``: VOC 2010 and later: area under the interpolated precision/recall curve
-  (precision made monotone from the right), at every recall step;
-* ``"raw"``: area under the uninterpolated curve, Σ (R_n − R_{n−1}) P_n, which is what
-  ``sklearn.metrics.average_precision_score`` computes.
-
-Tied scores are taken together as one threshold (so the result never depends on the
-order of ties). mAP is the mean over classes with at least one positive image.
+Average precision is :mod:`featurecache.metrics`'s (VOC 2007 11-point, VOC 2010+ area, or
+uninterpolated).
 
 :func:`localization_map` averages a head's patch scores per pixel (the paper's localisation).
 """
@@ -35,6 +25,7 @@ from featurecache.cache import FeatureCache, open_cache
 from featurecache.errors import EvalError, HeadError
 from featurecache.heads.pooling import SCORE_POOLINGS, pool_scores
 from featurecache.heads.trained import TrainedHead
+from featurecache.metrics import METHODS, average_precision, per_class_ap
 from featurecache.patches import AMBIGUOUS
 
 __all__ = [
@@ -54,66 +45,9 @@ __all__ = [
 ]
 
 POOLINGS = SCORE_POOLINGS
-METHODS = ("voc07", "all", "raw")
 
 #: Patch probabilities to image scores (:func:`featurecache.heads.pooling.pool_scores`).
 image_scores = pool_scores
-
-
-def average_precision(scores: np.ndarray, positive: np.ndarray, *, ignore: Optional[np.ndarray] = None,
-                      method: str = "voc07") -> float:
-    """Average precision of one class over images (see the module docstring).
-
-    Parameters
-    ----------
-    scores : ndarray (M,)
-    positive : ndarray (M,), bool
-    ignore : ndarray (M,), bool, optional
-        Images left out (e.g. only difficult objects of the class).
-    method : {"voc07", "all", "raw"}
-
-    Returns
-    -------
-    float
-        In [0, 1]; NaN when there is no positive.
-    """
-    if method not in METHODS:
-        raise EvalError(f"must be one of {', '.join(METHODS)}, got {method!r}", param="method")
-    s = np.asarray(scores, dtype=np.float64)
-    pos = np.asarray(positive, dtype=bool)
-    if ignore is not None:
-        keep = ~np.asarray(ignore, dtype=bool)
-        s, pos = s[keep], pos[keep]
-    n_pos = int(pos.sum())
-    if n_pos == 0:
-        return float("nan")
-    order = np.argsort(-s, kind="stable")
-    s, pos = s[order], pos[order]
-    # The end of each run of tied scores is one threshold.
-    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]
-    tp = np.cumsum(pos)[last].astype(np.float64)
-    fp = (last + 1) - tp
-    rec = tp / n_pos
-    prec = tp / (tp + fp)
-    if method == "voc07":
-        return float(np.mean([prec[rec >= t].max() if (rec >= t).any() else 0.0 for t in np.linspace(0, 1, 11)]))
-    if method == "raw":
-        return float(np.sum(np.diff(np.r_[0.0, rec]) * prec))
-    mrec = np.r_[0.0, rec, 1.0]
-    mpre = np.r_[0.0, prec, 0.0]
-    mpre = np.maximum.accumulate(mpre[::-1])[::-1]
-    i = np.flatnonzero(mrec[1:] != mrec[:-1])
-    return float(np.sum((mrec[i + 1] - mrec[i]) * mpre[i + 1]))
-
-
-def per_class_ap(scores: np.ndarray, labels: np.ndarray, difficult: Optional[np.ndarray] = None, *,
-                 method: str = "voc07") -> tuple:
-    """AP of every class: returns ``(ap (C,), positives (C,))``; AP is NaN without positives."""
-    labels = np.asarray(labels, dtype=bool)
-    difficult = np.zeros_like(labels) if difficult is None else np.asarray(difficult, dtype=bool)
-    ap = np.array([average_precision(scores[:, c], labels[:, c], ignore=difficult[:, c] & ~labels[:, c],
-                                     method=method) for c in range(labels.shape[1])])
-    return ap, labels.sum(axis=0)
 
 
 @dataclass
@@ -165,6 +99,8 @@ class EvalReport:
         lines.append(f"{'class':<{width}}  {'AP':>6}  {'positives':>9}")
         for c, a, n in zip(self.classes, self.ap, self.positives):
             lines.append(f"{c:<{width}}  {'-' if np.isnan(a) else f'{100 * a:.1f}':>6}  {int(n):>9}")
+        if self.extra.get("selection"):
+            lines.append(self.extra["selection"])
         if self.patch_accuracy is not None:
             lines.append(f"patch accuracy {100 * self.patch_accuracy:.1f}% on {self.labelled_patches:,} labelled "
                          f"patches (background included, ambiguous excluded)")
@@ -274,6 +210,8 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
         except HeadError as e:
             raise EvalError(e.message, param=e.param) from None
     report.head, report.objective, report.cache, report.scoring = head.kind, head.objective, str(c.path), text
+    if head.selection_line():
+        report.extra["selection"] = head.selection_line()
     return report
 
 

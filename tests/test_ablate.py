@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from featurecache.ablate import AblationError, _splits, ablate, parse_grid, read_sweep_file
+from featurecache.ablate import AblationError, ablate, parse_grid, read_sweep_file
 from featurecache.cli import main
 from featurecache.evaluate import evaluate
 from featurecache.heads import TrainedHead
+from featurecache.metrics import image_folds
 
 from conftest import blob_cache
 
@@ -58,9 +59,12 @@ def test_ablation_matches_a_separate_fit_and_eval(cache_file, tmp_path):
 
 
 def test_folds_keep_each_image_on_one_side(cache_file):
-    splits = _splits(48, 5, 0)
-    ev = np.array([e for _, e in splits])
-    assert (ev.sum(0) == 1).all() and all(((t ^ e).all()) for t, e in splits)
+    splits = image_folds(48, 5, 0)
+    ev = np.zeros((5, 48), int)
+    for i, (t, e) in enumerate(splits):
+        ev[i, e] = 1
+        assert not set(t) & set(e) and len(t) + len(e) == 48
+    assert (ev.sum(0) == 1).all()
     r = ablate(cache_file, grid=parse_grid(FAST + ["head=mlp,logreg"]), folds=4, seeds=2, progress=False)
     assert r.protocol.startswith("4-fold") and r.trainings == 2 * 4 * 2
     assert all(len(row.maps) == 8 for row in r.rows) and all(row.std >= 0 for row in r.rows)
@@ -122,6 +126,13 @@ def test_objectives_in_one_run_with_the_whole_image_probe(cache_file, whole_file
     probe = by[("image", "whole")]
     head = fit_objective(whole_file, objective="image", train_split="train", C=0.5)
     assert probe.mean == pytest.approx(evaluate(head, whole_file, split="val").mean_ap, abs=1e-9)
+    # The paired bootstrap: every row has an interval around its mAP; differences to the best and the probe.
+    for row in r.rows:
+        assert row.ci[0] - 1e-12 <= row.mean <= row.ci[1] + 1e-12
+        assert (row.vs_probe is None) == (row is probe) and (row.vs_best is None) == (row is r.best)
+        if row.vs_probe:
+            assert row.vs_probe[0] == pytest.approx(row.mean - probe.mean) and row.vs_probe[1] <= row.vs_probe[2]
+    assert "vs probe" in r.to_text().splitlines()[2] and json.loads(r.to_json())["bootstrap"]["resamples"] == 1000
     text = r.to_text()
     image_line = next(line for line in text.splitlines() if " whole " in line)
     assert " - " in image_line  # head, k: not applicable to the image objective
@@ -144,3 +155,28 @@ def test_save_best_reproduces_image_level_objectives(cache_file, tmp_path, objec
     assert head.summary["objective"] == objective
     rep = evaluate(head, cache_file, split="val")
     assert rep.objective == objective and rep.mean_ap == pytest.approx(r.best.mean, abs=1e-6)
+
+
+def test_auto_and_fusion_rows_and_no_bootstrap(cache_file):
+    grid = parse_grid(["objective=auto,fusion", "candidates=image:mean/image:max", "members=image:mean/image:max",
+                       "fusion_rule=zscore,rank"])
+    assert grid["candidates"] == [("image:mean", "image:max")]
+    r = ablate(cache_file, grid=grid, val_split="val", progress=False, n_boot=0)
+    assert sorted(row.config["objective"] for row in r.rows) == ["auto", "fusion", "fusion"]
+    assert all(np.isnan(row.ci[0]) and row.vs_best is None for row in r.rows) and all(row.mean > 0.8 for row in r.rows)
+
+
+def test_evaluation_images_never_train_and_settings_that_do_not_apply_do_not_multiply(cache_file, whole_file,
+                                                                                     tmp_path):
+    # 'trainval' holds every image, the val ones too: they must still stay out of training.
+    splits = ["train,trainval" if i % 4 else "val,trainval" for i in range(24)]
+    both = blob_cache(tmp_path / "tv.h5", n_images=24, splits=splits)
+    r = ablate(both, grid=parse_grid(["head=logreg"]), train_split="trainval", val_split="val", progress=False,
+               n_boot=0)
+    assert r.protocol.startswith("train 18 images, evaluate 6 images")
+    r = ablate(cache_file, grid=parse_grid(["objective=patch,image", "head=logreg", "image_pooling=whole"]),
+               val_split="val", whole_image=whole_file, progress=False, n_boot=0)
+    assert sorted(row.config["objective"] for row in r.rows) == ["image", "patch"]  # the patch row stays
+    grid = parse_grid(["objective=fusion", "members=image:mean/mil", "hidden=0,16", "image_epochs=3"])
+    r = ablate(cache_file, grid=grid, val_split="val", progress=False, n_boot=0)
+    assert r.trainings == 1  # hidden shapes no member of this fusion

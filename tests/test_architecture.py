@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featurecache"
 
 #: docs/architecture.md: a module may import modules of its own or a lower layer only.
 LAYERS = [
-    {"errors", "resources"},
+    {"errors", "resources", "metrics"},
     {"__init__", "datasets", "patches", "summary"},
     {"backbones", "cache"},
     {"extract"},
@@ -22,6 +22,8 @@ LAYERS = [
     {"heads._sources", "heads._torch"},
     {"heads.patch", "heads.mil"},
     {"heads.image"},
+    {"heads.fusion"},
+    {"heads.auto"},
     {"train"},
     {"evaluate"},
     {"ablate"},

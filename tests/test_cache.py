@@ -36,7 +36,7 @@ def test_views_select_images_without_copying(cache_file):
             assert view.images.path == disk_view.images.path == ("img1.jpg", "img4.jpg", "img5.jpg")
             np.testing.assert_array_equal(view.read_features(), disk_view.read_features())
             np.testing.assert_array_equal(view.labels, disk_view.labels)
-        assert view.features is mem.features  # one array shared by every view
+        assert view.features is mem.features and view.to_memory() is view  # one array shared by every view
         inner = view.select([2])
         assert inner.images.path == ("img5.jpg",) and inner.root() is mem
         assert mem.split("val").images.path == tuple(f"img{i}.jpg" for i in range(0, 24, 3))

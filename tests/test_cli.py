@@ -99,7 +99,9 @@ def test_fit_objective_choices_match_the_library_and_stray_options_are_refused(t
     runner = CliRunner()
     r = runner.invoke(main, ["fit", str(cache), "--objective", "image", "--hidden", "0", "--dropout", "0.2"])
     assert r.exit_code == 2 and "--hidden, --dropout do(es) not apply to objective image" in r.output
-    r = runner.invoke(main, ["fit", str(cache), "--head", "logreg"])
+    r = runner.invoke(main, ["fit", str(cache), "--objective", "mil", "--head", "logreg"])
+    assert r.exit_code == 2 and "--head do(es) not apply to objective mil" in r.output
+    r = runner.invoke(main, ["fit", str(cache), "--val-split", "val"])
     assert r.exit_code == 2 and f"objective {DEFAULT_OBJECTIVE} (the default)" in r.output
     assert "add --objective patch" in r.output
     r = runner.invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg", "--C", "0.5"])

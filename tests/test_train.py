@@ -54,3 +54,15 @@ def test_a_failed_training_leaves_no_file_open(cache_file):
     with pytest.raises(HeadError):
         fit_objective(cache_file, objective="patch", head="logreg", memory_limit=0)  # logreg cannot stream
     assert len(h5py.h5f.get_obj_ids()) == before
+
+
+def test_option_ranges_are_refused_in_the_library(cache_file):
+    for name, value in (("C", 0), ("lr", -1), ("image_lr", 0), ("weight_decay", -1e-4), ("background_weight", -1)):
+        with pytest.raises(HeadError) as e:
+            FitConfig("patch", {name: value})
+        assert e.value.param == name
+
+
+def test_numpy_numbers_in_settings_save(cache_file, tmp_path):
+    head = fit_objective(cache_file, objective="patch", head="logreg", random_state=np.int64(1), C=np.float64(0.5))
+    head.save(tmp_path / "h.pt")

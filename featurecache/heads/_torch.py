@@ -108,7 +108,7 @@ class TorchState:
     def _state(self) -> dict:
         return {k: v.detach().cpu() for k, v in self.net_.state_dict().items()}
 
-    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+    def _restore(self, state: dict, n_features: int, n_outputs: int, *, device: str = "auto") -> None:
         net = self._build(n_features, n_outputs)
         net.load_state_dict(state)
         self.net_ = net.to(resolve_device(self.device)).eval()

@@ -196,8 +196,8 @@ class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
     def _build(self, n_features: int, n_outputs: int) -> nn.Module:
         return _build_mlp(n_features, _hidden_tuple(self.hidden), n_outputs, float(self.dropout))
 
-    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
-        super()._restore(state, n_features, n_outputs)
+    def _restore(self, state: dict, n_features: int, n_outputs: int, *, device: str = "auto") -> None:
+        super()._restore(state, n_features, n_outputs, device=device)
         self.classes_ = np.arange(n_outputs)
 
     def _loss(self, net: nn.Module, data, dev) -> float:
@@ -225,7 +225,7 @@ class CoefficientState:
     def _state(self) -> dict:
         return {"coef": torch.from_numpy(self.coef_.copy()), "intercept": torch.from_numpy(self.intercept_.copy())}
 
-    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+    def _restore(self, state: dict, n_features: int, n_outputs: int, *, device: str = "auto") -> None:
         self.coef_ = state["coef"].numpy().astype(np.float64)
         self.intercept_ = state["intercept"].numpy().astype(np.float64)
         self.n_features_in_, self.n_outputs_ = n_features, n_outputs
@@ -266,7 +266,7 @@ class _LinearSklearnHead(CoefficientState, _PatchClassifier, BaseEstimator):
         """Train on a batch source held in memory (``val`` is not used)."""
         return self.fit(source.matrix(), source.y, sample_weight=source.w)
 
-    def _restore(self, state: dict, n_features: int, n_outputs: int) -> None:
+    def _restore(self, state: dict, n_features: int, n_outputs: int, *, device: str = "auto") -> None:
         super()._restore(state, n_features, n_outputs)
         self.classes_ = np.arange(n_outputs)
 

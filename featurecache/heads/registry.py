@@ -11,7 +11,7 @@ does), so this module, and the command line's ``--help``, do not import torch.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -23,9 +23,9 @@ __all__ = ["AGGREGATIONS", "DEFAULT_OBJECTIVE", "EVAL_OPTIONS", "FitConfig", "HE
            "Objective", "Option", "defaults", "estimator_for", "get_objective", "make_head", "objective_of_kind",
            "parse_aggregation", "relevant"]
 
-#: ``fit``'s default objective: the one whose default configuration measured best on the
-#: shared real data (docs/results.md, "Objectives").
-DEFAULT_OBJECTIVE = "mil"
+#: ``fit``'s default objective: choose among the candidates by cross-validation on the
+#: user's own training images (no fixed objective held on data nobody tuned on).
+DEFAULT_OBJECTIVE = "auto"
 
 #: MIL aggregations of patch logits into an image logit.
 AGGREGATIONS = ("lse", "max", "power")
@@ -51,6 +51,59 @@ def parse_aggregation(text: str) -> tuple:
     if v <= 0:
         raise HeadError(f"{name}: the parameter must be positive, got {v:g}", param="aggregation")
     return name, v
+
+
+#: What ``auto`` compares unless told otherwise: the probe on the coarsest scale, the pooled
+#: patch features, the image-label and box-label patch scorers, and a fusion. The paper's
+#: patch objective enters as FCb only (``patch:0``): as good as FCa 2048 + FCb at the defaults
+#: on both shared sets (VOC 5-fold 79.3 vs 78.2, BCCD 86.9 vs 87.1 at k = 5; docs/results.md)
+#: and 26x cheaper to train on BCCD (3.4 s vs 90.5 s).
+DEFAULT_CANDIDATES = ("image:coarse", "image:mean", "mil", "hybrid", "patch:0", "fusion")
+
+#: Score fusions: standardised log-odds averaged (``zscore``), or ranks averaged (``rank``).
+FUSION_RULES = ("zscore", "rank")
+
+
+def is_fusion(name: str) -> bool:
+    """Whether a member or candidate name is a fusion (of the ``members``)."""
+    return get_objective(parse_member(name)[0]).fuses
+
+
+def parse_member(text: str) -> tuple:
+    """``"image:coarse"`` -> ``("image", {"image_pooling": "coarse"})``; ``"mil"`` -> ``("mil", {})``.
+
+    A fusion member or an ``auto`` candidate: an objective, and after a colon the pooling of
+    ``image`` (``image:mean+max``) or the hidden widths of the ``patch`` MLP (``patch:0``,
+    FCb only). ``fusion`` is a candidate only (a fusion does not fuse fusions).
+    """
+    name, _, variant = str(text).strip().partition(":")
+    if name not in ("patch", "image", "mil", "hybrid", "fusion"):
+        raise HeadError(f"unknown member {text!r} (patch[:HIDDEN], image[:POOLING], mil, hybrid, fusion)",
+                        param="members")
+    if not variant:
+        return name, {}
+    if name not in _VARIANTS:
+        raise HeadError(f"{name} takes no ':' variant, got {text!r}", param="members")
+    option, read = _VARIANTS[name]
+    return name, {option: read(variant)}
+
+
+#: The option a member's ``:variant`` sets: the image objective's pooling, the patch MLP's widths.
+_VARIANTS = {"image": ("image_pooling", lambda v: _pooling_value(v)), "patch": ("hidden", lambda v: _hidden_value(v))}
+
+
+def _member_list(text, param: str = "members") -> tuple:
+    # ',' on the command line; '/' in ablate --grid, where commas separate values ('+' joins image poolings).
+    parts = list(text) if isinstance(text, (tuple, list)) else [
+        p.strip() for p in str(text).replace("/", ",").split(",") if p.strip()]
+    for p in parts:
+        try:
+            parse_member(p)
+        except HeadError as e:
+            raise HeadError(e.message, param=param) from None
+    if not parts:
+        raise HeadError("needs at least one name", param=param)
+    return tuple(parts)
 
 
 # --------------------------------------------------------------------------- options
@@ -133,7 +186,7 @@ class Option:
         How the command line reads it: ``float``, ``int``, ``choice``, ``text``, ``path`` (an existing file).
     choices : tuple of str
     minimum, maximum : float, optional
-        Inclusive range; ``maximum_open`` makes the upper end exclusive.
+        Inclusive range; ``minimum_open``/``maximum_open`` make an end exclusive.
     grid : bool
         Whether ``ablate --grid`` can vary it.
     aliases : tuple of str
@@ -150,14 +203,18 @@ class Option:
     kind: str = "float"
     choices: tuple = ()
     minimum: Optional[float] = None
+    minimum_open: bool = False
     maximum: Optional[float] = None
     maximum_open: bool = False
     grid: bool = True
     aliases: tuple = ()
 
     def applies(self, options: Mapping) -> bool:
-        """Whether this option shapes a configuration's result."""
-        return options.get("objective") in self.objectives and (self.when is None or bool(self.when(options)))
+        """Whether this option shapes a configuration's result (for fusion and auto: through a member's)."""
+        objective = options.get("objective")
+        if objective in _MEMBERS and objective in self.objectives and self.objectives & _SINGLE:
+            return any(self.applies(m) for m, fixed in _member_options(options) if self.name not in fixed)
+        return objective in self.objectives and (self.when is None or bool(self.when(options)))
 
     def read(self, text) -> Any:
         """The value of a command-line or grid text (or an already typed value)."""
@@ -167,7 +224,8 @@ class Option:
             if isinstance(e, HeadError):
                 raise
             raise HeadError(f"cannot read {text!r}", param=self.name) from None
-        bad_low = self.minimum is not None and value is not None and value < self.minimum
+        bad_low = self.minimum is not None and value is not None and (
+            value <= self.minimum if self.minimum_open else value < self.minimum)
         bad_high = self.maximum is not None and value is not None and (
             value >= self.maximum if self.maximum_open else value > self.maximum)
         if bad_low or bad_high:
@@ -175,8 +233,26 @@ class Option:
         return value
 
 
-_ALL = frozenset({"patch", "image", "mil", "hybrid"})
+_ALL = frozenset({"patch", "image", "mil", "hybrid", "fusion", "auto"})
 _PATCH, _IMAGE, _MIL, _HYBRID = frozenset({"patch"}), frozenset({"image"}), frozenset({"mil"}), frozenset({"hybrid"})
+_FUSION, _AUTO = frozenset({"fusion"}), frozenset({"auto"})
+_SINGLE = _PATCH | _IMAGE | _MIL | _HYBRID
+# Members of a fusion and candidates of auto are trained with the options of their own objectives.
+_MEMBERS = _FUSION | _AUTO
+
+
+def _member_options(options: Mapping) -> list:
+    """``(options, names the member fixes)`` of a fusion's members, or of auto's candidates (and fusion members)."""
+    names = list(_member_list(options.get("members", "image:coarse,hybrid")))
+    if options.get("objective") == "auto":
+        candidates = list(_member_list(options.get("candidates", ",".join(DEFAULT_CANDIDATES)), "candidates"))
+        names = candidates + (names if "fusion" in candidates else [])
+    out = []
+    for name in names:
+        objective, overrides = parse_member(name)
+        if objective != "fusion":
+            out.append(({**options, "objective": objective, **overrides}, set(overrides)))
+    return out
 
 
 def _mlp(o: Mapping) -> bool:
@@ -198,30 +274,33 @@ def _pools_patches(o: Mapping) -> bool:
 
 _OPTION_LIST = (
     Option("objective", DEFAULT_OBJECTIVE,
-           "patch: a patch classifier on box-derived patch labels (the paper's); image: each image's pooled patch "
-           "features -> a per-class image head on its labels; mil: a patch scorer trained through an image-level "
-           "aggregation on image labels; hybrid: mil plus a weighted patch loss on box labels. image and mil need "
-           "no boxes. Default: the best measured on the shared real data (docs/results.md). Options below apply "
-           "to the objectives they name.",
-           _ALL, kind="choice", choices=("patch", "image", "mil", "hybrid"),
-           parse=_choice("objective", ("patch", "image", "mil", "hybrid"))),
+           "auto: cross-validate the candidates (--candidates) on the training images and keep the best; patch: "
+           "a patch classifier on box-derived patch labels (the paper's); image: each image's pooled patch features "
+           "-> a per-class image head on its labels; mil: a patch scorer trained through an image-level aggregation "
+           "on image labels; hybrid: mil plus a weighted patch loss on box labels; fusion: the averaged, "
+           "standardised image scores of --members. image and mil need no boxes. Options below apply to the "
+           "objectives they name (and to the members and candidates of fusion and auto).",
+           _ALL, kind="choice", choices=("auto", "patch", "image", "mil", "hybrid", "fusion"),
+           parse=_choice("objective", ("auto", "patch", "image", "mil", "hybrid", "fusion"))),
     Option("head", "mlp", "Head type (patch objective).", _PATCH, kind="choice", choices=_PATCH_HEADS,
            parse=_choice("head", _PATCH_HEADS)),
     Option("hidden", 2048, "MLP hidden widths: 2048 (FCa+FCb), 0 (FCb only), 2048,2048 (three layers).",
            _PATCH, param="hidden", when=_mlp, parse=_hidden_value, kind="text"),
     Option("dropout", 0.5, "MLP dropout.", _PATCH, param="dropout", when=_mlp, minimum=0.0, maximum=1.0,
            maximum_open=True),
-    Option("lr", 0.01, "MLP initial learning rate (divided by 10 on plateaus).", _PATCH, param="lr", when=_mlp),
-    Option("weight_decay", 5e-4, "MLP L2 penalty.", _PATCH, param="weight_decay", when=_mlp),
+    Option("lr", 0.01, "MLP initial learning rate (divided by 10 on plateaus).", _PATCH, param="lr", when=_mlp,
+           minimum=0.0, minimum_open=True),
+    Option("weight_decay", 5e-4, "MLP L2 penalty.", _PATCH, param="weight_decay", when=_mlp, minimum=0.0),
     Option("batch_size", 256, "MLP mini-batch size.", _PATCH, param="batch_size", when=_mlp, parse=int,
            kind="int", minimum=1),
     Option("epochs", 60, "MLP epoch cap.", _PATCH, param="max_epochs", when=_mlp, parse=int, kind="int",
            minimum=1),
-    Option("C", 1.0, "logreg/linearsvm inverse regularisation.", _PATCH | _IMAGE, param="C", when=_c_applies),
+    Option("C", 1.0, "logreg/linearsvm inverse regularisation.", _PATCH | _IMAGE, param="C", when=_c_applies,
+           minimum=0.0, minimum_open=True),
     Option("background", "weight", "weight (re-weight background), sample:F (keep a fraction F of it), or none.",
            _PATCH | _HYBRID, parse=_background_value, kind="text"),
     Option("background_weight", None, "Weight of a background patch [default: balance background and objects].",
-           _PATCH | _HYBRID, parse=_optional_float),
+           _PATCH | _HYBRID, parse=_optional_float, minimum=0.0, minimum_open=True),
     Option("image_pooling", "mean",
            "image objective: mean, max, scales (per-scale means) and/or coarse, comma-separated.",
            _IMAGE, param=lambda v: {"pooling": tuple(str(v).split("+"))}, parse=_pooling_value, kind="text"),
@@ -232,29 +311,55 @@ _OPTION_LIST = (
            _MIL | _HYBRID, param=_aggregation_params, parse=_aggregation_value, kind="text",
            aliases=("--mil-aggregation",)),
     Option("patch_weight", 0.3, "hybrid: weight of the patch loss (0.3 measured better than 1 at the other defaults).",
-           _HYBRID, param="patch_weight"),
+           _HYBRID, param="patch_weight", minimum=0.0),
     Option("image_hidden", 0, "image (mlp head), mil, hybrid: hidden width of the scorer (0: linear).",
            _IMAGE | _MIL | _HYBRID, param="hidden", when=_trainer, parse=int, kind="int", minimum=0),
     Option("image_lr", 0.01, "image (mlp head), mil, hybrid: Adam learning rate.",
-           _IMAGE | _MIL | _HYBRID, param="lr", when=_trainer),
+           _IMAGE | _MIL | _HYBRID, param="lr", when=_trainer, minimum=0.0, minimum_open=True),
     Option("image_weight_decay", 1e-4, "image (mlp head), mil, hybrid: L2 penalty.",
-           _IMAGE | _MIL | _HYBRID, param="weight_decay", when=_trainer),
+           _IMAGE | _MIL | _HYBRID, param="weight_decay", when=_trainer, minimum=0.0),
     Option("image_epochs", 200, "image (mlp head), mil, hybrid: epochs.",
            _IMAGE | _MIL | _HYBRID, param="max_epochs", when=_trainer, parse=int, kind="int", minimum=1),
+    Option("members", "image:coarse,hybrid",
+           "fusion (and auto's fusion candidate): the objectives whose image scores are averaged, comma-separated; "
+           "image:POOLING picks the image objective's pooling. Members that need boxes are replaced by mil on data "
+           "without boxes.", _MEMBERS, param=lambda v: {"members": tuple(v)}, parse=_member_list, kind="text",
+           when=lambda o: o.get("objective") == "fusion" or "fusion" in _member_list(
+               o.get("candidates", ",".join(DEFAULT_CANDIDATES)), "candidates")),
+    Option("fusion_rule", "zscore",
+           "fusion: zscore (each member's per-class log-odds standardised on the training images) or rank "
+           "(per-class ranks within the scored images); auto's fusion candidate uses zscore.", _FUSION, param="rule",
+           kind="choice",
+           choices=FUSION_RULES, parse=_choice("fusion_rule", FUSION_RULES)),
+    Option("candidates", ",".join(DEFAULT_CANDIDATES),
+           "auto: the objectives cross-validated on the training images, comma-separated (image:POOLING, "
+           "patch:HIDDEN; patch and hybrid need boxes; in ablate --grid separate them with '/').", _AUTO,
+           parse=lambda t: _member_list(t, "candidates"), kind="text"),
+    Option("cv_folds", None, "auto: folds over the training images [default: 3, or 2 below 30 images].", _AUTO,
+           parse=lambda t: None if t is None or str(t).lower() == "none" else int(t), kind="int", minimum=2),
     Option("val", None, "patch: validation cache (early stopping for the MLP).", _PATCH, kind="path", grid=False,
            parse=_text),
     Option("val_split", None, "patch: validate on this split (of --val, or of CACHE).", _PATCH, kind="text",
            grid=False, parse=_text),
 )
 
+
+
+def _with_members(o: Option) -> Option:
+    """A single objective's option also belongs to fusion and auto, whose members train with it."""
+    if o.name in ("objective", "val", "val_split") or not o.objectives & (_PATCH | _IMAGE | _MIL | _HYBRID):
+        return o
+    return replace(o, objectives=o.objectives | _MEMBERS)
+
+
 #: Every training option by name, in the command line's order.
-OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: o for o in _OPTION_LIST})
+OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: _with_members(o) for o in _OPTION_LIST})
 
 #: Evaluation settings: they reuse a trained head (``ablate`` varies them without retraining).
 EVAL_OPTIONS: Mapping[str, Option] = MappingProxyType({o.name: o for o in (
-    Option("k", 5.0, "Patch heads: exponent of the power pooling.", _ALL,
+    Option("k", 5.0, "Patch heads: exponent of the power pooling.", _SINGLE, minimum=0.0, minimum_open=True,
            when=lambda o: _pools_patches(o) and o.get("pooling", "power") == "power"),
-    Option("pooling", "power", "Patch heads: patch scores to image score, (1/M) sum p^k, max, or mean.", _ALL,
+    Option("pooling", "power", "Patch heads: patch scores to image score, (1/M) sum p^k, max, or mean.", _SINGLE,
            when=_pools_patches, kind="choice", choices=SCORE_POOLINGS, parse=_choice("pooling", SCORE_POOLINGS)),
     Option("method", "voc07", "AP: VOC 2007 11-point, VOC 2010+ interpolated area, or uninterpolated (sklearn).",
            _ALL, kind="choice", choices=("voc07", "all", "raw"), parse=_choice("method", ("voc07", "all", "raw"))),
@@ -282,6 +387,7 @@ HEAD_KINDS: Mapping[str, str] = MappingProxyType({
     "image-logreg": "featurecache.heads.image:ImageLogRegHead",
     "image-mlp": "featurecache.heads.image:ImageMLPHead",
     "mil": "featurecache.heads.mil:MILHead",
+    "fusion": "featurecache.heads.fusion:FusionHead",
 })
 
 
@@ -332,6 +438,11 @@ def _describe_patch(s: Mapping, kind: str) -> str:
     return "; ".join(parts) + (f"; objects: {per_class}" if per_class else "")
 
 
+def _describe_fusion(s: Mapping, kind: str) -> str:
+    return (f"fusion head ({' + '.join(s.get('members', []))}, {s.get('fusion_rule')}): {s.get('train_images', 0)} "
+            f"training images; {s.get('seconds', 0):.1f} s")
+
+
 @dataclass(frozen=True)
 class Objective:
     """What a head learns from, and how it is trained and scored.
@@ -339,8 +450,9 @@ class Objective:
     Attributes
     ----------
     name : str
-    kind : callable
-        ``options -> head kind`` (:data:`HEAD_KINDS`).
+    kind : callable or None
+        ``options -> head kind`` (:data:`HEAD_KINDS`); None for ``auto``, whose head is
+        the chosen candidate's.
     trainer : str
         ``"module:function"`` of ``function(cache, config, *, kind, params) -> TrainedHead``.
     pools_patches : bool
@@ -352,18 +464,25 @@ class Objective:
         It trains on box-derived patch labels.
     fixed : mapping
         Estimator parameters the objective sets whatever the options.
+    image_features : bool
+        Its heads score one pooled feature vector per image (so a whole-image feature can
+        stand in: ``ablate``'s probe).
+    fuses : bool
+        It averages the scores of other objectives' heads (its ``members``).
     describe : callable
         ``(summary, kind) -> one line`` after training.
     """
 
     name: str
-    kind: Callable[[Mapping], str]
+    kind: Optional[Callable[[Mapping], str]]
     trainer: str
     pools_patches: bool
     patch_scores: bool
     needs_boxes: bool
     describe: Callable[[Mapping, str], str]
     fixed: Mapping = field(default_factory=dict)
+    image_features: bool = False
+    fuses: bool = False
 
     @property
     def options(self) -> tuple:
@@ -372,6 +491,9 @@ class Objective:
 
     def train(self, cache, config: "FitConfig"):
         """Train a head for this objective on a cache (see :func:`featurecache.train.fit_objective`)."""
+        if self.kind is None:  # it chooses among other objectives, each with its own estimator
+            check_options(config.all_options())
+            return _load(self.trainer)(cache, config, kind=None, params={})
         kind, params = estimator_for(config.all_options(), params_given=config.params, random_state=config.random_state,
                                      device=config.device)
         return _load(self.trainer)(cache, config, kind=kind, params=params)
@@ -381,12 +503,19 @@ _OBJECTIVES = {
     "patch": Objective("patch", lambda o: o["head"], "featurecache.heads.patch:fit_patch_objective",
                        pools_patches=True, patch_scores=True, needs_boxes=True, describe=_describe_patch),
     "image": Objective("image", lambda o: "image-" + o["image_head"], "featurecache.heads.image:fit_image_objective",
-                       pools_patches=False, patch_scores=False, needs_boxes=False, describe=_describe_image),
+                       pools_patches=False, patch_scores=False, needs_boxes=False, describe=_describe_image,
+                       image_features=True),
     "mil": Objective("mil", lambda o: "mil", "featurecache.heads.mil:fit_mil_objective", pools_patches=False,
                      patch_scores=True, needs_boxes=False, describe=_describe_mil,
                      fixed=MappingProxyType({"patch_weight": 0.0})),
     "hybrid": Objective("hybrid", lambda o: "mil", "featurecache.heads.mil:fit_mil_objective", pools_patches=False,
                         patch_scores=True, needs_boxes=True, describe=_describe_mil),
+    "fusion": Objective("fusion", lambda o: "fusion", "featurecache.heads.fusion:fit_fusion_objective",
+                        pools_patches=False, patch_scores=False, needs_boxes=False, describe=_describe_fusion,
+                        fuses=True),
+    # auto trains candidates and keeps one: the head it returns has the chosen objective.
+    "auto": Objective("auto", None, "featurecache.heads.auto:fit_auto_objective", pools_patches=False,
+                      patch_scores=False, needs_boxes=False, describe=_describe_patch),
 }
 
 #: What ``fit --objective`` accepts.
@@ -404,7 +533,17 @@ def get_objective(name: str) -> Objective:
 
 def objective_of_kind(kind: str) -> str:
     """The objective of a head file written before heads recorded theirs (kinds map to one but ``mil``)."""
-    return "image" if kind.startswith("image-") else "mil" if kind == "mil" else "patch"
+    return "image" if kind.startswith("image-") else kind if kind in ("mil", "fusion") else "patch"
+
+
+def check_options(options: Mapping) -> dict:
+    """Every option that applies to the configuration, read and checked (a :class:`HeadError` names a bad one)."""
+    full = {**defaults(), **options}
+    get_objective(full["objective"])
+    for opt in OPTIONS.values():
+        if opt.applies(full):
+            full[opt.name] = opt.read(full[opt.name])
+    return full
 
 
 def estimator_for(options: Mapping, *, params_given: Optional[Mapping] = None, random_state: int = 0,
@@ -419,15 +558,12 @@ def estimator_for(options: Mapping, *, params_given: Optional[Mapping] = None, r
     HeadError
         Naming the option whose value is invalid.
     """
-    full = {**defaults(), **options}
+    full = check_options(options)
     objective = get_objective(full["objective"])
     params: dict = {}
     for opt in OPTIONS.values():
-        if not opt.applies(full):
-            continue
-        full[opt.name] = value = opt.read(full[opt.name])  # every applicable option is checked
-        if opt.param is not None:
-            params.update(opt.param(value) if callable(opt.param) else {opt.param: value})
+        if opt.param is not None and opt.applies(full):
+            params.update(opt.param(full[opt.name]) if callable(opt.param) else {opt.param: full[opt.name]})
     params.update(objective.fixed)
     params_override = dict(params_given or {})
     params.update(params_override)
@@ -470,6 +606,8 @@ class FitConfig:
     random_state : int
     params : mapping
         Estimator parameters over those the options give (see :func:`estimator_for`).
+    progress : bool, optional
+        A progress bar where training runs many fits (``auto``); default only on a terminal.
     """
 
     objective: str = DEFAULT_OBJECTIVE
@@ -481,6 +619,7 @@ class FitConfig:
     device: str = "auto"
     random_state: int = 0
     params: Mapping = field(default_factory=dict)
+    progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
         objective = get_objective(self.objective)
@@ -496,8 +635,8 @@ class FitConfig:
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     def all_options(self) -> dict:
-        """Every training option's value: the given ones over the defaults, with the objective."""
-        return {**{n: o.default for n, o in OPTIONS.items()}, **self.options, "objective": self.objective}
+        """Every training option's value (read, as :meth:`Option.read` gives it): the given ones over the defaults."""
+        return {**{n: o.read(o.default) for n, o in OPTIONS.items()}, **self.options, "objective": self.objective}
 
     def option(self, name: str):
         return self.all_options()[name]

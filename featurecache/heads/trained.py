@@ -24,7 +24,12 @@ HEAD_FORMAT = "featurecache-head"
 HEAD_FORMAT_VERSION = 1
 
 #: Estimator parameters read back as tuples (JSON stores lists).
-_TUPLE_PARAMS = ("hidden", "pooling")
+_TUPLE_PARAMS = ("hidden", "pooling", "members")
+
+
+def _plain(value):
+    """JSON for numpy scalars and arrays in parameters and summaries."""
+    return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else str(value)
 
 
 @dataclass
@@ -130,29 +135,77 @@ class TrainedHead:
 
     def summary_line(self) -> str:
         """One line on what training did, for the end of ``featurecache fit``."""
-        return self.spec.describe({"objective": self.objective, **self.summary}, self.kind)
+        line = self.spec.describe({"objective": self.objective, **self.summary}, self.kind)
+        return (self.selection_line() + ": " if "selection" in self.summary else "") + line
+
+    def selection_line(self) -> str:
+        """Which candidate ``auto`` chose and why ('' for a head trained with a given objective)."""
+        sel = self.summary.get("selection")
+        if not sel:
+            return ""
+        rows = sorted(sel["table"], key=lambda r: -np.nan_to_num(r["map_mean"], nan=-1.0))
+        runner_up = next((r for r in rows if r["candidate"] != sel["chosen"]), None)
+        chosen = next(r for r in rows if r["candidate"] == sel["chosen"])
+        versus = (f"; next {runner_up['candidate']} {100 * runner_up['map_mean']:.1f}" if runner_up else "")
+        return (f"auto chose {sel['chosen']} ({sel['reason']}: mAP {100 * chosen['map_mean']:.1f} "
+                f"± {100 * chosen['map_std']:.1f}{versus})")
+
+    def selection_table(self) -> str:
+        """``auto``'s cross-validation table, best first ('' for a head trained with a given objective)."""
+        sel = self.summary.get("selection")
+        if not sel:
+            return ""
+        rows = sorted(sel["table"], key=lambda r: -np.nan_to_num(r["map_mean"], nan=-1.0))
+        width = max(len(r["candidate"]) for r in rows) + 2
+        lines = [f"{'candidate':<{width}}  {'CV mAP':>12}  {'train s':>7}"]
+        for r in rows:
+            mark = " <- chosen" if r["candidate"] == sel["chosen"] else ""
+            lines.append(f"{r['candidate']:<{width}}  {100 * r['map_mean']:>5.1f} ± {100 * r['map_std']:<4.1f}  "
+                         f"{r['seconds']:>7.1f}{mark}")
+        return "\n".join(lines)
 
     # -- the file
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``)."""
-        path = Path(path)
+    def to_payload(self) -> dict:
+        """The head as plain tensors, numbers and JSON strings (what :meth:`save` writes)."""
         params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.estimator.get_params().items()}
-        payload = {
+        return {
             "format": HEAD_FORMAT,
             "format_version": HEAD_FORMAT_VERSION,
             "kind": self.kind,
             "objective": self.objective,
-            "params": json.dumps(params),
+            "params": json.dumps(params, default=_plain),
             "classes": json.dumps(list(self.classes)),
             "feature_settings": json.dumps(self.feature_settings, sort_keys=True),
             "fingerprint": self.fingerprint,
-            "summary": json.dumps(self.summary, default=float),
+            "summary": json.dumps(self.summary, default=_plain),
             "n_features": int(self.estimator.n_features_in_),
             "n_outputs": int(self.estimator.n_outputs_),
             "state": self.estimator._state(),
         }
+
+    @classmethod
+    def from_payload(cls, p: dict, *, device: str = "auto", source: str = "head") -> "TrainedHead":
+        """The head of a :meth:`to_payload` dictionary (``source`` names it in errors)."""
+        if not isinstance(p, dict) or p.get("format") != HEAD_FORMAT:
+            raise HeadError(f"{source}: not a featurecache head file")
+        if int(p["format_version"]) > HEAD_FORMAT_VERSION:
+            raise HeadError(f"{source}: head format {p['format_version']} is newer than this featurecache reads")
+        params = json.loads(p["params"])
+        for key in _TUPLE_PARAMS:
+            if isinstance(params.get(key), list):
+                params[key] = tuple(params[key])
+        if "device" in params:
+            params["device"] = device
+        est = make_head(p["kind"], **params)
+        est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]), device=device)
+        return cls(est, p["kind"], tuple(json.loads(p["classes"])), json.loads(p["feature_settings"]),
+                   p["fingerprint"], json.loads(p["summary"]), p.get("objective"))
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``)."""
+        path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(payload, tmp)
+        torch.save(self.to_payload(), tmp)
         os.replace(tmp, path)
         return path
 
@@ -166,17 +219,4 @@ class TrainedHead:
             p = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise HeadError(f"{path}: not a readable head file ({type(e).__name__})") from None
-        if not isinstance(p, dict) or p.get("format") != HEAD_FORMAT:
-            raise HeadError(f"{path}: not a featurecache head file")
-        if int(p["format_version"]) > HEAD_FORMAT_VERSION:
-            raise HeadError(f"{path}: head format {p['format_version']} is newer than this featurecache reads")
-        params = json.loads(p["params"])
-        for key in _TUPLE_PARAMS:
-            if isinstance(params.get(key), list):
-                params[key] = tuple(params[key])
-        if "device" in params:
-            params["device"] = device
-        est = make_head(p["kind"], **params)
-        est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]))
-        return cls(est, p["kind"], tuple(json.loads(p["classes"])), json.loads(p["feature_settings"]),
-                   p["fingerprint"], json.loads(p["summary"]), p.get("objective"))
+        return cls.from_payload(p, device=device, source=str(path))

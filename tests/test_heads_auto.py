@@ -1,0 +1,80 @@
+"""Tests of the auto objective: candidates cross-validated on the training images, the best one kept."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from featurecache.cli import main
+from featurecache.errors import HeadError
+from featurecache.evaluate import evaluate
+from featurecache.heads import TrainedHead
+from featurecache.train import fit_objective
+
+from conftest import blob_cache, make_synthetic_cache
+
+
+def _one_patch_signal(path, n_img=60, per=50, dim=32, seed=0):
+    """Positive images carry the class in one patch of fifty: max-pooled features find it, mean pooling dilutes it."""
+    rng = np.random.default_rng(seed)
+    X, img = [], []
+    labels = np.zeros((n_img, 1), bool)
+    for i in range(n_img):
+        labels[i, 0] = i % 2 == 0
+        f = rng.normal(size=(per, dim))
+        if labels[i, 0]:
+            f[rng.integers(per), :4] += 4.5
+        X.append(f)
+        img += [i] * per
+    splits = ["train" if i < 45 else "val" for i in range(n_img)]
+    return make_synthetic_cache(path, np.concatenate(X), [0] * len(img), img, labels, ["obj"], splits=splits)
+
+
+def test_auto_lets_the_training_images_choose(tmp_path):
+    cache = _one_patch_signal(tmp_path / "one.h5")
+    head = fit_objective(cache, candidates="image:mean,image:max", train_split="train", progress=False)
+    sel = head.summary["selection"]
+    by = {r["candidate"]: r for r in sel["table"]}
+    assert sel["chosen"] == "image:max" and head.objective == "image" and head.estimator.pooling == ("max",)
+    assert by["image:max"]["map_mean"] > by["image:mean"]["map_mean"] + 0.1, by
+    assert sel["images"] == 45 and sel["folds"] == 3 and len(by["image:max"]["maps"]) == 3  # training images only
+    assert head.summary_line().startswith("auto chose image:max (highest mean AP in 3-fold cross-validation")
+    assert "<- chosen" in head.selection_table().splitlines()[1]
+    report = evaluate(TrainedHead.load(head.save(tmp_path / "a.pt")), cache, split="val")
+    assert report.mean_ap > 0.9 and "auto chose image:max" in report.to_text()
+    again = fit_objective(cache, candidates="image:mean,image:max", train_split="train", progress=False)
+    assert [r["maps"] for r in again.summary["selection"]["table"]] == [r["maps"] for r in sel["table"]]  # seeded
+
+
+def test_default_candidates_fusion_and_folds(tmp_path):
+    splits = ["train" if i % 4 else "val" for i in range(40)]
+    cache = blob_cache(tmp_path / "b.h5", n_images=40, splits=splits)
+    head = fit_objective(cache, train_split="train", cv_folds=2, image_epochs=10, epochs=5, hidden=0,
+                         device="cpu", progress=False)
+    sel = head.summary["selection"]
+    assert [r["candidate"] for r in sel["table"]] == ["image:coarse", "image:mean", "mil", "hybrid", "patch:0",
+                                                       "fusion"]
+    assert sel["folds"] == 2 and sel["members"] == ["image:coarse", "hybrid"]
+    best = max(r["map_mean"] for r in sel["table"])
+    assert next(r for r in sel["table"] if r["candidate"] == sel["chosen"])["map_mean"] == best
+    fusion = next(r for r in sel["table"] if r["candidate"] == "fusion")
+    parts = [r["seconds"] for r in sel["table"] if r["candidate"] in ("image:coarse", "hybrid")]
+    assert fusion["seconds"] == pytest.approx(sum(parts))  # a fusion costs its members' trainings
+
+
+def test_auto_refuses_too_few_images_and_unknown_candidates(tmp_path):
+    cache = blob_cache(tmp_path / "b.h5", n_images=3)
+    with pytest.raises(HeadError, match="too few for 2-fold") as e:
+        fit_objective(cache)
+    assert e.value.param == "objective"
+    with pytest.raises(HeadError) as e:
+        fit_objective(cache, candidates="mil,trees")
+    assert e.value.param == "candidates"
+
+
+def test_cli_fit_defaults_to_auto_and_prints_the_table(tmp_path):
+    cache = _one_patch_signal(tmp_path / "one.h5", n_img=40)
+    r = CliRunner().invoke(main, ["fit", str(cache), "--candidates", "image:mean,image:max", "--cv-folds", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].startswith("auto chose image:max") and lines[1].startswith("candidate")
+    assert len(lines) == 4 and "<- chosen" in r.output
