@@ -83,7 +83,8 @@ def _command(f: Callable) -> Callable:
 def _message(ctx: click.Context, error: FeaturecacheError) -> str:
     """A library error's message, with the flag of this command in place of the library parameter it names."""
     for p in ctx.command.params:
-        if error.param is not None and p.name == error.param and isinstance(p, click.Option):
+        flags = [o.lstrip("-").replace("-", "_") for o in getattr(p, "opts", ())]
+        if error.param is not None and isinstance(p, click.Option) and error.param in (p.name, *flags):
             return error.for_option(p.opts[0])
     return str(error)
 
@@ -318,12 +319,13 @@ def _refuse_other_objectives(objective: str, accepted: tuple) -> None:
     ctx = click.get_current_context()
     given = [p for p in ctx.command.params if p.name in OPTIONS and p.name != "objective"
              and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
-    stray = [p.opts[0] for p in given if p.name not in accepted]
+    stray = [p for p in given if p.name not in accepted]
     if stray:
         default = ctx.get_parameter_source("objective") is click.core.ParameterSource.DEFAULT
-        raise click.UsageError(f"{', '.join(stray)} do(es) not apply to objective {objective}"
-                               + (" (the default); for the paper's patch classifier add --objective patch"
-                                  if default else ""))
+        owners = [o for o in OPTIONS["objective"].choices if all(p.name in get_objective(o).options for p in stray)]
+        hint = f"; add --objective {' or '.join(owners)}" if default and owners else ""
+        raise click.UsageError(f"{', '.join(p.opts[0] for p in stray)} do(es) not apply to objective {objective}"
+                               + (" (the default)" if default else "") + hint)
 
 
 @main.command("eval", context_settings=CONTEXT)

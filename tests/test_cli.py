@@ -104,5 +104,11 @@ def test_fit_objective_choices_match_the_library_and_stray_options_are_refused(t
     r = runner.invoke(main, ["fit", str(cache), "--val-split", "val"])
     assert r.exit_code == 2 and f"objective {DEFAULT_OBJECTIVE} (the default)" in r.output
     assert "add --objective patch" in r.output
+    r = runner.invoke(main, ["fit", str(cache), "--fusion-rule", "rank"])
+    assert r.exit_code == 2 and "add --objective fusion" in r.output
+    r = runner.invoke(main, ["fit", str(cache), "--objective", "image", "--C", "0"])
+    assert r.exit_code == 1 and "Error: --C: must be > 0, got 0.0" in r.output
+    r = runner.invoke(main, ["ablate", str(cache), "--folds", "2", "--grid", "candidates=foo"])
+    assert r.exit_code == 1 and r.output.startswith("Error: --grid: candidates: unknown member 'foo'")
     r = runner.invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg", "--C", "0.5"])
     assert r.exit_code == 0, r.output

@@ -229,7 +229,9 @@ class Option:
         bad_high = self.maximum is not None and value is not None and (
             value >= self.maximum if self.maximum_open else value > self.maximum)
         if bad_low or bad_high:
-            raise HeadError(f"{value!r} is out of range", param=self.name)
+            low = "" if self.minimum is None else f"{'>' if self.minimum_open else '>='} {self.minimum:g}"
+            high = "" if self.maximum is None else f"{'<' if self.maximum_open else '<='} {self.maximum:g}"
+            raise HeadError(f"must be {' and '.join(t for t in (low, high) if t)}, got {value!r}", param=self.name)
         return value
 
 
