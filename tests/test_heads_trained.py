@@ -20,11 +20,12 @@ def cache_file(tmp_path_factory):
 
 
 def _as_written_by_0_1(path, drop_summary_objective: bool):
-    """Rewrite a head file as featurecache 0.1 wrote it: no ``objective`` field (patch heads: not in the summary)."""
+    """Rewrite a head file as featurecache 0.1 wrote it: no ``objective`` or ``extraction`` field (patch heads:
+    no objective in the summary either)."""
     import json
 
     p = torch.load(path, weights_only=True)
-    del p["objective"]
+    del p["objective"], p["extraction"]
     if drop_summary_objective:
         summary = json.loads(p["summary"])
         summary.pop("objective")
@@ -41,7 +42,7 @@ def test_head_files_of_the_previous_release_load_with_their_objective(cache_file
     assert torch.load(path, weights_only=True)["objective"] == objective
     _as_written_by_0_1(path, drop_summary_objective=objective == "patch")
     old = TrainedHead.load(path, device="cpu")
-    assert old.objective == objective and old.kind == head.kind
+    assert old.objective == objective and old.kind == head.kind and old.extraction is None
     again = evaluate(old, cache_file, split="val")
     assert again.ap == report.ap and again.objective == objective
 
@@ -74,3 +75,10 @@ def test_scores_through_the_head(cache_file):
     assert image.scoring() == ("image:mean", "image features mean")
     with pytest.raises(HeadError, match="unknown objective"):
         TrainedHead(patch.estimator, "logreg", patch.classes, patch.feature_settings, patch.fingerprint, {}, "boxes")
+
+
+def test_a_head_records_how_its_cache_was_extracted(cache_file, tmp_path):
+    head = fit_head(cache_file, head="logreg")
+    with FeatureCache(cache_file) as c:
+        assert head.extraction == {"grid": c.attrs["grid"], "backbone": c.attrs["backbone"]}
+    assert TrainedHead.load(head.save(tmp_path / "h.pt")).extraction == head.extraction

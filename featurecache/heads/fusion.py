@@ -187,5 +187,4 @@ def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict) -
         heads = [train_member(c, config, m) for m in est.members]
         est.fit_members(heads, [h.image_scores(c) for h in heads])
         summary = image_level_summary(c, config, t0, {"members": list(est.members), "fusion_rule": est.rule})
-        return TrainedHead(est, kind, tuple(c.classes), dict(c.feature_settings), c.fingerprint, summary,
-                           config.objective)
+        return TrainedHead.from_cache(est, kind, c, summary, config.objective)

@@ -158,5 +158,4 @@ def fit_image_objective(cache, config: FitConfig, *, kind: str, params: dict) ->
         extra = {"image_pooling": list(est.pooling)}
         if isinstance(est, MILHead):
             extra["epochs"] = est.n_epochs_
-        return TrainedHead(est, kind, tuple(c.classes), dict(c.feature_settings), c.fingerprint,
-                           image_level_summary(c, config, t0, extra), config.objective)
+        return TrainedHead.from_cache(est, kind, c, image_level_summary(c, config, t0, extra), config.objective)

@@ -308,5 +308,4 @@ def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict) -> T
         est.fit_source(source, t.labels, ignore=t.difficult & ~t.labels)
         extra.update(aggregation=est.describe_aggregation(), epochs=est.n_epochs_,
                      training_data="stream" if source.streaming else "memory")
-        return TrainedHead(est, kind, tuple(c.classes), dict(c.feature_settings), c.fingerprint,
-                           image_level_summary(c, config, t0, extra), config.objective)
+        return TrainedHead.from_cache(est, kind, c, image_level_summary(c, config, t0, extra), config.objective)

@@ -402,5 +402,4 @@ def fit_patch_objective(cache, config: FitConfig, *, kind: str, params: dict) ->
             vals = [h["val_loss"] for h in est.history_ if h["val_loss"] is not None]
             summary.update(epochs=est.n_epochs_, final_loss=est.history_[-1]["train_loss"] if est.history_ else None,
                            val_loss=min(vals) if vals else None)
-        return TrainedHead(est, kind, tuple(train.classes), dict(train.feature_settings), train.fingerprint, summary,
-                           "patch")
+        return TrainedHead.from_cache(est, kind, train, summary, "patch")

@@ -23,6 +23,9 @@ HEAD_FORMAT = "featurecache-head"
 #: objective comes from the summary, else from the head kind.
 HEAD_FORMAT_VERSION = 1
 
+#: The training cache's attributes a head keeps to extract new images the same way.
+_EXTRACTION = ("grid", "label_rule", "backbone")
+
 #: Estimator parameters read back as tuples (JSON stores lists).
 _TUPLE_PARAMS = ("hidden", "pooling", "members")
 
@@ -52,7 +55,19 @@ class TrainedHead:
     objective : str, optional
         What it learnt from (:data:`featurecache.heads.registry.OBJECTIVES`); default: the
         summary's ``objective``, else the one the kind implies.
+    extraction : dict, optional
+        How the training cache was extracted beyond the features themselves (``grid``,
+        ``label_rule``, ``backbone``): what it takes to extract new images the same way.
+        None for heads written before heads recorded it.
     """
+
+    @classmethod
+    def from_cache(cls, estimator, kind: str, cache, summary: dict, objective: str) -> "TrainedHead":
+        """A head trained on ``cache``: its classes, feature settings and extraction recorded."""
+        attrs = cache.attrs if isinstance(cache.attrs, dict) else {}
+        extraction = {k: attrs[k] for k in _EXTRACTION if k in attrs}
+        return cls(estimator, kind, tuple(cache.classes), dict(cache.feature_settings), cache.fingerprint, summary,
+                   objective, extraction)
 
     estimator: object
     kind: str
@@ -61,6 +76,7 @@ class TrainedHead:
     fingerprint: str
     summary: dict = field(default_factory=dict)
     objective: Optional[str] = None
+    extraction: Optional[dict] = None
 
     def __post_init__(self) -> None:
         if self.objective is None:
@@ -178,6 +194,7 @@ class TrainedHead:
             "feature_settings": json.dumps(self.feature_settings, sort_keys=True),
             "fingerprint": self.fingerprint,
             "summary": json.dumps(self.summary, default=_plain),
+            "extraction": json.dumps(self.extraction, default=_plain),
             "n_features": int(self.estimator.n_features_in_),
             "n_outputs": int(self.estimator.n_outputs_),
             "state": self.estimator._state(),
@@ -198,8 +215,9 @@ class TrainedHead:
             params["device"] = device
         est = make_head(p["kind"], **params)
         est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]), device=device)
+        extraction = json.loads(p.get("extraction", "null"))  # absent from files written before 0.2
         return cls(est, p["kind"], tuple(json.loads(p["classes"])), json.loads(p["feature_settings"]),
-                   p["fingerprint"], json.loads(p["summary"]), p.get("objective"))
+                   p["fingerprint"], json.loads(p["summary"]), p.get("objective"), extraction)
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``)."""
