@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from featurecache.cache import FeatureCache, MemoryCache
 from featurecache.errors import AblationError, HeadError
-from featurecache.evaluate import report_from_arrays, report_from_image_scores
+from featurecache.evaluate import patch_report, report_from_image_scores
 from featurecache.heads.pooling import pool_scores
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
 from featurecache.heads.trained import TrainedHead
@@ -309,8 +309,9 @@ def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: 
     t = te.images
     # Evaluation settings score the patch heads the grid trains; a head auto chose is scored as it was chosen.
     pooled = head.spec.pools_patches and get_objective(cfg["objective"]).pools_patches
-    if pooled:
+    if pooled:  # the patch report does not depend on the pooling: made once for every evaluation setting
         probs, local = head.patch_probabilities(te), np.searchsorted(t.row, te.image_index)
+        patch = patch_report(probs, te.labels)
     elif _probe(cfg):
         view, order = whole.view(te)
         scores = head.image_scores(view)[order]
@@ -323,11 +324,10 @@ def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: 
             continue
         done.add(key)
         if pooled:
-            rep = report_from_arrays(probs, local, t.labels, t.difficult, te.classes, pooling=ecfg["pooling"],
-                                     k=ecfg["k"], method=ecfg["method"], patch_labels=te.labels)
             scores = pool_scores(probs, local, len(t), pooling=ecfg["pooling"], k=ecfg["k"])
-        else:
-            rep = report_from_image_scores(scores, t.labels, t.difficult, te.classes, method=ecfg["method"])
+        rep = report_from_image_scores(scores, t.labels, t.difficult, te.classes, method=ecfg["method"])
+        if pooled:
+            rep.confusion, rep.labelled_patches, rep.patch_accuracy = patch
         out.append((ecfg, rep, scores))
     return out
 

@@ -144,15 +144,19 @@ def report_from_arrays(probs: np.ndarray, image_index: np.ndarray, image_labels:
                                       pooling=pooling, k=k, head=head, objective=objective, cache=cache)
     report.n_patches = len(probs)
     if patch_labels is not None:
-        lab = patch_labels != AMBIGUOUS
-        pred = probs.argmax(1)
-        n_out = probs.shape[1]
-        conf = np.zeros((n_out, n_out), np.int64)
-        np.add.at(conf, (patch_labels[lab], pred[lab]), 1)
-        report.confusion = conf.tolist()
-        report.labelled_patches = int(lab.sum())
-        report.patch_accuracy = float((pred[lab] == patch_labels[lab]).mean()) if lab.any() else None
+        report.confusion, report.labelled_patches, report.patch_accuracy = patch_report(probs, patch_labels)
     return report
+
+
+def patch_report(probs: np.ndarray, patch_labels: np.ndarray) -> tuple:
+    """``(confusion matrix as lists, labelled patches, patch accuracy or None)``; ambiguous patches left out."""
+    lab = patch_labels != AMBIGUOUS
+    pred = probs.argmax(1)
+    n_out = probs.shape[1]
+    conf = np.zeros((n_out, n_out), np.int64)
+    np.add.at(conf, (patch_labels[lab], pred[lab]), 1)
+    accuracy = float((pred[lab] == patch_labels[lab]).mean()) if lab.any() else None
+    return conf.tolist(), int(lab.sum()), accuracy
 
 
 def report_from_image_scores(scores: np.ndarray, image_labels: np.ndarray, image_difficult: np.ndarray, classes, *,

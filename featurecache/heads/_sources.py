@@ -75,9 +75,6 @@ class StreamSource:
     def buffer(self, pos: np.ndarray) -> np.ndarray:
         return _read_unsorted(self.ds, self.rows[pos])
 
-    def matrix(self) -> np.ndarray:
-        return self.buffer(np.arange(len(self.y)))
-
 
 def _read_unsorted(ds, file_rows: np.ndarray) -> np.ndarray:
     """Rows of ``ds`` in the given (any) order, as float32, read in file order."""

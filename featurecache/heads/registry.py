@@ -10,6 +10,7 @@ does), so this module, and the command line's ``--help``, do not import torch.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
@@ -373,6 +374,12 @@ def defaults() -> dict:
     return {o.name: o.default for o in (*OPTIONS.values(), *EVAL_OPTIONS.values())}
 
 
+@functools.lru_cache(maxsize=1)
+def _read_defaults() -> dict:
+    """Every training option's default, read once (as given options are)."""
+    return {n: o.read(o.default) for n, o in OPTIONS.items()}
+
+
 def relevant(options: Mapping) -> set:
     """The names of the settings that shape a configuration's result (``objective`` included)."""
     return {o.name for o in (*OPTIONS.values(), *EVAL_OPTIONS.values()) if o.applies(options)}
@@ -638,7 +645,7 @@ class FitConfig:
 
     def all_options(self) -> dict:
         """Every training option's value (read, as :meth:`Option.read` gives it): the given ones over the defaults."""
-        return {**{n: o.read(o.default) for n, o in OPTIONS.items()}, **self.options, "objective": self.objective}
+        return {**_read_defaults(), **self.options, "objective": self.objective}
 
     def option(self, name: str):
         return self.all_options()[name]
