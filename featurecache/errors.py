@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 __all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExtractError",
-           "FeaturecacheError", "HeadError"]
+           "FeaturecacheError", "HeadError", "PredictError"]
 
 
 class FeaturecacheError(ValueError):
@@ -58,6 +58,10 @@ class HeadError(FeaturecacheError):
 
 class EvalError(FeaturecacheError):
     """Evaluation cannot run (bad options, a head that does not fit the cache)."""
+
+
+class PredictError(FeaturecacheError):
+    """Prediction cannot run: a head that cannot be used on new images, bad inputs or options."""
 
 
 class AblationError(FeaturecacheError):

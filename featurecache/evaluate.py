@@ -23,9 +23,11 @@ import numpy as np
 
 from featurecache.cache import FeatureCache, open_cache
 from featurecache.errors import EvalError, HeadError
+from featurecache.extract import load_rgb
 from featurecache.heads.pooling import SCORE_POOLINGS, pool_scores
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import METHODS, average_precision, per_class_ap
+from featurecache.overlay import MAX_SIDE, render_overlay, save_png
 from featurecache.patches import AMBIGUOUS
 
 __all__ = [
@@ -71,9 +73,13 @@ class EvalReport:
     cache: str = ""
     extra: dict = field(default_factory=dict)
     scoring: str = ""
+    #: The image scores (M, C) and labels behind the APs, for plots; not written to JSON or CSV.
+    scores: Optional[np.ndarray] = field(default=None, repr=False)
+    labels: Optional[np.ndarray] = field(default=None, repr=False)
+    difficult: Optional[np.ndarray] = field(default=None, repr=False)
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        d = {k: v for k, v in asdict(self).items() if k not in ("scores", "labels", "difficult")}
         d["ap"] = [None if np.isnan(a) else float(a) for a in self.ap]
         d["mean_ap"] = None if np.isnan(self.mean_ap) else float(self.mean_ap)
         return d
@@ -168,7 +174,8 @@ def report_from_image_scores(scores: np.ndarray, image_labels: np.ndarray, image
     return EvalReport(
         classes=tuple(classes), ap=[float(a) for a in ap], positives=[int(n) for n in npos],
         mean_ap=float(ap[valid].mean()) if valid.any() else float("nan"), method=method, pooling=pooling,
-        k=float(k), n_images=len(image_labels), n_patches=0, head=head, objective=objective, cache=cache)
+        k=float(k), n_images=len(image_labels), n_patches=0, head=head, objective=objective, cache=cache,
+        scores=np.asarray(scores), labels=np.asarray(image_labels, bool), difficult=np.asarray(image_difficult, bool))
 
 
 def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None,
@@ -240,6 +247,8 @@ class LocalizationMap:
         The image's size in pixels.
     objective : str
         Which objective's head produced the patch scores.
+    image_file : str
+        The image file, when known ('' otherwise): what :meth:`picture` draws on.
     """
 
     path: str
@@ -249,12 +258,64 @@ class LocalizationMap:
     width: int
     height: int
     objective: str
+    image_file: str = ""
+
+    def class_index(self, cls: Union[int, str, None] = None) -> int:
+        """A class's row in :attr:`scores`; ``None``: the class whose map peaks highest."""
+        if cls is None:
+            return int(np.argmax(self.scores.reshape(len(self.classes), -1).max(1)))
+        if isinstance(cls, str):
+            if cls not in self.classes:
+                raise EvalError(f"no class {cls!r}; classes: {', '.join(self.classes)}", param="cls")
+            return self.classes.index(cls)
+        if not 0 <= int(cls) < len(self.classes):
+            raise EvalError(f"no class {cls} (there are {len(self.classes)})", param="cls")
+        return int(cls)
 
     def peak(self, cls: Union[int, str]) -> tuple:
         """``(score, x, y)``: the highest cell of a class, at its centre in image pixels."""
-        c = self.classes.index(cls) if isinstance(cls, str) else int(cls)
+        c = self.class_index(cls)
         iy, ix = np.unravel_index(int(np.argmax(self.scores[c])), self.scores[c].shape)
         return float(self.scores[c, iy, ix]), (ix + 0.5) * self.stride, (iy + 0.5) * self.stride
+
+    def picture(self, cls: Union[int, str, None] = None, *, image=None, caption: Optional[str] = None,
+                max_side: int = MAX_SIDE):
+        """The map of one class drawn over its image (:func:`featurecache.overlay.render_overlay`).
+
+        Parameters
+        ----------
+        cls : int or str, optional
+            Default: the class whose map peaks highest.
+        image : ndarray (H, W, 3) or PIL image, optional
+            Default: :attr:`image_file`, decoded.
+        caption : str, optional
+            Default: the class name and its map's peak.
+        max_side : int
+            Pictures of larger images are scaled down to this longer side.
+
+        Returns
+        -------
+        PIL.Image.Image
+        """
+        c = self.class_index(cls)
+        if image is None:
+            if not self.image_file:
+                raise EvalError(f"{self.path}: the image file is not known; pass the image", param="image")
+            try:
+                image = load_rgb(self.image_file)
+            except Exception as e:  # PIL raises many kinds for a corrupt or vanished file
+                raise EvalError(f"{self.image_file}: cannot read the image ({type(e).__name__})") from None
+        size = image.size if hasattr(image, "size") and not isinstance(image, np.ndarray) else image.shape[1::-1]
+        if tuple(size) != (self.width, self.height):
+            raise EvalError(f"{self.image_file or self.path}: image is {size[0]}x{size[1]}, the map's "
+                            f"{self.width}x{self.height}", param="image")
+        if caption is None:
+            caption = f"{self.classes[c]}  map {self.scores[c].min():.2f}-{self.peak(c)[0]:.2f}"
+        return render_overlay(image, self.scores[c], stride=self.stride, caption=caption, max_side=max_side)
+
+    def save_png(self, path: Union[str, Path], cls: Union[int, str, None] = None, **options) -> Path:
+        """Write :meth:`picture` (same options) as a PNG."""
+        return save_png(self.picture(cls, **options), path)
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write an ``.npz``: ``scores``, ``classes``, ``stride``, ``width``, ``height``, ``image``."""
@@ -319,8 +380,10 @@ def localization_map(head, cache: Union[str, Path, FeatureCache], image: Union[i
         with full.select([_find_image(full, image)]) as one:
             X, boxes = one.read_features(), one.boxes.astype(np.float64)
             w, h, path = int(one.images.width[0]), int(one.images.height[0]), one.images.path[0]
+        root = (full.attrs.get("dataset") or {}).get("root")
     maps = _per_pixel_mean(head.patch_scores(X), boxes, w, h, stride)
-    return LocalizationMap(path, tuple(head.classes), maps, int(stride), w, h, head.objective)
+    return LocalizationMap(path, tuple(head.classes), maps, int(stride), w, h, head.objective,
+                           str(Path(root) / path) if root else "")
 
 
 def _per_pixel_mean(scores: np.ndarray, boxes: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:

@@ -38,7 +38,8 @@ from featurecache.resources import resolve_device
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ExtractConfig", "ExtractError", "ExtractResult", "extract", "load_rgb", "resolve_device"]
+__all__ = ["ExtractConfig", "ExtractError", "ExtractResult", "extract", "feature_settings", "load_rgb",
+           "resolve_device"]
 
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
@@ -173,7 +174,8 @@ def _dataset_digest(images: ImageSet) -> str:
     return h.hexdigest()
 
 
-def _feature_settings(backbone: FrozenBackbone, grid: PatchGrid, mode: str) -> dict:
+def feature_settings(backbone: FrozenBackbone, grid: PatchGrid, mode: str) -> dict:
+    """What determines the features (a cache's ``feature_settings``; its SHA-256 is the fingerprint)."""
     s = backbone.spec
     return {
         "backbone": s.name,
@@ -479,7 +481,7 @@ def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batc
         "dataset": {"root": str(images.root), "layout": images.layout, "split": images.split,
                     "num_images": len(images), "sha256": _dataset_digest(images)},
         "classes": list(images.classes),
-        "features": _feature_settings(net, config.grid, config.mode),
+        "features": feature_settings(net, config.grid, config.mode),
         "grid": config.grid.to_dict(),
         "label_rule": config.rule.to_dict(),
         "storage": {"dtype": config.dtype, "compression": config.compression},

@@ -28,7 +28,7 @@ import numpy as np
 from featurecache.errors import EvalError
 
 __all__ = ["METHODS", "average_precision", "bootstrap_map", "bootstrap_weights", "image_folds", "interval", "mean_ap",
-           "per_class_ap"]
+           "per_class_ap", "precision_recall"]
 
 METHODS = ("voc07", "all", "raw")
 
@@ -98,6 +98,26 @@ def per_class_ap(scores: np.ndarray, labels: np.ndarray, difficult: Optional[np.
     ap = np.array([average_precision(scores[:, c], labels[:, c], ignore=difficult[:, c] & ~labels[:, c],
                                      method=method) for c in range(labels.shape[1])])
     return ap, labels.sum(axis=0)
+
+
+def precision_recall(scores: np.ndarray, positive: np.ndarray, *, ignore: Optional[np.ndarray] = None) -> tuple:
+    """``(precision, recall)`` of one class at every score threshold, images in ``ignore`` left out.
+
+    The curve whose area :func:`average_precision` measures: ranks by falling score; ties
+    form one step. Empty arrays when there is no positive.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    pos = np.asarray(positive, dtype=bool)
+    if ignore is not None:
+        keep = ~np.asarray(ignore, dtype=bool)
+        s, pos = s[keep], pos[keep]
+    if not pos.any():
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(-s, kind="stable")
+    s, pos = s[order], pos[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), len(s) - 1]  # the end of each run of equal scores
+    tp = np.cumsum(pos)[last]
+    return tp / (last + 1.0), tp / pos.sum()
 
 
 def bootstrap_weights(n_images: int, n_boot: int, rng: np.random.RandomState) -> np.ndarray:

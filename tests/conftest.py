@@ -198,3 +198,20 @@ def blob_cache(path: Path, *, n_images=40, patches=12, dim=16, n_classes=3, seed
             img.append(i)
     return make_synthetic_cache(path, np.array(X), y, img, image_labels, [f"c{k}" for k in range(n_classes)],
                                 splits=splits, feature_settings=feature_settings)
+
+
+def tiny_trained_head(root: Path, *, objective: str = "patch", **options) -> Path:
+    """A head trained on real Lite0 features of a tiny noise-image VOC set under ``root`` (64 px, scales 1, 2).
+
+    Returns the head file; the set is ``root / "voc"`` (classes cat and dog, splits train and val).
+    """
+    from featurecache.extract import extract
+    from featurecache.patches import PatchGrid
+    from featurecache.train import fit_objective
+
+    voc = make_voc(root / "voc", {f"im{i}": [("cat" if i % 2 else "dog", 5, 5, 40, 40)] for i in range(6)},
+                   splits={"train": [f"im{i}" for i in range(4)], "val": ["im4", "im5"]})
+    cache = extract(voc, root / "tiny.h5", grid=PatchGrid(scales=(1.0, 2.0), input_size=64), workers=0,
+                    progress=False)
+    head = fit_objective(cache.path, objective=objective, train_split="train", progress=False, **options)
+    return head.save(root / f"{objective}.head.pt")

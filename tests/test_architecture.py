@@ -12,8 +12,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featurecache"
 
 #: docs/architecture.md: a module may import modules of its own or a lower layer only.
 LAYERS = [
-    {"errors", "resources", "metrics"},
-    {"__init__", "datasets", "patches", "summary"},
+    {"errors", "resources", "metrics", "overlay"},
+    {"__init__", "datasets", "patches", "summary", "plots"},
     {"backbones", "cache"},
     {"extract"},
     {"heads.pooling", "heads.background"},
@@ -26,7 +26,7 @@ LAYERS = [
     {"heads.auto"},
     {"train"},
     {"evaluate"},
-    {"ablate"},
+    {"ablate", "predict"},
     {"demo"},
     {"cli"},
     {"__main__"},

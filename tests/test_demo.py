@@ -41,3 +41,14 @@ def test_demo_command_runs_the_pipeline_and_learns(tmp_path):
     rows = [line.split() for line in out.splitlines() if line[:3].strip().isdigit() and "configurations" not in line]
     assert {r[1] for r in rows} == {"patch", "image", "mil", "hybrid"}
     assert (tmp_path / "work" / "demo.head.pt").exists() and (tmp_path / "work" / "demo.h5").exists()
+    # It ends by predicting on its last validation images, as new ones: a CSV and pictures, where it says.
+    work = tmp_path / "work"
+    rows = (work / "predictions.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("path,width,height,top1,top1_score")
+    assert f"predictions            {work / 'predictions.csv'}" in out
+    maps = sorted((work / "maps").glob("*.png"))
+    if "localisation pictures  " + str(work / "maps") in out:
+        assert len(maps) == 4
+    else:  # the chosen head scores whole images: the demo says so instead
+        assert "no maps" in out and not maps
+    assert "4 images: 4 scored" in out

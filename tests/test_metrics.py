@@ -130,3 +130,21 @@ def test_intervals_and_folds():
 
 def test_no_images_is_nan():
     assert np.isnan(average_precision(np.zeros(0), np.zeros(0, bool)))
+
+
+def test_precision_recall_is_the_curve_under_average_precision():
+    from sklearn.metrics import precision_recall_curve
+
+    from featurecache.metrics import average_precision, precision_recall
+
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(60), 1)  # ties: one step each
+    positive = rng.random(60) < 0.3
+    ignore = rng.random(60) < 0.1
+    p, r = precision_recall(scores, positive, ignore=ignore)
+    keep = ~ignore
+    ps, rs, _ = precision_recall_curve(positive[keep], scores[keep])
+    assert sorted(zip(r, p)) == pytest.approx(sorted(zip(rs[:-1], ps[:-1])))
+    assert np.sum(np.diff(np.r_[0, r]) * p) == pytest.approx(
+        average_precision(scores, positive, ignore=ignore, method="raw"))
+    assert [len(a) for a in precision_recall(scores, np.zeros(60, bool))] == [0, 0]

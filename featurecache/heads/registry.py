@@ -478,6 +478,11 @@ class Objective:
         stand in: ``ablate``'s probe).
     fuses : bool
         It averages the scores of other objectives' heads (its ``members``).
+    scores : str
+        What its image scores mean (``predict`` documents and prints it).
+    probabilities : bool
+        Its image scores are probabilities, so a threshold of 0.5 means "more likely than
+        not"; ``predict`` uses that as its default threshold.
     describe : callable
         ``(summary, kind) -> one line`` after training.
     """
@@ -492,6 +497,8 @@ class Objective:
     fixed: Mapping = field(default_factory=dict)
     image_features: bool = False
     fuses: bool = False
+    scores: str = ""
+    probabilities: bool = False
 
     @property
     def options(self) -> tuple:
@@ -510,18 +517,27 @@ class Objective:
 
 _OBJECTIVES = {
     "patch": Objective("patch", lambda o: o["head"], "featurecache.heads.patch:fit_patch_objective",
-                       pools_patches=True, patch_scores=True, needs_boxes=True, describe=_describe_patch),
+                       pools_patches=True, patch_scores=True, needs_boxes=True, describe=_describe_patch,
+                       scores="the pooled patch score: (1/M) sum of the M patches' class probabilities to the "
+                              "power k (k = 5), in [0, 1]; a ranking score, not a probability"),
     "image": Objective("image", lambda o: "image-" + o["image_head"], "featurecache.heads.image:fit_image_objective",
                        pools_patches=False, patch_scores=False, needs_boxes=False, describe=_describe_image,
-                       image_features=True),
+                       image_features=True, probabilities=True,
+                       scores="the probability that the class is in the image (per-class logistic output on "
+                              "the pooled image features)"),
     "mil": Objective("mil", lambda o: "mil", "featurecache.heads.mil:fit_mil_objective", pools_patches=False,
                      patch_scores=True, needs_boxes=False, describe=_describe_mil,
-                     fixed=MappingProxyType({"patch_weight": 0.0})),
+                     fixed=MappingProxyType({"patch_weight": 0.0}), probabilities=True,
+                     scores="the probability that the class is in the image (sigmoid of the trained "
+                            "aggregation of the patches' class scores)"),
     "hybrid": Objective("hybrid", lambda o: "mil", "featurecache.heads.mil:fit_mil_objective", pools_patches=False,
-                        patch_scores=True, needs_boxes=True, describe=_describe_mil),
+                        patch_scores=True, needs_boxes=True, describe=_describe_mil, probabilities=True,
+                        scores="the probability that the class is in the image (sigmoid of the trained "
+                               "aggregation of the patches' class scores)"),
     "fusion": Objective("fusion", lambda o: "fusion", "featurecache.heads.fusion:fit_fusion_objective",
                         pools_patches=False, patch_scores=False, needs_boxes=False, describe=_describe_fusion,
-                        fuses=True),
+                        fuses=True, scores="the mean of the members' scores, each standardised on the "
+                                           "training images (0 = their mean); a ranking score, not a probability"),
     # auto trains candidates and keeps one: the head it returns has the chosen objective.
     "auto": Objective("auto", None, "featurecache.heads.auto:fit_auto_objective", pools_patches=False,
                       patch_scores=False, needs_boxes=False, describe=_describe_patch),

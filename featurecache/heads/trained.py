@@ -23,8 +23,9 @@ HEAD_FORMAT = "featurecache-head"
 #: objective comes from the summary, else from the head kind.
 HEAD_FORMAT_VERSION = 1
 
-#: The training cache's attributes a head keeps to extract new images the same way.
-_EXTRACTION = ("grid", "label_rule", "backbone")
+#: The training cache's attributes a head keeps to extract new images the same way (the
+#: cache's ``extraction`` attribute holds the stored dtype and batching).
+_EXTRACTION = ("grid", "label_rule", "backbone", "extraction")
 
 #: Estimator parameters read back as tuples (JSON stores lists).
 _TUPLE_PARAMS = ("hidden", "pooling", "members")

@@ -1,0 +1,605 @@
+"""Prediction: a trained head used on new images, giving scores, labels and localisation pictures.
+
+A head file records how its training cache was extracted (backbone and the SHA-256 of its
+weights, layer, preprocessing, patch grid, mode, stored dtype). :func:`load_head` reads it
+and rebuilds that extractor once, finding the weights the same way ``extract`` does and
+refusing, with the setting that differs, weights whose hash is not the recorded one. The
+new images then go through :func:`featurecache.extract.extract` itself (batches span
+images), into a temporary cache or a kept one, and are scored by the head's own route
+(:meth:`~featurecache.heads.trained.TrainedHead.image_scores`), exactly as ``eval`` scores a
+cache. An image that cannot be read gets a row with its error; the others are scored.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+from PIL import Image
+
+from featurecache.backbones import FrozenBackbone, build_backbone, weights_argument
+from featurecache.cache import FeatureCache, describe_fingerprint_difference, feature_fingerprint
+from featurecache.datasets import IMAGE_EXTENSIONS, ImageRecord, ImageSet, detect_layout, read_dataset
+from featurecache.errors import BackboneError, DatasetError, HeadError, PredictError
+from featurecache.evaluate import LocalizationMap, localization_map
+from featurecache.extract import ExtractConfig, ExtractResult, extract, feature_settings
+from featurecache.heads.trained import TrainedHead
+from featurecache.overlay import MAX_SIDE
+from featurecache.patches import LabelRule, PatchGrid
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PredictConfig", "Predictions", "Predictor", "load_head", "predict"]
+
+ImageInput = Union[str, "os.PathLike[str]", Image.Image, np.ndarray]
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """How to predict: every option of :meth:`Predictor.predict` but the images.
+
+    Attributes
+    ----------
+    top : int
+        Classes listed per image, best first.
+    threshold : float, optional
+        Classes scoring at least this are an image's labels. Default 0.5 for heads whose
+        scores are probabilities (image-level logistic, MIL, hybrid); for the others (the
+        paper's pooled patch scores, fusion) no default, and the labels are left empty.
+    maps : path, optional
+        Folder for one PNG per image: the localisation map of its top class over the image
+        (heads with patch scores only).
+    stride : int
+        Map cell size in pixels.
+    max_side : int
+        Map pictures of larger images are scaled down to this longer side.
+    cache : path, optional
+        Keep the new images' features in this cache (resumable; usable by ``eval``,
+        ``localize`` and another ``predict``); default a temporary file, removed after.
+    layout, split, annotations
+        How a data-set folder among the inputs is read (a VOC devkit's ``--split``, a COCO
+        ``--annotations`` file); other folders are searched for images recursively.
+    batch_size, workers : int, optional
+        As for ``extract``; they do not change the features.
+    strict : bool
+        Stop at the first image that cannot be read instead of giving it an error row.
+    progress : bool, optional
+    """
+
+    top: int = 5
+    threshold: Optional[float] = None
+    maps: Optional[Union[str, Path]] = None
+    stride: int = 8
+    max_side: int = MAX_SIDE
+    cache: Optional[Union[str, Path]] = None
+    layout: str = "auto"
+    split: Optional[str] = None
+    annotations: Optional[Union[str, Path]] = None
+    batch_size: Optional[int] = None
+    workers: Optional[int] = None
+    strict: bool = False
+    progress: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        for name in ("top", "stride", "max_side"):
+            if int(getattr(self, name)) < 1:
+                raise PredictError(f"must be a positive integer, got {getattr(self, name)}", param=name)
+        if self.threshold is not None and not math.isfinite(float(self.threshold)):
+            raise PredictError(f"must be a number, got {self.threshold}", param="threshold")
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Predictions:
+    """One row per input image: its scores, top classes, labels, error and map picture.
+
+    Attributes
+    ----------
+    classes : tuple of str
+    paths : list of str
+        Each image as given (folders' images as folder/relative path; ``<image N>`` for
+        in-memory images).
+    width, height : ndarray (M,) int
+        Pixels; 0 when the image could not be read.
+    scores : ndarray (M, C) float32
+        The head's image scores, NaN in rows of images that could not be read.
+    errors : list of str
+        Why an image could not be scored ('' when it was).
+    top : int
+    threshold : float or None
+        The labels' threshold (None: no labels).
+    objective, scoring, meaning : str
+        The head's objective, how it scores images, and what the numbers mean.
+    maps : list of str
+        The map picture of each image ('' none).
+    maps_note : str
+        Why no maps were drawn, when they were asked for and could not be.
+    cache : Path, optional
+        The kept feature cache.
+    extraction : ExtractResult, optional
+    seconds : float
+    """
+
+    classes: tuple
+    paths: list
+    width: np.ndarray
+    height: np.ndarray
+    scores: np.ndarray
+    errors: list
+    top: int
+    threshold: Optional[float]
+    objective: str
+    scoring: str
+    meaning: str
+    maps: list = field(default_factory=list)
+    maps_note: str = ""
+    cache: Optional[Path] = None
+    extraction: Optional[ExtractResult] = None
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def n_scored(self) -> int:
+        return sum(1 for e in self.errors if not e)
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.errors) - self.n_scored
+
+    def top_classes(self, i: int) -> list:
+        """``[(class, score), ...]``: image ``i``'s best :attr:`top` classes, best first."""
+        if self.errors[i]:
+            return []
+        order = np.argsort(-self.scores[i], kind="stable")[: self.top]
+        return [(self.classes[c], float(self.scores[i, c])) for c in order]
+
+    def labels(self, i: int) -> list:
+        """Image ``i``'s classes scoring at least :attr:`threshold`, best first."""
+        if self.errors[i] or self.threshold is None:
+            return []
+        order = np.argsort(-self.scores[i], kind="stable")
+        return [self.classes[c] for c in order if self.scores[i, c] >= self.threshold]
+
+    def records(self) -> list:
+        """One dictionary per image: ``path``, ``width``, ``height``, ``top``, ``labels``, ``error``,
+        ``scores`` (class -> score), and ``map`` when maps were drawn."""
+        out = []
+        for i, path in enumerate(self.paths):
+            rec = {"path": path, "width": int(self.width[i]), "height": int(self.height[i]),
+                   "top": [{"class": c, "score": s} for c, s in self.top_classes(i)], "labels": self.labels(i),
+                   "error": self.errors[i],
+                   "scores": {} if self.errors[i] else {c: float(v) for c, v in zip(self.classes, self.scores[i])}}
+            if any(self.maps):
+                rec["map"] = self.maps[i]
+            out.append(rec)
+        return out
+
+    def to_json(self) -> str:
+        """The records with what the scores mean."""
+        return json.dumps({"objective": self.objective, "scoring": self.scoring, "scores_are": self.meaning,
+                           "threshold": self.threshold, "classes": list(self.classes), "images": self.records()},
+                          indent=1)
+
+    def _class_columns(self, fixed: list) -> list:
+        return [f"score:{c}" if c in fixed else c for c in self.classes]
+
+    def to_csv(self) -> str:
+        """One row per image: path, width, height, top-K classes and scores, labels, error, one column per class."""
+        k = min(self.top, len(self.classes))
+        fixed = ["path", "width", "height"] + [n for j in range(1, k + 1) for n in (f"top{j}", f"top{j}_score")]
+        fixed += ["labels", "error"] + (["map"] if any(self.maps) else [])
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(fixed + self._class_columns(fixed))
+        for i, path in enumerate(self.paths):
+            top = self.top_classes(i)
+            row = [path, int(self.width[i]), int(self.height[i])]
+            for j in range(k):
+                row += [top[j][0], f"{top[j][1]:.6g}"] if j < len(top) else ["", ""]
+            row += [";".join(self.labels(i)), self.errors[i]] + ([self.maps[i]] if any(self.maps) else [])
+            row += ["" if self.errors[i] else f"{v:.6g}" for v in self.scores[i]]
+            w.writerow(row)
+        return buf.getvalue()
+
+    def to_text(self, *, limit: int = 20) -> str:
+        """A short table (the first ``limit`` images) and the summary line."""
+        shown = min(len(self), limit)
+        width = max([len(p) for p in self.paths[:shown]] + [5])
+        lines = [f"{'image':<{width}}  {'top classes':<40}  labels"]
+        for i in range(shown):
+            if self.errors[i]:
+                lines.append(f"{self.paths[i]:<{width}}  error: {self.errors[i]}")
+                continue
+            top = ", ".join(f"{c} {s:.3g}" for c, s in self.top_classes(i)[:3])
+            lines.append(f"{self.paths[i]:<{width}}  {top:<40}  {' '.join(self.labels(i)) or '-'}")
+        if shown < len(self):
+            lines.append(f"... {len(self) - shown} more (write them all with --out FILE.csv or .json)")
+        return "\n".join(lines + [self.summary()])
+
+    def summary(self) -> str:
+        """One line: how many images were scored and failed, how, what the scores mean."""
+        failed = f", {self.n_failed} could not be read (error column)" if self.n_failed else ""
+        labels = (f"labels: score >= {self.threshold:g}" if self.threshold is not None
+                  else "no labels without --threshold (these scores rank images; they are not probabilities)")
+        line = f"{len(self)} images: {self.n_scored} scored{failed}; {self.objective} head, {self.scoring}; {labels}"
+        return line + (f"; {self.seconds:.1f} s" if self.seconds else "")
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write JSON for a ``.json`` file name, else CSV."""
+        path = Path(path)
+        text = self.to_json() if path.suffix.lower() == ".json" else self.to_csv()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+        return path
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class _Item:
+    """One input image: where it is, how it is shown, and its size or why it cannot be read."""
+
+    display: str
+    path: Optional[Path] = None
+    pixels: Optional[np.ndarray] = None
+    width: int = 0
+    height: int = 0
+    error: str = ""
+
+
+def _folder_images(folder: Path) -> list:
+    """Image files under a folder, recursively, sorted; hidden files and folders left out."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        found += [Path(dirpath) / f for f in filenames
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
+def _is_voc(folder: Path) -> bool:
+    try:
+        return detect_layout(folder) == "voc"
+    except DatasetError:  # no layout at all: searched for images like any folder
+        return False
+
+
+def _expand(item, position: int, config: PredictConfig) -> list:
+    """The :class:`_Item` s of one input: a file, a folder, a data set, or an in-memory image."""
+    if isinstance(item, Image.Image):
+        return [_Item(f"<image {position}>", pixels=np.array(item.convert("RGB"), dtype=np.uint8))]
+    if isinstance(item, np.ndarray):
+        a = item if item.ndim == 3 else np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else None
+        if a is None or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
+            return [_Item(f"<image {position}>", error=f"an array image must be (H, W[, 3 or 4]) uint8, got "
+                                                         f"{item.shape} {item.dtype}")]
+        return [_Item(f"<image {position}>", pixels=np.ascontiguousarray(a[:, :, :3]))]
+    path = Path(item)
+    if not path.exists():
+        return [_Item(str(item), path, error="no such file or directory")]
+    if path.is_file():
+        return [_Item(str(item), path)]
+    if config.annotations is not None or config.layout in ("voc", "coco") or (
+            config.layout == "auto" and _is_voc(path)):
+        ds = read_dataset(path, layout=config.layout, split=config.split, annotations=config.annotations)
+        return [_Item(str(path / r.relpath), r.path) for r in ds]
+    if config.split is not None:
+        raise PredictError(f"{path}: --split needs a VOC devkit folder", param="split")
+    files = _folder_images(path)
+    if not files:
+        return [_Item(str(item), path, error="no image files in this folder")]
+    return [_Item(str(f), f) for f in files]
+
+
+def _probe(item: _Item) -> None:
+    """Read an image file's size from its header, or say why it cannot be read."""
+    if item.error or item.pixels is not None:
+        if item.pixels is not None:
+            item.height, item.width = item.pixels.shape[:2]
+        return
+    try:
+        with Image.open(item.path) as im:
+            item.width, item.height = im.size
+    except Exception as e:  # PIL raises many kinds for files that are not images
+        msg = str(e).splitlines()[0][:120] if str(e) else ""
+        item.error = f"cannot read image ({type(e).__name__}{': ' + msg if msg else ''})"
+        return
+    if item.width < 1 or item.height < 1:
+        item.error = f"image is {item.width}x{item.height}"
+
+
+def _collect(images, config: PredictConfig) -> list:
+    """Every input expanded, duplicates (the same file twice) dropped, sizes read."""
+    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+        images = [images]
+    items, seen = [], set()
+    for position, item in enumerate(images):
+        for it in _expand(item, position, config):
+            key = os.path.abspath(it.path) if it.path is not None and it.pixels is None else id(it)
+            if key in seen:
+                continue
+            seen.add(key)
+            _probe(it)
+            if it.error and config.strict:
+                raise PredictError(f"{it.display}: {it.error} (--strict)")
+            if it.error:
+                logger.warning("%s: %s", it.display, it.error)
+            items.append(it)
+    if not items:
+        raise PredictError("no input images given", param="images")
+    return items
+
+
+def _image_set(items: list, tmp: Path, classes: tuple) -> tuple:
+    """An image set of the readable items (in-memory images written to ``tmp`` as lossless PNG).
+
+    Returns ``(ImageSet or None, {relpath: item position})``.
+    """
+    usable = []
+    for i, it in enumerate(items):
+        if it.error:
+            continue
+        if it.pixels is not None:
+            it.path = tmp / "images" / f"{i:06d}.png"
+            it.path.parent.mkdir(exist_ok=True)
+            Image.fromarray(it.pixels).save(it.path)
+        usable.append(i)
+    if not usable:
+        return None, {}
+    paths = [Path(os.path.abspath(items[i].path)) for i in usable]
+    root = Path(os.path.commonpath([str(p.parent) for p in paths]))
+    records = [ImageRecord(p, p.relative_to(root).as_posix(), items[i].width, items[i].height,
+                           np.zeros((0, 4), np.float32), (), np.zeros(0, bool)) for i, p in zip(usable, paths)]
+    where = {r.relpath: i for r, i in zip(records, usable)}
+    return ImageSet(root, "plain", tuple(classes), records), where
+
+
+# --------------------------------------------------------------------------- the predictor
+
+
+class Predictor:
+    """A trained head with the extractor that makes its features, rebuilt from the head file.
+
+    Use :func:`load_head` to make one. The backbone is built on first use and kept, so
+    that repeated :meth:`predict` calls pay for it once.
+
+    Parameters
+    ----------
+    head : TrainedHead
+    source : str
+        The head file (named in errors).
+    weights : str or path, optional
+        Where the backbone weights are, when not where the head's training found them. Refused
+        unless they hash to the recorded SHA-256.
+    device : {"auto", "cpu", "cuda"}
+    """
+
+    def __init__(self, head: TrainedHead, *, source: str = "head", weights: Optional[Union[str, Path]] = None,
+                 device: str = "auto") -> None:
+        self.head = head
+        self.source = source
+        self.weights = None if weights is None else str(weights)
+        self.device = device
+        self._net: Optional[FrozenBackbone] = None
+        if not head.extraction or "grid" not in head.extraction or "backbone" not in head.extraction:
+            raise PredictError(f"{source}: this head file does not record how its features were extracted "
+                               "(written before featurecache 0.2); train it again with fit to predict with it")
+
+    @property
+    def classes(self) -> tuple:
+        return tuple(self.head.classes)
+
+    @property
+    def objective(self) -> str:
+        return self.head.objective
+
+    def __repr__(self) -> str:
+        fs = self.head.feature_settings
+        return (f"Predictor({self.source!r}: {self.head.objective} {self.head.kind} head, {len(self.classes)} "
+                f"classes, {fs.get('backbone')} at {fs.get('input_size')} px, {fs.get('mode')} mode)")
+
+    # -- the extractor
+    @property
+    def grid(self) -> PatchGrid:
+        return PatchGrid.from_dict(self.head.extraction["grid"])
+
+    def backbone(self) -> FrozenBackbone:
+        """The backbone the head's features came from, built once; refused when it would make other features."""
+        if self._net is None:
+            spec = self.head.extraction["backbone"]
+            fs = self.head.feature_settings
+            try:
+                weights = self.weights or weights_argument(spec)
+                net = build_backbone(spec["name"], layer=fs.get("layer"), weights=weights)
+            except BackboneError as e:
+                raise PredictError(f"{self.source}: {e}") from None
+            ours = feature_settings(net, self.grid, fs["mode"])
+            if feature_fingerprint(ours) != self.head.fingerprint:
+                raise PredictError(
+                    f"{self.source}: the backbone found ({net.spec.weights}) would not make the features this head "
+                    "was trained on (" + describe_fingerprint_difference(ours, fs, ours_name="found") + ")",
+                    param="weights")
+            self._net = net
+        return self._net
+
+    def _extract_config(self, config: PredictConfig) -> ExtractConfig:
+        ex = self.head.extraction
+        run = ex.get("extraction") or {}
+        mode = self.head.feature_settings["mode"]
+        return ExtractConfig(
+            backbone=self.backbone(), grid=self.grid,
+            rule=LabelRule.from_dict(ex["label_rule"]) if ex.get("label_rule") else None, mode=mode,
+            dtype=run.get("dtype", "float16"), part_patches=int(run.get("part_patches", 2048)),
+            max_side=run.get("max_side") or 2048, batch_size=config.batch_size, workers=config.workers,
+            device=self.device, strict=config.strict, progress=config.progress)
+
+    # -- use
+    def predict(self, images: Union[ImageInput, Sequence[ImageInput]], config: Optional[PredictConfig] = None,
+                **options) -> Predictions:
+        """Score new images with the head.
+
+        Parameters
+        ----------
+        images : path, PIL image, array, or a sequence of them
+            Image files, folders (searched recursively), data-set folders (any layout
+            ``extract`` reads), PIL images or ``(H, W, 3)`` uint8 arrays.
+        config : PredictConfig, optional
+        **options
+            Fields of :class:`PredictConfig` over those of ``config``.
+
+        Returns
+        -------
+        Predictions
+            ``.records()`` as the command line writes them, ``.scores`` as a matrix.
+
+        Raises
+        ------
+        PredictError
+            A head without extraction record, weights that are missing or differ, bad
+            options; with ``strict=True``, the first unreadable image.
+        """
+        t0 = time.perf_counter()
+        config = replace(config, **options) if config is not None else PredictConfig(**options)
+        threshold = config.threshold if config.threshold is not None else (
+            0.5 if self.head.spec.probabilities else None)
+        items = _collect(images, config)
+        scores = np.full((len(items), len(self.classes)), np.nan, np.float32)
+        maps = [""] * len(items)
+        note, result = "", None
+        with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
+            images_set, where = _image_set(items, Path(tmp), self.classes)
+            if images_set is not None:
+                cache_path = Path(config.cache) if config.cache else Path(tmp) / "features.h5"
+                result = extract(images_set, cache_path, self._extract_config(config))
+                with FeatureCache(cache_path) as cache:
+                    rows = self._score(cache, items, where, scores)
+                    if config.maps is not None:
+                        note = self._draw_maps(cache, rows, items, scores, maps, config)
+        label, text = self.head.scoring()
+        return Predictions(self.classes, [it.display for it in items], np.array([it.width for it in items]),
+                           np.array([it.height for it in items]), scores, [it.error for it in items], config.top,
+                           threshold, self.head.objective, text, self.head.spec.scores, maps, note,
+                           Path(config.cache) if config.cache else None, result, time.perf_counter() - t0)
+
+    def _score(self, cache: FeatureCache, items: list, where: dict, scores: np.ndarray) -> dict:
+        """Fill ``scores`` and the errors of images skipped at extraction; returns item -> cache image row."""
+        try:
+            self.head.check_cache(cache)
+        except HeadError as e:
+            raise PredictError(f"{self.source}: {e}") from None
+        for relpath, reason in cache.skipped:
+            items[where[relpath]].error = reason
+        paths = cache.images.path
+        if paths:
+            scores[[where[p] for p in paths]] = self.head.image_scores(cache)
+        return {where[p]: row for row, p in enumerate(paths)}
+
+    def _draw_maps(self, cache: FeatureCache, rows: dict, items: list, scores: np.ndarray, maps: list,
+                   config: PredictConfig) -> str:
+        if not self.head.spec.patch_scores:
+            return (f"no maps: a {self.head.objective} head scores whole images, not patches (maps need a patch, "
+                    "mil or hybrid head)")
+        out = Path(config.maps)
+        used: set = set()
+        for i, row in rows.items():
+            c = int(np.argmax(scores[i]))
+            m = localization_map(self.head, cache, row, stride=config.stride)
+            caption = f"{self.classes[c]}  score {scores[i, c]:.3g}  map {m.scores[c].min():.2f}-{m.peak(c)[0]:.2f}"
+            name = _map_name(cache.images.path[row], self.classes[c], used)
+            maps[i] = str(m.save_png(out / name, c, caption=caption, max_side=config.max_side))
+        return ""
+
+    def localization_map(self, image: ImageInput, cls: Union[int, str, None] = None, *,
+                         stride: int = 8) -> LocalizationMap:
+        """The localisation map of one new image: per-pixel mean of its patch scores.
+
+        Parameters
+        ----------
+        image : path, PIL image or array
+        cls : int or str, optional
+            Keep this class's map only; default all classes.
+        stride : int
+            Cell size in pixels.
+
+        Returns
+        -------
+        LocalizationMap
+            ``.picture()`` draws it over the image.
+        """
+        if not self.head.spec.patch_scores:
+            raise PredictError(f"{self.source}: a {self.head.objective} head scores whole images, not patches; "
+                               "localisation needs a patch, mil or hybrid head")
+        config = PredictConfig(stride=stride, strict=True, workers=0, progress=False)
+        items = _collect([image], config)
+        with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
+            images_set, _ = _image_set(items, Path(tmp), self.classes)
+            cache_path = Path(tmp) / "features.h5"
+            extract(images_set, cache_path, self._extract_config(config))
+            m = localization_map(self.head, cache_path, 0, stride=stride)
+        m.path = items[0].display
+        m.image_file = "" if items[0].pixels is not None else os.path.abspath(items[0].path)
+        if cls is not None:
+            c = m.class_index(cls)
+            m.classes, m.scores = (m.classes[c],), m.scores[c:c + 1]
+        return m
+
+
+def _map_name(relpath: str, cls: str, used: set) -> str:
+    """``<relpath without suffix>.<class>.png``, made unique (``a.jpg`` and ``a.png`` in one folder)."""
+    stem = str(Path(relpath).with_suffix(""))
+    label = re.sub(r"[^\w.-]+", "_", cls)
+    name, k = f"{stem}.{label}.png", 2
+    while name in used:
+        name, k = f"{stem}-{k}.{label}.png", k + 1
+    used.add(name)
+    return name
+
+
+def load_head(path: Union[str, Path], *, weights: Optional[Union[str, Path]] = None,
+              device: str = "auto") -> Predictor:
+    """Read a head file for use on new images.
+
+    Parameters
+    ----------
+    path : path
+        A head file written by ``featurecache fit`` (or :meth:`TrainedHead.save`).
+    weights : str or path, optional
+        Where the backbone weights are, when not where training found them (refused unless
+        their SHA-256 is the recorded one).
+    device : {"auto", "cpu", "cuda"}
+
+    Returns
+    -------
+    Predictor
+
+    Examples
+    --------
+    >>> head = featurecache.load_head("voc.head.pt")           # doctest: +SKIP
+    >>> result = head.predict(["cat.jpg", "photos/"])           # doctest: +SKIP
+    >>> result.records()[0]["top"][0]                           # doctest: +SKIP
+    {'class': 'cat', 'score': 0.93}
+    """
+    return Predictor(TrainedHead.load(path, device=device), source=str(path), weights=weights, device=device)
+
+
+def predict(head: Union[str, Path], images: Sequence[ImageInput], config: Optional[PredictConfig] = None, *,
+            weights: Optional[Union[str, Path]] = None, device: str = "auto", **options) -> Predictions:
+    """:func:`load_head` then :meth:`Predictor.predict`: what ``featurecache predict`` runs."""
+    return load_head(head, weights=weights, device=device).predict(images, config, **options)

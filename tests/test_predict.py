@@ -1,0 +1,288 @@
+"""Tests of `predict`: a trained head used on new images through the same extraction as `extract`."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from featurecache.cli import main
+from featurecache.errors import PredictError
+
+from conftest import tiny_trained_head
+
+GRID = {"scales": (1.0, 2.0), "input_size": 64}
+
+
+def _extract(dataset, out, **options):
+    from featurecache.extract import extract
+    from featurecache.patches import PatchGrid
+
+    return extract(dataset, out, grid=PatchGrid(**GRID), workers=0, progress=False, **options)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A tiny VOC set of noise images with a patch head and a mil head trained on it (real Lite0 features)."""
+    from featurecache.train import fit_objective
+
+    root = tmp_path_factory.mktemp("tiny")
+    patch = tiny_trained_head(root, head="logreg")
+    mil = fit_objective(root / "tiny.h5", objective="mil", train_split="train", epochs=5, progress=False)
+    return {"root": root, "voc": root / "voc", "cache": root / "tiny.h5", "patch": patch,
+            "mil": mil.save(root / "mil.head.pt")}
+
+
+def _image_files(voc):
+    return sorted((voc / "JPEGImages").glob("*.jpg"))
+
+
+def test_predict_scores_equal_the_heads_scores_on_a_cache_of_the_same_images(tiny):
+    import featurecache
+    from featurecache.cache import FeatureCache
+    from featurecache.heads import TrainedHead
+
+    predictor = featurecache.load_head(tiny["mil"])
+    files = _image_files(tiny["voc"])[::-1]  # another order than the cache's
+    result = predictor.predict(files, workers=0)
+    with FeatureCache(tiny["cache"]) as c:
+        expected = TrainedHead.load(tiny["mil"]).image_scores(c)
+        order = [c.images.path.index(f"JPEGImages/{f.name}") for f in files]
+    np.testing.assert_allclose(result.scores, expected[order], rtol=1e-5, atol=1e-7)
+    assert result.n_scored == 6 and result.errors == [""] * 6 and result.paths == [str(f) for f in files]
+    assert result.threshold == 0.5  # a mil head's scores are probabilities
+    rec = result.records()[0]
+    assert rec["top"][0]["score"] == pytest.approx(float(result.scores[0].max()))
+    assert rec["labels"] == [c for c, s in sorted(rec["scores"].items(), key=lambda t: -t[1]) if s >= 0.5]
+    # A PIL image and an array of the same pixels score as the file.
+    pixels = np.asarray(Image.open(files[0]).convert("RGB"))
+    again = predictor.predict([Image.open(files[0]), pixels], workers=0)
+    np.testing.assert_allclose(again.scores, result.scores[[0, 0]], rtol=1e-5, atol=1e-7)
+    assert again.paths == ["<image 0>", "<image 1>"]
+
+
+@pytest.mark.slow
+def test_predict_on_the_voc_val_files_equals_eval_on_their_cache(voc_sample, tmp_path):
+    """The acceptance check: a head trained on `train`, `predict` on the `val` JPEGs vs `eval` on a val cache."""
+    from featurecache.evaluate import evaluate
+    from featurecache.train import fit_objective
+
+    train = _extract(voc_sample, tmp_path / "train.h5", split="train")
+    val = _extract(voc_sample, tmp_path / "val.h5", split="val")
+    head = fit_objective(train.path, objective="patch", head="logreg", progress=False).save(tmp_path / "h.pt")
+    report = evaluate(head, val.path)
+    ids = (voc_sample / "ImageSets" / "Main" / "val.txt").read_text().split()
+    files = [str(voc_sample / "JPEGImages" / f"{i}.jpg") for i in ids]
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["predict", str(head), *files, "--out", str(out), "--workers", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    got = np.array([[img["scores"][c] for c in data["classes"]] for img in data["images"]])
+    np.testing.assert_allclose(got, report.scores, rtol=1e-5, atol=1e-9)
+    assert [img["path"] for img in data["images"]] == files and data["threshold"] is None
+    assert data["objective"] == "patch" and "pooled patch score" in data["scores_are"]
+
+
+def _corrupt_jpeg(src: Path, dest: Path) -> Path:
+    """A JPEG whose header reads but whose pixel data is cut off."""
+    data = src.read_bytes()
+    dest.write_bytes(data[: len(data) // 3])
+    return dest
+
+
+def test_plain_folder_recursive_with_unreadable_images_gives_error_rows(tiny, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "sub").mkdir(parents=True)
+    files = _image_files(tiny["voc"])
+    shutil.copy(files[0], folder / "a.jpg")
+    shutil.copy(files[1], folder / "sub" / "b.jpg")
+    _corrupt_jpeg(files[2], folder / "sub" / "cut.jpg")
+    (folder / "notes.jpg").write_text("not an image")
+    (folder / ".hidden.jpg").write_text("skipped: hidden")
+    out = tmp_path / "p.csv"
+    r = CliRunner().invoke(main, ["predict", str(tiny["patch"]), str(folder), str(tmp_path / "missing.png"),
+                                  "--out", str(out), "--workers", "0", "--top", "2", "-q"])
+    assert r.exit_code == 0, r.output
+    assert "5 images: 2 scored, 3 could not be read" in r.output
+    import csv
+
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    by_name = {Path(row["path"]).name: row for row in rows}
+    assert set(by_name) == {"a.jpg", "b.jpg", "cut.jpg", "notes.jpg", "missing.png"}
+    assert by_name["a.jpg"]["error"] == "" and by_name["a.jpg"]["top1"] in ("cat", "dog")
+    assert float(by_name["a.jpg"]["top1_score"]) >= float(by_name["a.jpg"]["top2_score"])
+    assert float(by_name["a.jpg"][by_name["a.jpg"]["top1"]]) == float(by_name["a.jpg"]["top1_score"])
+    assert "decode" in by_name["cut.jpg"]["error"] or "truncated" in by_name["cut.jpg"]["error"].lower()
+    assert "cannot read image" in by_name["notes.jpg"]["error"]
+    assert by_name["missing.png"]["error"] == "no such file or directory"
+    assert list(rows[0])[:7] == ["path", "width", "height", "top1", "top1_score", "top2", "top2_score"]
+    assert by_name["a.jpg"]["labels"] == ""  # a patch head's pooled scores are not probabilities: no default
+    # Every image unreadable: the rows are still written, and the exit status says so.
+    r = CliRunner().invoke(main, ["predict", str(tiny["patch"]), str(folder / "notes.jpg"), "--out", str(out)])
+    assert r.exit_code == 1 and "no image could be scored" in r.output
+    assert "cannot read image" in out.read_text()
+    with pytest.raises(Exception, match="cut.jpg.*--strict"):
+        import featurecache
+
+        featurecache.load_head(tiny["patch"]).predict(folder / "sub", strict=True, workers=0)
+
+
+def test_threshold_labels_and_the_printed_table(tiny):
+    r = CliRunner().invoke(main, ["predict", str(tiny["patch"]), str(tiny["voc"] / "JPEGImages"),
+                                  "--threshold", "0", "--workers", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0].split() == ["image", "top", "classes", "labels"] and len(lines) == 8
+    assert all(line.rstrip().endswith(("cat dog", "dog cat")) for line in lines[1:7])  # every class >= 0
+    assert lines[-1].startswith("6 images: 6 scored; patch head, power k=5; labels: score >= 0")
+
+
+def test_a_kept_cache_is_a_normal_cache_and_is_reused(tiny, tmp_path):
+    from featurecache.evaluate import localization_map
+
+    kept = tmp_path / "new.h5"
+    runner = CliRunner()
+    args = ["predict", str(tiny["mil"]), str(tiny["voc"] / "JPEGImages" / "im0.jpg"), "--cache", str(kept),
+            "--workers", "0", "-q"]
+    first = runner.invoke(main, args)
+    assert first.exit_code == 0 and kept.is_file(), first.output
+    mtime = kept.stat().st_mtime_ns
+    second = runner.invoke(main, args)
+    assert second.output.splitlines()[1] == first.output.splitlines()[1] and kept.stat().st_mtime_ns == mtime
+    assert localization_map(tiny["mil"], kept, "im0").scores.shape[0] == 2
+
+
+def test_maps_have_the_images_size_and_are_brightest_where_the_map_peaks(tiny, tmp_path):
+    import featurecache
+
+    predictor = featurecache.load_head(tiny["mil"])
+    src = Image.open(_image_files(tiny["voc"])[0]).convert("RGB")
+    big = tmp_path / "big.png"
+    src.resize((256, 192)).save(big)  # large enough for a caption and several map cells
+    result = predictor.predict([big], maps=tmp_path / "maps", stride=8, workers=0)
+    png = Path(result.maps[0])
+    cls = result.top_classes(0)[0][0]
+    assert png.parent == tmp_path / "maps" and png.name == f"big.{cls}.png"
+    picture = np.asarray(Image.open(png).convert("RGB"), dtype=np.float64)
+    assert picture.shape == (192, 256, 3)
+    m = predictor.localization_map(big, cls, stride=8)
+    assert m.classes == (cls,) and m.image_file == str(big)
+    # The colour layer (the picture less the image's share) is brightest in a cell where the map peaks.
+    image = np.asarray(Image.open(big).convert("RGB"), dtype=np.float64)
+    colour = (picture - 0.45 * image) / 0.55
+    lum = colour @ np.array([0.299, 0.587, 0.114])
+    lum[:40, :] = -1  # the caption
+    y, x = np.unravel_index(np.argmax(lum), lum.shape)
+    cells = m.scores[0]
+    assert cells[y // 8, x // 8] >= cells.max() - 0.05 * (cells.max() - cells.min())
+    # ... and darkest where the map is lowest.
+    y, x = np.unravel_index(np.argmin(np.where(lum < 0, np.inf, lum)), lum.shape)
+    assert cells[y // 8, x // 8] <= cells.min() + 0.05 * (cells.max() - cells.min())
+
+
+def test_maps_for_a_head_without_patch_scores_say_so(tiny, tmp_path):
+    from featurecache.train import fit_objective
+
+    head = fit_objective(tiny["cache"], objective="image", train_split="train", progress=False)
+    path = head.save(tmp_path / "image.head.pt")
+    r = CliRunner().invoke(main, ["predict", str(path), str(tiny["voc"] / "JPEGImages" / "im0.jpg"), "--maps",
+                                  str(tmp_path / "maps"), "--workers", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1] == ("no maps: a image head scores whole images, not patches (maps need a "
+                                         "patch, mil or hybrid head)")
+    assert not (tmp_path / "maps").exists()
+
+
+def _with_extraction(head_path, tmp_path, **backbone):
+    from featurecache.heads import TrainedHead
+
+    head = TrainedHead.load(head_path)
+    head.extraction = {**head.extraction, "backbone": {**head.extraction["backbone"], **backbone}}
+    return head.save(tmp_path / "edited.head.pt")
+
+
+def test_weights_that_are_missing_or_differ_are_refused_in_one_line(tiny, tmp_path):
+    import torch
+
+    from featurecache.backbones import build_backbone
+
+    image = str(tiny["voc"] / "JPEGImages" / "im0.jpg")
+    gone = _with_extraction(tiny["patch"], tmp_path, weights=str(tmp_path / "gone.pth"))
+    r = CliRunner().invoke(main, ["predict", str(gone), image])
+    assert r.exit_code == 1 and r.output.count("\n") == 1
+    assert f"{gone}: " in r.output and "gone.pth: the weights file" in r.output and "--weights" in r.output
+    # Weights found, but other ones: the file is named and so is the hash that differs.
+    net = build_backbone("efficientnet_lite0")
+    state = {k: v.clone() for k, v in net.body.state_dict().items()}
+    first = next(k for k, v in state.items() if v.dtype.is_floating_point)
+    state[first] += 0.01
+    other = tmp_path / "other.pth"
+    torch.save(state, other)
+    r = CliRunner().invoke(main, ["predict", str(tiny["patch"]), image, "--weights", str(other)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert str(tiny["patch"]) in r.output and "weights_sha256" in r.output and str(other) in r.output
+    # Random weights cannot be made again.
+    random = _with_extraction(tiny["patch"], tmp_path, weights="none")
+    with pytest.raises(PredictError, match="random weights"):
+        import featurecache
+
+        featurecache.load_head(random).predict(image)
+
+
+def test_a_head_without_an_extraction_record_is_refused(tmp_path):
+    import featurecache
+    from featurecache.train import fit_objective
+
+    from conftest import blob_cache
+
+    head = fit_objective(blob_cache(tmp_path / "b.h5"), objective="patch", head="logreg")
+    head.extraction = None  # as in head files written before heads recorded it
+    with pytest.raises(PredictError, match="does not record how its features were extracted"):
+        featurecache.load_head(head.save(tmp_path / "h.pt"))
+    r = CliRunner().invoke(main, ["predict", str(tmp_path / "b.h5"), "x.jpg"])
+    assert r.exit_code == 1 and "not a readable head file" in r.output and r.output.count("\n") == 1
+
+
+def test_localize_png_draws_a_cached_image(tiny, tmp_path):
+    png = tmp_path / "m.png"
+    r = CliRunner().invoke(main, ["localize", str(tiny["mil"]), str(tiny["cache"]), "im1", "--png", str(png),
+                                  "--class", "cat"])
+    assert r.exit_code == 0, r.output
+    assert Image.open(png).size == (64, 48) and str(png) in r.output
+    r = CliRunner().invoke(main, ["localize", str(tiny["mil"]), str(tiny["cache"]), "im1", "--png", str(png),
+                                  "--class", "horse"])
+    assert r.exit_code == 1 and "no class 'horse'" in r.output
+
+
+def test_bad_options_name_their_flag(tiny):
+    jpegs = str(tiny["voc"] / "JPEGImages")
+    r = CliRunner().invoke(main, ["predict", str(tiny["patch"]), jpegs, "--split", "val"])
+    assert r.exit_code == 1 and "--split: " in r.output and "VOC devkit" in r.output
+    r = CliRunner().invoke(main, ["predict", str(tiny["patch"]), str(tiny["root"]), "--split", "val", "-q"])
+    assert r.exit_code == 0 and "2 images: 2 scored" in r.output  # the devkit inside, its val split
+    with pytest.raises(PredictError, match="top: must be a positive integer"):
+        from featurecache.predict import PredictConfig
+
+        PredictConfig(top=0)
+
+
+def test_the_api_docs_example_runs(tmp_path, monkeypatch):
+    """docs/api.md's example, as written, on a tiny trained head named as it names it."""
+    import re
+
+    root = tmp_path / "work"
+    head = tiny_trained_head(root, head="logreg")
+    shutil.copy(head, tmp_path / "voc.head.pt")
+    shutil.copytree(root / "voc" / "JPEGImages", tmp_path / "photos")
+    (tmp_path / "extra").mkdir()
+    shutil.copy(root / "voc" / "JPEGImages" / "im1.jpg", tmp_path / "extra" / "cat.jpg")
+    monkeypatch.chdir(tmp_path)
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    (code,) = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    scope: dict = {}
+    exec(compile(code, "docs/api.md", "exec"), scope)  # noqa: S102 - the project's own documentation
+    assert scope["result"].n_scored == 7 and scope["matrix"].shape == (7, 2)
+    assert Image.open("cat-map.png").size == (64, 48) and Path("predictions.csv").is_file()
