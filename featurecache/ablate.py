@@ -24,6 +24,7 @@ import io
 import itertools
 import json
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,10 @@ def parse_grid(items: Sequence[str]) -> dict:
     return grid
 
 
+#: The ``[options]`` a sweep file may set, with their types (ranges are :func:`ablate`'s).
+_SWEEP_OPTIONS = {"seeds": int, "folds": int, "val_split": str, "train_split": str, "whole_image": str}
+
+
 def read_sweep_file(path: Union[str, Path]) -> tuple:
     """Read a TOML sweep: ``[grid]`` (setting = list of values) and optional ``[options]``.
 
@@ -126,9 +131,16 @@ def read_sweep_file(path: Union[str, Path]) -> tuple:
         values = values if isinstance(values, list) else [values]
         grid[key] = [_read(key, str(v)) if not isinstance(v, list) else tuple(v) for v in values]
     options = data.get("options", {})
-    unknown = set(options) - {"seeds", "folds", "val_split", "train_split", "whole_image"}
+    if not isinstance(options, dict):
+        raise AblationError(f"{path}: [options] must be a table")
+    unknown = set(options) - set(_SWEEP_OPTIONS)
     if unknown:
         raise AblationError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
+    for key, value in options.items():
+        kind = _SWEEP_OPTIONS[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise AblationError(f"{path}: option {key} must be {'an integer' if kind is int else 'a string'}, "
+                                f"got {value!r}")
     return grid, options
 
 
@@ -337,8 +349,8 @@ def _check_protocol(folds: Optional[int], val, val_split: Optional[str]) -> None
         raise AblationError("say what to evaluate on: --val FILE, --val-split NAME, or --folds K")
     if folds is not None and (val is not None or val_split is not None):
         raise AblationError("--folds replaces --val/--val-split; give one or the other")
-    if folds is not None and folds < 2:
-        raise AblationError("needs at least 2", param="folds")
+    if folds is not None and (not isinstance(folds, numbers.Integral) or isinstance(folds, bool) or folds < 2):
+        raise AblationError(f"must be an integer of at least 2, got {folds!r}", param="folds")
 
 
 def _training_cache(cache, train_split: Optional[str], val, val_split: Optional[str]) -> MemoryCache:
@@ -469,6 +481,9 @@ def ablate(
     """
     t0 = time.perf_counter()
     grid = _check_grid(grid)
+    for name, value, low in (("seeds", seeds, 1), ("n_boot", n_boot, 0)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+            raise AblationError(f"must be an integer of at least {low}, got {value!r}", param=name)
     _check_protocol(folds, val, val_split)
     settings = {k: grid.get(k, [DEFAULTS[k]]) for k in DEFAULTS}
     if _WHOLE in settings["image_pooling"] and whole_image is None:

@@ -231,17 +231,26 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
     click.echo(result.summary())
 
 
+class _RegistryValue(click.ParamType):
+    """A number read by its registry option: the one place that knows its range (finite, bounds)."""
+
+    def __init__(self, opt: Option) -> None:
+        self.opt, self.name = opt, opt.kind
+
+    def convert(self, value, param, ctx):
+        try:
+            return self.opt.read(value)
+        except FeaturecacheError as e:
+            self.fail(e.message, param, ctx)
+
+
 def _click_type(opt: Option):
     if opt.kind == "choice":
         return click.Choice(list(opt.choices))
     if opt.kind == "path":
         return click.Path(exists=True, dir_okay=False)
     if opt.kind in ("float", "int"):
-        number = float if opt.kind == "float" else int
-        if opt.minimum is None and opt.maximum is None:
-            return number
-        ranged = click.FloatRange if opt.kind == "float" else click.IntRange
-        return ranged(min=opt.minimum, max=opt.maximum, max_open=opt.maximum_open)
+        return _RegistryValue(opt)
     return str
 
 
@@ -279,9 +288,12 @@ def _parse_size(ctx, param, value: Optional[str]):
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     v = value.strip().upper().rstrip("B").rstrip("I")
     try:
-        return int(float(v[:-1]) * units[v[-1]]) if v and v[-1] in units else int(float(v))
+        number = float(v[:-1]) * units[v[-1]] if v and v[-1] in units else float(v)
     except ValueError:
         raise click.BadParameter(f"expected a size like 4G or 512M, got {value!r}") from None
+    if not (number >= 1 and number < 2**63):  # also refuses nan
+        raise click.BadParameter(f"must be a positive size like 4G or 512M, got {value!r}")
+    return int(number)
 
 
 @main.command(context_settings=CONTEXT)
@@ -414,9 +426,10 @@ def localize(head, cache, image, stride, out, png, cls):
               help="Image decoding processes [default: min(4, CPUs)].")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = CUDA when present.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be read.")
+@click.option("--overwrite", is_flag=True, help="Replace a --cache made of other images (or of changed files).")
 @_command
 def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, layout, split, annotations, batch_size,
-            workers, device, strict):
+            workers, device, strict, overwrite):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -429,7 +442,7 @@ def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, lay
     ctx = click.get_current_context()
     config = PredictConfig(top=top, threshold=threshold, maps=maps, stride=stride, cache=cache, layout=layout,
                            split=split, annotations=annotations, batch_size=batch_size, workers=workers,
-                           strict=strict, progress=False if ctx.obj.get("quiet") else None)
+                           strict=strict, overwrite=overwrite, progress=False if ctx.obj.get("quiet") else None)
     result = run_predict(head, inputs, config, weights=weights, device=device)
     if out:
         result.save(out)

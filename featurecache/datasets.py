@@ -83,6 +83,9 @@ class ImageRecord:
         Names of the split files (``ImageSets/Main/<name>.txt``) that list this image.
     source : str
         The annotation file the record came from ('' for folder layouts).
+    stamp : str
+        Identifies the file's content version when annotations do not (``predict`` sets
+        ``"size:mtime"``), so that a kept cache of changed files is not reused; '' otherwise.
     """
 
     path: Path
@@ -94,6 +97,7 @@ class ImageRecord:
     difficult: np.ndarray
     splits: tuple = ()
     source: str = ""
+    stamp: str = ""
 
     @property
     def labels(self) -> frozenset:

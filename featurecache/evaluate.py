@@ -23,7 +23,7 @@ import numpy as np
 
 from featurecache.cache import FeatureCache, open_cache
 from featurecache.errors import EvalError, HeadError
-from featurecache.extract import load_rgb
+from featurecache.extract import load_rgb, to_rgb
 from featurecache.heads.pooling import SCORE_POOLINGS, pool_scores
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import METHODS, average_precision, per_class_ap
@@ -305,7 +305,8 @@ class LocalizationMap:
                 image = load_rgb(self.image_file)
             except Exception as e:  # PIL raises many kinds for a corrupt or vanished file
                 raise EvalError(f"{self.image_file}: cannot read the image ({type(e).__name__})") from None
-        size = image.size if hasattr(image, "size") and not isinstance(image, np.ndarray) else image.shape[1::-1]
+        image = to_rgb(image) if not isinstance(image, np.ndarray) else image
+        size = image.shape[1::-1]
         if tuple(size) != (self.width, self.height):
             raise EvalError(f"{self.image_file or self.path}: image is {size[0]}x{size[1]}, the map's "
                             f"{self.width}x{self.height}", param="image")

@@ -39,7 +39,7 @@ from featurecache.resources import resolve_device
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExtractConfig", "ExtractError", "ExtractResult", "extract", "feature_settings", "load_rgb",
-           "resolve_device"]
+           "resolve_device", "to_rgb"]
 
 DTYPES = ("float16", "float32")
 COMPRESSIONS = ("none", "lzf", "gzip")
@@ -95,29 +95,34 @@ class ExtractResult:
 
 
 def load_rgb(path: Union[str, Path]) -> np.ndarray:
-    """Decode an image to an ``(H, W, 3)`` uint8 RGB array.
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array (:func:`to_rgb` of the opened file)."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> np.ndarray:
+    """An image as an ``(H, W, 3)`` uint8 RGB array, the one conversion for files and in-memory images.
 
     Grayscale, palette, RGBA (alpha dropped), CMYK and YCbCr go through PIL's conversion;
     16-bit and 32-bit integer grayscale are scaled from their full range, float images from
     [0, 1] (or their own maximum when larger). EXIF orientation is not applied, since box
     annotations refer to the stored pixels.
     """
-    with Image.open(path) as im:
-        im.load()
-        if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-            a = np.asarray(im, dtype=np.float64)
-            if im.mode.startswith("I;16"):
-                top = 65535.0
-            elif im.mode == "I":
-                top = 65535.0 if a.max(initial=0) > 255 else 255.0
-            else:
-                top = 1.0 if a.max(initial=0) <= 1.0 else float(a.max())
-            g = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-            return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")
-        # np.array copies: a writable array, as torch.from_numpy wants.
-        return np.array(im.convert("RGB"), dtype=np.uint8)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if im.mode.startswith("I;16"):
+            top = 65535.0
+        elif im.mode == "I":
+            top = 65535.0 if a.max(initial=0) > 255 else 255.0
+        else:
+            top = 1.0 if a.max(initial=0) <= 1.0 else float(a.max())
+        g = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
+    if im.mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")
+    # np.array copies: a writable array, as torch.from_numpy wants.
+    return np.array(im.convert("RGB"), dtype=np.uint8)
 
 
 class _Decoder(torch.utils.data.Dataset):
@@ -171,6 +176,8 @@ def _dataset_digest(images: ImageSet) -> str:
         h.update(f"{r.relpath}|{r.width}|{r.height}|{','.join(r.classes)}|".encode())
         h.update(np.ascontiguousarray(r.boxes, dtype=np.float32).tobytes())
         h.update(np.ascontiguousarray(r.difficult, dtype=bool).tobytes())
+        if r.stamp:  # only then: digests of sets without stamps stay as they were
+            h.update(f"|{r.stamp}".encode())
     return h.hexdigest()
 
 

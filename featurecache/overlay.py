@@ -2,9 +2,9 @@
 
 The map is upsampled bilinearly from its cells to the image's pixels, coloured with a
 perceptually ordered ramp (inferno-like: near black for the map's lowest score, pale
-yellow for its peak), blended over the image, and captioned with the class name and score. Brightness
-grows with the score, so on any image the brightest part of the overlay is where the map
-peaks.
+yellow for its peak), blended over the image, and captioned with the class name and score. The colour's
+brightness grows with the score, so on a flat image the brightest part of the picture is
+where the map peaks (on a real image the image's own brightness adds to it).
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ from typing import Optional, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["MAX_SIDE", "colorize", "render_overlay", "save_png"]
+__all__ = ["MAX_SIDE", "MIN_CAPTION_SIDE", "colorize", "render_overlay", "save_png"]
 
 #: Pictures larger than this on their longer side are scaled down to it (a 12-megapixel
 #: photo's overlay would be a 30 MB PNG that no one looks at at full size).
 MAX_SIDE = 2048
+
+#: Pictures smaller than this on their short side get no caption.
+MIN_CAPTION_SIDE = 96
 
 #: Control points of the colour ramp (position, RGB), after matplotlib's inferno.
 _RAMP = ((0.0, (0, 0, 4)), (0.13, (31, 12, 72)), (0.25, (85, 15, 109)), (0.38, (136, 34, 106)),
@@ -49,14 +52,16 @@ def render_overlay(image: Union[np.ndarray, Image.Image], cells: np.ndarray, *, 
 
     Parameters
     ----------
-    image : ndarray (H, W, 3) uint8 or PIL image
-        The image the map belongs to.
+    image : ndarray (H, W[, 3 or 4]) uint8 or PIL image
+        The image the map belongs to (gray is repeated, alpha dropped).
     cells : ndarray (rows, columns)
         Scores of ``stride``-pixel cells; cell ``(i, j)`` covers pixels
         ``[j * stride, (j + 1) * stride) x [i * stride, (i + 1) * stride)``.
     stride : int
     caption : str
-        Written in the top-left corner (class name and score).
+        Written in the top-left corner (class name and score), on pictures at least
+        :data:`MIN_CAPTION_SIDE` pixels on their short side (on smaller ones it would hide
+        a third of the picture).
     vmin, vmax : float, optional
         The scores drawn in the darkest and brightest colours; default the map's minimum and
         maximum, so that any map shows where it peaks (the caption gives the numbers).
@@ -71,7 +76,12 @@ def render_overlay(image: Union[np.ndarray, Image.Image], cells: np.ndarray, *, 
     PIL.Image.Image
         RGB, the image's size (or scaled to ``max_side``).
     """
-    base = image.convert("RGB") if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image, np.uint8))
+    if isinstance(image, Image.Image):
+        base = image.convert("RGB")
+    else:
+        a = np.asarray(image, np.uint8)
+        a = np.repeat(a[:, :, None], 3, axis=2) if a.ndim == 2 else a[:, :, :3]  # gray; alpha dropped
+        base = Image.fromarray(np.ascontiguousarray(a))
     w, h = base.size
     scale = min(1.0, max_side / max(w, h))
     out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
@@ -90,7 +100,7 @@ def render_overlay(image: Union[np.ndarray, Image.Image], cells: np.ndarray, *, 
         heat = np.pad(heat, ((0, out_h - heat.shape[0]), (0, out_w - heat.shape[1])), mode="edge")
     blended = (1 - alpha) * np.asarray(base, dtype=np.float32) + alpha * colorize(heat).astype(np.float32)
     picture = Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
-    if caption:
+    if caption and min(picture.size) >= MIN_CAPTION_SIDE:
         _caption(picture, caption)
     return picture
 

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -33,7 +34,7 @@ from featurecache.cache import FeatureCache, describe_fingerprint_difference, fe
 from featurecache.datasets import IMAGE_EXTENSIONS, ImageRecord, ImageSet, detect_layout, read_dataset
 from featurecache.errors import BackboneError, DatasetError, HeadError, PredictError
 from featurecache.evaluate import LocalizationMap, localization_map
-from featurecache.extract import ExtractConfig, ExtractResult, extract, feature_settings
+from featurecache.extract import ExtractConfig, ExtractResult, extract, feature_settings, to_rgb
 from featurecache.heads.trained import TrainedHead
 from featurecache.overlay import MAX_SIDE
 from featurecache.patches import LabelRule, PatchGrid
@@ -74,6 +75,8 @@ class PredictConfig:
         As for ``extract``; they do not change the features.
     strict : bool
         Stop at the first image that cannot be read instead of giving it an error row.
+    overwrite : bool
+        Replace a kept ``cache`` made of other images (or of files changed since).
     progress : bool, optional
     """
 
@@ -89,14 +92,17 @@ class PredictConfig:
     batch_size: Optional[int] = None
     workers: Optional[int] = None
     strict: bool = False
+    overwrite: bool = False
     progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name in ("top", "stride", "max_side"):
-            if int(getattr(self, name)) < 1:
-                raise PredictError(f"must be a positive integer, got {getattr(self, name)}", param=name)
-        if self.threshold is not None and not math.isfinite(float(self.threshold)):
-            raise PredictError(f"must be a number, got {self.threshold}", param="threshold")
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise PredictError(f"must be a positive integer, got {value!r}", param=name)
+        t = self.threshold
+        if t is not None and (not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t)):
+            raise PredictError(f"must be a finite number, got {t!r}", param="threshold")
 
 
 # --------------------------------------------------------------------------- results
@@ -113,7 +119,7 @@ class Predictions:
         Each image as given (folders' images as folder/relative path; ``<image N>`` for
         in-memory images).
     width, height : ndarray (M,) int
-        Pixels; 0 when the image could not be read.
+        Pixels as the file's header says; 0 when not even that could be read.
     scores : ndarray (M, C) float32
         The head's image scores, NaN in rows of images that could not be read.
     errors : list of str
@@ -254,9 +260,10 @@ class Predictions:
 
 @dataclass
 class _Item:
-    """One input image: where it is, how it is shown, and its size or why it cannot be read."""
+    """One input image: where it is, how it is shown and named, its size or why it cannot be read."""
 
     display: str
+    name: str  # a short relative name for its map picture: within its folder, or the file's name
     path: Optional[Path] = None
     pixels: Optional[np.ndarray] = None
     width: int = 0
@@ -265,9 +272,14 @@ class _Item:
 
 
 def _folder_images(folder: Path) -> list:
-    """Image files under a folder, recursively, sorted; hidden files and folders left out."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    """Image files under a folder, recursively (linked folders too, each once), sorted; hidden ones left out."""
+    found, seen = [], set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back up the tree
+            dirnames[:] = []
+            continue
+        seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         found += [Path(dirpath) / f for f in filenames
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
@@ -281,38 +293,59 @@ def _is_voc(folder: Path) -> bool:
         return False
 
 
+def _in_memory(item, position: int) -> _Item:
+    """A PIL image or array, converted as image files are (:func:`featurecache.extract.to_rgb`)."""
+    name = f"<image {position}>"
+    if isinstance(item, Image.Image):
+        try:
+            return _Item(name, f"image-{position}", pixels=to_rgb(item))
+        except (OSError, ValueError) as e:
+            return _Item(name, f"image-{position}", error=f"cannot convert the image ({type(e).__name__})")
+    a = item
+    ok = a.dtype == np.uint8 and (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4)))
+    if not ok or min(a.shape[:2]) < 1:
+        return _Item(name, f"image-{position}", error=f"an array image must be non-empty (H, W[, 1, 3 or 4]) "
+                                                        f"uint8, got {a.shape} {a.dtype}")
+    a = a.reshape(a.shape[0], a.shape[1], -1)
+    a = np.repeat(a, 3, axis=2) if a.shape[2] == 1 else a[:, :, :3]
+    return _Item(name, f"image-{position}", pixels=np.ascontiguousarray(a))
+
+
 def _expand(item, position: int, config: PredictConfig) -> list:
     """The :class:`_Item` s of one input: a file, a folder, a data set, or an in-memory image."""
-    if isinstance(item, Image.Image):
-        return [_Item(f"<image {position}>", pixels=np.array(item.convert("RGB"), dtype=np.uint8))]
-    if isinstance(item, np.ndarray):
-        a = item if item.ndim == 3 else np.repeat(item[..., None], 3, axis=2) if item.ndim == 2 else None
-        if a is None or a.shape[2] not in (3, 4) or a.dtype != np.uint8:
-            return [_Item(f"<image {position}>", error=f"an array image must be (H, W[, 3 or 4]) uint8, got "
-                                                         f"{item.shape} {item.dtype}")]
-        return [_Item(f"<image {position}>", pixels=np.ascontiguousarray(a[:, :, :3]))]
-    path = Path(item)
+    if isinstance(item, (Image.Image, np.ndarray)):
+        return [_in_memory(item, position)]
+    if not isinstance(item, (str, bytes, os.PathLike)):
+        raise PredictError(f"expected image paths, PIL images or arrays, got {type(item).__name__}", param="images")
+    text = os.fsdecode(item)
+    path = Path(text)
     if not path.exists():
-        return [_Item(str(item), path, error="no such file or directory")]
+        return [_Item(text, path.name, path, error="no such file or directory")]
     if path.is_file():
-        return [_Item(str(item), path)]
+        return [_Item(text, path.name, path)]
     if config.annotations is not None or config.layout in ("voc", "coco") or (
             config.layout == "auto" and _is_voc(path)):
         ds = read_dataset(path, layout=config.layout, split=config.split, annotations=config.annotations)
-        return [_Item(str(path / r.relpath), r.path) for r in ds]
+        return [_Item(str(path / r.relpath), r.relpath, r.path) for r in ds]
     if config.split is not None:
         raise PredictError(f"{path}: --split needs a VOC devkit folder", param="split")
     files = _folder_images(path)
     if not files:
-        return [_Item(str(item), path, error="no image files in this folder")]
-    return [_Item(str(f), f) for f in files]
+        return [_Item(text, path.name, path, error="no image files in this folder")]
+    return [_Item(str(f), f.relative_to(path).as_posix(), f) for f in files]
 
 
 def _probe(item: _Item) -> None:
     """Read an image file's size from its header, or say why it cannot be read."""
-    if item.error or item.pixels is not None:
-        if item.pixels is not None:
-            item.height, item.width = item.pixels.shape[:2]
+    if item.error:
+        return
+    if item.pixels is not None:
+        item.height, item.width = item.pixels.shape[:2]
+        return
+    try:
+        str(item.path).encode("utf-8")
+    except UnicodeEncodeError:
+        item.error = "the file name is not valid UTF-8 (caches store names as UTF-8); rename the file"
         return
     try:
         with Image.open(item.path) as im:
@@ -327,12 +360,12 @@ def _probe(item: _Item) -> None:
 
 def _collect(images, config: PredictConfig) -> list:
     """Every input expanded, duplicates (the same file twice) dropped, sizes read."""
-    if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
+    if isinstance(images, (str, bytes, os.PathLike, Image.Image, np.ndarray)):
         images = [images]
     items, seen = [], set()
     for position, item in enumerate(images):
         for it in _expand(item, position, config):
-            key = os.path.abspath(it.path) if it.path is not None and it.pixels is None else id(it)
+            key = os.path.realpath(it.path) if it.path is not None and it.pixels is None else id(it)
             if key in seen:
                 continue
             seen.add(key)
@@ -363,10 +396,15 @@ def _image_set(items: list, tmp: Path, classes: tuple) -> tuple:
         usable.append(i)
     if not usable:
         return None, {}
-    paths = [Path(os.path.abspath(items[i].path)) for i in usable]
+    # Made absolute without resolving '..' or links: a path as given stays the file it names.
+    paths = [items[i].path.absolute() for i in usable]
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
-    records = [ImageRecord(p, p.relative_to(root).as_posix(), items[i].width, items[i].height,
-                           np.zeros((0, 4), np.float32), (), np.zeros(0, bool)) for i, p in zip(usable, paths)]
+    records = []
+    for i, p in zip(usable, paths):
+        st = p.stat()
+        records.append(ImageRecord(p, p.relative_to(root).as_posix(), items[i].width, items[i].height,
+                                   np.zeros((0, 4), np.float32), (), np.zeros(0, bool),
+                                   stamp=f"{st.st_size}:{st.st_mtime_ns}"))
     where = {r.relpath: i for r, i in zip(records, usable)}
     return ImageSet(root, "plain", tuple(classes), records), where
 
@@ -448,7 +486,7 @@ class Predictor:
             rule=LabelRule.from_dict(ex["label_rule"]) if ex.get("label_rule") else None, mode=mode,
             dtype=run.get("dtype", "float16"), part_patches=int(run.get("part_patches", 2048)),
             max_side=run.get("max_side") or 2048, batch_size=config.batch_size, workers=config.workers,
-            device=self.device, strict=config.strict, progress=config.progress)
+            device=self.device, strict=config.strict, overwrite=config.overwrite, progress=config.progress)
 
     # -- use
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], config: Optional[PredictConfig] = None,
@@ -514,15 +552,16 @@ class Predictor:
     def _draw_maps(self, cache: FeatureCache, rows: dict, items: list, scores: np.ndarray, maps: list,
                    config: PredictConfig) -> str:
         if not self.head.spec.patch_scores:
-            return (f"no maps: a {self.head.objective} head scores whole images, not patches (maps need a patch, "
+            return (f"no maps: {_article(self.head.objective)} {self.head.objective} head scores whole images, "
+                    "not patches (maps need a patch, "
                     "mil or hybrid head)")
         out = Path(config.maps)
         used: set = set()
-        for i, row in rows.items():
+        for i, row in sorted(rows.items()):
             c = int(np.argmax(scores[i]))
             m = localization_map(self.head, cache, row, stride=config.stride)
             caption = f"{self.classes[c]}  score {scores[i, c]:.3g}  map {m.scores[c].min():.2f}-{m.peak(c)[0]:.2f}"
-            name = _map_name(cache.images.path[row], self.classes[c], used)
+            name = _map_name(items[i].name, self.classes[c], used)
             maps[i] = str(m.save_png(out / name, c, caption=caption, max_side=config.max_side))
         return ""
 
@@ -544,32 +583,44 @@ class Predictor:
             ``.picture()`` draws it over the image.
         """
         if not self.head.spec.patch_scores:
-            raise PredictError(f"{self.source}: a {self.head.objective} head scores whole images, not patches; "
+            raise PredictError(f"{self.source}: {_article(self.head.objective)} {self.head.objective} head scores "
+                               "whole images, not patches; "
                                "localisation needs a patch, mil or hybrid head")
+        if isinstance(image, (list, tuple)):
+            raise PredictError("takes one image; use predict(..., maps=DIR) for several", param="image")
         config = PredictConfig(stride=stride, strict=True, workers=0, progress=False)
         items = _collect([image], config)
+        if len(items) != 1:
+            raise PredictError(f"{items[0].display}: takes one image, this is a folder of {len(items)}", param="image")
         with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
             images_set, _ = _image_set(items, Path(tmp), self.classes)
             cache_path = Path(tmp) / "features.h5"
             extract(images_set, cache_path, self._extract_config(config))
             m = localization_map(self.head, cache_path, 0, stride=stride)
         m.path = items[0].display
-        m.image_file = "" if items[0].pixels is not None else os.path.abspath(items[0].path)
+        m.image_file = "" if items[0].pixels is not None else str(items[0].path.absolute())
         if cls is not None:
             c = m.class_index(cls)
             m.classes, m.scores = (m.classes[c],), m.scores[c:c + 1]
         return m
 
 
-def _map_name(relpath: str, cls: str, used: set) -> str:
-    """``<relpath without suffix>.<class>.png``, made unique (``a.jpg`` and ``a.png`` in one folder)."""
-    stem = str(Path(relpath).with_suffix(""))
+def _map_name(name: str, cls: str, used: set) -> str:
+    """``<name without suffix>.<class>.png``, made unique (``a.jpg`` and ``a.png``, or two inputs' ``a.jpg``).
+
+    ``name`` is the image's path within the folder it was found in, or its file name.
+    """
+    stem = str(Path(name).with_suffix(""))
     label = re.sub(r"[^\w.-]+", "_", cls)
     name, k = f"{stem}.{label}.png", 2
     while name in used:
         name, k = f"{stem}-{k}.{label}.png", k + 1
     used.add(name)
     return name
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
 
 
 def load_head(path: Union[str, Path], *, weights: Optional[Union[str, Path]] = None,

@@ -23,7 +23,10 @@ def test_overlay_keeps_the_size_and_is_brightest_at_the_peak(size):
     assert picture.size == (w, h) and picture.mode == "RGB"
     a = np.asarray(picture, np.float64).sum(2)
     caption = np.asarray(picture)[:30, :60]
-    assert (caption[:2, :2] == 0).all() and caption.max() > 200  # white text on a black box
+    if min(size) >= 96:
+        assert (caption[:2, :2] == 0).all() and caption.max() > 200  # white text on a black box
+    else:  # a caption would hide a third of a small picture
+        assert (caption[:2, :2] > 0).all()
     a[:30, :] = 0
     y, x = np.unravel_index(np.argmax(a), a.shape)
     assert 30 <= y < 42 and 68 <= x < 84

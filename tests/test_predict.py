@@ -191,7 +191,7 @@ def test_maps_for_a_head_without_patch_scores_say_so(tiny, tmp_path):
     r = CliRunner().invoke(main, ["predict", str(path), str(tiny["voc"] / "JPEGImages" / "im0.jpg"), "--maps",
                                   str(tmp_path / "maps"), "--workers", "0", "-q"])
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[-1] == ("no maps: a image head scores whole images, not patches (maps need a "
+    assert r.output.splitlines()[-1] == ("no maps: an image head scores whole images, not patches (maps need a "
                                          "patch, mil or hybrid head)")
     assert not (tmp_path / "maps").exists()
 
@@ -286,3 +286,41 @@ def test_the_api_docs_example_runs(tmp_path, monkeypatch):
     exec(compile(code, "docs/api.md", "exec"), scope)  # noqa: S102 - the project's own documentation
     assert scope["result"].n_scored == 7 and scope["matrix"].shape == (7, 2)
     assert Image.open("cat-map.png").size == (64, 48) and Path("predictions.csv").is_file()
+
+
+def test_hostile_inputs_get_error_rows_and_names_stay_local(tiny, tmp_path):
+    """What a red-team run found: odd names, arrays and modes, changed files under a kept cache."""
+    import os
+
+    import featurecache
+
+    predictor = featurecache.load_head(tiny["mil"])
+    src = _image_files(tiny["voc"])
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+        shutil.copy(src[0], tmp_path / d / "x.jpg")
+    bad = os.fsencode(tmp_path) + b"/bad\xff.jpg"
+    with open(bad, "wb") as f:
+        f.write(src[1].read_bytes())
+    result = predictor.predict([tmp_path / "a", tmp_path / "b", bad, np.zeros((0, 5, 3), np.uint8)],
+                               maps=tmp_path / "maps", workers=0)
+    assert result.errors[:2] == ["", ""] and "not valid UTF-8" in result.errors[2]
+    assert "non-empty" in result.errors[3]
+    # Map names come from the image's place in its input folder, not from a common parent.
+    assert sorted(Path(m).relative_to(tmp_path / "maps").as_posix().split(".")[0] for m in result.maps[:2]) == [
+        "x", "x-2"]
+    # A 16-bit PIL image is converted as the same file is.
+    g16 = tmp_path / "g16.png"
+    Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 20)).save(g16)
+    a, b = predictor.predict([g16, Image.open(g16)], workers=0).scores
+    np.testing.assert_allclose(a, b, rtol=1e-5)
+    # A kept cache is not reused for a file that changed since.
+    kept, image = tmp_path / "kept.h5", tmp_path / "a" / "x.jpg"
+    first = predictor.predict([image], cache=kept, workers=0).scores
+    shutil.copy(src[3], image)
+    with pytest.raises(Exception, match="other settings.*--overwrite"):
+        predictor.predict([image], cache=kept, workers=0)
+    second = predictor.predict([image], cache=kept, overwrite=True, workers=0).scores
+    assert not np.allclose(first, second)
+    with pytest.raises(PredictError, match="takes one image"):
+        predictor.localization_map(tmp_path / "a" if len(list((tmp_path / "a").iterdir())) > 1 else [image])

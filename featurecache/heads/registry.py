@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
+import numbers
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence
@@ -225,6 +227,8 @@ class Option:
             if isinstance(e, HeadError):
                 raise
             raise HeadError(f"cannot read {text!r}", param=self.name) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise HeadError(f"must be a finite number, got {value!r}", param=self.name)
         bad_low = self.minimum is not None and value is not None and (
             value <= self.minimum if self.minimum_open else value < self.minimum)
         bad_high = self.maximum is not None and value is not None and (
@@ -657,6 +661,9 @@ class FitConfig:
                             "image-level objectives hold out training images themselves)", param="val_split")
         options = {n: OPTIONS[n].read(v) for n, v in self.options.items()}
         object.__setattr__(self, "options", MappingProxyType(options))
+        limit = self.memory_limit
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
+            raise HeadError(f"must be a positive number of bytes, got {limit!r}", param="memory_limit")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     def all_options(self) -> dict:

@@ -14,7 +14,7 @@ import torch
 from featurecache.cache import describe_fingerprint_difference
 from featurecache.errors import HeadError
 from featurecache.heads.pooling import pool_scores
-from featurecache.heads.registry import Objective, get_objective, make_head, objective_of_kind
+from featurecache.heads.registry import EVAL_OPTIONS, Objective, get_objective, make_head, objective_of_kind
 
 __all__ = ["HEAD_FORMAT", "HEAD_FORMAT_VERSION", "TrainedHead"]
 
@@ -121,6 +121,7 @@ class TrainedHead:
         and ``k``.
         """
         self.check_cache(cache)
+        k = None if k is None else EVAL_OPTIONS["k"].read(k)
         if self.spec.pools_patches:
             t = cache.images
             local = np.searchsorted(t.row, cache.image_index)
@@ -140,6 +141,7 @@ class TrainedHead:
 
     def scoring(self, *, pooling: Optional[str] = None, k: Optional[float] = None) -> tuple:
         """``(label, text)`` of how images are scored: ``("power", "power k=5")``, ``("mil:max", "trained max")``."""
+        k = None if k is None else EVAL_OPTIONS["k"].read(k)
         if self.spec.pools_patches:
             pooling = pooling or "power"
             k = 5.0 if k is None else k
