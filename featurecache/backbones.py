@@ -24,6 +24,7 @@ normalisation, so callers never need to know it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import math
@@ -95,8 +96,8 @@ class BackboneSpec:
     weights : str
         Where the weights came from (a path, a package file, a cache file) or ``"none"``.
     weights_sha256 : str
-        SHA-256 of the weights file, or of the parameters when they came from elsewhere;
-        ``"none"`` for random weights.
+        SHA-256 of the weights file, or of the parameters when they came from elsewhere
+        (random weights included: they are drawn from :data:`RANDOM_WEIGHTS_SEED`).
     """
 
     name: str
@@ -242,6 +243,21 @@ class FrozenBackbone(nn.Module):
         return F.avg_pool2d(fmap, kernel_size=k, stride=1)
 
 
+#: Random weights (``weights="none"``, for tests) are drawn from this seed, so that they are
+#: the same in every run: a resumed extraction does not mix two networks, and the
+#: parameters' SHA-256 in the fingerprint tells one random network from another.
+RANDOM_WEIGHTS_SEED = 0
+RANDOM_WEIGHTS = f"none (random, seed {RANDOM_WEIGHTS_SEED})"
+
+
+@contextlib.contextmanager
+def _seeded():
+    """Initialise a network from :data:`RANDOM_WEIGHTS_SEED` without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        yield
+
+
 def sha256_file(path: Union[str, Path]) -> str:
     """SHA-256 hex digest of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
@@ -306,7 +322,8 @@ def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[
     import timm
 
     try:
-        model = timm.create_model(model_name, pretrained=False)
+        with _seeded():
+            model = timm.create_model(model_name, pretrained=False)
     except RuntimeError as e:
         raise BackboneError(f"{name}: unknown timm model {model_name!r} ({e})") from None
     cfg = model.pretrained_cfg
@@ -314,7 +331,7 @@ def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[
         preprocessing = Preprocessing(tuple(255 * m for m in cfg.get("mean", IMAGENET[0])),
                                       tuple(255 * s for s in cfg.get("std", IMAGENET[1])))
     if weights is None or weights == "none":
-        source, sha = "none", "none"
+        source, sha = RANDOM_WEIGHTS, _sha256_parameters(model)
     elif weights == "default" and packaged is not None:
         source, sha = str(packaged), sha256_file(packaged)
         _load_by_name_or_order(model, _load_state_dict_file(packaged), str(packaged))
@@ -424,7 +441,8 @@ def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[s
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
     try:
-        model = torchvision.models.get_model(model_name, weights=None)
+        with _seeded():
+            model = torchvision.models.get_model(model_name, weights=None)
     except ValueError as e:
         raise BackboneError(f"{name}: {e}") from None
     layer = layer or _TORCHVISION_LAYERS.get(model_name)
@@ -432,7 +450,7 @@ def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[s
         raise BackboneError(f"{name}: say which layer to read with --layer (a graph node name, see "
                             f"torchvision.models.feature_extraction.get_graph_node_names)")
     if weights is None or weights == "none":
-        source, sha = "none", "none"
+        source, sha = RANDOM_WEIGHTS, _sha256_parameters(model)
     else:
         path = Path(weights)
         if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.exists() or os.sep in str(weights):
@@ -500,9 +518,11 @@ def weights_argument(spec: dict) -> str:
         For random weights (they cannot be made again) and for a recorded file that is gone.
     """
     name, source = str(spec.get("name", "")), str(spec.get("weights", ""))
+    if source == RANDOM_WEIGHTS:
+        return "none"  # seeded: the same random network again (the hash check confirms it)
     if source in ("", "none"):
-        raise BackboneError(f"{name}: the features were made with random weights (--weights none), which "
-                            "cannot be made again; use a backbone with real weights", param="weights")
+        raise BackboneError(f"{name}: the features were made with unseeded random weights (--weights none before "
+                            "featurecache 0.2), which cannot be made again", param="weights")
     if source.startswith("timm pretrained"):
         return "default"
     named = re.fullmatch(r"\w+_Weights\.(\w+) \((.*)\)", source)

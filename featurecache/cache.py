@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import hashlib
 import json
 import logging
@@ -37,6 +38,7 @@ import torch
 from torch.utils.data import Dataset
 
 from featurecache.errors import CacheError
+from featurecache.outputs import os_reason
 from featurecache.patches import PatchGrid
 
 logger = logging.getLogger(__name__)
@@ -105,6 +107,8 @@ def _fault(point: str) -> None:
     if hits >= int(count or 1):
         import signal
 
+        if _IN_WRITER_CHILD:  # the whole program dies at this point, as in a real crash
+            os.kill(os.getppid(), signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -128,6 +132,72 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _fresh(path: Path) -> Path:
+    """Create ``path`` anew as this process's own regular file, never through a link planted there.
+
+    The name is unlinked first (a symlink is removed, not followed), then created with
+    ``O_EXCL | O_NOFOLLOW``; h5py then opens the file this process made.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    os.close(fd)
+    return path
+
+
+#: True in the child process that :func:`_write_isolated` forks.
+_IN_WRITER_CHILD = False
+
+
+def _write_isolated(path: Path, kept: str, write) -> None:
+    """Run ``write()`` (which writes ``path`` with HDF5) in a forked child; a failure becomes one CacheError.
+
+    HDF5 leaves its library in a broken state after a failed write (disk full: the process
+    then crashes at exit with a segmentation fault). The child takes that risk: it exits at
+    once (``os._exit``, no HDF5 shutdown) and reports the reason through a pipe; this
+    process stays clean, removes the partial file and says which file and why.
+    """
+    if not hasattr(os, "fork"):  # pragma: no cover - Windows: in this process
+        with _writing(path, kept):
+            write()
+        return
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        global _IN_WRITER_CHILD
+        _IN_WRITER_CHILD = True
+        os.close(read_end)
+        code = 0
+        try:
+            write()
+        except BaseException as e:  # everything is reported to the parent
+            os.write(write_end, os_reason(e).encode("utf-8", "replace")[:1000])
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        message = f.read().decode("utf-8", "replace")
+    _, status = os.waitpid(pid, 0)
+    if status:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        if not message:
+            message = (f"the writing process died of signal {os.WTERMSIG(status)}" if os.WIFSIGNALED(status)
+                       else "the writing process failed")
+        raise CacheError(f"{path}: cannot write ({message}); {kept}")
+
+
+@contextlib.contextmanager
+def _writing(path: Path, kept: str):
+    """Turn a failed write of ``path`` (disk full, file too large, I/O error) into one line; remove the partial file."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise CacheError(f"{path}: cannot write ({os_reason(e)}); {kept}") from None
+
+
 def _chunk_rows(dim: int, itemsize: int, n: int) -> int:
     """Rows per chunk so that a chunk of features is about 1 MiB."""
     return max(1, min(max(n, 1), (1 << 20) // max(dim * itemsize, 1)))
@@ -136,44 +206,73 @@ def _chunk_rows(dim: int, itemsize: int, n: int) -> int:
 # --------------------------------------------------------------------------- writer
 
 
+#: Lock files this process holds: POSIX record locks do not exclude their own process.
+_HELD: set = set()
+
+
 class _Lock:
-    """An exclusive, non-blocking ``flock`` on a file beside the output."""
+    """An exclusive, non-blocking POSIX record lock (``lockf``) on a file beside the output.
+
+    A record lock belongs to the process that took it: forked children (DataLoader workers)
+    do not inherit it, so the lock dies with the writer, and a run started right after a
+    killed one is not refused. The holder writes its PID into the file, which a refusal
+    names. The file is opened with ``O_NOFOLLOW``: a link planted at its name is refused,
+    never written through.
+    """
 
     def __init__(self, path: Path, target: Path) -> None:
         self.path, self.target, self.fd = path, target, None
+        self.key = str(path.absolute())
 
     def acquire(self) -> None:
         try:
             import fcntl
         except ImportError:  # pragma: no cover - Windows: no advisory locks, no refusal
             return
+        if self.key in _HELD:
+            raise CacheError(f"{self.target}: this process is already writing it")
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CacheError(f"{self.path}: is a symbolic link; featurecache never writes through one "
+                                     "(remove it)") from None
+                raise
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
+                pid = _read_pid(fd)
                 os.close(fd)
-                raise CacheError(f"{self.target}: another featurecache process is writing it "
-                                 f"(lock held on {self.path})") from None
+                raise CacheError(f"{self.target}: another featurecache process{f' (PID {pid})' if pid else ''} "
+                                 f"is writing it (lock held on {self.path})") from None
             # The holder before us may have deleted the file after we opened it: lock the live one.
             try:
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                     self.fd = fd
                     os.ftruncate(fd, 0)
                     os.write(fd, f"{os.getpid()}\n".encode())
+                    _HELD.add(self.key)
                     return
             except FileNotFoundError:
                 pass
             os.close(fd)
 
-    def release(self, *, remove: bool) -> None:
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (the file is only a lock: nothing in it is kept)."""
         if self.fd is None:
             return
-        if remove:
-            with contextlib.suppress(OSError):
-                os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
         os.close(self.fd)
         self.fd = None
+        _HELD.discard(self.key)
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    with contextlib.suppress(OSError, ValueError):
+        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+    return None
 
 
 @dataclass
@@ -225,16 +324,19 @@ class CacheWriter:
     def __enter__(self) -> "CacheWriter":
         if not self.path.parent.is_dir():
             raise CacheError(f"{self.path}: the folder {self.path.parent} does not exist")
+        if self.parts_dir.is_symlink():
+            raise CacheError(f"{self.parts_dir}: is a symbolic link; featurecache never writes through one "
+                             "(remove it)")
         self._lock.acquire()
         try:
             self._prepare()
         except BaseException:
-            self._lock.release(remove=False)
+            self._lock.release()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
-        self._lock.release(remove=exc[0] is None)
+        self._lock.release()
 
     def _prepare(self) -> None:
         if self.path.exists() and not self.overwrite:
@@ -262,8 +364,9 @@ class CacheWriter:
                 shutil.rmtree(self.parts_dir)
         if not self.parts_dir.exists():
             self.parts_dir.mkdir()
-            tmp = self.parts_dir / "settings.json.tmp"
-            tmp.write_text(json.dumps(self.settings, indent=1, sort_keys=True))
+            tmp = _fresh(self.parts_dir / "settings.json.tmp")
+            with _writing(tmp, "nothing was computed yet"):
+                tmp.write_text(json.dumps(self.settings, indent=1, sort_keys=True))
             _fsync_file(tmp)
             os.replace(tmp, settings_file)
             _fsync_dir(self.parts_dir)
@@ -284,12 +387,15 @@ class CacheWriter:
         """Commit one part: write a temporary file, sync it, rename it into place."""
         final = self.parts_dir / f"part-{part:06d}.h5"
         tmp = final.with_name(final.name + ".tmp")
-        with h5py.File(tmp, "w") as f:
-            for name in ("features", "label", "image", "box", "scale", "skipped_index"):
-                f.create_dataset(name, data=getattr(data, name))
-            f.create_dataset("skipped_reason", data=np.array(data.skipped_reason, dtype=object), dtype=_STR)
-            f.attrs["part"] = part
-        _fsync_file(tmp)
+        def write() -> None:
+            with h5py.File(_fresh(tmp), "w") as f:
+                for name in ("features", "label", "image", "box", "scale", "skipped_index"):
+                    f.create_dataset(name, data=getattr(data, name))
+                f.create_dataset("skipped_reason", data=np.array(data.skipped_reason, dtype=object), dtype=_STR)
+                f.attrs["part"] = part
+            _fsync_file(tmp)
+
+        _write_isolated(tmp, "the parts committed before it are kept; the same command resumes", write)
         _fault("part-written")
         os.replace(tmp, final)
         _fsync_dir(self.parts_dir)
@@ -330,11 +436,22 @@ class CacheWriter:
         row_of = np.full(len(images), -1, np.int64)
         row_of[kept] = np.arange(len(kept))
         np_dtype = np.dtype(dtype)
-        rows = _chunk_rows(feature_dim, np_dtype.itemsize, n)
         comp = None if compression in (None, "none") else compression
-        with contextlib.suppress(FileNotFoundError):
-            self.tmp_path.unlink()
-        with h5py.File(self.tmp_path, "w") as out:
+        _write_isolated(self.tmp_path, "every part is kept; the same command assembles them again",
+                        lambda: self._write_final(part_files, counts, n, feature_dim, np_dtype, comp, images, kept,
+                                                  row_of, skipped_idx, skipped_reason, classes, attrs))
+        os.replace(self.tmp_path, self.path)
+        _fsync_dir(self.path.parent)
+        _fault("assembled")
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        self.complete = True
+
+    def _write_final(self, part_files, counts, n, feature_dim, np_dtype, comp, images, kept, row_of, skipped_idx,
+                     skipped_reason, classes, attrs) -> None:
+        """Copy the parts into ``OUT.tmp`` and sync it (the caller renames it into place)."""
+        num_parts = len(part_files)
+        rows = _chunk_rows(feature_dim, np_dtype.itemsize, n)
+        with h5py.File(_fresh(self.tmp_path), "w") as out:
             feats = out.create_dataset("features", shape=(n, feature_dim), dtype=np_dtype,
                                        chunks=(rows, feature_dim) if n else None, compression=comp)
             label = out.create_dataset("label", shape=(n,), dtype=np.int16)
@@ -367,11 +484,6 @@ class CacheWriter:
             out.attrs["format_version"] = FORMAT_VERSION
             out.attrs["settings"] = _json(self.settings)
         _fsync_file(self.tmp_path)
-        os.replace(self.tmp_path, self.path)
-        _fsync_dir(self.path.parent)
-        _fault("assembled")
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
-        self.complete = True
 
 
 def _write_image_table(out: h5py.File, records: list, dataset_index: np.ndarray, image_index: np.ndarray,
@@ -520,6 +632,10 @@ class FeatureCache:
             raise CacheError(f"{self.path}: cache format {a['format_version']} is newer than this featurecache "
                              f"reads ({FORMAT_VERSION}); upgrade featurecache")
         self.attrs = {k: _parse_attr(v) for k, v in a.items()}
+        problem = _damage(self._file, self.attrs)
+        if problem:
+            self._file.close()
+            raise CacheError(f"{self.path}: damaged featurecache cache: {problem}")
         self.classes: tuple = tuple(self.attrs["classes"])
         self.feature_settings: dict = self.attrs["feature_settings"]
         self.fingerprint: str = self.attrs["fingerprint"]
@@ -848,6 +964,40 @@ def read_rows(ds: h5py.Dataset, rows: np.ndarray, *, max_span: int = 16384) -> n
         out[i:j] = ds[lo:hi][rows[i:j] - lo]
         i = j
     return out
+
+
+_PATCH_ARRAYS = (("features", 2), ("label", 1), ("image_index", 1), ("box", 2), ("scale", 1))
+_IMAGE_ARRAYS = (("path", 1), ("width", 1), ("height", 1), ("labels", 2), ("difficult", 2), ("split", 1),
+                 ("patch_start", 1), ("patch_count", 1))
+
+
+def _damage(f: h5py.File, attrs: dict) -> str:
+    """What is missing or inconsistent in an open cache file ('' when nothing): metadata only, no feature read."""
+    classes = attrs.get("classes")
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        return "the classes attribute is not a list of names"
+    if not isinstance(attrs.get("feature_settings"), dict):
+        return "the feature_settings attribute is not a JSON object"
+    if not isinstance(attrs.get("fingerprint"), str):
+        return "no fingerprint attribute"
+    for group, arrays in (("", _PATCH_ARRAYS), ("images/", _IMAGE_ARRAYS), ("skipped/", (("path", 1), ("reason", 1)))):
+        for name, ndim in arrays:
+            d = f.get(group + name)
+            if not isinstance(d, h5py.Dataset) or d.ndim != ndim:
+                return f"no {ndim}-d dataset {group + name}"
+    n, m = f["features"].shape[0], f["images/path"].shape[0]
+    for name, _ in _PATCH_ARRAYS[1:]:
+        if f[name].shape[0] != n:
+            return f"{name} has {f[name].shape[0]} rows, features {n}"
+    if f["box"].shape[1] != 4:
+        return "box is not (patches, 4)"
+    for name, _ in _IMAGE_ARRAYS[1:]:
+        if f["images/" + name].shape[0] != m:
+            return f"images/{name} has {f['images/' + name].shape[0]} rows, images/path {m}"
+    for name in ("labels", "difficult"):
+        if f["images/" + name].shape[1] != len(classes):
+            return f"images/{name} has {f['images/' + name].shape[1]} columns for {len(classes)} classes"
+    return ""
 
 
 def _parse_attr(v):

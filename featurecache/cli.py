@@ -15,10 +15,11 @@ from typing import Callable, Optional
 import click
 
 from featurecache import __version__
-from featurecache.datasets import LAYOUTS, read_class_file, read_dataset
+from featurecache.datasets import LAYOUTS, MAX_PIXELS, read_class_file, read_dataset
 from featurecache.errors import FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
-from featurecache.patches import DEFAULT_SCALES, LabelRule, PatchGrid
+from featurecache.outputs import check_output, write_text
+from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, LabelRule, PatchGrid
 from featurecache.resources import DEVICES
 from featurecache.summary import summarize
 
@@ -80,6 +81,13 @@ def _command(f: Callable) -> Callable:
     return _verbosity_options(wrapper)
 
 
+def _check_outputs(**paths) -> None:
+    """Refuse output files that cannot be written before the work that fills them (flag names as keywords)."""
+    for param, path in paths.items():
+        if path:
+            check_output(path, param=param)
+
+
 def _message(ctx: click.Context, error: FeaturecacheError) -> str:
     """A library error's message, with the flag of this command in place of the library parameter it names."""
     for p in ctx.command.params:
@@ -119,8 +127,11 @@ def dataset_options(f: Callable) -> Callable:
 
 def grid_options(f: Callable) -> Callable:
     """--scales, --overlap, --input-size, --whole-image."""
+    f = click.option("--max-patches", type=click.IntRange(min=1), default=MAX_PATCHES,
+                     help="Most patches of one image: images beyond (thin strips) are skipped and recorded; a grid "
+                          "beyond it for most images is refused.")(f)
     f = click.option("--whole-image", is_flag=True, help="One patch per image: the whole image (baseline).")(f)
-    f = click.option("--input-size", type=click.IntRange(min=8), default=224,
+    f = click.option("--input-size", type=click.IntRange(min=8, max=MAX_INPUT_SIZE), default=224,
                      help="Network input side in pixels; every patch is resized to it.")(f)
     f = click.option("--overlap", type=click.FloatRange(0, 1, max_open=True), default=0.5,
                      help="Minimum IoU between neighbouring patches.")(f)
@@ -169,11 +180,12 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
               help="... and |P∩B| >= this × |B|.")
 @_command
 def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, input_size, whole_image,
-            min_patch_fraction, min_object_fraction):
+            max_patches, min_patch_fraction, min_object_fraction):
     """Count images, boxes per class and the patch labels a patch grid would produce."""
     images = _read_images(dataset, layout, split, annotations, classes_file)
     rule = LabelRule(min_patch_fraction=min_patch_fraction, min_object_fraction=min_object_fraction)
-    summary = summarize(images, grid=_grid(scales, overlap, input_size, whole_image), rule=rule, name=dataset)
+    summary = summarize(images, grid=_grid(scales, overlap, input_size, whole_image), rule=rule, name=dataset,
+                        max_patches=max_patches)
     click.echo(summary.to_text())
 
 
@@ -207,12 +219,15 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
               help="HDF5 compression of the features.")
 @click.option("--part-size", type=click.IntRange(min=1), default=2048,
               help="Patches per committed part (the most a crash can lose).")
+@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS,
+              help="Images with more pixels are skipped and recorded before decoding (3 bytes a pixel decoded, in "
+                   "each worker).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache or unfinished run with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping and recording it.")
 @_command
 def extract(dataset, out, layout, split, annotations, classes_file, backbone, layer, weights, scales, overlap,
-            input_size, whole_image, mode, max_side, batch_size, workers, device, dtype, compression, part_size,
-            overwrite, strict):
+            input_size, whole_image, max_patches, mode, max_side, batch_size, workers, device, dtype, compression,
+            part_size, max_pixels, overwrite, strict):
     """Run every patch of DATASET through a frozen backbone once; cache the features in OUT (HDF5).
 
     A killed run continues where it stopped when the same command is run again.
@@ -227,7 +242,8 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
         grid=_grid(scales, overlap, input_size, whole_image), mode=mode, max_side=max_side, batch_size=batch_size,
         workers=workers,
         device=device, dtype=dtype, compression=compression, overwrite=overwrite, strict=strict,
-        part_patches=part_size, progress=False if ctx.obj.get("quiet") else None)
+        part_patches=part_size, max_pixels=max_pixels, max_patches=max_patches,
+        progress=False if ctx.obj.get("quiet") else None)
     click.echo(result.summary())
 
 
@@ -318,8 +334,8 @@ def fit(cache, train_split, objective, memory_limit, device, seed, out, **option
     config = FitConfig(objective, {k: v for k, v in options.items() if k in spec.options}, train_split=train_split,
                        val=val, val_split=val_split, memory_limit=memory_limit, device=device, random_state=seed,
                        progress=False if ctx.obj.get("quiet") else None)
+    path = check_output(Path(out) if out else Path(cache).with_suffix(".head.pt"), param="out")
     trained = fit_objective(cache, config)
-    path = Path(out) if out else Path(cache).with_suffix(".head.pt")
     trained.save(path)
     click.echo(f"{trained.summary_line()} -> {path}")
     if trained.selection_table():
@@ -359,12 +375,15 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots):
     from featurecache.evaluate import evaluate
     from featurecache.plots import write_eval_plots
 
+    _check_outputs(json=json_out, csv=csv_out)
+    if plots:
+        check_output(plots, param="plots", folder=True)
     report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method)
-    if json_out:
-        Path(json_out).write_text(report.to_json())
-    if csv_out:
-        Path(csv_out).write_text(report.to_csv())
     click.echo(report.to_text())
+    if json_out:
+        write_text(json_out, report.to_json())
+    if csv_out:
+        write_text(csv_out, report.to_csv())
     if plots:
         click.echo("plots: " + ", ".join(str(p) for p in write_eval_plots(report, plots)))
 
@@ -387,6 +406,7 @@ def localize(head, cache, image, stride, out, png, cls):
     hybrid head; prints each top class's peak."""
     from featurecache.evaluate import localization_map
 
+    _check_outputs(out=out, png=png)
     m = localization_map(head, cache, int(image) if image.isdigit() else image, stride=stride)
     if out:
         m.save(out)
@@ -443,6 +463,9 @@ def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, lay
     config = PredictConfig(top=top, threshold=threshold, maps=maps, stride=stride, cache=cache, layout=layout,
                            split=split, annotations=annotations, batch_size=batch_size, workers=workers,
                            strict=strict, overwrite=overwrite, progress=False if ctx.obj.get("quiet") else None)
+    _check_outputs(out=out, cache=cache)
+    if maps:
+        check_output(maps, param="maps", folder=True)
     result = run_predict(head, inputs, config, weights=weights, device=device)
     if out:
         result.save(out)
@@ -486,6 +509,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
 
     grid, options = read_sweep_file(config_file) if config_file else ({}, {})
     grid.update(parse_grid(grid_items))
+    _check_outputs(json=json_out, csv=csv_out, save_best=save_best)
     ctx = click.get_current_context()
     result = run_ablate(
         cache, grid=grid, val=val_cache, val_split=val_split or options.get("val_split"),
@@ -493,11 +517,11 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
         seeds=seeds or options.get("seeds", 1), whole_image=whole_image or options.get("whole_image"),
         save_best=save_best, device=device, n_boot=n_boot,
         progress=False if ctx.obj.get("quiet") else None)
+    click.echo(result.to_text())  # first: a failed file write below loses nothing of the sweep
     if json_out:
-        Path(json_out).write_text(result.to_json())
+        write_text(json_out, result.to_json())
     if csv_out:
-        Path(csv_out).write_text(result.to_csv())
-    click.echo(result.to_text())
+        write_text(csv_out, result.to_csv())
 
 
 @main.command(context_settings=CONTEXT)

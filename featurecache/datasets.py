@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
+    "MAX_PIXELS",
     "DatasetError",
     "ImageRecord",
     "ImageSet",
@@ -53,6 +55,10 @@ __all__ = [
 
 #: File name endings (lower case) taken as images in folder layouts.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+#: Default most pixels of one image that extraction decodes (a 48-megapixel phone photo fits;
+#: decoding and cropping one costs about 30-60 bytes a pixel); larger ones are skipped and recorded.
+MAX_PIXELS = 50_000_000
 
 #: Layout names accepted by :func:`read_dataset`.
 LAYOUTS = ("voc", "coco", "folders", "plain")
@@ -86,6 +92,9 @@ class ImageRecord:
     stamp : str
         Identifies the file's content version when annotations do not (``predict`` sets
         ``"size:mtime"``), so that a kept cache of changed files is not reused; '' otherwise.
+    error : str
+        Why the image cannot be read ('' when it can): such a record is kept so that
+        extraction records it as skipped (or stops on it with ``strict``); its size is 0 x 0.
     """
 
     path: Path
@@ -98,6 +107,7 @@ class ImageRecord:
     splits: tuple = ()
     source: str = ""
     stamp: str = ""
+    error: str = ""
 
     @property
     def labels(self) -> frozenset:
@@ -145,6 +155,11 @@ class ImageSet:
 
     def __getitem__(self, i: int) -> ImageRecord:
         return self.records[i]
+
+    @property
+    def unreadable(self) -> list:
+        """``(path, reason)`` of the images found but not readable (kept, recorded as skipped at extraction)."""
+        return [(str(r.path), r.error) for r in self.records if r.error]
 
     @property
     def has_boxes(self) -> bool:
@@ -316,11 +331,15 @@ def read_dataset(
     elif layout == "folders":
         ds = _read_folders(path, classes=classes)
     else:
-        records = [_folder_record(path, p, None) for p in _image_files(path)]
-        ds = ImageSet(path.resolve(), "plain", classes or (), records)
+        records = [_folder_record(path, p, None) for p in _named_files(_image_files(path))]
+        ds = ImageSet(path.absolute(), "plain", classes or (), records)
     if not ds.records:
         raise DatasetError(f"{path}: no images found ({layout} layout{', split ' + split if split else ''})")
     _warn_box_problems(ds)
+    if ds.unreadable:
+        where, why = ds.unreadable[0]
+        logger.warning("%s: %d image(s) cannot be read and will be skipped and recorded at extraction, e.g. %s: %s",
+                       ds.root, len(ds.unreadable), where, why)
     return ds
 
 
@@ -377,13 +396,39 @@ def _check_classes(source: str, names: Sequence[str], allowed: Optional[tuple]) 
 
 
 def _image_size(path: Path) -> tuple:
+    """``(width, height, error)`` from the file's header; ``(0, 0, reason)`` when it cannot be read."""
+    import warnings
+
     from PIL import Image
 
     try:
-        with Image.open(path) as im:
-            return im.size
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path}: cannot read image size ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: sizes are checked at extraction
+            with Image.open(path) as im:
+                w, h = im.size
+    except Exception as e:  # PIL raises many kinds (OSError, ValueError, DecompressionBombError ...)
+        msg = str(e).splitlines()[0][:120] if str(e) else ""
+        return 0, 0, f"cannot read image ({type(e).__name__}{': ' + msg if msg else ''})"
+    if w < 1 or h < 1:
+        return 0, 0, f"image is {w}x{h}"
+    return w, h, ""
+
+
+def _inside(root: Path, name: str, source: str) -> Path:
+    """``root / name`` for an annotation's file name, refused when it is absolute or climbs out of ``root``."""
+    rel = Path(name)
+    if rel.is_absolute() or rel.drive or ".." in rel.parts:
+        raise DatasetError(f"{source}: image file name {name!r} points outside the data set folder {root}; "
+                           "annotations name images relative to it")
+    return root / rel
+
+
+def _utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 # --------------------------------------------------------------------------- VOC
@@ -413,8 +458,8 @@ def _parse_voc_xml(xml_path: Path, root: Path) -> dict:
     except OSError as e:
         raise DatasetError(f"{source}: cannot read ({e.strerror or e})") from None
     stem = xml_path.stem
-    fname = tree.findtext("filename", default="").strip()
-    image = root / "JPEGImages" / fname if fname else None
+    fname = (tree.findtext("filename", default="") or "").strip()
+    image = _inside(root / "JPEGImages", fname, source) if fname else None
     if image is None or not image.is_file():
         # Some converters write the id without extension or an old name: fall back on the id.
         candidates = [root / "JPEGImages" / (stem + ext) for ext in (".jpg", ".jpeg", ".png", ".JPG", ".JPEG", ".PNG")]
@@ -427,8 +472,9 @@ def _parse_voc_xml(xml_path: Path, root: Path) -> dict:
             height = int(float(size.findtext("height", "0")))
         except ValueError:
             width = height = 0
+    error = ""
     if width <= 0 or height <= 0:
-        width, height = _image_size(image)
+        width, height, error = _image_size(image)
     objects = []
     for obj in tree.iter("object"):
         name = _text(obj, "name", source)
@@ -445,7 +491,7 @@ def _parse_voc_xml(xml_path: Path, root: Path) -> dict:
             objects.append((xmin, ymin, xmin, ymin, name, difficult))  # dropped by the cleaner
         else:
             objects.append((xmin - 1.0, ymin - 1.0, xmax, ymax, name, difficult))
-    return {"image": image, "width": width, "height": height, "objects": objects, "source": source}
+    return {"image": image, "width": width, "height": height, "objects": objects, "source": source, "error": error}
 
 
 def _read_split_file(path: Path) -> list:
@@ -497,7 +543,10 @@ def _read_voc(path: Path, *, split: Optional[str], classes: Optional[tuple]) -> 
     for image_id in ids:
         p = parsed[image_id]
         _check_classes(p["source"], [o[4] for o in p["objects"]], classes)
-        boxes, names, difficult = cleaner.clean(p["source"], p["objects"], p["width"], p["height"])
+        if p["error"]:  # the image's size is unknown: its boxes cannot be checked; it is skipped at extraction
+            boxes, names, difficult = np.zeros((0, 4), np.float32), (), np.zeros(0, bool)
+        else:
+            boxes, names, difficult = cleaner.clean(p["source"], p["objects"], p["width"], p["height"])
         records.append(
             ImageRecord(
                 path=p["image"],
@@ -509,6 +558,7 @@ def _read_voc(path: Path, *, split: Optional[str], classes: Optional[tuple]) -> 
                 difficult=difficult,
                 splits=tuple(membership.get(image_id, ())),
                 source=p["source"],
+                error=p["error"],
             )
         )
     return ImageSet(root, "voc", classes, records, split=split, box_problems=cleaner.problems)
@@ -528,36 +578,53 @@ def _read_coco(path: Path, annotations: Path, *, classes: Optional[tuple]) -> Im
         raise DatasetError(f"{source}: malformed JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(data, dict) or not all(k in data for k in ("images", "annotations", "categories")):
         raise DatasetError(f"{source}: not a COCO instances file (needs images, annotations, categories)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list) or not all(isinstance(e, dict) for e in data[key]):
+            raise DatasetError(f"{source}: {key} must be a list of objects, got {type(data[key]).__name__}")
     try:
         cat_names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
-        images = [(int(im["id"]), str(im["file_name"]), int(im.get("width", 0)), int(im.get("height", 0)))
+        images = [(int(im["id"]), str(im["file_name"]), int(im.get("width") or 0), int(im.get("height") or 0))
                   for im in data["images"]]
     except (KeyError, TypeError, ValueError) as e:
         raise DatasetError(f"{source}: malformed category or image entry ({e!r})") from None
+    for what, ids in (("category", [int(c["id"]) for c in data["categories"]]), ("image", [i[0] for i in images])):
+        dup = [k for k, n in Counter(ids).items() if n > 1]
+        if dup:
+            raise DatasetError(f"{source}: {what} id {dup[0]} appears {Counter(ids)[dup[0]]} times")
     if classes is None:
         classes = tuple(sorted(set(cat_names.values())))
+    known_images = {i[0] for i in images}
     per_image: dict = {}
     for k, a in enumerate(data["annotations"]):
         try:
             x, y, w, h = (float(v) for v in a["bbox"])
             name = cat_names[int(a["category_id"])]
             image_id = int(a["image_id"])
+            crowd = bool(int(a.get("iscrowd") or 0))
         except (KeyError, TypeError, ValueError) as e:
             raise DatasetError(f"{source}: annotation #{k} is malformed ({e!r})") from None
-        per_image.setdefault(image_id, []).append((x, y, x + w, y + h, name, bool(a.get("iscrowd", 0))))
+        if image_id not in known_images:
+            raise DatasetError(f"{source}: annotation #{k} refers to image id {image_id}, which is not in images")
+        if not all(math.isfinite(v) for v in (x, y, w, h)):
+            raise DatasetError(f"{source}: annotation #{k} has a bbox that is not finite")
+        per_image.setdefault(image_id, []).append((x, y, x + w, y + h, name, crowd))
     root = path.resolve()
     cleaner = _BoxCleaner()
     records = []
     for image_id, fname, width, height in sorted(images, key=lambda t: t[1]):
-        image = root / fname
+        image = _inside(root, fname, source)
+        error = ""
         if width <= 0 or height <= 0:
-            width, height = _image_size(image)
+            width, height, error = _image_size(image)
         objects = per_image.get(image_id, [])
         where = f"{source} (image {fname})"
         _check_classes(where, [o[4] for o in objects], classes)
-        boxes, names, difficult = cleaner.clean(where, objects, width, height)
+        if error:
+            boxes, names, difficult = np.zeros((0, 4), np.float32), (), np.zeros(0, bool)
+        else:
+            boxes, names, difficult = cleaner.clean(where, objects, width, height)
         records.append(ImageRecord(image, Path(fname).as_posix(), width, height, boxes, names, difficult,
-                                   source=source))
+                                   source=source, error=error))
     return ImageSet(root, "coco", classes, records, box_problems=cleaner.problems)
 
 
@@ -565,15 +632,25 @@ def _read_coco(path: Path, annotations: Path, *, classes: Optional[tuple]) -> Im
 
 
 def _folder_record(root: Path, image: Path, class_name: Optional[str]) -> ImageRecord:
-    root = root.resolve()
-    image = image.resolve()
-    width, height = _image_size(image)
-    if class_name is None:
+    # Absolute without resolving links: a linked file inside the folder keeps its place in it.
+    root, image = root.absolute(), image.absolute()
+    width, height, error = _image_size(image)
+    if class_name is None or error:
         boxes, names, difficult = np.zeros((0, 4), np.float32), (), np.zeros(0, bool)
     else:
         boxes = np.array([[0, 0, width, height]], dtype=np.float32)
         names, difficult = (class_name,), np.zeros(1, bool)
-    return ImageRecord(image, image.relative_to(root).as_posix(), width, height, boxes, names, difficult)
+    return ImageRecord(image, image.relative_to(root).as_posix(), width, height, boxes, names, difficult,
+                       error=error)
+
+
+def _named_files(files: list) -> list:
+    """The files whose names can be stored (UTF-8); the others are left out with one warning."""
+    bad = [f for f in files if not _utf8(f)]
+    if bad:
+        logger.warning("%s: left out %d file(s) whose names are not valid UTF-8 (caches store names as UTF-8); "
+                       "rename them to use them", bad[0].parent, len(bad))
+    return [f for f in files if _utf8(f)]
 
 
 def _read_folders(path: Path, *, classes: Optional[tuple]) -> ImageSet:
@@ -585,5 +662,5 @@ def _read_folders(path: Path, *, classes: Optional[tuple]) -> ImageSet:
         extra = [c for c in found if c not in classes]
         if extra:
             raise DatasetError(f"{path / extra[0]}: folder of class {extra[0]!r} is not in the class list")
-    records = [_folder_record(path, img, d.name) for d in folders for img in _image_files(d)]
-    return ImageSet(path.resolve(), "folders", classes, records)
+    records = [_folder_record(path, img, d.name) for d in folders for img in _named_files(_image_files(d))]
+    return ImageSet(path.absolute(), "folders", classes, records)

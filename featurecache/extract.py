@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import numbers
 import os
 import platform
 import time
@@ -31,9 +32,9 @@ from tqdm.auto import tqdm
 from featurecache import __version__
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone
 from featurecache.cache import CacheWriter, FeatureCache, PartData, feature_fingerprint, now_iso
-from featurecache.datasets import ImageSet, read_dataset
+from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
 from featurecache.errors import ExtractError
-from featurecache.patches import LabelRule, PatchGrid, image_patches
+from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
 from featurecache.resources import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -126,20 +127,32 @@ def to_rgb(im: Image.Image) -> np.ndarray:
 
 
 class _Decoder(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; a failure is returned, not raised."""
+    """Decodes images in DataLoader workers; a failure is returned, not raised.
 
-    def __init__(self, items: Sequence[tuple]) -> None:
-        self.items = list(items)  # (data set index, path, width, height)
+    An image whose header declares more than ``max_pixels`` pixels is refused before its
+    pixels are decoded (a small, highly compressed file can declare a huge canvas).
+    """
+
+    def __init__(self, items: Sequence[tuple], max_pixels: int) -> None:
+        self.items = list(items)  # (data set index, path, width, height, reason to skip it or '')
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
-        index, path, width, height = self.items[i]
+        index, path, width, height, skip = self.items[i]
+        if skip:
+            return index, None, skip
         try:
             if not os.path.isfile(path):
                 return index, None, "file not found"
-            a = load_rgb(path)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > self.max_pixels:
+                    return index, None, f"image is {w}x{h} = {w * h:,} pixels, above max_pixels {self.max_pixels:,}"
+                im.load()
+                a = to_rgb(im)
         except Exception as e:  # PIL raises many kinds for corrupt files
             msg = str(e).splitlines()[0] if str(e) else ""
             return index, None, f"cannot decode ({type(e).__name__}{': ' + msg if msg else ''})"
@@ -369,6 +382,12 @@ class ExtractConfig:
     part_patches : int
         Patches per committed part: the most work a crash can lose. Part of the settings
         (it fixes how batches are formed, hence the exact features).
+    max_pixels : int
+        Images with more pixels are skipped and recorded before they are decoded (each
+        decoded image costs 3 bytes a pixel, in each decoding worker).
+    max_patches : int
+        Images whose grid has more patches (very thin strips) are skipped and recorded; a
+        grid that gives most images more is refused before anything runs.
     progress : bool, optional
         Show a progress bar; default only on a terminal.
     """
@@ -392,6 +411,8 @@ class ExtractConfig:
     overwrite: bool = False
     strict: bool = False
     part_patches: int = 2048
+    max_pixels: int = MAX_PIXELS
+    max_patches: int = MAX_PATCHES
     progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -399,9 +420,12 @@ class ExtractConfig:
                                      ("compression", self.compression, COMPRESSIONS)):
             if value not in allowed:
                 raise ExtractError(f"must be one of {', '.join(allowed)}, got {value!r}", param=name)
-        for name in ("batch_size", "part_patches"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ExtractError("must be positive", param=name)
+        for name in ("batch_size", "part_patches", "max_pixels", "max_patches", "workers", "max_side"):
+            value = getattr(self, name)
+            low = 0 if name == "workers" else 1
+            bad = not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low
+            if value is not None and bad:
+                raise ExtractError(f"must be an integer of at least {low}, got {value!r}", param=name)
         # None means the default, as for every other option.
         object.__setattr__(self, "grid", self.grid or PatchGrid())
         object.__setattr__(self, "rule", self.rule or LabelRule())
@@ -447,14 +471,15 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
         _check_dense(net, config.grid)
     out = Path(out)
     settings = _settings(images, net, config, batch_size)
-    counts = _patch_counts(images, config.grid, config.mode)
+    counts, skips = plan_patches(images.records, config.grid, mode=config.mode, stride=DENSE_STRIDE,
+                                 max_patches=config.max_patches, max_pixels=config.max_pixels)
     parts = _plan_parts(counts, config.part_patches)
     with CacheWriter(out, settings, overwrite=config.overwrite) as writer:
         if writer.complete:
             logger.info("%s: already complete with the same settings", out)
             return _result(out, t0, 0, already_complete=True)
         todo = [p for p in range(len(parts)) if p not in writer.done_parts]
-        computed = _run_parts(images, parts, todo, counts, writer, net, config=config, device=dev,
+        computed = _run_parts(images, parts, todo, counts, skips, writer, net, config=config, device=dev,
                               batch_size=batch_size)
         writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=config.dtype,
                         compression=config.compression, images=images.records, classes=images.classes,
@@ -474,12 +499,6 @@ def _check_dense(net: FrozenBackbone, grid: PatchGrid) -> None:
         raise ExtractError(f"dense mode with {net.spec.name} needs --input-size "
                            + ("224" if net.dense_kind == "fc" else f"a multiple of {DENSE_STRIDE}")
                            + f", got {grid.input_size}")
-
-
-def _patch_counts(images: ImageSet, grid: PatchGrid, mode: str) -> list:
-    if mode == "dense":
-        return [len(grid.dense_boxes_and_scales(r.width, r.height)[0]) for r in images]
-    return [grid.count(r.width, r.height) for r in images]
 
 
 def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batch_size: int) -> dict:
@@ -529,17 +548,18 @@ def _result(out: Path, t0: float, computed: int, *, already_complete: bool = Fal
                          already_complete=already_complete)
 
 
-def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, writer: CacheWriter, net: FrozenBackbone, *,
-               config: ExtractConfig, device: torch.device, batch_size: int) -> int:
+def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: list, writer: CacheWriter,
+               net: FrozenBackbone, *, config: ExtractConfig, device: torch.device, batch_size: int) -> int:
     """Compute and commit the parts in ``todo``; return the number of patches computed."""
     if not todo:
         return 0
     workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
     order = [i for p in todo for i in parts[p]]
-    items = [(i, str(images[i].path), images[i].width, images[i].height) for i in order]
+    items = [(i, str(images[i].path), images[i].width, images[i].height, skips[i]) for i in order]
+    # Two images in flight per worker: memory stays workers x 2 x max_pixels x 3 bytes at most.
     loader = torch.utils.data.DataLoader(
-        _Decoder(items), batch_size=1, collate_fn=_only, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+        _Decoder(items, config.max_pixels), batch_size=1, collate_fn=_only, num_workers=workers,
+        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
     grid, dtype = config.grid, config.dtype
     runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,
                           out_dtype=np.dtype(dtype))

@@ -121,6 +121,12 @@ def save_png(picture: Image.Image, path: Union[str, Path]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    picture.save(tmp, format="PNG")
-    tmp.replace(path)
+    if tmp.is_symlink():
+        tmp.unlink()  # never written through a link planted at the temporary name
+    try:
+        picture.save(tmp, format="PNG")
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
     return path

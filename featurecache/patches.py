@@ -28,21 +28,35 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from featurecache.errors import FeaturecacheError
+
 __all__ = [
     "AMBIGUOUS",
     "BACKGROUND",
     "DEFAULT_SCALES",
+    "MAX_INPUT_SIZE",
+    "MAX_PATCHES",
     "WHOLE_IMAGE_SCALE",
     "LabelRule",
     "PatchGrid",
     "image_patches",
     "label_to_class",
+    "plan_patches",
 ]
 
 BACKGROUND = 0
 AMBIGUOUS = -1
 #: The paper's scales λ: patch side = min(width, height) / λ.
 DEFAULT_SCALES = (1.0, 1.3, 1.6, 2.0, 2.4, 2.8, 3.2, 3.6, 4.0)
+#: The largest network input side a grid accepts (a 224-px network at 1024 px already
+#: sees its objects at 4.6x the size it was trained on; beyond, memory per batch explodes).
+MAX_INPUT_SIZE = 1024
+
+#: Default most patches of one image: the default grid gives 512 for a 500 x 375 image;
+#: images beyond (very thin strips) are skipped and recorded, grids beyond for most images
+#: are refused before anything runs.
+MAX_PATCHES = 20_000
+
 #: The ``scale`` recorded for the single patch of a ``whole=True`` grid (not square).
 WHOLE_IMAGE_SCALE = 0.0
 
@@ -114,8 +128,8 @@ class PatchGrid:
                 raise ValueError("PatchGrid scales must be distinct")
         if not 0.0 <= self.min_overlap < 1.0:
             raise ValueError(f"PatchGrid min_overlap must be in [0, 1), got {self.min_overlap}")
-        if self.input_size < 1:
-            raise ValueError(f"PatchGrid input_size must be positive, got {self.input_size}")
+        if not 1 <= self.input_size <= MAX_INPUT_SIZE:
+            raise ValueError(f"PatchGrid input_size must be in [1, {MAX_INPUT_SIZE}], got {self.input_size}")
 
     def boxes_and_scales(self, width: float, height: float) -> tuple:
         """Patch boxes of an image and the scale λ of each.
@@ -157,9 +171,38 @@ class PatchGrid:
         """Patch boxes ``(N, 4)`` of a ``width x height`` image; see :meth:`boxes_and_scales`."""
         return self.boxes_and_scales(width, height)[0]
 
-    def count(self, width: float, height: float) -> int:
-        """Number of patches of a ``width x height`` image."""
-        return len(self.boxes(width, height))
+    def count(self, width: float, height: float, *, mode: str = "crop", stride: int = 32) -> int:
+        """Number of patches of a ``width x height`` image, computed without making them.
+
+        Equal to ``len(boxes_and_scales(...)[0])`` (``mode="crop"``) or to
+        ``len(dense_boxes_and_scales(...)[0])`` (``mode="dense"``), at the cost of a few
+        operations per scale, so that a grid that would explode on an image is refused
+        before anything is allocated.
+        """
+        if not (width > 0 and height > 0):
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        if self.whole:
+            return 1
+        if mode == "dense":
+            return sum(self._dense_count(width, height, lam, stride) for lam in self.scales)
+        total = 0
+        for lam in self.scales:
+            side = min(width, height) / lam
+            max_stride = side * (1.0 - self.min_overlap) / (1.0 + self.min_overlap)
+            nx, ny = (1 if n <= side * (1 + 1e-9) else math.ceil((n - side) / max_stride - 1e-9) + 1
+                      for n in (width, height))
+            total += nx * ny
+        return total
+
+    def _dense_count(self, width: float, height: float, lam: float, stride: int) -> int:
+        k = self.input_size // stride
+        c = max(1, int(math.floor(k * (1 - self.min_overlap) / (1 + self.min_overlap) + 1e-9)))
+        f = self.input_size * lam / min(width, height)
+        counts = []
+        for n in (width, height):
+            last = max(self.input_size, int(round(n * f / stride)) * stride) // stride - k
+            counts.append(last // c + 1 + (1 if last % c else 0))
+        return counts[0] * counts[1]
 
     def dense_layout(self, width: float, height: float, *, stride: int = 32) -> list:
         """The dense-mode grid: per scale, the resized image and its feature-cell windows.
@@ -345,6 +388,57 @@ class LabelRule:
     def from_dict(cls, d: dict) -> "LabelRule":
         """Inverse of :meth:`to_dict`."""
         return cls(**d)
+
+
+def plan_patches(records, grid: PatchGrid, *, mode: str = "crop", stride: int = 32,
+                 max_patches: int = MAX_PATCHES, max_pixels: Optional[int] = None) -> tuple:
+    """Patch count of each image and why an image is skipped, before anything is decoded or allocated.
+
+    Parameters
+    ----------
+    records : sequence of ImageRecord
+    grid : PatchGrid
+    mode : {"crop", "dense"}
+    stride : int
+    max_patches : int
+        Most patches of one image. An image beyond it (a very thin strip) is skipped; when
+        most images are beyond it, the grid (``overlap``, ``scales``) is at fault and the
+        whole plan is refused.
+    max_pixels : int, optional
+        Most pixels of one image; larger ones are skipped before decoding.
+
+    Returns
+    -------
+    counts : list of int
+        0 for a skipped image.
+    reasons : list of str
+        '' for an image that is kept.
+
+    Raises
+    ------
+    FeaturecacheError
+        Naming ``max_patches`` when most readable images have more patches than that.
+    """
+    counts, reasons = [], []
+    for r in records:
+        reason = r.error
+        n = 0
+        if not reason and max_pixels is not None and r.width * r.height > max_pixels:
+            reason = f"image is {r.width}x{r.height} = {r.width * r.height:,} pixels, above max_pixels {max_pixels:,}"
+        if not reason:
+            n = grid.count(r.width, r.height, mode=mode, stride=stride)
+            if n > max_patches:
+                reason = (f"the grid gives this {r.width}x{r.height} image {n:,} patches, above max_patches "
+                          f"{max_patches:,}")
+        counts.append(0 if reason else n)
+        reasons.append(reason)
+    over = [rs for rs in reasons if "above max_patches" in rs]
+    readable = sum(1 for r in records if not r.error)
+    if over and len(over) * 2 > readable:
+        raise FeaturecacheError(
+            f"the grid gives {len(over)} of {readable} images more than {max_patches:,} patches each; lower the "
+            "overlap or the largest scale (or raise the limit)", param="max_patches")
+    return counts, reasons
 
 
 def image_patches(record, class_ids: np.ndarray, *, grid: PatchGrid, rule: LabelRule, mode: str = "crop",

@@ -36,6 +36,7 @@ from featurecache.errors import BackboneError, DatasetError, HeadError, PredictE
 from featurecache.evaluate import LocalizationMap, localization_map
 from featurecache.extract import ExtractConfig, ExtractResult, extract, feature_settings, to_rgb
 from featurecache.heads.trained import TrainedHead
+from featurecache.outputs import write_text
 from featurecache.overlay import MAX_SIDE
 from featurecache.patches import LabelRule, PatchGrid
 
@@ -248,11 +249,7 @@ class Predictions:
     def save(self, path: Union[str, Path]) -> Path:
         """Write JSON for a ``.json`` file name, else CSV."""
         path = Path(path)
-        text = self.to_json() if path.suffix.lower() == ".json" else self.to_csv()
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
-        return path
+        return write_text(path, self.to_json() if path.suffix.lower() == ".json" else self.to_csv())
 
 
 # --------------------------------------------------------------------------- inputs

@@ -8,7 +8,7 @@ from typing import Optional
 import numpy as np
 
 from featurecache.datasets import ImageSet
-from featurecache.patches import AMBIGUOUS, BACKGROUND, LabelRule, PatchGrid, image_patches
+from featurecache.patches import AMBIGUOUS, BACKGROUND, MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
 
 __all__ = ["DatasetSummary", "summarize"]
 
@@ -27,6 +27,8 @@ class DatasetSummary:
     num_images, num_boxes, num_patches, background, ambiguous : int
     grid : PatchGrid
     rule : LabelRule
+    skipped : tuple of (path, reason)
+        Images left out of the patch counts: unreadable, or beyond ``max_patches``.
     """
 
     name: str
@@ -44,6 +46,7 @@ class DatasetSummary:
     ambiguous: int
     grid: PatchGrid
     rule: LabelRule
+    skipped: tuple = ()
 
     @property
     def classes_without_patches(self) -> tuple:
@@ -77,11 +80,15 @@ class DatasetSummary:
         missing = self.classes_without_patches
         if missing:
             lines.append(f"no positive patch for {len(missing)} class(es): {', '.join(missing)}")
+        if self.skipped:
+            where, why = self.skipped[0]
+            lines.append(f"{len(self.skipped)} image(s) left out (extraction skips and records them), e.g. "
+                         f"{where}: {why}")
         return "\n".join(lines)
 
 
 def summarize(images: ImageSet, *, grid: Optional[PatchGrid] = None, rule: Optional[LabelRule] = None,
-              name: Optional[str] = None) -> DatasetSummary:
+              name: Optional[str] = None, max_patches: int = MAX_PATCHES) -> DatasetSummary:
     """Count images, boxes and the patch labels a grid and rule give an image set.
 
     Parameters
@@ -93,6 +100,9 @@ def summarize(images: ImageSet, *, grid: Optional[PatchGrid] = None, rule: Optio
         Default ``LabelRule()``.
     name : str, optional
         Shown in the report; default the data set root.
+    max_patches : int
+        As for extraction: images beyond it are left out, a grid beyond it for most images
+        is refused (before any patch is made).
 
     Returns
     -------
@@ -106,7 +116,10 @@ def summarize(images: ImageSet, *, grid: Optional[PatchGrid] = None, rule: Optio
     diff_count = np.zeros(c, np.int64)
     patch_count = np.zeros(c + 1, np.int64)  # index = label (0 = background)
     ambiguous = total = 0
-    for r in images:
+    _, reasons = plan_patches(images.records, grid, max_patches=max_patches)
+    for r, reason in zip(images, reasons):
+        if reason:
+            continue
         ids = images.class_ids(r)
         np.add.at(box_count, ids, 1)
         np.add.at(diff_count, ids[r.difficult], 1)
@@ -132,4 +145,5 @@ def summarize(images: ImageSet, *, grid: Optional[PatchGrid] = None, rule: Optio
         ambiguous=ambiguous,
         grid=grid,
         rule=rule,
+        skipped=tuple((str(r.path), why) for r, why in zip(images, reasons) if why),
     )

@@ -83,7 +83,11 @@ def test_weights_file_with_a_wrong_shape_fails_loudly(tmp_path):
 @pytest.mark.parametrize("name,dim", [("alexnet", 4096), ("vgg16", 4096), ("resnet50", 2048), ("timm:resnet18", 512)])
 def test_other_backbones_with_random_weights(name, dim):
     net = build_backbone(name, weights=None)
-    assert net.spec.feature_dim == dim and net.spec.weights_sha256 == "none"
+    assert net.spec.feature_dim == dim and net.spec.weights == "none (random, seed 0)"
+    # Seeded: the same random network in every build (a resumed run mixes nothing), whatever the caller's RNG.
+    torch.manual_seed(123)
+    again = build_backbone(name, weights=None)
+    assert again.spec.weights_sha256 == net.spec.weights_sha256 and len(net.spec.weights_sha256) == 64
     with torch.inference_mode():
         f = net(torch.rand(2, 3, 64, 64) * 255)
     assert f.shape == (2, dim)

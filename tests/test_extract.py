@@ -1,6 +1,5 @@
 """Tests of stage one on real VOC images: schema, labels, provenance, crops, resume after SIGKILL, bad input."""
 
-import fcntl
 import json
 import os
 import signal
@@ -184,10 +183,19 @@ def test_corrupt_images_are_skipped_and_recorded(voc_sample, tmp_path, lite0, ca
 
 def test_a_second_writer_is_refused(subset, lite0, tmp_path):
     out = tmp_path / "c.h5"
-    with open(tmp_path / "c.h5.lock", "w") as held:
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(CacheError, match=r"c\.h5: another featurecache process is writing it"):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(tmp_path / 'c.h5.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); os.write(fd, f'{os.getpid()}\\n'.encode())\n"
+        "print('ready', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        held = rf"c\.h5: another featurecache process \(PID {holder.pid}\) is writing it"
+        with pytest.raises(CacheError, match=held):
             extract(subset, out, backbone=lite0, **OPTS)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 @pytest.mark.parametrize("mode", ["L", "P", "RGBA", "CMYK", "I;16", "1", "LA"])

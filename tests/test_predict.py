@@ -225,8 +225,8 @@ def test_weights_that_are_missing_or_differ_are_refused_in_one_line(tiny, tmp_pa
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert str(tiny["patch"]) in r.output and "weights_sha256" in r.output and str(other) in r.output
     # Random weights cannot be made again.
-    random = _with_extraction(tiny["patch"], tmp_path, weights="none")
-    with pytest.raises(PredictError, match="random weights"):
+    random = _with_extraction(tiny["patch"], tmp_path, weights="none")  # as written before random weights were seeded
+    with pytest.raises(PredictError, match="unseeded random weights"):
         import featurecache
 
         featurecache.load_head(random).predict(image)

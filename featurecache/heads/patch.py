@@ -228,6 +228,8 @@ class CoefficientState:
     def _restore(self, state: dict, n_features: int, n_outputs: int, *, device: str = "auto") -> None:
         self.coef_ = state["coef"].numpy().astype(np.float64)
         self.intercept_ = state["intercept"].numpy().astype(np.float64)
+        if self.coef_.ndim != 2 or self.coef_.shape[1] != n_features or self.intercept_.shape != self.coef_.shape[:1]:
+            raise ValueError(f"coefficients {tuple(self.coef_.shape)} do not fit {n_features} features")
         self.n_features_in_, self.n_outputs_ = n_features, n_outputs
 
 

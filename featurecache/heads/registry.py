@@ -662,8 +662,9 @@ class FitConfig:
         options = {n: OPTIONS[n].read(v) for n, v in self.options.items()}
         object.__setattr__(self, "options", MappingProxyType(options))
         limit = self.memory_limit
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 1):
-            raise HeadError(f"must be a positive number of bytes, got {limit!r}", param="memory_limit")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0):
+            raise HeadError(f"must be a number of bytes (0: always stream from the file), got {limit!r}",
+                            param="memory_limit")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     def all_options(self) -> dict:

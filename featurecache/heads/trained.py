@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from featurecache.cache import describe_fingerprint_difference
 from featurecache.errors import HeadError
 from featurecache.heads.pooling import pool_scores
 from featurecache.heads.registry import EVAL_OPTIONS, Objective, get_objective, make_head, objective_of_kind
+from featurecache.outputs import check_output, os_reason
 
 __all__ = ["HEAD_FORMAT", "HEAD_FORMAT_VERSION", "TrainedHead"]
 
@@ -29,6 +31,36 @@ _EXTRACTION = ("grid", "label_rule", "backbone", "extraction")
 
 #: Estimator parameters read back as tuples (JSON stores lists).
 _TUPLE_PARAMS = ("hidden", "pooling", "members")
+
+
+#: JSON fields of a head file and the type each must have (``extraction`` is absent from old files).
+_JSON_FIELDS = {"params": dict, "classes": list, "feature_settings": dict, "summary": dict, "extraction": (dict,
+                                                                                                        type(None))}
+
+
+def _read_fields(p: dict) -> dict:
+    """A head file's JSON fields, parsed and type-checked (KeyError/TypeError/ValueError name the bad one)."""
+    out = {}
+    for key, kind in _JSON_FIELDS.items():
+        try:
+            value = json.loads(p.get(key, "null") if key == "extraction" else p[key])
+        except json.JSONDecodeError:
+            raise ValueError(f"{key} is not valid JSON") from None
+        if not isinstance(value, kind):
+            raise TypeError(f"{key} is a {type(value).__name__}")
+        out[key] = value
+    if not all(isinstance(c, str) for c in out["classes"]):
+        raise TypeError("classes are not all names")
+    for key in ("kind", "fingerprint", "state", "n_features", "n_outputs"):
+        if key not in p:
+            raise KeyError(key)
+    if not isinstance(p["kind"], str) or not isinstance(p["fingerprint"], str):
+        raise TypeError("kind or fingerprint is not text")
+    return out
+
+
+def _what(error: Exception) -> str:
+    return f"no {error.args[0]} field" if isinstance(error, KeyError) else str(error)
 
 
 def _plain(value):
@@ -208,26 +240,46 @@ class TrainedHead:
         """The head of a :meth:`to_payload` dictionary (``source`` names it in errors)."""
         if not isinstance(p, dict) or p.get("format") != HEAD_FORMAT:
             raise HeadError(f"{source}: not a featurecache head file")
-        if int(p["format_version"]) > HEAD_FORMAT_VERSION:
-            raise HeadError(f"{source}: head format {p['format_version']} is newer than this featurecache reads")
-        params = json.loads(p["params"])
+        try:
+            if int(p["format_version"]) > HEAD_FORMAT_VERSION:
+                raise HeadError(f"{source}: head format {p['format_version']} is newer than this featurecache reads")
+            fields = _read_fields(p)
+        except HeadError:
+            raise
+        except (KeyError, TypeError, ValueError) as e:
+            raise HeadError(f"{source}: damaged featurecache head: {_what(e)}") from None
+        params = fields["params"]
         for key in _TUPLE_PARAMS:
             if isinstance(params.get(key), list):
                 params[key] = tuple(params[key])
         if "device" in params:
             params["device"] = device
-        est = make_head(p["kind"], **params)
-        est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]), device=device)
-        extraction = json.loads(p.get("extraction", "null"))  # absent from files written before 0.2
-        return cls(est, p["kind"], tuple(json.loads(p["classes"])), json.loads(p["feature_settings"]),
-                   p["fingerprint"], json.loads(p["summary"]), p.get("objective"), extraction)
+        try:
+            est = make_head(p["kind"], **params)
+            est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]), device=device)
+            head = cls(est, p["kind"], tuple(fields["classes"]), fields["feature_settings"], p["fingerprint"],
+                       fields["summary"], p.get("objective"), fields["extraction"])
+        except HeadError as e:
+            raise HeadError(f"{source}: damaged featurecache head: {e}") from None
+        except Exception as e:  # a state that does not fit its estimator: torch and numpy raise many kinds
+            raise HeadError(f"{source}: damaged featurecache head: its {p['kind']} state does not load "
+                            f"({type(e).__name__})") from None
+        return head
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``)."""
         path = Path(path)
+        check_output(path, param="path")
         tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.to_payload(), tmp)
-        os.replace(tmp, path)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)  # never written through a link planted there
+            torch.save(self.to_payload(), tmp)
+            os.replace(tmp, path)
+        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise HeadError(f"{path}: cannot write the head file ({os_reason(e)})") from None
         return path
 
     @classmethod
