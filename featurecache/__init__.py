@@ -2,6 +2,14 @@
 
 __version__ = "0.1.0"
 
+import os as _os  # noqa: E402
+
+# Threads that spin at OpenMP barriers collapse throughput on shared cores (torch eager kept
+# 40% of its idle speed under two busy processes, 61% with passive waiting; the same idle:
+# docs/performance.md). It must be set before torch loads its OpenMP runtime, hence here;
+# a value the user set is kept.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from featurecache.datasets import DatasetError, ImageRecord, ImageSet, read_dataset  # noqa: E402
 from featurecache.errors import FeaturecacheError  # noqa: E402
 from featurecache.patches import AMBIGUOUS, BACKGROUND, LabelRule, PatchGrid  # noqa: E402

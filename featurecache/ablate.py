@@ -40,6 +40,7 @@ from featurecache.heads.pooling import pool_scores
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import bootstrap_map, bootstrap_weights, image_folds, interval
+from featurecache.resources import apply_threads
 from featurecache.train import fit_objective
 
 logger = logging.getLogger(__name__)
@@ -441,6 +442,7 @@ def ablate(
     device: str = "auto",
     progress: Optional[bool] = None,
     n_boot: int = 1000,
+    threads: Optional[int] = None,
 ) -> AblationResult:
     """Run every combination of a grid of head settings and objectives on one cache.
 
@@ -474,12 +476,15 @@ def ablate(
     n_boot : int
         Bootstrap resamples of the images for each row's 95% interval and the paired
         differences to the best row and to the whole-image probe (0: none).
+    threads : int, optional
+        CPU threads (:func:`featurecache.resources.cpu_threads`).
 
     Returns
     -------
     AblationResult
     """
     t0 = time.perf_counter()
+    apply_threads(threads)
     grid = _check_grid(grid)
     for name, value, low in (("seeds", seeds, 1), ("n_boot", n_boot, 0)):
         if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:

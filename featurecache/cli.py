@@ -20,7 +20,7 @@ from featurecache.errors import FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
 from featurecache.outputs import check_output, write_text
 from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, LabelRule, PatchGrid
-from featurecache.resources import DEVICES
+from featurecache.resources import DEVICES, RUNTIMES
 from featurecache.summary import summarize
 
 logger = logging.getLogger("featurecache")
@@ -125,6 +125,19 @@ def dataset_options(f: Callable) -> Callable:
     return f
 
 
+def threads_option(f: Callable) -> Callable:
+    """--threads: the one CPU thread policy (featurecache.resources.cpu_threads)."""
+    return click.option("--threads", type=click.IntRange(min=1), default=None,
+                        help="CPU threads [default: the CPUs this process may use (affinity, container quota)].")(f)
+
+
+def runtime_option(f: Callable) -> Callable:
+    """--runtime: what runs the backbone on the CPU."""
+    return click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
+                        help="CPU runtime of the backbone (crop mode): auto = the fastest installed whose features "
+                             "agree with torch's (openvino, onnxruntime, torch); torch on CUDA and in dense mode.")(f)
+
+
 def grid_options(f: Callable) -> Callable:
     """--scales, --overlap, --input-size, --whole-image."""
     f = click.option("--max-patches", type=click.IntRange(min=1), default=MAX_PATCHES,
@@ -224,10 +237,12 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
                    "each worker).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache or unfinished run with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping and recording it.")
+@runtime_option
+@threads_option
 @_command
 def extract(dataset, out, layout, split, annotations, classes_file, backbone, layer, weights, scales, overlap,
             input_size, whole_image, max_patches, mode, max_side, batch_size, workers, device, dtype, compression,
-            part_size, max_pixels, overwrite, strict):
+            part_size, max_pixels, overwrite, strict, runtime, threads):
     """Run every patch of DATASET through a frozen backbone once; cache the features in OUT (HDF5).
 
     A killed run continues where it stopped when the same command is run again.
@@ -242,7 +257,7 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
         grid=_grid(scales, overlap, input_size, whole_image), mode=mode, max_side=max_side, batch_size=batch_size,
         workers=workers,
         device=device, dtype=dtype, compression=compression, overwrite=overwrite, strict=strict,
-        part_patches=part_size, max_pixels=max_pixels, max_patches=max_patches,
+        part_patches=part_size, max_pixels=max_pixels, max_patches=max_patches, runtime=runtime, threads=threads,
         progress=False if ctx.obj.get("quiet") else None)
     click.echo(result.summary())
 
@@ -322,8 +337,9 @@ def _parse_size(ctx, param, value: Optional[str]):
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Device of the torch heads.")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Head file [default: CACHE.head.pt].")
+@threads_option
 @_command
-def fit(cache, train_split, objective, memory_limit, device, seed, out, **options):
+def fit(cache, train_split, objective, memory_limit, device, seed, out, threads, **options):
     """Train a head on a feature cache; by default the objective that cross-validates best on its images."""
     from featurecache.train import fit_objective
 
@@ -333,7 +349,7 @@ def fit(cache, train_split, objective, memory_limit, device, seed, out, **option
     ctx = click.get_current_context()
     config = FitConfig(objective, {k: v for k, v in options.items() if k in spec.options}, train_split=train_split,
                        val=val, val_split=val_split, memory_limit=memory_limit, device=device, random_state=seed,
-                       progress=False if ctx.obj.get("quiet") else None)
+                       progress=False if ctx.obj.get("quiet") else None, threads=threads)
     path = check_output(Path(out) if out else Path(cache).with_suffix(".head.pt"), param="out")
     trained = fit_objective(cache, config)
     trained.save(path)
@@ -369,8 +385,9 @@ def _refuse_other_objectives(objective: str, accepted: tuple) -> None:
 @click.option("--plots", type=click.Path(file_okay=False), default=None,
               help="Write summary.png (AP per class) and pr_curves.png (precision-recall per class) in this "
                    "folder; needs matplotlib: pip install \"featurecache[plots]\".")
+@threads_option
 @_command
-def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots):
+def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots, threads):
     """Score the images of CACHE with HEAD and print per-class AP and mAP."""
     from featurecache.evaluate import evaluate
     from featurecache.plots import write_eval_plots
@@ -378,7 +395,7 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots):
     _check_outputs(json=json_out, csv=csv_out)
     if plots:
         check_output(plots, param="plots", folder=True)
-    report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method)
+    report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method, threads=threads)
     click.echo(report.to_text())
     if json_out:
         write_text(json_out, report.to_json())
@@ -447,9 +464,11 @@ def localize(head, cache, image, stride, out, png, cls):
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = CUDA when present.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be read.")
 @click.option("--overwrite", is_flag=True, help="Replace a --cache made of other images (or of changed files).")
+@runtime_option
+@threads_option
 @_command
 def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, layout, split, annotations, batch_size,
-            workers, device, strict, overwrite):
+            workers, device, strict, overwrite, runtime, threads):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -462,7 +481,8 @@ def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, lay
     ctx = click.get_current_context()
     config = PredictConfig(top=top, threshold=threshold, maps=maps, stride=stride, cache=cache, layout=layout,
                            split=split, annotations=annotations, batch_size=batch_size, workers=workers,
-                           strict=strict, overwrite=overwrite, progress=False if ctx.obj.get("quiet") else None)
+                           strict=strict, overwrite=overwrite, runtime=runtime, threads=threads,
+                           progress=False if ctx.obj.get("quiet") else None)
     _check_outputs(out=out, cache=cache)
     if maps:
         check_output(maps, param="maps", folder=True)
@@ -500,9 +520,10 @@ def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, lay
 @click.option("--resamples", "n_boot", type=click.IntRange(min=0), default=1000,
               help="Bootstrap resamples of the evaluation images for each row's 95% interval and the paired "
                    "differences to the best row and the whole-image probe (0: none).")
+@threads_option
 @_command
 def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, whole_image, json_out,
-           csv_out, save_best, device, n_boot):
+           csv_out, save_best, device, n_boot, threads):
     """Compare many head settings on one cache; prints a table sorted by mAP."""
     from featurecache.ablate import ablate as run_ablate
     from featurecache.ablate import parse_grid, read_sweep_file
@@ -515,7 +536,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
         cache, grid=grid, val=val_cache, val_split=val_split or options.get("val_split"),
         train_split=train_split or options.get("train_split"), folds=folds or options.get("folds"),
         seeds=seeds or options.get("seeds", 1), whole_image=whole_image or options.get("whole_image"),
-        save_best=save_best, device=device, n_boot=n_boot,
+        save_best=save_best, device=device, n_boot=n_boot, threads=threads,
         progress=False if ctx.obj.get("quiet") else None)
     click.echo(result.to_text())  # first: a failed file write below loses nothing of the sweep
     if json_out:

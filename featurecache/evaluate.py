@@ -29,6 +29,7 @@ from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import METHODS, average_precision, per_class_ap
 from featurecache.overlay import MAX_SIDE, render_overlay, save_png
 from featurecache.patches import AMBIGUOUS
+from featurecache.resources import apply_threads
 
 __all__ = [
     "METHODS",
@@ -179,7 +180,8 @@ def report_from_image_scores(scores: np.ndarray, image_labels: np.ndarray, image
 
 
 def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None,
-             pooling: Optional[str] = None, k: Optional[float] = None, method: str = "voc07") -> EvalReport:
+             pooling: Optional[str] = None, k: Optional[float] = None, method: str = "voc07",
+             threads: Optional[int] = None) -> EvalReport:
     """Score every image of a cache with a trained head and report AP per class.
 
     Parameters
@@ -196,11 +198,14 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     k : float, optional
         Exponent of ``power`` (default 5); refused for image-level heads, as ``pooling``.
     method : {"voc07", "all", "raw"}
+    threads : int, optional
+        CPU threads (:func:`featurecache.resources.cpu_threads`).
 
     Returns
     -------
     EvalReport
     """
+    apply_threads(threads)
     head = head if isinstance(head, TrainedHead) else TrainedHead.load(head)
     if pooling is not None and pooling not in POOLINGS:
         raise EvalError(f"must be one of {', '.join(POOLINGS)}, got {pooling!r}", param="pooling")

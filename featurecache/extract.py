@@ -35,7 +35,8 @@ from featurecache.cache import CacheWriter, FeatureCache, PartData, feature_fing
 from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
 from featurecache.errors import ExtractError
 from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
-from featurecache.resources import resolve_device
+from featurecache.resources import apply_threads, resolve_device
+from featurecache.runtimes import RUNTIMES, Runtime, build_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -244,8 +245,9 @@ class _PatchRunner:
     """Crops patches on the device with roi_align and runs the backbone on full batches."""
 
     def __init__(self, backbone: FrozenBackbone, *, input_size: int, batch_size: int, device: torch.device,
-                 out_dtype: np.dtype) -> None:
+                 out_dtype: np.dtype, runtime: Optional[Runtime] = None) -> None:
         self.backbone = backbone
+        self.runtime = runtime or Runtime(backbone)
         self.size = input_size
         self.batch_size = batch_size
         self.device = device
@@ -268,7 +270,7 @@ class _PatchRunner:
                 with torch.autocast("cuda", dtype=torch.float16):
                     f = self.backbone(x)
             else:
-                f = self.backbone(x)
+                f = self.runtime(x)
             feats.append(f.float().cpu().numpy().astype(self.out_dtype, copy=False))
             if on_batch is not None:
                 on_batch(len(x))
@@ -388,6 +390,13 @@ class ExtractConfig:
     max_patches : int
         Images whose grid has more patches (very thin strips) are skipped and recorded; a
         grid that gives most images more is refused before anything runs.
+    runtime : {"auto", "torch", "openvino", "onnxruntime"}
+        What runs the backbone on the CPU in crop mode (:mod:`featurecache.runtimes`): ``auto``
+        the fastest installed one whose features agree with torch's; torch on CUDA and in
+        dense mode. Part of the resume settings, not of the feature fingerprint.
+    threads : int, optional
+        Intra-op threads (:func:`featurecache.resources.cpu_threads`: default the CPUs this
+        process may use).
     progress : bool, optional
         Show a progress bar; default only on a terminal.
     """
@@ -413,14 +422,17 @@ class ExtractConfig:
     part_patches: int = 2048
     max_pixels: int = MAX_PIXELS
     max_patches: int = MAX_PATCHES
+    runtime: str = "auto"
+    threads: Optional[int] = None
     progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("mode", self.mode, MODES), ("dtype", self.dtype, DTYPES),
-                                     ("compression", self.compression, COMPRESSIONS)):
+                                     ("compression", self.compression, COMPRESSIONS), ("runtime", self.runtime,
+                                                                                        RUNTIMES)):
             if value not in allowed:
                 raise ExtractError(f"must be one of {', '.join(allowed)}, got {value!r}", param=name)
-        for name in ("batch_size", "part_patches", "max_pixels", "max_patches", "workers", "max_side"):
+        for name in ("batch_size", "part_patches", "max_pixels", "max_patches", "workers", "max_side", "threads"):
             value = getattr(self, name)
             low = 0 if name == "workers" else 1
             bad = not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low
@@ -469,8 +481,11 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
     net = net.to(dev)
     if config.mode == "dense":
         _check_dense(net, config.grid)
+    threads = apply_threads(config.threads)
+    runtime = build_runtime(net, config.runtime, input_size=config.grid.input_size, threads=threads, device=dev,
+                            dense=config.mode == "dense")
     out = Path(out)
-    settings = _settings(images, net, config, batch_size)
+    settings = _settings(images, net, config, batch_size, runtime)
     counts, skips = plan_patches(images.records, config.grid, mode=config.mode, stride=DENSE_STRIDE,
                                  max_patches=config.max_patches, max_pixels=config.max_pixels)
     parts = _plan_parts(counts, config.part_patches)
@@ -480,10 +495,10 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
             return _result(out, t0, 0, already_complete=True)
         todo = [p for p in range(len(parts)) if p not in writer.done_parts]
         computed = _run_parts(images, parts, todo, counts, skips, writer, net, config=config, device=dev,
-                              batch_size=batch_size)
+                              batch_size=batch_size, runtime=runtime)
         writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=config.dtype,
                         compression=config.compression, images=images.records, classes=images.classes,
-                        attrs=_attrs(images, net, config, settings, dev, batch_size))
+                        attrs=_attrs(images, net, config, settings, dev, batch_size, runtime, threads))
     result = _result(out, t0, computed)
     logger.info("%s", result.summary())
     return result
@@ -501,7 +516,8 @@ def _check_dense(net: FrozenBackbone, grid: PatchGrid) -> None:
                            + f", got {grid.input_size}")
 
 
-def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batch_size: int) -> dict:
+def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batch_size: int,
+              runtime: Runtime) -> dict:
     """Everything that determines the file's content: a resume with other settings is refused."""
     settings = {
         "dataset": {"root": str(images.root), "layout": images.layout, "split": images.split,
@@ -515,11 +531,13 @@ def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batc
     }
     if config.mode == "dense":
         settings["batching"]["max_side"] = config.max_side
+    if runtime.name != "torch":  # absent for torch, as in caches made before runtimes existed
+        settings["runtime"] = runtime.name  # a resume runs the same one: bit-identical parts
     return settings
 
 
 def _attrs(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, settings: dict, dev: torch.device,
-           batch_size: int) -> dict:
+           batch_size: int, runtime: Runtime, threads: int) -> dict:
     """The file's provenance attributes (the schema's own are the cache writer's)."""
     crop = config.mode == "crop"
     return {
@@ -533,7 +551,8 @@ def _attrs(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, setting
                        else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
                        "dtype": config.dtype, "compression": config.compression, "batch_size": batch_size,
                        "part_patches": config.part_patches, "max_side": None if crop else config.max_side,
-                       "device": str(dev), "mixed_precision": dev.type == "cuda"},
+                       "device": str(dev), "mixed_precision": dev.type == "cuda", "runtime": runtime.describe(),
+                       "threads": threads},
         "feature_settings": settings["features"],
         "fingerprint": feature_fingerprint(settings["features"]),
         "versions": _versions(),
@@ -549,7 +568,8 @@ def _result(out: Path, t0: float, computed: int, *, already_complete: bool = Fal
 
 
 def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: list, writer: CacheWriter,
-               net: FrozenBackbone, *, config: ExtractConfig, device: torch.device, batch_size: int) -> int:
+               net: FrozenBackbone, *, config: ExtractConfig, device: torch.device, batch_size: int,
+               runtime: Runtime) -> int:
     """Compute and commit the parts in ``todo``; return the number of patches computed."""
     if not todo:
         return 0
@@ -562,7 +582,7 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: l
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
     grid, dtype = config.grid, config.dtype
     runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,
-                          out_dtype=np.dtype(dtype))
+                          out_dtype=np.dtype(dtype), runtime=runtime)
     dense = (_DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype), max_side=config.max_side)
              if config.mode == "dense" else None)
     total = sum(counts[i] for i in order)

@@ -78,6 +78,8 @@ class PredictConfig:
         Stop at the first image that cannot be read instead of giving it an error row.
     overwrite : bool
         Replace a kept ``cache`` made of other images (or of files changed since).
+    runtime, threads
+        As for ``extract``: what runs the backbone on the CPU, and its threads.
     progress : bool, optional
     """
 
@@ -94,6 +96,8 @@ class PredictConfig:
     workers: Optional[int] = None
     strict: bool = False
     overwrite: bool = False
+    runtime: str = "auto"
+    threads: Optional[int] = None
     progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
@@ -483,7 +487,8 @@ class Predictor:
             rule=LabelRule.from_dict(ex["label_rule"]) if ex.get("label_rule") else None, mode=mode,
             dtype=run.get("dtype", "float16"), part_patches=int(run.get("part_patches", 2048)),
             max_side=run.get("max_side") or 2048, batch_size=config.batch_size, workers=config.workers,
-            device=self.device, strict=config.strict, overwrite=config.overwrite, progress=config.progress)
+            device=self.device, strict=config.strict, overwrite=config.overwrite, runtime=config.runtime,
+            threads=config.threads, progress=config.progress)
 
     # -- use
     def predict(self, images: Union[ImageInput, Sequence[ImageInput]], config: Optional[PredictConfig] = None,

@@ -1,16 +1,21 @@
-"""Compute resources: the one rule that picks a torch device, and the memory budget for training data."""
+"""Compute resources: the one rule that picks a torch device, the CPU thread policy, the memory budget."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional, Union
 
 from featurecache.errors import FeaturecacheError
 
-__all__ = ["DEVICES", "available_memory", "memory_budget", "resolve_device"]
+__all__ = ["DEVICES", "RUNTIMES", "apply_threads", "available_cpus", "available_memory", "cpu_threads", "memory_budget",
+           "resolve_device"]
 
 #: What every ``device`` option accepts.
 DEVICES = ("auto", "cpu", "cuda")
+
+#: What every ``runtime`` option accepts (:mod:`featurecache.runtimes`).
+RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 
 
 def resolve_device(device: Union[str, "torch.device"] = "auto") -> "torch.device":  # noqa: F821
@@ -50,3 +55,55 @@ def available_memory() -> int:
 def memory_budget(memory_limit: Optional[int] = None) -> int:
     """Bytes of training features to hold in memory: ``memory_limit``, or half the available memory."""
     return int(memory_limit) if memory_limit is not None else available_memory() // 2
+
+
+def _cgroup_cpus() -> Optional[float]:
+    """The CPU quota of this process's cgroup in CPUs (v2 ``cpu.max``, v1 ``cfs_quota``), None without one."""
+    try:
+        text = open("/sys/fs/cgroup/cpu.max").read().split()  # noqa: SIM115 - a one-line read
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())  # noqa: SIM115
+        period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())  # noqa: SIM115
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask (``taskset``, SLURM), capped by a cgroup CPU quota (containers)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    quota = _cgroup_cpus()
+    if quota is not None:
+        n = min(n, max(1, math.floor(quota)))
+    return max(1, n)
+
+
+def cpu_threads(threads: Optional[int] = None) -> int:
+    """Intra-op threads for CPU work: ``threads`` when given, else :func:`available_cpus`.
+
+    Decoding workers are not subtracted: they decode an image in milliseconds, then wait
+    while the network spends seconds on its patches (measured in docs/performance.md).
+    """
+    if threads is None:
+        return available_cpus()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise FeaturecacheError(f"must be a positive integer, got {threads!r}", param="threads")
+    return threads
+
+
+def apply_threads(threads: Optional[int] = None) -> int:
+    """Set torch's intra-op threads by :func:`cpu_threads` (the one place that does); returns the number."""
+    import torch
+
+    n = cpu_threads(threads)
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n

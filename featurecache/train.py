@@ -15,6 +15,7 @@ from featurecache.cache import FeatureCache, MemoryCache
 from featurecache.heads.background import BackgroundPolicy, background_weights
 from featurecache.heads.registry import FitConfig, get_objective
 from featurecache.heads.trained import TrainedHead
+from featurecache.resources import apply_threads
 
 __all__ = ["BackgroundPolicy", "FitConfig", "background_weights", "fit_head", "fit_objective"]
 
@@ -33,7 +34,7 @@ def fit_objective(cache: CacheLike, config: Optional[FitConfig] = None, **settin
         default options).
     **settings
         Fields of :class:`FitConfig` (``objective``, ``train_split``, ``val``, ``val_split``,
-        ``memory_limit``, ``device``, ``random_state``, ``params``) or training options by
+        ``memory_limit``, ``device``, ``random_state``, ``params``, ``threads``) or training options by
         name (``head``, ``hidden``, ``background``, ``image_pooling``, ``aggregation`` ...,
         see :data:`featurecache.heads.registry.OPTIONS`), over those of ``config``.
 
@@ -53,6 +54,7 @@ def fit_objective(cache: CacheLike, config: Optional[FitConfig] = None, **settin
     ...                      train_split="train")                              # doctest: +SKIP
     """
     config = _merge(config or FitConfig(), settings)
+    apply_threads(config.threads)
     return get_objective(config.objective).train(cache, config)
 
 

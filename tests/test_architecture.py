@@ -15,6 +15,7 @@ LAYERS = [
     {"errors", "resources", "metrics", "overlay", "outputs"},
     {"__init__", "datasets", "patches", "summary", "plots"},
     {"backbones", "cache"},
+    {"runtimes"},
     {"extract"},
     {"heads.pooling", "heads.background"},
     {"heads.registry"},

@@ -637,6 +637,8 @@ class FitConfig:
         Estimator parameters over those the options give (see :func:`estimator_for`).
     progress : bool, optional
         A progress bar where training runs many fits (``auto``); default only on a terminal.
+    threads : int, optional
+        CPU threads of training (:func:`featurecache.resources.cpu_threads`).
     """
 
     objective: str = DEFAULT_OBJECTIVE
@@ -649,6 +651,7 @@ class FitConfig:
     random_state: int = 0
     params: Mapping = field(default_factory=dict)
     progress: Optional[bool] = None
+    threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         objective = get_objective(self.objective)

@@ -1,0 +1,95 @@
+"""Tests of the CPU runtimes (OpenVINO, ONNX Runtime) against torch, and of the thread policy."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from featurecache.errors import BackboneError, FeaturecacheError
+from featurecache.resources import apply_threads, available_cpus, cpu_threads
+from featurecache.runtimes import TOLERANCE, build_runtime, installed_runtimes
+
+from conftest import VOC_IDS
+
+OTHERS = [r for r in ("openvino", "onnxruntime") if r in installed_runtimes()]
+
+
+def _real_patches(voc_sample, size: int = 96) -> torch.Tensor:
+    """Whole real VOC images resized to patches (the sample's first images)."""
+    from PIL import Image
+
+    out = []
+    for image_id in VOC_IDS[:4]:
+        with Image.open(voc_sample / "JPEGImages" / f"{image_id}.jpg") as im:
+            out.append(np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR), np.float32))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("name", OTHERS)
+def test_each_runtime_agrees_with_torch_on_real_images(lite0, voc_sample, name):
+    runtime = build_runtime(lite0, name, input_size=96, threads=2)
+    assert runtime.name == name
+    x = _real_patches(voc_sample)
+    with torch.inference_mode():
+        ref = lite0(x)
+    got = runtime(x)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= TOLERANCE * float(ref.abs().max())
+    # Deterministic: the same batch gives the same bits (a resume within a runtime is bit-identical).
+    assert torch.equal(runtime(x), got)
+
+
+def test_auto_picks_an_installed_runtime_and_torch_where_only_torch_can(lite0):
+    auto = build_runtime(lite0, "auto", input_size=64, threads=1)
+    assert auto.name == (OTHERS[0] if OTHERS else "torch")
+    assert build_runtime(lite0, "auto", input_size=64, threads=1, dense=True).name == "torch"
+    assert build_runtime(lite0, "auto", input_size=64, threads=1, device=torch.device("meta")).name == "torch"
+    if OTHERS:
+        with pytest.raises(BackboneError, match="dense mode runs the trunk on whole images"):
+            build_runtime(lite0, OTHERS[0], input_size=64, threads=1, dense=True)
+
+
+def test_a_runtime_that_is_not_installed_names_its_extra(lite0, monkeypatch):
+    import featurecache.runtimes as rt
+
+    monkeypatch.setattr(rt, "installed_runtimes", lambda: ("torch",))
+    with pytest.raises(BackboneError, match=r'openvino is not installed: pip install "featurecache\[openvino\]"'):
+        build_runtime(lite0, "openvino", input_size=64, threads=1)
+    assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
+
+
+@pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
+def test_extract_records_the_runtime_and_a_resume_with_another_is_refused(tmp_path, lite0):
+    from featurecache.cache import CacheError, FeatureCache
+    from featurecache.extract import extract
+    from featurecache.patches import PatchGrid
+
+    from conftest import make_voc
+
+    voc = make_voc(tmp_path / "voc", {f"i{k}": [("cat", 1, 1, 30, 30)] for k in range(3)})
+    grid = PatchGrid(scales=(1.0, 2.0), input_size=64)
+    a = extract(voc, tmp_path / "a.h5", backbone=lite0, grid=grid, workers=0, progress=False, runtime=OTHERS[0])
+    t = extract(voc, tmp_path / "t.h5", backbone=lite0, grid=grid, workers=0, progress=False, runtime="torch")
+    with FeatureCache(a.path) as ca, FeatureCache(t.path) as ct:
+        assert ca.attrs["extraction"]["runtime"].startswith(OTHERS[0]) and ca.fingerprint == ct.fingerprint
+        fa, ft = ca.read_features(), ct.read_features()
+        assert np.abs(fa - ft).max() <= 2e-3 * np.abs(ft).max()  # within tolerance, plus float16 storage
+    with pytest.raises(CacheError, match="runtime"):
+        extract(voc, a.path, backbone=lite0, grid=grid, workers=0, progress=False, runtime="torch")
+
+
+def test_the_thread_policy(monkeypatch):
+    import featurecache.resources as res
+
+    assert available_cpus() == len(os.sched_getaffinity(0))
+    monkeypatch.setattr(res, "_cgroup_cpus", lambda: 1.5)  # a container limited to 1.5 CPUs
+    assert available_cpus() == 1 and cpu_threads() == 1
+    assert cpu_threads(3) == 3
+    with pytest.raises(FeaturecacheError, match="threads: must be a positive integer"):
+        cpu_threads(0)
+    before = torch.get_num_threads()
+    try:
+        assert apply_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
