@@ -4,10 +4,11 @@ __version__ = "0.1.0"
 
 import os as _os  # noqa: E402
 
-# Threads that spin at OpenMP barriers collapse throughput on shared cores (torch eager kept
-# 40% of its idle speed under two busy processes, 61% with passive waiting; the same idle:
-# docs/performance.md). It must be set before torch loads its OpenMP runtime, hence here;
-# a value the user set is kept.
+# Threads that spin at OpenMP barriers collapse throughput on oversubscribed cores: beside two
+# busy processes torch eager kept 40% of its idle speed, 61% with passive waiting (beside one,
+# 43% and 36%: within the spread of those runs; idle, no change; docs/performance.md). It
+# must be set before torch loads its OpenMP runtime, hence here (it has no effect when torch
+# was imported first, and child processes inherit it); a value the user set is kept.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from featurecache.datasets import DatasetError, ImageRecord, ImageSet, read_dataset  # noqa: E402

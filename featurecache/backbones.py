@@ -521,8 +521,8 @@ def weights_argument(spec: dict) -> str:
     if source == RANDOM_WEIGHTS:
         return "none"  # seeded: the same random network again (the hash check confirms it)
     if source in ("", "none"):
-        raise BackboneError(f"{name}: the features were made with unseeded random weights (--weights none before "
-                            "featurecache 0.2), which cannot be made again", param="weights")
+        raise BackboneError(f"{name}: the features were made with unseeded random weights (--weights none, before "
+                            "random weights were seeded), which cannot be made again", param="weights")
     if source.startswith("timm pretrained"):
         return "default"
     named = re.fullmatch(r"\w+_Weights\.(\w+) \((.*)\)", source)

@@ -14,7 +14,7 @@ exists complete or not at all. When every part exists the parts are copied into
 ``OUT.tmp``, which is synced and renamed onto ``OUT``; then the parts are deleted. A run
 killed at any moment (SIGKILL included) loses at most the part it was computing, and
 running the same command again continues from the parts on disk. ``OUT.lock`` (an
-``flock``) refuses a second writer.
+``lockf``, a POSIX record lock that forked workers do not inherit) refuses a second writer.
 """
 
 from __future__ import annotations
@@ -162,22 +162,40 @@ def _write_isolated(path: Path, kept: str, write) -> None:
             write()
         return
     read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child
-        global _IN_WRITER_CHILD
-        _IN_WRITER_CHILD = True
+    try:
+        pid = os.fork()
+    except OSError as e:
         os.close(read_end)
-        code = 0
+        os.close(write_end)
+        raise CacheError(f"{path}: cannot start the writing process ({os_reason(e)}); {kept}") from None
+    if pid == 0:  # the child: whatever happens, it ends here, never returning into the parent's code
+        code = 1
         try:
-            write()
-        except BaseException as e:  # everything is reported to the parent
-            os.write(write_end, os_reason(e).encode("utf-8", "replace")[:1000])
-            code = 1
-        os._exit(code)
+            global _IN_WRITER_CHILD
+            _IN_WRITER_CHILD = True
+            import signal
+
+            signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once; the parent reports
+            os.close(read_end)
+            try:
+                write()
+                code = 0
+            except BaseException as e:  # everything is reported to the parent
+                os.write(write_end, os_reason(e).encode("utf-8", "replace")[:1000])
+        finally:
+            os._exit(code)
     os.close(write_end)
-    with os.fdopen(read_end, "rb") as f:
-        message = f.read().decode("utf-8", "replace")
-    _, status = os.waitpid(pid, 0)
+    try:
+        with os.fdopen(read_end, "rb") as f:
+            message = f.read().decode("utf-8", "replace")
+        _, status = os.waitpid(pid, 0)
+    except BaseException:  # interrupted while waiting: end the child, leave no partial file
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
     if status:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -222,7 +240,7 @@ class _Lock:
 
     def __init__(self, path: Path, target: Path) -> None:
         self.path, self.target, self.fd = path, target, None
-        self.key = str(path.absolute())
+        self.key = str(path.parent.resolve() / path.name)  # one key for every spelling of the path
 
     def acquire(self) -> None:
         try:
@@ -249,13 +267,16 @@ class _Lock:
             # The holder before us may have deleted the file after we opened it: lock the live one.
             try:
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                    self.fd = fd
                     os.ftruncate(fd, 0)
                     os.write(fd, f"{os.getpid()}\n".encode())
+                    self.fd = fd
                     _HELD.add(self.key)
                     return
             except FileNotFoundError:
                 pass
+            except OSError as e:  # disk full while writing our PID
+                os.close(fd)
+                raise CacheError(f"{self.path}: cannot write the lock file ({os_reason(e)})") from None
             os.close(fd)
 
     def release(self) -> None:
@@ -307,13 +328,20 @@ class CacheWriter:
     settings : dict
         JSON-ready description of everything that determines the file's content. Resuming
         with different settings is refused, naming the difference.
+    resume : dict, optional
+        What a resume must match besides ``settings`` (the part plan, the runtime), not
+        compared with a complete file.
     overwrite : bool
         Discard an existing output or unfinished run with other settings.
     """
 
-    def __init__(self, path: Union[str, Path], settings: dict, *, overwrite: bool = False) -> None:
+    def __init__(self, path: Union[str, Path], settings: dict, *, overwrite: bool = False,
+                 resume: Optional[dict] = None) -> None:
         self.path = Path(path)
         self.settings = json.loads(_json(settings))  # normalised: tuples become lists
+        # What a resume must also match but a complete file need not (how parts were cut, which
+        # runtime computed them): kept in the parts' settings only.
+        self.run_settings = {**self.settings, **json.loads(_json(resume or {}))}
         self.overwrite = overwrite
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
@@ -356,7 +384,7 @@ class CacheWriter:
             theirs = None
             with contextlib.suppress(OSError, ValueError):
                 theirs = json.loads(settings_file.read_text())
-            diff = _settings_difference(theirs, self.settings) if theirs is not None else "unreadable settings"
+            diff = _settings_difference(theirs, self.run_settings) if theirs is not None else "unreadable settings"
             if diff and not self.overwrite:
                 raise CacheError(f"{self.path}: an unfinished run with other settings is in {self.parts_dir} "
                                  f"({diff}); run the same command again to resume it, or pass --overwrite")
@@ -366,7 +394,7 @@ class CacheWriter:
             self.parts_dir.mkdir()
             tmp = _fresh(self.parts_dir / "settings.json.tmp")
             with _writing(tmp, "nothing was computed yet"):
-                tmp.write_text(json.dumps(self.settings, indent=1, sort_keys=True))
+                tmp.write_text(json.dumps(self.run_settings, indent=1, sort_keys=True))
             _fsync_file(tmp)
             os.replace(tmp, settings_file)
             _fsync_dir(self.parts_dir)

@@ -332,7 +332,7 @@ def read_dataset(
         ds = _read_folders(path, classes=classes)
     else:
         records = [_folder_record(path, p, None) for p in _named_files(_image_files(path))]
-        ds = ImageSet(path.absolute(), "plain", classes or (), records)
+        ds = ImageSet(path.resolve(), "plain", classes or (), records)
     if not ds.records:
         raise DatasetError(f"{path}: no images found ({layout} layout{', split ' + split if split else ''})")
     _warn_box_problems(ds)
@@ -470,7 +470,7 @@ def _parse_voc_xml(xml_path: Path, root: Path) -> dict:
         try:
             width = int(float(size.findtext("width", "0")))
             height = int(float(size.findtext("height", "0")))
-        except ValueError:
+        except (ValueError, OverflowError):
             width = height = 0
     error = ""
     if width <= 0 or height <= 0:
@@ -485,7 +485,7 @@ def _parse_voc_xml(xml_path: Path, root: Path) -> dict:
         diff = obj.findtext("difficult", default="0").strip() or "0"
         try:
             difficult = bool(int(float(diff)))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise DatasetError(f"{source}: <difficult> is not 0 or 1: {diff!r}") from None
         if xmax <= xmin or ymax <= ymin:
             objects.append((xmin, ymin, xmin, ymin, name, difficult))  # dropped by the cleaner
@@ -585,7 +585,7 @@ def _read_coco(path: Path, annotations: Path, *, classes: Optional[tuple]) -> Im
         cat_names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
         images = [(int(im["id"]), str(im["file_name"]), int(im.get("width") or 0), int(im.get("height") or 0))
                   for im in data["images"]]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:
         raise DatasetError(f"{source}: malformed category or image entry ({e!r})") from None
     for what, ids in (("category", [int(c["id"]) for c in data["categories"]]), ("image", [i[0] for i in images])):
         dup = [k for k, n in Counter(ids).items() if n > 1]
@@ -601,7 +601,7 @@ def _read_coco(path: Path, annotations: Path, *, classes: Optional[tuple]) -> Im
             name = cat_names[int(a["category_id"])]
             image_id = int(a["image_id"])
             crowd = bool(int(a.get("iscrowd") or 0))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise DatasetError(f"{source}: annotation #{k} is malformed ({e!r})") from None
         if image_id not in known_images:
             raise DatasetError(f"{source}: annotation #{k} refers to image id {image_id}, which is not in images")
@@ -632,7 +632,8 @@ def _read_coco(path: Path, annotations: Path, *, classes: Optional[tuple]) -> Im
 
 
 def _folder_record(root: Path, image: Path, class_name: Optional[str]) -> ImageRecord:
-    # Absolute without resolving links: a linked file inside the folder keeps its place in it.
+    # Absolute without resolving links: a linked file inside the folder keeps its place in it
+    # (the set's root is stored resolved, as always; relative paths are taken lexically).
     root, image = root.absolute(), image.absolute()
     width, height, error = _image_size(image)
     if class_name is None or error:
@@ -663,4 +664,4 @@ def _read_folders(path: Path, *, classes: Optional[tuple]) -> ImageSet:
         if extra:
             raise DatasetError(f"{path / extra[0]}: folder of class {extra[0]!r} is not in the class list")
     records = [_folder_record(path, img, d.name) for d in folders for img in _named_files(_image_files(d))]
-    return ImageSet(path.absolute(), "folders", classes, records)
+    return ImageSet(path.resolve(), "folders", classes, records)

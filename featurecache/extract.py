@@ -11,6 +11,7 @@ makes the run resumable after any crash.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import numbers
 import os
@@ -222,6 +223,10 @@ def _versions() -> dict:
 
 
 # --------------------------------------------------------------------------- compute
+
+#: Decoded pixels a part holds (as float32, 12 bytes each) before its images are run: parts
+#: of many images (a whole-image grid puts up to --part-size images in one) stay bounded.
+_HELD_PIXELS = 32_000_000
 
 
 def _iter_batches(segments: list, batch_size: int) -> Iterator[list]:
@@ -489,7 +494,11 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
     counts, skips = plan_patches(images.records, config.grid, mode=config.mode, stride=DENSE_STRIDE,
                                  max_patches=config.max_patches, max_pixels=config.max_pixels)
     parts = _plan_parts(counts, config.part_patches)
-    with CacheWriter(out, settings, overwrite=config.overwrite) as writer:
+    # A resume must cut the same parts and compute them with the same runtime (bit-identical
+    # parts); a complete file is not compared on these (they do not change its content).
+    plan = hashlib.sha256(json.dumps([counts, [bool(r) for r in skips]]).encode()).hexdigest()
+    with CacheWriter(out, settings, overwrite=config.overwrite,
+                     resume={"part_plan": plan, "runtime": runtime.name}) as writer:
         if writer.complete:
             logger.info("%s: already complete with the same settings", out)
             return _result(out, t0, 0, already_complete=True)
@@ -531,8 +540,6 @@ def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batc
     }
     if config.mode == "dense":
         settings["batching"]["max_side"] = config.max_side
-    if runtime.name != "torch":  # absent for torch, as in caches made before runtimes existed
-        settings["runtime"] = runtime.name  # a resume runs the same one: bit-identical parts
     return settings
 
 
@@ -592,9 +599,23 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: l
                dynamic_ncols=True, desc="extract")
     computed = 0
     stream = iter(loader)
+
+    def flush(segments: list, done: list) -> None:
+        """Run the images gathered so far and keep only their features (bounded memory)."""
+        if not segments:
+            return
+        if dense is not None:
+            # All images gathered at once, so that same-size images can share GPU batches.
+            done.extend(dense.images(segments))
+            bar.update(sum(len(f) for f in done[-len(segments):]))
+        else:
+            done.append(runner.run(segments, on_batch=bar.update))
+        segments.clear()
+
     try:
         for p in todo:
             segments, meta, skipped_idx, skipped_reason = [], [], [], []
+            done, held = [], 0
             for _ in parts[p]:
                 index, pixels, reason = next(stream)
                 rec = images[index]
@@ -614,14 +635,12 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: l
                 else:
                     segments.append((image, torch.from_numpy(boxes).to(device)))
                 meta.append((index, boxes, scales, labels))
-            if dense is not None:
-                # All images of the part at once, so that same-size images can share GPU batches.
-                per_image = dense.images(segments) if segments else []
-                feats = (np.concatenate(per_image) if per_image
-                         else np.zeros((0, net.feature_dim), np.dtype(dtype)))
-                bar.update(len(feats))
-            else:
-                feats = runner.run(segments, on_batch=bar.update)
+                held += rec.width * rec.height
+                if held > _HELD_PIXELS:  # a part of many images: run what is held (decided by the plan)
+                    flush(segments, done)
+                    held = 0
+            flush(segments, done)
+            feats = np.concatenate(done) if done else np.zeros((0, net.feature_dim), np.dtype(dtype))
             computed += len(feats)
             data = PartData(
                 features=feats,

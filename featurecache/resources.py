@@ -87,13 +87,15 @@ def available_cpus() -> int:
 
 
 def cpu_threads(threads: Optional[int] = None) -> int:
-    """Intra-op threads for CPU work: ``threads`` when given, else :func:`available_cpus`.
+    """Intra-op threads for CPU work: ``threads`` when given, else ``OMP_NUM_THREADS`` when set, else
+    :func:`available_cpus`.
 
     Decoding workers are not subtracted: they decode an image in milliseconds, then wait
     while the network spends seconds on its patches (measured in docs/performance.md).
     """
     if threads is None:
-        return available_cpus()
+        env = os.environ.get("OMP_NUM_THREADS", "")
+        return int(env) if env.isdigit() and int(env) > 0 else available_cpus()  # the user's own setting wins
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise FeaturecacheError(f"must be a positive integer, got {threads!r}", param="threads")
     return threads

@@ -2,9 +2,9 @@
 
 The frozen backbone (normalisation included) is exported once per architecture, layer,
 weights hash and input size to ONNX, into ``<torch hub dir>/featurecache/`` (written whole,
-then renamed), and run by OpenVINO (f32 inference precision) or ONNX Runtime with the
-threads of :func:`featurecache.resources.cpu_threads` and without busy-waiting, so that
-they do not collapse on shared cores. Their features agree with torch's within
+then renamed), and run by OpenVINO (f32 inference precision) or ONNX Runtime (with its
+threads' busy-waiting off, so that they do not collapse on shared cores), with the threads
+of :func:`featurecache.resources.cpu_threads`. Their features agree with torch's within
 :data:`TOLERANCE`; that is checked on a probe batch every time a runtime is built (and on
 real images by the tests), so the runtime is provenance, not part of the feature
 fingerprint. Reduced precision is not offered.
@@ -16,6 +16,7 @@ then torch); on CUDA and in dense mode it is torch.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import warnings
@@ -42,6 +43,8 @@ TOLERANCE = 1e-4
 _AUTO_ORDER = ("openvino", "onnxruntime")
 
 _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+
+_OPSET = 17
 
 #: Compiled models and sessions of this process, by (runtime, model file, threads): built once.
 _COMPILED: dict = {}
@@ -134,7 +137,9 @@ def exported_model(backbone: FrozenBackbone, input_size: int) -> Path:
     s = backbone.spec
     arch = s.architecture.replace(":", "-").replace("/", "-")
     layer = s.layer.replace("/", "-")
-    path = _export_dir() / f"{arch}-{layer}-{s.weights_sha256[:16]}-{input_size}px.onnx"
+    # Everything the graph bakes in: weights, normalisation, exporter and opset.
+    baked = hashlib.sha256(f"{s.weights_sha256}|{s.preprocessing.to_dict()}|{torch.__version__}|{_OPSET}".encode())
+    path = _export_dir() / f"{arch}-{layer}-{baked.hexdigest()[:16]}-{input_size}px.onnx"
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +151,7 @@ def exported_model(backbone: FrozenBackbone, input_size: int) -> Path:
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, dynamo=False,
-                              opset_version=17)
+                              opset_version=_OPSET)
         os.replace(tmp, path)
     except Exception as e:  # exporters raise many kinds
         with contextlib.suppress(OSError):
@@ -203,6 +208,7 @@ def build_runtime(backbone: FrozenBackbone, name: str = "auto", *, input_size: i
     candidates = [name] if name != "auto" else [n for n in _AUTO_ORDER if n in installed_runtimes()]
     if name != "auto" and name not in installed_runtimes():
         raise BackboneError(f"{name} is not installed: pip install \"featurecache[{name}]\"", param="runtime")
+    model = None
     for candidate in candidates:
         try:
             model = exported_model(backbone, input_size)
@@ -214,8 +220,9 @@ def build_runtime(backbone: FrozenBackbone, name: str = "auto", *, input_size: i
             break
         except Exception as e:  # a runtime that cannot load the graph: auto moves on
             if name != "auto":
-                raise BackboneError(f"{candidate}: cannot run {backbone.spec.name} ({type(e).__name__})",
-                                    param="runtime") from None
+                raise BackboneError(f"{candidate}: cannot run {backbone.spec.name} exported as {model} "
+                                    f"({type(e).__name__}); delete the file to export it again, or use "
+                                    "--runtime torch", param="runtime") from None
             logger.warning("%s cannot run %s (%s); trying the next runtime", candidate, backbone.spec.name,
                            type(e).__name__)
             continue

@@ -75,16 +75,32 @@ def test_extract_records_the_runtime_and_a_resume_with_another_is_refused(tmp_pa
         assert ca.attrs["extraction"]["runtime"].startswith(OTHERS[0]) and ca.fingerprint == ct.fingerprint
         fa, ft = ca.read_features(), ct.read_features()
         assert np.abs(fa - ft).max() <= 2e-3 * np.abs(ft).max()  # within tolerance, plus float16 storage
-    with pytest.raises(CacheError, match="runtime"):
-        extract(voc, a.path, backbone=lite0, grid=grid, workers=0, progress=False, runtime="torch")
+    # A complete cache is complete whatever runtime a later command would pick (runtime is provenance) ...
+    again = extract(voc, a.path, backbone=lite0, grid=grid, workers=0, progress=False, runtime="torch")
+    assert again.already_complete
+    # ... but an unfinished run resumes only with the runtime that computed its parts.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FEATURECACHE_KILL_AT="part-committed:1")
+    cmd = [sys.executable, "-m", "featurecache", "-q", "extract", str(voc), str(tmp_path / "k.h5"), "--scales",
+           "1,2", "--input-size", "64", "--workers", "0", "--part-size", "3", "--runtime", OTHERS[0]]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode != 0
+    with pytest.raises(CacheError, match="unfinished run with other settings.*runtime"):
+        extract(voc, tmp_path / "k.h5", backbone=lite0, grid=grid, workers=0, progress=False, runtime="torch",
+                part_patches=3)
 
 
 def test_the_thread_policy(monkeypatch):
     import featurecache.resources as res
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     assert available_cpus() == len(os.sched_getaffinity(0))
     monkeypatch.setattr(res, "_cgroup_cpus", lambda: 1.5)  # a container limited to 1.5 CPUs
     assert available_cpus() == 1 and cpu_threads() == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's own setting wins
+    assert cpu_threads() == 3
     assert cpu_threads(3) == 3
     with pytest.raises(FeaturecacheError, match="threads: must be a positive integer"):
         cpu_threads(0)

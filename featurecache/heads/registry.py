@@ -223,7 +223,7 @@ class Option:
         """The value of a command-line or grid text (or an already typed value)."""
         try:
             value = self.parse(text)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:  # int(inf) overflows
             if isinstance(e, HeadError):
                 raise
             raise HeadError(f"cannot read {text!r}", param=self.name) from None
