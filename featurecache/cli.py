@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -77,8 +78,29 @@ def _command(f: Callable) -> Callable:
             # Permission denied, disk full, a folder that vanished: name the file, no traceback.
             where = e.filename or "featurecache"
             raise click.ClickException(f"{where}: {e.strerror or e}") from None
+        except (MemoryError, RuntimeError) as e:
+            # numpy's MemoryError, torch's "can't allocate memory": one line with the setting to change.
+            if not isinstance(e, MemoryError) and not _MEMORY_WORDS.search(str(e)):
+                raise
+            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            hint = _MEMORY_HINTS.get(ctx.info_name, "work on fewer images at a time")
+            raise click.ClickException(f"out of memory ({first}); {hint}") from None
 
     return _verbosity_options(wrapper)
+
+
+_MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memory|Unable to allocate", re.I)
+
+#: What to change when a command runs out of memory.
+_MEMORY_HINTS = {
+    "fit": "lower --memory-limit (training features above it are streamed from the file)",
+    "ablate": "ablate holds the training images' features in memory: train on a split (--train-split) or a "
+              "smaller cache",
+    "eval": "evaluate one split at a time (--split)",
+    "extract": "lower --batch-size or --max-pixels",
+    "predict": "lower --batch-size or --max-pixels",
+    "localize": "use a larger --stride",
+}
 
 
 def _check_outputs(**paths) -> None:

@@ -9,6 +9,8 @@ from click.testing import CliRunner
 import featurecache
 from featurecache.cli import main
 
+from conftest import blob_cache
+
 
 @pytest.fixture
 def runner():
@@ -112,3 +114,30 @@ def test_fit_objective_choices_match_the_library_and_stray_options_are_refused(t
     assert r.exit_code == 1 and r.output.startswith("Error: --grid: candidates: unknown member 'foo'")
     r = runner.invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg", "--C", "0.5"])
     assert r.exit_code == 0, r.output
+
+
+
+@pytest.mark.parametrize("command,error,hint", [
+    ("eval", MemoryError("Unable to allocate 26.0 GiB for an array with shape (11000000, 1280)"), "--split"),
+    ("fit", RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory"),
+     "--memory-limit"),
+])
+def test_running_out_of_memory_is_one_line_naming_the_setting(tmp_path, monkeypatch, command, error, hint):
+    import featurecache.evaluate
+    import featurecache.train
+
+    def boom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(featurecache.evaluate, "evaluate", boom)
+    monkeypatch.setattr(featurecache.train, "fit_objective", boom)
+    cache = blob_cache(tmp_path / "b.h5")
+    args = ["eval", str(cache), str(cache)] if command == "eval" else ["fit", str(cache)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert r.output.startswith("Error: out of memory (") and hint in r.output
+    # Other runtime errors are bugs: not disguised.
+    monkeypatch.setattr(featurecache.train, "fit_objective", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("shape mismatch")))
+    r = CliRunner().invoke(main, ["fit", str(cache)])
+    assert isinstance(r.exception, RuntimeError)
