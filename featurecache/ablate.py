@@ -24,7 +24,6 @@ import io
 import itertools
 import json
 import logging
-import numbers
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from featurecache.cache import FeatureCache, MemoryCache
-from featurecache.errors import AblationError, HeadError
+from featurecache.errors import AblationError, HeadError, integer_at_least
 from featurecache.evaluate import patch_report, report_from_image_scores
 from featurecache.heads.pooling import pool_scores
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
@@ -350,7 +349,7 @@ def _check_protocol(folds: Optional[int], val, val_split: Optional[str]) -> None
         raise AblationError("say what to evaluate on: --val FILE, --val-split NAME, or --folds K")
     if folds is not None and (val is not None or val_split is not None):
         raise AblationError("--folds replaces --val/--val-split; give one or the other")
-    if folds is not None and (not isinstance(folds, numbers.Integral) or isinstance(folds, bool) or folds < 2):
+    if folds is not None and not integer_at_least(folds, 2):
         raise AblationError(f"must be an integer of at least 2, got {folds!r}", param="folds")
 
 
@@ -487,7 +486,7 @@ def ablate(
     apply_threads(threads)
     grid = _check_grid(grid)
     for name, value, low in (("seeds", seeds, 1), ("n_boot", n_boot, 0)):
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low:
+        if not integer_at_least(value, low):
             raise AblationError(f"must be an integer of at least {low}, got {value!r}", param=name)
     _check_protocol(folds, val, val_split)
     settings = {k: grid.get(k, [DEFAULTS[k]]) for k in DEFAULTS}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 __all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExtractError",
-           "FeaturecacheError", "HeadError", "PredictError"]
+           "FeaturecacheError", "HeadError", "PredictError", "integer_at_least"]
 
 
 class FeaturecacheError(ValueError):
@@ -66,3 +67,8 @@ class PredictError(FeaturecacheError):
 
 class AblationError(FeaturecacheError):
     """An ablation grid or setup is invalid."""
+
+
+def integer_at_least(value, minimum: int) -> bool:
+    """True for an integer (not a bool) of at least ``minimum``: the check every count-like parameter makes."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import numbers
 import os
 import platform
 import time
@@ -34,7 +33,7 @@ from featurecache import __version__
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone
 from featurecache.cache import CacheWriter, FeatureCache, PartData, feature_fingerprint, now_iso
 from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
-from featurecache.errors import ExtractError
+from featurecache.errors import ExtractError, integer_at_least
 from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
 from featurecache.resources import apply_threads, resolve_device
 from featurecache.runtimes import RUNTIMES, Runtime, build_runtime
@@ -440,8 +439,7 @@ class ExtractConfig:
         for name in ("batch_size", "part_patches", "max_pixels", "max_patches", "workers", "max_side", "threads"):
             value = getattr(self, name)
             low = 0 if name == "workers" else 1
-            bad = not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low
-            if value is not None and bad:
+            if value is not None and not integer_at_least(value, low):
                 raise ExtractError(f"must be an integer of at least {low}, got {value!r}", param=name)
         # None means the default, as for every other option.
         object.__setattr__(self, "grid", self.grid or PatchGrid())

@@ -32,7 +32,7 @@ from PIL import Image
 from featurecache.backbones import FrozenBackbone, build_backbone, weights_argument
 from featurecache.cache import FeatureCache, describe_fingerprint_difference, feature_fingerprint
 from featurecache.datasets import IMAGE_EXTENSIONS, ImageRecord, ImageSet, detect_layout, read_dataset
-from featurecache.errors import BackboneError, DatasetError, HeadError, PredictError
+from featurecache.errors import BackboneError, DatasetError, HeadError, PredictError, integer_at_least
 from featurecache.evaluate import LocalizationMap, localization_map
 from featurecache.extract import ExtractConfig, ExtractResult, extract, feature_settings, to_rgb
 from featurecache.heads.trained import TrainedHead
@@ -103,7 +103,7 @@ class PredictConfig:
     def __post_init__(self) -> None:
         for name in ("top", "stride", "max_side"):
             value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+            if not integer_at_least(value, 1):
                 raise PredictError(f"must be a positive integer, got {value!r}", param=name)
         t = self.threshold
         if t is not None and (not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t)):

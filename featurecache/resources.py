@@ -6,7 +6,7 @@ import math
 import os
 from typing import Optional, Union
 
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import FeaturecacheError, integer_at_least
 
 __all__ = ["DEVICES", "RUNTIMES", "apply_threads", "available_cpus", "available_memory", "cpu_threads", "memory_budget",
            "resolve_device"]
@@ -96,7 +96,7 @@ def cpu_threads(threads: Optional[int] = None) -> int:
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
         return int(env) if env.isdigit() and int(env) > 0 else available_cpus()  # the user's own setting wins
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+    if not integer_at_least(threads, 1):
         raise FeaturecacheError(f"must be a positive integer, got {threads!r}", param="threads")
     return threads
 

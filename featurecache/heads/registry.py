@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-import numbers
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-from featurecache.errors import HeadError
+from featurecache.errors import HeadError, integer_at_least
 from featurecache.heads.background import BackgroundPolicy
 from featurecache.heads.pooling import SCORE_POOLINGS, check_image_pooling
 
@@ -665,7 +664,7 @@ class FitConfig:
         options = {n: OPTIONS[n].read(v) for n, v in self.options.items()}
         object.__setattr__(self, "options", MappingProxyType(options))
         limit = self.memory_limit
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or limit < 0):
+        if limit is not None and not integer_at_least(limit, 0):
             raise HeadError(f"must be a number of bytes (0: always stream from the file), got {limit!r}",
                             param="memory_limit")
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
