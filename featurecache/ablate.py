@@ -10,15 +10,19 @@ to a configuration's objective or head neither multiplies runs nor shows a value
 combination is run for every seed and, with ``folds``, in K-fold cross-validation over
 images (an image's patches are never on both sides).
 
-The cache is read into memory once (:class:`featurecache.cache.MemoryCache`); every fold
-trains through :func:`featurecache.train.fit_objective` and is scored through
-:class:`featurecache.heads.trained.TrainedHead`, the same code as ``fit`` and ``eval``.
+The training images' features are read into memory once (:class:`featurecache.cache.MemoryCache`)
+when they fit the memory limit; otherwise every configuration streams its fold's images from
+the file (reader views that read only their rows; image features are still pooled once per
+table). Either way every fold trains through :func:`featurecache.train.fit_objective` and is
+scored through :class:`featurecache.heads.trained.TrainedHead`, the same code as ``fit`` and
+``eval``; patch heads' scores are aggregated chunk by chunk for every evaluation setting at once.
 ``image_pooling=whole`` (with ``whole_image=``, a ``--whole-image`` cache of the same
 images) is the whole-image one-vs-rest probe, measured on the same folds in the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
@@ -32,14 +36,14 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from tqdm.auto import tqdm
 
-from featurecache.cache import FeatureCache, MemoryCache
+from featurecache.cache import AnyCache, FeatureCache, MemoryCache
 from featurecache.errors import AblationError, HeadError, integer_at_least
-from featurecache.evaluate import patch_report, report_from_image_scores
-from featurecache.heads.pooling import pool_scores
+from featurecache.evaluate import confusion, confusion_report, report_from_image_scores
+from featurecache.heads.pooling import ScorePooler
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import bootstrap_map, bootstrap_weights, image_folds, interval
-from featurecache.resources import apply_threads
+from featurecache.resources import apply_threads, features_bytes, memory_budget
 from featurecache.train import fit_objective
 
 logger = logging.getLogger(__name__)
@@ -202,7 +206,7 @@ class AblationResult:
                       "patch_accuracy": float(np.mean(r.patch_accuracy)) if r.patch_accuracy else None,
                       **r.interval_dict()}
                      for r in self.rows],
-            "bootstrap": self.extra.get("bootstrap"),
+            "bootstrap": self.extra.get("bootstrap"), "data": self.extra.get("data"),
         }
 
     def to_json(self) -> str:
@@ -226,6 +230,8 @@ class AblationResult:
         head = [f"{len(self.rows)} configurations, {self.protocol}, {self.seeds} seed(s); {self.trainings} "
                 f"trainings in {self.seconds:.0f} s; mAP in % (mean ± std over seeds × folds; [95% paired bootstrap "
                 f"interval over images])"]
+        if self.extra.get("data"):
+            head.append(self.extra["data"])
         used = set().union(*(relevant(r.config) for r in self.rows)) if self.rows else set()
         fixed = ", ".join(f"{k}={_show(v)}" for k, v in self.fixed.items() if k in _RELEVANT_FIXED and k in used)
         if fixed:
@@ -301,18 +307,32 @@ class _WholeImage:
 class _Fold:
     """One training/evaluation run: views of the training and evaluation images."""
 
-    train: MemoryCache
-    test: MemoryCache
+    train: AnyCache
+    test: AnyCache
 
 
-def _fit(cfg: dict, fold: _Fold, seed: int, device: str, whole: Optional[_WholeImage]) -> TrainedHead:
+def _fit(cfg: dict, fold: _Fold, seed: int, device: str, whole: Optional[_WholeImage],
+         memory_limit: Optional[int] = None) -> TrainedHead:
     """Train one configuration on a fold's training images."""
     options = {k: v for k, v in cfg.items() if k in OPTIONS and k != "objective"}
     train = fold.train
     if _probe(cfg):
         train, options["image_pooling"] = whole.view(train)[0], "mean"
-    config = FitConfig(cfg["objective"], options, device=device, random_state=seed)
+    config = FitConfig(cfg["objective"], options, device=device, random_state=seed, memory_limit=memory_limit)
     return fit_objective(train, config)
+
+
+def _pooled_scores(head: TrainedHead, cache, eval_cfgs: list) -> tuple:
+    """``({(pooling, k): image scores}, patch report)`` of a patch head, its probabilities aggregated chunk
+    by chunk for every evaluation setting at once (one pass, none kept)."""
+    keys = {(e["pooling"], e["k"]) for e in eval_cfgs}
+    poolers = {key: ScorePooler(cache.num_images, len(cache.classes), pooling=key[0], k=key[1]) for key in keys}
+    conf = np.zeros((len(cache.classes) + 1,) * 2, np.int64)
+    for probs, local, labels in head.probability_chunks(cache):
+        for pooler in poolers.values():
+            pooler.add(probs, local)
+        conf += confusion(probs, labels)
+    return {key: p.result() for key, p in poolers.items()}, confusion_report(conf)
 
 
 def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: Optional[_WholeImage]) -> list:
@@ -322,8 +342,7 @@ def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: 
     # Evaluation settings score the patch heads the grid trains; a head auto chose is scored as it was chosen.
     pooled = head.spec.pools_patches and get_objective(cfg["objective"]).pools_patches
     if pooled:  # the patch report does not depend on the pooling: made once for every evaluation setting
-        probs, local = head.patch_probabilities(te), np.searchsorted(t.row, te.image_index)
-        patch = patch_report(probs, te.labels)
+        by_pooling, patch = _pooled_scores(head, te, eval_cfgs)
     elif _probe(cfg):
         view, order = whole.view(te)
         scores = head.image_scores(view)[order]
@@ -336,7 +355,7 @@ def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: 
             continue
         done.add(key)
         if pooled:
-            scores = pool_scores(probs, local, len(t), pooling=ecfg["pooling"], k=ecfg["k"])
+            scores = by_pooling[(ecfg["pooling"], ecfg["k"])]
         rep = report_from_image_scores(scores, t.labels, t.difficult, te.classes, method=ecfg["method"])
         if pooled:
             rep.confusion, rep.labelled_patches, rep.patch_accuracy = patch
@@ -353,30 +372,44 @@ def _check_protocol(folds: Optional[int], val, val_split: Optional[str]) -> None
         raise AblationError(f"must be an integer of at least 2, got {folds!r}", param="folds")
 
 
-def _training_cache(cache, train_split: Optional[str], val, val_split: Optional[str]) -> MemoryCache:
-    """The training images, in memory: ``train_split``, or the images outside ``val_split`` of the same file."""
-    with FeatureCache(cache, split=train_split) as c:
-        root = c.to_memory()
+def _training_cache(cache, train_split: Optional[str], val, val_split: Optional[str], memory_limit: Optional[int],
+                    stack: contextlib.ExitStack) -> tuple:
+    """``(training images, held in memory?)``: ``train_split``, or the images outside ``val_split`` of the same
+    file; read into memory when their features fit ``memory_limit``, else a reader (closed with ``stack``)."""
+    c = stack.enter_context(FeatureCache(cache, split=train_split))
     if val is None and val_split is not None:  # an evaluation image never trains (train_split may hold it too)
-        return root.select(np.flatnonzero([val_split not in s.split(",") for s in root.images.split]))
-    return root
+        keep = np.flatnonzero([val_split not in sp.split(",") for sp in c.images.split])
+        c = stack.enter_context(c.select(keep))
+    if features_bytes(c.num_patches, c.feature_dim) > memory_budget(memory_limit):
+        return c, False
+    return c.to_memory(), True
 
 
-def _folds(train: MemoryCache, cache, folds: Optional[int], val, val_split: Optional[str]) -> tuple:
-    """``(folds, protocol text)``."""
+def _folds(train, cache, folds: Optional[int], val, val_split: Optional[str], memory_limit: Optional[int],
+           stack: contextlib.ExitStack) -> tuple:
+    """``(folds, protocol text)``; views of readers on disk are closed with ``stack``."""
     n = train.num_images
     if folds is not None:
         if folds > n:
             raise AblationError(f"{cache}: --folds {folds} is more than its {n} images")
-        return ([_Fold(train.select(tr), train.select(ev)) for tr, ev in image_folds(n, folds, 0)],
-                f"{folds}-fold cross-validation over {n} images")
-    with FeatureCache(val if val is not None else cache, split=val_split) as v:
-        if v.fingerprint != train.fingerprint:
-            raise AblationError(f"{v.path}: validation features differ from the training cache's")
-        test = v.to_memory()
+        return ([_Fold(stack.enter_context(train.select(tr)), stack.enter_context(train.select(ev)))
+                 for tr, ev in image_folds(n, folds, 0)], f"{folds}-fold cross-validation over {n} images")
+    v = stack.enter_context(FeatureCache(val if val is not None else cache, split=val_split))
+    if v.fingerprint != train.fingerprint:
+        raise AblationError(f"{v.path}: validation features differ from the training cache's")
+    test = v.to_memory() if features_bytes(v.num_patches, v.feature_dim) <= memory_budget(memory_limit) else v
     protocol = f"train {n} images, evaluate {test.num_images} images ({test.path.name}" + (
         f", split {val_split})" if val_split else ")")
     return [_Fold(train, test)], protocol
+
+
+def _data_mode(train, in_memory: bool, memory_limit: Optional[int]) -> str:
+    """How the features were used, for the table's header."""
+    size = features_bytes(train.num_patches, train.feature_dim) / 2**30
+    if in_memory:
+        return f"features in memory ({size:.1f} GiB as float32)"
+    return (f"features streamed from the file for each configuration ({size:.1f} GiB as float32 > memory limit "
+            f"{memory_budget(memory_limit) / 2**30:.1f} GiB)")
 
 
 def _configurations(settings: dict) -> tuple:
@@ -402,7 +435,8 @@ def _configurations(settings: dict) -> tuple:
     return unique, eval_cfgs
 
 
-def _run(configs: list, eval_cfgs: list, folds: list, seeds: int, device: str, whole, progress) -> dict:
+def _run(configs: list, eval_cfgs: list, folds: list, seeds: int, device: str, whole, progress,
+         memory_limit: Optional[int] = None) -> dict:
     """Train and score every configuration for every seed and fold; rows by canonical configuration."""
     results: dict = {}
     bar = tqdm(total=len(configs) * seeds * len(folds), unit="fit", desc="ablate",
@@ -410,7 +444,7 @@ def _run(configs: list, eval_cfgs: list, folds: list, seeds: int, device: str, w
     try:
         for cfg, seed, (f, fold) in itertools.product(configs, range(seeds), enumerate(folds)):
             t = time.perf_counter()
-            head = _fit(cfg, fold, seed, device, whole)
+            head = _fit(cfg, fold, seed, device, whole, memory_limit)
             reports = _reports(cfg, head, fold, eval_cfgs, whole)
             dt = time.perf_counter() - t
             for ecfg, rep, scores in reports:
@@ -442,6 +476,7 @@ def ablate(
     progress: Optional[bool] = None,
     n_boot: int = 1000,
     threads: Optional[int] = None,
+    memory_limit: Optional[int] = None,
 ) -> AblationResult:
     """Run every combination of a grid of head settings and objectives on one cache.
 
@@ -477,6 +512,11 @@ def ablate(
         differences to the best row and to the whole-image probe (0: none).
     threads : int, optional
         CPU threads (:func:`featurecache.resources.cpu_threads`).
+    memory_limit : int, optional
+        Bytes of float32 features to hold in memory (default: half the available memory).
+        Training features within it are read once and shared by every configuration and
+        fold; above it each configuration streams its fold's images from the file (reading
+        only their rows), its trainer holding at most this much. The table says which.
 
     Returns
     -------
@@ -492,27 +532,30 @@ def ablate(
     settings = {k: grid.get(k, [DEFAULTS[k]]) for k in DEFAULTS}
     if _WHOLE in settings["image_pooling"] and whole_image is None:
         raise AblationError("image_pooling=whole needs a whole-image cache of the same images (--whole-image FILE)")
-    train = _training_cache(cache, train_split, val, val_split)
-    evaluations, protocol = _folds(train, cache, folds, val, val_split)
-    whole = _WholeImage(whole_image, train) if whole_image is not None else None
-    configs, eval_cfgs = _configurations(settings)
-    results = _run(configs, eval_cfgs, evaluations, seeds, device, whole, progress)
-    rows = sorted(results.values(), key=lambda r: (-np.nan_to_num(r.mean, nan=-1.0), _canonical(r.config)))
-    varied = [k for k in DEFAULTS if len(settings[k]) > 1]
-    fixed = {k: settings[k][0] for k in DEFAULTS if len(settings[k]) == 1}
-    result = AblationResult(rows, varied, fixed, protocol, seeds, str(train.path), seconds=0.0,
-                            trainings=len(configs) * seeds * len(evaluations))
-    result.extra["bootstrap"] = _bootstrap(rows, [f.test.images for f in evaluations], n_boot=n_boot)
-    if save_best is not None:
-        _save_best(rows[0].config, train, device, whole, save_best)
-        result.best_head_path = str(save_best)
+    with contextlib.ExitStack() as stack:
+        train, in_memory = _training_cache(cache, train_split, val, val_split, memory_limit, stack)
+        evaluations, protocol = _folds(train, cache, folds, val, val_split, memory_limit, stack)
+        whole = _WholeImage(whole_image, train) if whole_image is not None else None
+        configs, eval_cfgs = _configurations(settings)
+        results = _run(configs, eval_cfgs, evaluations, seeds, device, whole, progress, memory_limit)
+        rows = sorted(results.values(), key=lambda r: (-np.nan_to_num(r.mean, nan=-1.0), _canonical(r.config)))
+        varied = [k for k in DEFAULTS if len(settings[k]) > 1]
+        fixed = {k: settings[k][0] for k in DEFAULTS if len(settings[k]) == 1}
+        result = AblationResult(rows, varied, fixed, protocol, seeds, str(train.path), seconds=0.0,
+                                trainings=len(configs) * seeds * len(evaluations))
+        result.extra["data"] = _data_mode(train, in_memory, memory_limit)
+        result.extra["bootstrap"] = _bootstrap(rows, [f.test.images for f in evaluations], n_boot=n_boot)
+        if save_best is not None:
+            _save_best(rows[0].config, train, device, whole, save_best, memory_limit)
+            result.best_head_path = str(save_best)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _save_best(cfg: dict, train: MemoryCache, device: str, whole: Optional[_WholeImage], path) -> None:
+def _save_best(cfg: dict, train, device: str, whole: Optional[_WholeImage], path,
+               memory_limit: Optional[int] = None) -> None:
     """Retrain a configuration on all training images (seed 0) and save the head, its configuration recorded."""
-    head = _fit(cfg, _Fold(train, train), 0, device, whole)
+    head = _fit(cfg, _Fold(train, train), 0, device, whole, memory_limit)
     head.summary["ablation_config"] = {k: _show(v) for k, v in cfg.items() if k in relevant(cfg)}
     if head.spec.pools_patches:
         head.summary.update(pooling=cfg["pooling"], k=cfg["k"])

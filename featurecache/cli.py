@@ -94,8 +94,7 @@ _MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memo
 #: What to change when a command runs out of memory.
 _MEMORY_HINTS = {
     "fit": "lower --memory-limit (training features above it are streamed from the file)",
-    "ablate": "ablate holds the training images' features in memory: train on a split (--train-split) or a "
-              "smaller cache",
+    "ablate": "lower --memory-limit (above it each configuration streams its images from the file)",
     "eval": "evaluate one split at a time (--split)",
     "extract": "lower --batch-size or --max-pixels",
     "predict": "lower --batch-size or --max-pixels",
@@ -349,13 +348,18 @@ def _parse_size(ctx, param, value: Optional[str]):
     return int(number)
 
 
+def _memory_limit_option(above: str):
+    """``--memory-limit SIZE`` (fit, ablate): what is held in memory; ``above`` says what happens past it."""
+    return click.option("--memory-limit", callback=_parse_size, default=None,
+                        help=f"Float32 features held in memory, e.g. 4G; {above} [default: half the available "
+                             "memory].")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.option("--train-split", default=None, help="Train on this split of CACHE only.")
 @objective_options
-@click.option("--memory-limit", callback=_parse_size, default=None,
-              help="Training features held in memory, e.g. 4G; above it torch heads stream from HDF5 "
-                   "[default: half the available memory].")
+@_memory_limit_option("above it torch heads stream their training (and --val) patches from the file")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Device of the torch heads.")
 @click.option("--seed", type=int, default=0, help="Random seed.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="Head file [default: CACHE.head.pt].")
@@ -542,10 +546,11 @@ def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, lay
 @click.option("--resamples", "n_boot", type=click.IntRange(min=0), default=1000,
               help="Bootstrap resamples of the evaluation images for each row's 95% interval and the paired "
                    "differences to the best row and the whole-image probe (0: none).")
+@_memory_limit_option("above it each configuration streams its images from the file")
 @threads_option
 @_command
 def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, whole_image, json_out,
-           csv_out, save_best, device, n_boot, threads):
+           csv_out, save_best, device, n_boot, memory_limit, threads):
     """Compare many head settings on one cache; prints a table sorted by mAP."""
     from featurecache.ablate import ablate as run_ablate
     from featurecache.ablate import parse_grid, read_sweep_file
@@ -558,7 +563,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
         cache, grid=grid, val=val_cache, val_split=val_split or options.get("val_split"),
         train_split=train_split or options.get("train_split"), folds=folds or options.get("folds"),
         seeds=seeds or options.get("seeds", 1), whole_image=whole_image or options.get("whole_image"),
-        save_best=save_best, device=device, n_boot=n_boot, threads=threads,
+        save_best=save_best, device=device, n_boot=n_boot, threads=threads, memory_limit=memory_limit,
         progress=False if ctx.obj.get("quiet") else None)
     click.echo(result.to_text())  # first: a failed file write below loses nothing of the sweep
     if json_out:

@@ -24,7 +24,7 @@ import numpy as np
 from featurecache.cache import FeatureCache, open_cache
 from featurecache.errors import EvalError, HeadError
 from featurecache.extract import load_rgb, to_rgb
-from featurecache.heads.pooling import SCORE_POOLINGS, pool_scores
+from featurecache.heads.pooling import SCORE_POOLINGS, ScorePooler, pool_scores
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import METHODS, average_precision, per_class_ap
 from featurecache.overlay import MAX_SIDE, render_overlay, save_png
@@ -157,13 +157,21 @@ def report_from_arrays(probs: np.ndarray, image_index: np.ndarray, image_labels:
 
 def patch_report(probs: np.ndarray, patch_labels: np.ndarray) -> tuple:
     """``(confusion matrix as lists, labelled patches, patch accuracy or None)``; ambiguous patches left out."""
+    return confusion_report(confusion(probs, patch_labels))
+
+
+def confusion(probs: np.ndarray, patch_labels: np.ndarray) -> np.ndarray:
+    """Counts ``(1 + C, 1 + C)`` of (true label, most probable output) over labelled patches (sums over chunks)."""
     lab = patch_labels != AMBIGUOUS
-    pred = probs.argmax(1)
     n_out = probs.shape[1]
-    conf = np.zeros((n_out, n_out), np.int64)
-    np.add.at(conf, (patch_labels[lab], pred[lab]), 1)
-    accuracy = float((pred[lab] == patch_labels[lab]).mean()) if lab.any() else None
-    return conf.tolist(), int(lab.sum()), accuracy
+    pred = probs[lab].argmax(1)
+    return np.bincount(patch_labels[lab] * n_out + pred, minlength=n_out * n_out).reshape(n_out, n_out)
+
+
+def confusion_report(conf: np.ndarray) -> tuple:
+    """:func:`patch_report`'s triple from a confusion matrix."""
+    labelled = int(conf.sum())
+    return conf.tolist(), labelled, float(np.trace(conf) / labelled) if labelled else None
 
 
 def report_from_image_scores(scores: np.ndarray, image_labels: np.ndarray, image_difficult: np.ndarray, classes, *,
@@ -216,8 +224,7 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
         try:
             label, text = head.scoring(pooling=pooling, k=k)
             if head.spec.pools_patches:
-                report = report_from_probabilities(head.patch_probabilities(c), c, pooling=label,
-                                                   k=5.0 if k is None else k, method=method)
+                report = _pooled_report(head, c, pooling=label, k=5.0 if k is None else k, method=method)
             else:
                 t = c.images
                 report = report_from_image_scores(head.image_scores(c, pooling=pooling, k=k), t.labels, t.difficult,
@@ -228,6 +235,21 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     report.head, report.objective, report.cache, report.scoring = head.kind, head.objective, str(c.path), text
     if head.selection_line():
         report.extra["selection"] = head.selection_line()
+    return report
+
+
+def _pooled_report(head: TrainedHead, cache, *, pooling: str, k: float, method: str) -> EvalReport:
+    """A patch head's report, its patch probabilities aggregated chunk by chunk (none kept)."""
+    t = cache.images
+    pooler = ScorePooler(len(t), len(cache.classes), pooling=pooling, k=k)
+    conf = np.zeros((len(cache.classes) + 1,) * 2, np.int64)
+    for probs, local, labels in head.probability_chunks(cache):
+        pooler.add(probs, local)
+        conf += confusion(probs, labels)
+    report = report_from_image_scores(pooler.result(), t.labels, t.difficult, cache.classes, method=method,
+                                      pooling=pooling, k=k)
+    report.n_patches = cache.num_patches
+    report.confusion, report.labelled_patches, report.patch_accuracy = confusion_report(conf)
     return report
 
 

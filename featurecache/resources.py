@@ -8,8 +8,8 @@ from typing import Optional, Union
 
 from featurecache.errors import FeaturecacheError, integer_at_least
 
-__all__ = ["DEVICES", "RUNTIMES", "apply_threads", "available_cpus", "available_memory", "cpu_threads", "memory_budget",
-           "resolve_device"]
+__all__ = ["DEVICES", "RUNTIMES", "apply_threads", "available_cpus", "available_memory", "cpu_threads",
+           "features_bytes", "memory_budget", "resolve_device"]
 
 #: What every ``device`` option accepts.
 DEVICES = ("auto", "cpu", "cuda")
@@ -55,6 +55,11 @@ def available_memory() -> int:
 def memory_budget(memory_limit: Optional[int] = None) -> int:
     """Bytes of training features to hold in memory: ``memory_limit``, or half the available memory."""
     return int(memory_limit) if memory_limit is not None else available_memory() // 2
+
+
+def features_bytes(n_rows: int, dim: int) -> int:
+    """Bytes of ``n_rows`` patches' features held in memory as float32: what a memory limit counts."""
+    return int(n_rows) * int(dim) * 4
 
 
 def _cgroup_cpus() -> Optional[float]:

@@ -136,7 +136,11 @@ def test_background_policies():
 
 def test_epoch_order_is_a_shuffle_of_contiguous_blocks():
     rng = np.random.RandomState(0)
-    buffers = list(epoch_order(1000, rng, block=64, buffer_blocks=3))
+    windows = list(epoch_order(1000, rng, block=64, buffer_blocks=3))
+    for ranges, perm in windows:  # a window lays out whole blocks; its permutation covers them once
+        assert all(b - a == min(64, 1000 - a) and a % 64 == 0 for a, b in ranges)
+        assert sorted(perm.tolist()) == list(range(sum(b - a for a, b in ranges)))
+    buffers = [np.concatenate([np.arange(a, b) for a, b in ranges])[perm] for ranges, perm in windows]
     allpos = np.concatenate(buffers)
     assert sorted(allpos.tolist()) == list(range(1000)) and not np.array_equal(allpos, np.arange(1000))
     assert max(len(b) for b in buffers) == 192

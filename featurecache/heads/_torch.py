@@ -115,9 +115,12 @@ class TorchState:
         self.n_features_in_, self.n_outputs_ = n_features, n_outputs
 
     def _forward(self, X, *, batch: int = 8192) -> torch.Tensor:
-        """Raw outputs of ``net_`` for features ``X`` (n, d), computed ``batch`` rows at a time, on the CPU."""
+        """Raw outputs of ``net_`` for features ``X`` (n, d), computed ``batch`` rows at a time, returned on the CPU."""
         dev = next(self.net_.parameters()).device
-        X = np.asarray(X, dtype=np.float32)
-        with torch.inference_mode():
-            out = [self.net_(torch.from_numpy(X[s:s + batch]).to(dev)).float().cpu() for s in range(0, len(X), batch)]
+        X = np.asarray(X)
+        if X.dtype not in (np.float16, np.float32):
+            X = X.astype(np.float32)
+        x = torch.from_numpy(np.ascontiguousarray(X))
+        with torch.inference_mode():  # float16 features become float32 a batch at a time, on the device
+            out = [self.net_(x[s:s + batch].to(dev).float()).float().cpu() for s in range(0, len(x), batch)]
         return torch.cat(out) if out else torch.zeros((0, self.n_outputs_))

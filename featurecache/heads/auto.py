@@ -22,7 +22,7 @@ from featurecache.heads.fusion import FusionHead, has_boxes, resolve_members, tr
 from featurecache.heads.registry import OPTIONS, FitConfig, get_objective, is_fusion, parse_member
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import image_folds, mean_ap
-from featurecache.resources import memory_budget
+from featurecache.resources import features_bytes, memory_budget
 
 __all__ = ["choose_folds", "cross_validate", "fit_auto_objective"]
 
@@ -113,7 +113,7 @@ def fit_auto_objective(cache, config: FitConfig, *, kind=None, params=None) -> T
         candidates, members = _candidates(config, has_boxes(c))
         if not candidates:
             raise HeadError("no candidate applies to this cache (patch and hybrid need boxes)", param="candidates")
-        in_memory = c.num_patches * c.feature_dim * 4 <= memory_budget(config.memory_limit)
+        in_memory = features_bytes(c.num_patches, c.feature_dim) <= memory_budget(config.memory_limit)
         table = cross_validate(c.to_memory() if in_memory else c, config, candidates, members, k,
                                progress=config.progress)
         best = max(table, key=lambda r: (np.nan_to_num(r["map_mean"], nan=-1.0), -candidates.index(r["candidate"])))

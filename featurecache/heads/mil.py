@@ -154,7 +154,10 @@ class MILHead(TorchState, BaseEstimator):
         return (per * ws).sum() / ws.sum()
 
     def _losses(self, net, source: BagSource, ids, Y, W, dev, warm: bool = False):
-        xb, mb, lab, pw = source.batch(ids)
+        return self._batch_loss(net, source.batch(ids), ids, Y, W, dev, warm)
+
+    def _batch_loss(self, net, batch: tuple, ids, Y, W, dev, warm: bool = False):
+        xb, mb, lab, pw = batch
         z = net(torch.from_numpy(xb).to(dev))
         mask = torch.from_numpy(mb).to(dev)
         loss = self._image_loss(self._image_logits(z, mask, warm=warm), torch.from_numpy(Y[ids]).to(dev),
@@ -201,9 +204,9 @@ class MILHead(TorchState, BaseEstimator):
 
         def run_epoch(net, opt, epoch):
             train_ids, total = order[0], 0.0
-            for s in range(0, len(train_ids), bs):
-                b = train_ids[s:s + bs]
-                loss = self._losses(net, source, b, Y, W, dev, warm=epoch < int(self.warmup_epochs))
+            id_batches = [train_ids[s:s + bs] for s in range(0, len(train_ids), bs)]
+            for b, batch in zip(id_batches, source.batches(id_batches)):
+                loss = self._batch_loss(net, batch, b, Y, W, dev, warm=epoch < int(self.warmup_epochs))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -213,9 +216,10 @@ class MILHead(TorchState, BaseEstimator):
 
         def validate(net):
             net.eval()
+            id_batches = np.array_split(val_ids, range(bs, len(val_ids), bs))
             with torch.inference_mode():
-                return sum(float(self._losses(net, source, v, Y, W, dev)) * len(v)
-                           for v in np.array_split(val_ids, range(bs, len(val_ids), bs))) / len(val_ids)
+                return sum(float(self._batch_loss(net, batch, v, Y, W, dev)) * len(v)
+                           for v, batch in zip(id_batches, source.batches(id_batches))) / len(val_ids)
 
         net, history = train_torch(make, seed=seed, device=dev, max_epochs=int(self.max_epochs), run_epoch=run_epoch,
                                    validate=validate if len(val_ids) else None,
@@ -233,17 +237,16 @@ class MILHead(TorchState, BaseEstimator):
         dev = next(self.net_.parameters()).device
         out = np.zeros((source.n_images, self.n_outputs_), np.float32)
         usable = np.flatnonzero(source.sizes() > 0)
+        id_batches = [usable[s:s + batch_images] for s in range(0, len(usable), batch_images)]
         with torch.inference_mode():
-            for s in range(0, len(usable), batch_images):
-                ids = usable[s:s + batch_images]
-                xb, mb, _, _ = source.batch(ids)
+            for ids, (xb, mb, _, _) in zip(id_batches, source.batches(id_batches)):
                 o = self._image_logits(self.net_(torch.from_numpy(xb).to(dev)), torch.from_numpy(mb).to(dev))
                 out[ids] = (o if self.aggregation == "power" else torch.sigmoid(o)).cpu().numpy()
         return out
 
     def score_images(self, cache) -> np.ndarray:
-        """Image scores ``(M, C)`` of a cache's selected images (bags read in batches)."""
-        return self.image_scores_from_source(BagSource.from_cache(cache))
+        """Image scores ``(M, C)`` of a cache's selected images (bags read in batches, one pass, memory bounded)."""
+        return self.image_scores_from_source(BagSource.from_cache(cache, memory_limit=0))
 
     def image_scores_from_patches(self, X: np.ndarray, image_index: np.ndarray, n_images: int) -> np.ndarray:
         """Image scores ``(M, C)`` from in-memory patch features."""

@@ -12,6 +12,7 @@ streaming shuffled chunks from HDF5, with identical results) with a background p
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from typing import Optional
@@ -27,13 +28,13 @@ from torch.nn import functional as F
 
 from featurecache.cache import describe_fingerprint_difference, open_cache
 from featurecache.errors import HeadError
-from featurecache.heads._sources import ArraySource, batches, patch_source
+from featurecache.heads._sources import ArraySource, batches, patch_source, sequential
 from featurecache.heads._torch import PlateauSchedule, TorchState, train_torch
 from featurecache.heads.background import BackgroundPolicy, as_policy, background_weights
 from featurecache.heads.registry import OPTIONS, FitConfig, make_head
 from featurecache.heads.trained import TrainedHead
 from featurecache.patches import BACKGROUND
-from featurecache.resources import resolve_device
+from featurecache.resources import features_bytes, memory_budget, resolve_device
 
 __all__ = ["CoefficientState", "LinearSVMHead", "LogRegHead", "MLPHead", "fit_patch_objective"]
 
@@ -172,8 +173,7 @@ class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
 
         def run_epoch(net, opt, epoch):
             total = wsum = 0.0
-            for xb, yb, wb in batches(source, rng, int(self.batch_size)):
-                xb, yb, wb = (torch.from_numpy(a).to(dev) for a in (xb, yb, wb))
+            for xb, yb, wb in batches(source, rng, int(self.batch_size), dev):
                 ws = wb.sum()
                 if ws.item() <= 0:
                     continue
@@ -204,11 +204,7 @@ class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
         net.eval()
         total = wsum = 0.0
         with torch.inference_mode():
-            for s in range(0, len(data), 8192):
-                pos = np.arange(s, min(s + 8192, len(data)))
-                xb = torch.from_numpy(data.buffer(pos)).to(dev)
-                yb = torch.from_numpy(data.y[pos]).to(dev)
-                wb = torch.from_numpy(data.w[pos]).to(dev)
+            for xb, yb, wb in sequential(data, 8192, dev):
                 total += float((F.cross_entropy(net(xb), yb, reduction="none") * wb).sum())
                 wsum += float(wb.sum())
         return total / max(wsum, 1e-12)
@@ -342,22 +338,25 @@ class LinearSVMHead(_LinearSklearnHead):
 # --------------------------------------------------------------------------- training on a cache
 
 
-def _validation_source(cache, train, config: FitConfig, policy: BackgroundPolicy, w_bg: float) -> tuple:
-    """``(ArraySource or None, path or None)``: the held-out patches that drive the MLP's schedule
-    (``config.val``, or ``config.val_split`` of the cache given for training)."""
+def _validation_source(cache, train, config: FitConfig, policy: BackgroundPolicy, w_bg: float, *,
+                       memory_limit: Optional[int], stack: contextlib.ExitStack) -> tuple:
+    """``(source or None, path or None)``: the held-out patches that drive the MLP's schedule
+    (``config.val``, or ``config.val_split`` of the cache given for training); streamed from
+    the file, a window at a time, when they exceed ``memory_limit``. The reader stays open
+    until ``stack`` closes."""
     if config.val is None and config.val_split is None:
         return None, None
-    with open_cache(config.val if config.val is not None else cache, config.val_split) as val:
-        if val.fingerprint != train.fingerprint:
-            raise HeadError(f"{val.path}: validation features differ from training features ("
-                            + describe_fingerprint_difference(val.feature_settings, train.feature_settings,
-                                                              ours_name="val", theirs_name="train") + ")")
-        # Validation patches are weighted like the training distribution: a kept fraction F of
-        # the background is, in expectation, every background patch at weight F.
-        val_policy = policy if policy.kind == "none" else BackgroundPolicy(
-            "weight", weight=policy.fraction if policy.kind == "sample" else w_bg)
-        vk, vw, _ = background_weights(val.labels, val_policy, random_state=config.random_state)
-        return ArraySource(val.read_features(val.indices[vk]), val.labels[vk], vw), str(val.path)
+    val = stack.enter_context(open_cache(config.val if config.val is not None else cache, config.val_split))
+    if val.fingerprint != train.fingerprint:
+        raise HeadError(f"{val.path}: validation features differ from training features ("
+                        + describe_fingerprint_difference(val.feature_settings, train.feature_settings,
+                                                          ours_name="val", theirs_name="train") + ")")
+    # Validation patches are weighted like the training distribution: a kept fraction F of
+    # the background is, in expectation, every background patch at weight F.
+    val_policy = policy if policy.kind == "none" else BackgroundPolicy(
+        "weight", weight=policy.fraction if policy.kind == "sample" else w_bg)
+    vk, vw, _ = background_weights(val.labels, val_policy, random_state=config.random_state)
+    return patch_source(val, vk, val.labels[vk], vw, memory_limit=memory_limit), str(val.path)
 
 
 def fit_patch_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
@@ -388,17 +387,23 @@ def fit_patch_objective(cache, config: FitConfig, *, kind: str, params: dict) ->
             raise HeadError(f"{train.path}: no labelled patches to train on")
         source = patch_source(train, keep, labels[keep], w, memory_limit=config.memory_limit)
         if source.streaming and not isinstance(est, MLPHead):
-            raise HeadError(f"{train.path}: {len(keep) * train.feature_dim * 4 / 2**30:.1f} GiB of training features "
+            size = features_bytes(len(keep), train.feature_dim) / 2**30
+            raise HeadError(f"{train.path}: {size:.1f} GiB of training features "
                             f"exceed the memory limit and the {kind} head cannot stream; use the mlp head, "
                             "background sample:0.1, or a larger memory limit", param="memory_limit")
-        val_source, val_path = _validation_source(cache, train, config, policy, w_bg)
-        est.fit_source(source, val_source)
+        held = 0 if source.streaming else features_bytes(len(keep), train.feature_dim)
+        with contextlib.ExitStack() as stack:
+            val_source, val_path = _validation_source(
+                cache, train, config, policy, w_bg, memory_limit=max(memory_budget(config.memory_limit) - held, 0),
+                stack=stack)
+            est.fit_source(source, val_source)
         counts = np.bincount(labels[keep], minlength=n_out)
         summary = {"objective": "patch", "cache": str(train.path), "train_split": config.train_split, "val": val_path,
                    "val_split": config.val_split, "background": policy.describe(), "background_weight": w_bg,
                    "train_patches": int(len(keep)), "background_patches": int(counts[BACKGROUND]),
                    "patches_per_class": {c: int(n) for c, n in zip(train.classes, counts[1:])},
                    "training_data": "stream" if source.streaming else "memory",
+                   "validation_data": None if val_source is None else "stream" if val_source.streaming else "memory",
                    "seconds": time.perf_counter() - t0, "random_state": config.random_state}
         if isinstance(est, MLPHead):
             vals = [h["val_loss"] for h in est.history_ if h["val_loss"] is not None]

@@ -19,7 +19,7 @@ import numpy as np
 
 from featurecache.errors import HeadError
 
-__all__ = ["IMAGE_POOLINGS", "SCORE_POOLINGS", "image_features", "pool_image_features", "pool_scores"]
+__all__ = ["IMAGE_POOLINGS", "SCORE_POOLINGS", "ScorePooler", "image_features", "pool_image_features", "pool_scores"]
 
 #: How patch scores become image scores (``eval --pooling``).
 SCORE_POOLINGS = ("power", "max", "mean")
@@ -48,20 +48,44 @@ def pool_scores(probs: np.ndarray, image_index: np.ndarray, n_images: int, *, po
     ndarray (n_images, C)
         Images without patches score 0.
     """
-    if pooling not in SCORE_POOLINGS:
-        raise HeadError(f"must be one of {', '.join(SCORE_POOLINGS)}, got {pooling!r}", param="pooling")
-    p = np.asarray(probs, dtype=np.float64)[:, 1:]
-    idx = np.asarray(image_index, dtype=np.int64)
-    out = np.zeros((n_images, p.shape[1]))
-    if pooling == "max":
-        out[:] = -np.inf
-        np.maximum.at(out, idx, p)
-        out[np.isinf(out)] = 0.0
-        return out
-    power = 1.0 if pooling == "mean" else float(k)
-    np.add.at(out, idx, p ** power)
-    counts = np.bincount(idx, minlength=n_images).astype(np.float64)
-    return out / np.maximum(counts, 1)[:, None]
+    pooler = ScorePooler(n_images, np.shape(probs)[1] - 1, pooling=pooling, k=k)
+    pooler.add(probs, image_index)
+    return pooler.result()
+
+
+class ScorePooler:
+    """Image scores from patch probabilities fed chunk by chunk (memory: one number per image and class).
+
+    Parameters
+    ----------
+    n_images, n_classes : int
+    pooling : {"power", "max", "mean"}
+    k : float
+        Exponent of the power mean.
+    """
+
+    def __init__(self, n_images: int, n_classes: int, *, pooling: str = "power", k: float = 5.0) -> None:
+        if pooling not in SCORE_POOLINGS:
+            raise HeadError(f"must be one of {', '.join(SCORE_POOLINGS)}, got {pooling!r}", param="pooling")
+        self.pooling, self.power = pooling, 1.0 if pooling == "mean" else float(k)
+        self.totals = np.full((n_images, n_classes), -np.inf if pooling == "max" else 0.0)
+        self.counts = np.zeros(n_images)
+
+    def add(self, probs: np.ndarray, image_index: np.ndarray) -> None:
+        """Take the probabilities ``(n, 1 + C)`` of patches of images ``image_index`` ``(n,)``."""
+        p = np.asarray(probs, dtype=np.float64)[:, 1:]
+        idx = np.asarray(image_index, dtype=np.int64)
+        if self.pooling == "max":
+            np.maximum.at(self.totals, idx, p)
+        else:
+            np.add.at(self.totals, idx, p ** self.power)
+        self.counts += np.bincount(idx, minlength=len(self.counts))
+
+    def result(self) -> np.ndarray:
+        """Image scores ``(n_images, C)``; images without patches score 0."""
+        if self.pooling == "max":
+            return np.where(np.isinf(self.totals), 0.0, self.totals)
+        return self.totals / np.maximum(self.counts, 1)[:, None]
 
 
 def check_image_pooling(pooling: Sequence[str]) -> tuple:
@@ -88,14 +112,24 @@ class _Pooler:
         self.level_counts = np.zeros((m, n_levels))
 
     def add(self, features: np.ndarray, local: np.ndarray, scales: np.ndarray) -> None:
-        f = np.asarray(features, np.float64)
+        import torch  # here: the command line reads this module's names without loading torch
+
+        images, inverse = np.unique(np.asarray(local, np.int64), return_inverse=True)
         lev = np.searchsorted(self.levels, scales)
-        np.add.at(self.sums, local, f)
+        # A chunk is summed in float32 by torch (index_add_, several times faster than np.add.at;
+        # float16 features are converted on the way), then added to float64 totals.
+        f = torch.from_numpy(np.ascontiguousarray(features)).float()
+        idx = torch.from_numpy(inverse)
+        self.sums[images] += torch.zeros((len(images), f.shape[1])).index_add_(0, idx, f).double().numpy()
         if self.want_max:
-            np.maximum.at(self.maxs, local, f)
+            part = torch.full((len(images), f.shape[1]), -np.inf).scatter_reduce_(
+                0, idx[:, None].expand_as(f), f, "amax")
+            self.maxs[images] = np.maximum(self.maxs[images], part.double().numpy())
         if self.want_levels:
-            np.add.at(self.level_sums, (local, lev), f)
-        np.add.at(self.level_counts, (local, lev), 1)
+            key = torch.from_numpy(inverse * len(self.levels) + lev)
+            part = torch.zeros((len(images) * len(self.levels), f.shape[1])).index_add_(0, key, f)
+            self.level_sums[images] += part.double().numpy().reshape(len(images), len(self.levels), -1)
+        np.add.at(self.level_counts, (np.asarray(local), lev), 1)
 
     def result(self) -> np.ndarray:
         m = len(self.sums)
@@ -148,8 +182,9 @@ def image_features(cache, *, pooling: Sequence[str] = ("mean",), chunk_size: int
     Parameters
     ----------
     cache : FeatureCache or MemoryCache
-        An in-memory cache pools all its images once per ``pooling`` and serves its
-        selections from that (cross-validation folds pool once, not once per fold).
+        A cache pools all the images of the reader it was selected from once per
+        ``pooling`` and serves its selections from that (cross-validation folds pool once,
+        not once per fold).
     pooling : sequence of str
         Names from :data:`IMAGE_POOLINGS`; their vectors are concatenated in this order.
     chunk_size : int
@@ -167,7 +202,10 @@ def image_features(cache, *, pooling: Sequence[str] = ("mean",), chunk_size: int
         key = ("image_features", pooling)
         if key not in root:
             whole = cache.root()
-            root[key] = _pool_cache(whole, pooling, chunk_size)
+            try:
+                root[key] = _pool_cache(whole, pooling, chunk_size)
+            finally:
+                whole.close()  # a reader opened for this (FeatureCache.root); nothing for a MemoryCache
         return root[key][positions]
     return _pool_cache(cache, pooling, chunk_size)
 
@@ -178,7 +216,7 @@ def _pool_cache(cache, pooling: tuple, chunk_size: int) -> np.ndarray:
     pool = _Pooler(len(t), cache.feature_dim, np.unique(scales_all), pooling)
     local_all = np.searchsorted(t.row, cache.image_index)
     start = 0
-    for ch in cache.iter_chunks(chunk_size):
+    for ch in cache.iter_chunks(chunk_size, dtype=None):  # as stored: torch converts float16 faster
         n = len(ch.indices)
         pool.add(ch.features, local_all[start:start + n], scales_all[start:start + n])
         start += n

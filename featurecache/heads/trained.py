@@ -7,14 +7,14 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
 
 from featurecache.cache import describe_fingerprint_difference
 from featurecache.errors import HeadError
-from featurecache.heads.pooling import pool_scores
+from featurecache.heads.pooling import ScorePooler
 from featurecache.heads.registry import EVAL_OPTIONS, Objective, get_objective, make_head, objective_of_kind
 from featurecache.outputs import check_output, os_reason
 
@@ -139,11 +139,23 @@ class TrainedHead:
         return self.estimator.predict_proba(X)
 
     def patch_probabilities(self, cache, *, chunk_size: int = 65536) -> np.ndarray:
-        """Patch heads: :meth:`predict_proba` of a cache's selected patches, read chunk by chunk."""
+        """Patch heads: :meth:`predict_proba` of a cache's selected patches, read chunk by chunk.
+
+        Memory grows with the patches (``N × (1 + C)`` floats); :meth:`image_scores` and
+        ``evaluate`` aggregate :meth:`probability_chunks` instead and keep none of them.
+        """
+        out = [p for p, _, _ in self.probability_chunks(cache, chunk_size=chunk_size)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.classes) + 1), np.float32)
+
+    def probability_chunks(self, cache, *, chunk_size: int = 65536) -> Iterator[tuple]:
+        """Patch heads: ``(probabilities (n, 1 + C), image position of each patch, patch labels)`` per chunk
+        of a cache's selected patches, in file order (the next chunk read while this one is scored)."""
         self._need_patch_probabilities()
         self.check_cache(cache)
-        out = [self.estimator.predict_proba(ch.features) for ch in cache.iter_chunks(chunk_size)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.classes) + 1), np.float32)
+        rows = cache.images.row
+        for ch in cache.iter_chunks(chunk_size, dtype=None):
+            yield (np.asarray(self.estimator.predict_proba(ch.features), np.float32),
+                   np.searchsorted(rows, ch.image_index), ch.labels)
 
     def image_scores(self, cache, *, pooling: Optional[str] = None, k: Optional[float] = None) -> np.ndarray:
         """Per-class scores ``(M, C)`` of a cache's selected images.
@@ -155,10 +167,11 @@ class TrainedHead:
         self.check_cache(cache)
         k = None if k is None else EVAL_OPTIONS["k"].read(k)
         if self.spec.pools_patches:
-            t = cache.images
-            local = np.searchsorted(t.row, cache.image_index)
-            return pool_scores(self.patch_probabilities(cache), local, len(t), pooling=pooling or "power",
-                               k=5.0 if k is None else k)
+            pooler = ScorePooler(cache.num_images, len(self.classes), pooling=pooling or "power",
+                                 k=5.0 if k is None else k)
+            for probs, local, _ in self.probability_chunks(cache):
+                pooler.add(probs, local)
+            return pooler.result()
         if pooling is not None or k is not None:
             raise HeadError(f"applies to patch heads; this {self.objective} head scores images itself",
                             param="pooling" if pooling is not None else "k")
