@@ -683,6 +683,8 @@ class FeatureCache:
             rows = np.intersect1d(rows, wanted)
         self._rows = rows
         self._all = split is None and images is None
+        if not self._all:
+            _no_read_ahead(self._file)
         self._images: Optional[ImageTable] = None
         self._indices: Optional[np.ndarray] = None
         self._labels: Optional[np.ndarray] = None
@@ -802,7 +804,11 @@ class FeatureCache:
         """
         if self._features is None:
             ds = self._file["features"]
-            if ds.compression is None and ds.chunks is not None:
+            direct = ds.compression is None and ds.chunks is not None
+            if direct:
+                # HDF5 shares an open dataset between opens, with the first open's access
+                # settings: close this one before opening with the cache off.
+                ds.id.close()
                 access = h5py.h5p.create(h5py.h5p.DATASET_ACCESS)
                 access.set_chunk_cache(0, 0, 1.0)
                 ds = h5py.Dataset(h5py.h5d.open(self._file.id, b"features", access))
@@ -1025,6 +1031,16 @@ def open_cache(cache: Union[str, Path, FeatureCache, MemoryCache], split: Option
         yield c
     finally:
         c.close()
+
+
+def _no_read_ahead(f: h5py.File) -> None:
+    """Tell the kernel that reads of this file jump (``POSIX_FADV_RANDOM``): a selection's reads skip the
+    other images' rows, which read-ahead would fetch anyway (measured: 2.0x the bytes used from the disk
+    for every other image, 1.0x with the advice). Best effort: not every driver has a descriptor."""
+    try:
+        os.posix_fadvise(f.id.get_vfd_handle(), 0, 0, os.POSIX_FADV_RANDOM)
+    except (AttributeError, OSError, TypeError, ValueError):
+        pass
 
 
 def read_rows(ds, rows: np.ndarray, *, max_gap: int = 64, max_span: int = 16384,

@@ -8,6 +8,7 @@ from click.testing import CliRunner
 
 from featurecache.ablate import AblationError, ablate, parse_grid, read_sweep_file
 from featurecache.cli import main
+from featurecache.errors import HeadError
 from featurecache.evaluate import evaluate
 from featurecache.heads import TrainedHead
 from featurecache.metrics import image_folds
@@ -182,3 +183,24 @@ def test_evaluation_images_never_train_and_settings_that_do_not_apply_do_not_mul
     grid = parse_grid(["objective=fusion", "members=image:mean/mil", "hidden=0,16", "image_epochs=3"])
     r = ablate(cache_file, grid=grid, val_split="val", progress=False, n_boot=0)
     assert r.trainings == 1  # hidden shapes no member of this fusion
+
+
+@pytest.mark.parametrize("protocol", [dict(folds=3), dict(train_split="train", val_split="val")])
+def test_streaming_past_the_memory_limit_gives_the_in_memory_table(cache_file, protocol):
+    """Features over --memory-limit: every configuration streams its fold's images from the file (patch MLP,
+    mil, image pooled once per table) and every row's mAP is the in-memory run's."""
+    grid = parse_grid(FAST + ["objective=patch,mil,image", "image_epochs=15", "k=1,5"])
+    mem = ablate(cache_file, grid=grid, **protocol, progress=False, n_boot=0, memory_limit=1 << 40)
+    disk = ablate(cache_file, grid=grid, **protocol, progress=False, n_boot=0, memory_limit=0)
+    assert mem.extra["data"].startswith("features in memory")
+    assert disk.extra["data"].startswith("features streamed from the file") and disk.extra["data"] in disk.to_text()
+    assert len(disk.rows) == len(mem.rows) == 4  # patch at k=1 and k=5, mil, image
+    by_config = {json.dumps(r.config, sort_keys=True, default=str): r.maps for r in mem.rows}
+    for row in disk.rows:
+        assert row.maps == pytest.approx(by_config[json.dumps(row.config, sort_keys=True, default=str)], abs=1e-9)
+
+
+def test_a_head_that_cannot_stream_names_the_memory_limit(cache_file):
+    with pytest.raises(HeadError, match="cannot stream") as e:
+        ablate(cache_file, grid=parse_grid(["head=logreg"]), val_split="val", progress=False, memory_limit=0)
+    assert getattr(e.value, "param", None) == "memory_limit"

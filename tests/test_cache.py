@@ -90,3 +90,71 @@ def test_the_writer_owns_the_schema_attributes(tmp_path):
         assert f.attrs["format"] == FORMAT_NAME and int(f.attrs["format_version"]) == FORMAT_VERSION
     with FeatureCache(out) as c:
         assert c.num_patches == 2
+
+
+# --------------------------------------------------------------------------- reads that match what is used
+
+
+def _rchar() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar"))
+
+
+def _chunked_copy(src, dst, rows_per_chunk: int):
+    """The cache with its features stored in chunks (as extract writes them), not contiguously."""
+    import shutil
+
+    shutil.copy(src, dst)
+    with h5py.File(dst, "r+") as f:
+        x = f["features"][:]
+        del f["features"]
+        f.create_dataset("features", data=x, chunks=(rows_per_chunk, x.shape[1]))
+    return dst
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/io"), reason="needs Linux /proc/self/io")
+def test_split_reads_move_about_the_bytes_they_use(tmp_path):
+    """Images of two splits interleaved, the writer's ~1 MiB chunks straddling images: a split's features
+    cost <= 1.2x their bytes (HDF5's chunk cache would read each touched chunk whole: ~2x)."""
+    path = blob_cache(tmp_path / "b.h5", n_images=40, patches=100, dim=1280, splits=["train", "val"] * 20)
+    path = _chunked_copy(path, tmp_path / "chunked.h5", rows_per_chunk=409)
+    with FeatureCache(path, split="val") as c:
+        idx = c.indices
+        used = len(idx) * c.feature_dim * 2
+        before = _rchar()
+        x = c.read_features()
+        chunks = sum(len(ch.indices) for ch in c.iter_chunks(500, dtype=None))
+        ratio = (_rchar() - before) / (2 * used)
+        with h5py.File(path, "r") as f:
+            np.testing.assert_array_equal(x, f["features"][:][idx].astype(np.float32))
+    assert chunks == len(idx) and ratio <= 1.2, ratio
+
+
+def test_read_rows_returns_exactly_the_rows_asked_for(tmp_path):
+    from featurecache.cache import read_rows
+
+    rng = np.random.default_rng(0)
+    data = rng.normal(size=(5000, 3)).astype(np.float16)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        f.create_dataset("x", data=data, chunks=(37, 3))
+    with h5py.File(tmp_path / "r.h5", "r") as f:
+        for trial in range(30):  # scattered rows, runs, runs with small and large gaps, spans over max_span
+            kind = trial % 3
+            rows = (np.unique(rng.integers(0, 5000, rng.integers(1, 400))) if kind == 0 else
+                    np.concatenate([np.arange(a, a + 25) for a in range(int(rng.integers(0, 30)), 4900, 60)])
+                    if kind == 1 else np.arange(int(rng.integers(0, 100)), 5000 - int(rng.integers(0, 100))))
+            np.testing.assert_array_equal(read_rows(f["x"], rows, max_span=1000), data[rows])
+
+
+def test_selections_share_what_their_first_reader_computed_once(cache_file):
+    from featurecache.heads.pooling import image_features
+
+    with FeatureCache(cache_file, split="train") as root:
+        whole = image_features(root, pooling=("mean",))
+        with root.select([1, 3, 5]) as part:
+            np.testing.assert_array_equal(image_features(part, pooling=("mean",)), whole[[1, 3, 5]])
+            memo, positions = part.memo
+            assert list(positions) == [1, 3, 5] and ("image_features", ("mean",)) in memo
+        mem = root.to_memory()
+        np.testing.assert_allclose(image_features(mem.select([1, 3, 5]), pooling=("mean",)), whole[[1, 3, 5]],
+                                   rtol=1e-6)

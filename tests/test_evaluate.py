@@ -87,3 +87,35 @@ def test_cli_localize(tmp_path):
     assert r.exit_code == 0, r.output
     assert r.output.startswith("img0.jpg (100x100, 20-px cells, objective mil): obj 0.881 at (10, 10)")
     assert np.load(tmp_path / "m.npz")["scores"].shape == (1, 5, 5)
+
+
+@pytest.mark.parametrize("pooling", ["power", "max", "mean"])
+def test_evaluate_aggregates_chunks_as_pooling_all_patch_scores_at_once(tmp_path, pooling):
+    """eval keeps no per-patch scores: image scores and the patch report are summed chunk by chunk, and equal
+    pooling every patch's probabilities in one array (chunks that split images included)."""
+    from featurecache.cache import FeatureCache
+    from featurecache.evaluate import evaluate, patch_report
+    from featurecache.heads import TrainedHead
+    from featurecache.heads.pooling import ScorePooler
+    from featurecache.train import fit_head
+
+    from conftest import blob_cache
+
+    path = blob_cache(tmp_path / "b.h5", n_images=30, patches=7, splits=["train", "val"] * 15)
+    head = fit_head(path, head="logreg", train_split="train")
+    with FeatureCache(path, split="val") as c:
+        probs = head.patch_probabilities(c)
+        chunks = list(head.probability_chunks(c, chunk_size=10))  # 10 rows: images cut across chunks
+        local = np.searchsorted(c.images.row, c.image_index)
+        expected = image_scores(probs, local, c.num_images, pooling=pooling)
+        conf, labelled, accuracy = patch_report(probs, c.labels)
+        report = evaluate(head, c, pooling=pooling)
+    assert len(chunks) == -(-len(probs) // 10)
+    np.testing.assert_array_equal(np.concatenate([p for p, _, _ in chunks]), probs)
+    pooler = ScorePooler(len(expected), expected.shape[1], pooling=pooling)
+    for p, where, _ in chunks:
+        pooler.add(p, where)
+    np.testing.assert_allclose(pooler.result(), expected, rtol=1e-12)
+    np.testing.assert_allclose(report.scores, expected, rtol=1e-12)
+    assert (report.confusion, report.labelled_patches, report.patch_accuracy) == (conf, labelled, accuracy)
+    assert isinstance(head, TrainedHead) and report.n_patches == len(probs)

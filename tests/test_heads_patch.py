@@ -195,3 +195,15 @@ def test_bad_head_files(tmp_path):
     torch.save({"format": "other"}, p)
     with pytest.raises(HeadError, match=r"not a featurecache head file"):
         TrainedHead.load(p)
+
+
+def test_streamed_validation_gives_the_model_of_validation_in_memory(cache_file):
+    """fit --val-split past the memory limit streams the held-out patches: same losses, same early stop, same model."""
+    params = dict(hidden=16, max_epochs=6, batch_size=16, device="cpu")
+    mem = fit_head(cache_file, params=params, train_split="train", val_split="val", memory_limit=1 << 40)
+    stream = fit_head(cache_file, params=params, train_split="train", val_split="val", memory_limit=0)
+    assert (mem.summary["validation_data"], stream.summary["validation_data"]) == ("memory", "stream")
+    assert [h["val_loss"] for h in mem.estimator.history_] == pytest.approx(
+        [h["val_loss"] for h in stream.estimator.history_], rel=1e-6)
+    for a, b in zip(mem.estimator.net_.state_dict().values(), stream.estimator.net_.state_dict().values()):
+        assert torch.equal(a, b)
