@@ -328,10 +328,11 @@ def _pooled_scores(head: TrainedHead, cache, eval_cfgs: list) -> tuple:
     keys = {(e["pooling"], e["k"]) for e in eval_cfgs}
     poolers = {key: ScorePooler(cache.num_images, len(cache.classes), pooling=key[0], k=key[1]) for key in keys}
     conf = np.zeros((len(cache.classes) + 1,) * 2, np.int64)
-    for probs, local, labels in head.probability_chunks(cache):
-        for pooler in poolers.values():
-            pooler.add(probs, local)
-        conf += confusion(probs, labels)
+    with contextlib.closing(head.probability_chunks(cache)) as chunks:
+        for probs, local, labels in chunks:
+            for pooler in poolers.values():
+                pooler.add(probs, local)
+            conf += confusion(probs, labels)
     return {key: p.result() for key, p in poolers.items()}, confusion_report(conf)
 
 
@@ -515,8 +516,9 @@ def ablate(
     memory_limit : int, optional
         Bytes of float32 features to hold in memory (default: half the available memory).
         Training features within it are read once and shared by every configuration and
-        fold; above it each configuration streams its fold's images from the file (reading
-        only their rows), its trainer holding at most this much. The table says which.
+        fold (folds index them, no copy); above it each configuration streams its fold's
+        images from the file (reading only their rows), its trainer deciding by the same
+        limit what it holds. The table says which.
 
     Returns
     -------

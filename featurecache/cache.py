@@ -683,7 +683,7 @@ class FeatureCache:
             rows = np.intersect1d(rows, wanted)
         self._rows = rows
         self._all = split is None and images is None
-        if not self._all:
+        if not self._all and len(rows) < n_images:
             _no_read_ahead(self._file)
         self._images: Optional[ImageTable] = None
         self._indices: Optional[np.ndarray] = None
@@ -859,7 +859,8 @@ class FeatureCache:
 
     def root(self) -> "FeatureCache":
         """A new reader of the images this one was selected from (close it after use)."""
-        whole = FeatureCache(self.path, images=self._root_rows)
+        n = len(self._file["images/path"])
+        whole = FeatureCache(self.path, images=None if len(self._root_rows) == n else self._root_rows)
         whole._memo, whole._root_rows = self._memo, self._root_rows
         return whole
 
@@ -895,7 +896,11 @@ class MemoryCache:
     def __init__(self, source: FeatureCache) -> None:
         self.path, self.classes, self.attrs = source.path, source.classes, source.attrs
         self.feature_settings, self.fingerprint = source.feature_settings, source.fingerprint
-        self._X = source.read_features()
+        self._X = np.empty((source.num_patches, source.feature_dim), np.float32)
+        s = 0
+        for ch in source.iter_chunks(65536, dtype=None, prefetch=0):  # peak: the float32 copy and one chunk
+            self._X[s:s + len(ch.indices)] = ch.features
+            s += len(ch.indices)
         self._labels, self._image_index = source.labels, source.image_index
         self._scales, self._boxes = source.scales, source.boxes
         self._table = source.images
@@ -1036,7 +1041,10 @@ def open_cache(cache: Union[str, Path, FeatureCache, MemoryCache], split: Option
 def _no_read_ahead(f: h5py.File) -> None:
     """Tell the kernel that reads of this file jump (``POSIX_FADV_RANDOM``): a selection's reads skip the
     other images' rows, which read-ahead would fetch anyway (measured: 2.0x the bytes used from the disk
-    for every other image, 1.0x with the advice). Best effort: not every driver has a descriptor."""
+    for every other image, 1.02x with the advice; docs/performance.md). HDF5 shares one descriptor
+    among the opens of a file in a process, so the advice holds for them all while the file is open;
+    reads of whole windows and chunks (megabytes each) lose little without read-ahead. Best effort:
+    not every driver has a descriptor."""
     try:
         os.posix_fadvise(f.id.get_vfd_handle(), 0, 0, os.POSIX_FADV_RANDOM)
     except (AttributeError, OSError, TypeError, ValueError):

@@ -12,6 +12,7 @@ uninterpolated).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -162,6 +163,7 @@ def patch_report(probs: np.ndarray, patch_labels: np.ndarray) -> tuple:
 
 def confusion(probs: np.ndarray, patch_labels: np.ndarray) -> np.ndarray:
     """Counts ``(1 + C, 1 + C)`` of (true label, most probable output) over labelled patches (sums over chunks)."""
+    patch_labels = np.asarray(patch_labels, np.int64)  # int64: label * n_out must not overflow a small type
     lab = patch_labels != AMBIGUOUS
     n_out = probs.shape[1]
     pred = probs[lab].argmax(1)
@@ -243,9 +245,10 @@ def _pooled_report(head: TrainedHead, cache, *, pooling: str, k: float, method: 
     t = cache.images
     pooler = ScorePooler(len(t), len(cache.classes), pooling=pooling, k=k)
     conf = np.zeros((len(cache.classes) + 1,) * 2, np.int64)
-    for probs, local, labels in head.probability_chunks(cache):
-        pooler.add(probs, local)
-        conf += confusion(probs, labels)
+    with contextlib.closing(head.probability_chunks(cache)) as chunks:
+        for probs, local, labels in chunks:
+            pooler.add(probs, local)
+            conf += confusion(probs, labels)
     report = report_from_image_scores(pooler.result(), t.labels, t.difficult, cache.classes, method=method,
                                       pooling=pooling, k=k)
     report.n_patches = cache.num_patches

@@ -119,3 +119,21 @@ def test_evaluate_aggregates_chunks_as_pooling_all_patch_scores_at_once(tmp_path
     np.testing.assert_allclose(report.scores, expected, rtol=1e-12)
     assert (report.confusion, report.labelled_patches, report.patch_accuracy) == (conf, labelled, accuracy)
     assert isinstance(head, TrainedHead) and report.n_patches == len(probs)
+
+
+def test_patch_report_counts_true_labels_by_predicted_outputs():
+    """Rows are true labels, columns predictions; ambiguous patches do not count (a hand-made case)."""
+    from featurecache.evaluate import patch_report
+
+    probs = np.array([[0.8, 0.1, 0.1],   # true 0 -> 0
+                      [0.1, 0.8, 0.1],   # true 0 -> 1
+                      [0.1, 0.1, 0.8],   # true 2 -> 2
+                      [0.1, 0.8, 0.1],   # true 2 -> 1
+                      [0.1, 0.8, 0.1],   # true 2 -> 1
+                      [0.9, 0.05, 0.05]])  # ambiguous: left out
+    labels = np.array([0, 0, 2, 2, 2, -1], np.int8)  # a small integer type: label * outputs must not overflow
+    conf, labelled, accuracy = patch_report(probs, labels)
+    assert conf == [[1, 1, 0], [0, 0, 0], [0, 2, 1]] and labelled == 5 and accuracy == pytest.approx(2 / 5)
+    scores = image_scores(probs, np.array([0, 0, 0, 1, 1, 1]), 2, pooling="mean")
+    np.testing.assert_allclose(scores, [[(0.1 + 0.8 + 0.1) / 3, (0.1 + 0.1 + 0.8) / 3],
+                                        [(0.8 + 0.8 + 0.05) / 3, (0.1 + 0.1 + 0.05) / 3]])

@@ -207,3 +207,35 @@ def test_streamed_validation_gives_the_model_of_validation_in_memory(cache_file)
         [h["val_loss"] for h in stream.estimator.history_], rel=1e-6)
     for a, b in zip(mem.estimator.net_.state_dict().values(), stream.estimator.net_.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_windows_read_ahead_in_a_thread_give_the_in_memory_model(tmp_path):
+    """A StreamSource whose limit holds three windows reads the next one in a background thread (the random
+    order drawn there): same batches, same model as the rows in memory."""
+    import h5py
+
+    from featurecache.heads._sources import ArraySource, StreamSource, batches
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(70000, 4)).astype(np.float16)  # > one 65,536-row window: two windows an epoch
+    y = rng.integers(0, 3, len(X))
+    w = rng.uniform(0.5, 2, len(X)).astype(np.float32)
+    rows = np.sort(rng.choice(80000, len(X), replace=False))  # the selection has gaps in the file
+    data = np.zeros((80000, 4), np.float16)
+    data[rows] = X
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        f.create_dataset("x", data=data, chunks=(409, 4))
+    with h5py.File(tmp_path / "s.h5", "r") as f:
+        stream = StreamSource(f["x"], rows, y, w, memory_limit=1 << 40)
+        memory = ArraySource(X.astype(np.float32), y, w)
+        got = list(batches(stream, np.random.RandomState(3), 4096))
+        want = list(batches(memory, np.random.RandomState(3), 4096))
+        assert len(got) == len(want) and sum(len(b[1]) for b in got) == len(X)
+        for a, b in zip(got, want):
+            for u, v in zip(a, b):
+                assert torch.equal(u, v)
+        est = dict(hidden=0, max_epochs=2, batch_size=512, device="cpu")
+        m1 = MLPHead(**est).fit_source(stream)
+        m2 = MLPHead(**est).fit_source(memory)
+    for a, b in zip(m1.net_.state_dict().values(), m2.net_.state_dict().values()):
+        assert torch.equal(a, b)

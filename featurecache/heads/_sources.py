@@ -67,7 +67,7 @@ class ArraySource:
     memory_limit = None
 
     def __init__(self, X: np.ndarray, y: np.ndarray, w: np.ndarray, index: Optional[np.ndarray] = None) -> None:
-        self.X, self.y, self.w, self.index = X, y, w, index
+        self.X, self.y, self.w, self.index = np.ascontiguousarray(X), y, w, index
 
     def __len__(self) -> int:
         return len(self.y)
@@ -83,8 +83,7 @@ class ArraySource:
     def window(self, ranges: list) -> tuple:
         """``(tensor, rows)``: the rows of the window's positions are ``tensor[rows]`` (no copy in memory)."""
         pos = _positions(ranges)
-        return torch.from_numpy(np.ascontiguousarray(self.X)), torch.from_numpy(pos if self.index is None
-                                                                                 else self.index[pos])
+        return torch.from_numpy(self.X), torch.from_numpy(pos if self.index is None else self.index[pos])
 
     def buffer(self, pos: np.ndarray) -> np.ndarray:
         """Rows at positions ``pos`` as float32."""
@@ -184,6 +183,8 @@ def sequential(source, chunk: int = 8192, device=None) -> Iterator[tuple]:
 def patch_source(cache, keep: np.ndarray, y: np.ndarray, w: np.ndarray, *, memory_limit: Optional[int] = None):
     """The patches at positions ``keep`` of a cache's selection: in memory if they fit the budget, else streamed."""
     rows = cache.indices[keep]
+    if isinstance(cache.features, np.ndarray):  # a MemoryCache: index its array, no copy
+        return ArraySource(cache.features, y, w, index=rows)
     if features_bytes(len(keep), cache.feature_dim) <= memory_budget(memory_limit):
         return ArraySource(cache.read_features(rows), y, w)
     return StreamSource(cache.features, rows, y, w, memory_limit=memory_limit)
@@ -224,6 +225,9 @@ class BagSource:
         t = cache.images
         local = np.searchsorted(t.row, cache.image_index)
         need = features_bytes(cache.num_patches, cache.feature_dim)
+        if isinstance(cache.features, np.ndarray):  # a MemoryCache: bags index its array, no copy
+            return cls(cache.features, local, len(t), rows=cache.indices, patch_labels=patch_labels,
+                       patch_weights=patch_weights)
         if need <= memory_budget(memory_limit):
             return cls(cache.read_features(), local, len(t), patch_labels=patch_labels, patch_weights=patch_weights)
         logger.info("%s: %.1f GiB of features exceed the memory limit; reading them per batch of images",
@@ -241,7 +245,8 @@ class BagSource:
 
     @property
     def streaming(self) -> bool:
-        return self.rows is not None
+        """Whether bags are read from a file (rows of an in-memory array are not streaming)."""
+        return self.rows is not None and not isinstance(self.features, np.ndarray)
 
     def sizes(self) -> np.ndarray:
         return np.array([len(g) for g in self.groups])

@@ -13,6 +13,7 @@ Numpy only: the command line reads the names defined here without importing torc
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import numpy as np
@@ -216,8 +217,9 @@ def _pool_cache(cache, pooling: tuple, chunk_size: int) -> np.ndarray:
     pool = _Pooler(len(t), cache.feature_dim, np.unique(scales_all), pooling)
     local_all = np.searchsorted(t.row, cache.image_index)
     start = 0
-    for ch in cache.iter_chunks(chunk_size, dtype=None):  # as stored: torch converts float16 faster
-        n = len(ch.indices)
-        pool.add(ch.features, local_all[start:start + n], scales_all[start:start + n])
-        start += n
+    with contextlib.closing(cache.iter_chunks(chunk_size, dtype=None)) as chunks:  # as stored: torch converts
+        for ch in chunks:
+            n = len(ch.indices)
+            pool.add(ch.features, local_all[start:start + n], scales_all[start:start + n])
+            start += n
     return pool.result()

@@ -144,18 +144,24 @@ class TrainedHead:
         Memory grows with the patches (``N × (1 + C)`` floats); :meth:`image_scores` and
         ``evaluate`` aggregate :meth:`probability_chunks` instead and keep none of them.
         """
-        out = [p for p, _, _ in self.probability_chunks(cache, chunk_size=chunk_size)]
+        with contextlib.closing(self.probability_chunks(cache, chunk_size=chunk_size)) as chunks:
+            out = [p for p, _, _ in chunks]
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.classes) + 1), np.float32)
 
     def probability_chunks(self, cache, *, chunk_size: int = 65536) -> Iterator[tuple]:
         """Patch heads: ``(probabilities (n, 1 + C), image position of each patch, patch labels)`` per chunk
         of a cache's selected patches, in file order (the next chunk read while this one is scored)."""
-        self._need_patch_probabilities()
+        self._need_patch_probabilities()  # checked now, not at the first chunk
         self.check_cache(cache)
         rows = cache.images.row
-        for ch in cache.iter_chunks(chunk_size, dtype=None):
-            yield (np.asarray(self.estimator.predict_proba(ch.features), np.float32),
-                   np.searchsorted(rows, ch.image_index), ch.labels)
+
+        def chunks():
+            with contextlib.closing(cache.iter_chunks(chunk_size, dtype=None)) as reader:
+                for ch in reader:
+                    yield (np.asarray(self.estimator.predict_proba(ch.features), np.float32),
+                           np.searchsorted(rows, ch.image_index), ch.labels)
+
+        return chunks()
 
     def image_scores(self, cache, *, pooling: Optional[str] = None, k: Optional[float] = None) -> np.ndarray:
         """Per-class scores ``(M, C)`` of a cache's selected images.
@@ -169,8 +175,9 @@ class TrainedHead:
         if self.spec.pools_patches:
             pooler = ScorePooler(cache.num_images, len(self.classes), pooling=pooling or "power",
                                  k=5.0 if k is None else k)
-            for probs, local, _ in self.probability_chunks(cache):
-                pooler.add(probs, local)
+            with contextlib.closing(self.probability_chunks(cache)) as chunks:
+                for probs, local, _ in chunks:
+                    pooler.add(probs, local)
             return pooler.result()
         if pooling is not None or k is not None:
             raise HeadError(f"applies to patch heads; this {self.objective} head scores images itself",
