@@ -41,6 +41,7 @@ from featurecache.errors import CacheError
 from featurecache.outputs import os_reason
 from featurecache.patches import PatchGrid
 from featurecache.prefetch import ahead
+from featurecache.resources import ASSEMBLE_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,7 @@ __all__ = [
     "MemoryCache",
     "PatchChunk",
     "PatchDataset",
+    "data_folder",
     "describe_fingerprint_difference",
     "feature_fingerprint",
     "open_cache",
@@ -217,6 +219,12 @@ def _writing(path: Path, kept: str):
         raise CacheError(f"{path}: cannot write ({os_reason(e)}); {kept}") from None
 
 
+def data_folder(path: Union[str, Path]) -> Path:
+    """``OUT.data``: where a virtual cache's part files live, beside ``OUT``."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
 def _chunk_rows(dim: int, itemsize: int, n: int) -> int:
     """Rows per chunk so that a chunk of features is about 1 MiB."""
     return max(1, min(max(n, 1), (1 << 20) // max(dim * itemsize, 1)))
@@ -334,10 +342,14 @@ class CacheWriter:
         compared with a complete file.
     overwrite : bool
         Discard an existing output or unfinished run with other settings.
+    lead : bool
+        False for the other processes of a job whose leader (``lead=True``) locks the output,
+        prepares ``OUT.parts/`` and assembles: they only write parts (:meth:`follow` tells
+        them which are done).
     """
 
     def __init__(self, path: Union[str, Path], settings: dict, *, overwrite: bool = False,
-                 resume: Optional[dict] = None) -> None:
+                 resume: Optional[dict] = None, lead: bool = True) -> None:
         self.path = Path(path)
         self.settings = json.loads(_json(settings))  # normalised: tuples become lists
         # What a resume must also match but a complete file need not (how parts were cut, which
@@ -346,11 +358,15 @@ class CacheWriter:
         self.overwrite = overwrite
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
+        self.data_dir = data_folder(self.path)
         self._lock = _Lock(self.path.with_name(self.path.name + ".lock"), self.path)
+        self.lead = lead
         self.complete = False
         self.done_parts: set = set()
 
     def __enter__(self) -> "CacheWriter":
+        if not self.lead:  # the leader holds the lock and prepared the parts folder
+            return self
         if not self.path.parent.is_dir():
             raise CacheError(f"{self.path}: the folder {self.path.parent} does not exist")
         if self.parts_dir.is_symlink():
@@ -367,7 +383,19 @@ class CacheWriter:
     def __exit__(self, *exc) -> None:
         self._lock.release()
 
+    def follow(self, done_parts) -> None:
+        """A follower's view of the parts already committed (what the leader found)."""
+        self.done_parts = set(done_parts)
+
+    def refresh(self) -> None:
+        """Find the parts committed so far, by any process of the job (a part file exists only complete)."""
+        self.done_parts = {int(m.group(1)) for f in self.parts_dir.iterdir() if (m := PART_PATTERN.match(f.name))}
+
     def _prepare(self) -> None:
+        if not self.path.exists() and self.data_dir.is_dir() and not self.parts_dir.exists():
+            # Killed between the renames of a virtual assembly: the parts are whole; assemble them again.
+            os.replace(self.data_dir, self.parts_dir)
+            logger.info("%s: recovered the parts of an interrupted assembly", self.path)
         if self.path.exists() and not self.overwrite:
             theirs = _read_settings(self.path)
             diff = _settings_difference(theirs, self.settings)
@@ -432,8 +460,9 @@ class CacheWriter:
         _fault("part-committed")
 
     def assemble(self, *, num_parts: int, feature_dim: int, dtype: str, compression: Optional[str],
-                 images: Sequence, classes: Sequence[str], attrs: dict) -> None:
-        """Copy every part into the final file, then remove the parts.
+                 images: Sequence, classes: Sequence[str], attrs: dict, layout: str = "copy") -> None:
+        """Copy every part into the final file, then remove the parts (``layout="copy"``); or map the
+        final file's features onto the parts, kept in ``OUT.data/`` beside it (``"virtual"``).
 
         Parameters
         ----------
@@ -447,7 +476,13 @@ class CacheWriter:
         attrs : dict
             File attributes (each stored as JSON). ``format``, ``format_version`` and
             ``settings`` are written by this method.
+        layout : {"copy", "virtual"}
+            ``virtual``: ``features`` is an HDF5 virtual dataset over the part files (no copy
+            of the features; the other arrays are copied); the folder ``OUT.data`` moves
+            with ``OUT``.
         """
+        if layout not in ASSEMBLE_MODES:
+            raise CacheError(f"must be one of {', '.join(ASSEMBLE_MODES)}, got {layout!r}", param="layout")
         missing = [p for p in range(num_parts) if p not in self.done_parts]
         if missing:
             raise CacheError(f"{self.path}: cannot assemble, part {missing[0]} is missing")
@@ -466,23 +501,46 @@ class CacheWriter:
         row_of[kept] = np.arange(len(kept))
         np_dtype = np.dtype(dtype)
         comp = None if compression in (None, "none") else compression
+        virtual = layout == "virtual"
         _write_isolated(self.tmp_path, "every part is kept; the same command assembles them again",
                         lambda: self._write_final(part_files, counts, n, feature_dim, np_dtype, comp, images, kept,
-                                                  row_of, skipped_idx, skipped_reason, classes, attrs))
+                                                  row_of, skipped_idx, skipped_reason, classes,
+                                                  {**attrs, "layout": layout}, virtual))
+        old = self.data_dir.with_name(self.data_dir.name + ".old")  # an overwritten virtual cache's parts
+        shutil.rmtree(old, ignore_errors=True)
+        if self.data_dir.exists():
+            os.replace(self.data_dir, old)
+        if virtual:
+            os.replace(self.parts_dir, self.data_dir)
+            _fsync_dir(self.path.parent)
+            _fault("virtual-parts-moved")
         os.replace(self.tmp_path, self.path)
         _fsync_dir(self.path.parent)
         _fault("assembled")
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+        if not virtual:
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.complete = True
 
     def _write_final(self, part_files, counts, n, feature_dim, np_dtype, comp, images, kept, row_of, skipped_idx,
-                     skipped_reason, classes, attrs) -> None:
-        """Copy the parts into ``OUT.tmp`` and sync it (the caller renames it into place)."""
+                     skipped_reason, classes, attrs, virtual=False) -> None:
+        """Copy the parts into ``OUT.tmp`` (virtual: all but the features, mapped onto ``OUT.data/``) and sync it
+        (the caller renames it into place)."""
         num_parts = len(part_files)
         rows = _chunk_rows(feature_dim, np_dtype.itemsize, n)
         with h5py.File(_fresh(self.tmp_path), "w") as out:
-            feats = out.create_dataset("features", shape=(n, feature_dim), dtype=np_dtype,
-                                       chunks=(rows, feature_dim) if n else None, compression=comp)
+            if virtual and n:
+                layout = h5py.VirtualLayout(shape=(n, feature_dim), dtype=np_dtype)
+                start = 0
+                for pf, m in zip(part_files, counts):
+                    if m:  # relative to OUT's folder, where HDF5 looks first: the pair can move together
+                        layout[start:start + m] = h5py.VirtualSource(f"{self.data_dir.name}/{pf.name}", "features",
+                                                                     shape=(m, feature_dim))
+                    start += m
+                feats = out.create_virtual_dataset("features", layout)
+            else:
+                feats = out.create_dataset("features", shape=(n, feature_dim), dtype=np_dtype,
+                                           chunks=(rows, feature_dim) if n else None, compression=comp)
             label = out.create_dataset("label", shape=(n,), dtype=np.int16)
             img = out.create_dataset("image_index", shape=(n,), dtype=np.int32)
             box = out.create_dataset("box", shape=(n, 4), dtype=np.float32)
@@ -492,7 +550,8 @@ class CacheWriter:
                 with h5py.File(pf, "r") as f:
                     m = counts[k]
                     if m:
-                        feats[start:start + m] = f["features"][:]
+                        if not virtual:
+                            feats[start:start + m] = f["features"][:]
                         label[start:start + m] = f["label"][:]
                         img[start:start + m] = row_of[f["image"][:]]
                         box[start:start + m] = f["box"][:]
@@ -1120,6 +1179,20 @@ def _damage(f: h5py.File, attrs: dict) -> str:
     for name in ("labels", "difficult"):
         if f["images/" + name].shape[1] != len(classes):
             return f"images/{name} has {f['images/' + name].shape[1]} columns for {len(classes)} classes"
+    return _missing_sources(f)
+
+
+def _missing_sources(f: h5py.File) -> str:
+    """A virtual cache whose part files are not where its features point ('' when all are there): HDF5
+    would read the missing rows as zeros without a word."""
+    ds = f["features"]
+    if not ds.is_virtual:
+        return ""
+    here = Path(f.filename).parent
+    for src in ds.virtual_sources():
+        if src.file_name != "." and not (here / src.file_name).is_file():
+            return (f"its features live in {here / Path(src.file_name).parent} (a virtual cache) and "
+                    f"{Path(src.file_name).name} is not there; move the cache and that folder together")
     return ""
 
 

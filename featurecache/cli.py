@@ -21,7 +21,7 @@ from featurecache.errors import FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
 from featurecache.outputs import check_output, write_text
 from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, LabelRule, PatchGrid
-from featurecache.resources import DEVICES, RUNTIMES
+from featurecache.resources import ASSEMBLE_MODES, DEVICES, RUNTIMES
 from featurecache.summary import summarize
 
 logger = logging.getLogger("featurecache")
@@ -258,15 +258,19 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
                    "each worker).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache or unfinished run with other settings.")
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping and recording it.")
+@click.option("--assemble", type=click.Choice(ASSEMBLE_MODES), default="copy",
+              help="copy: one self-contained file; virtual: OUT maps its features onto the part files, kept in "
+                   "OUT.data/ beside it (no copy; move the two together).")
 @runtime_option
 @threads_option
 @_command
 def extract(dataset, out, layout, split, annotations, classes_file, backbone, layer, weights, scales, overlap,
             input_size, whole_image, max_patches, mode, max_side, batch_size, workers, device, dtype, compression,
-            part_size, max_pixels, overwrite, strict, runtime, threads):
+            part_size, max_pixels, overwrite, strict, assemble, runtime, threads):
     """Run every patch of DATASET through a frozen backbone once; cache the features in OUT (HDF5).
 
-    A killed run continues where it stopped when the same command is run again.
+    A killed run continues where it stopped when the same command is run again. Under torchrun
+    (or srun) the processes share the work and write one cache: docs/distributed.md.
     """
     from featurecache.extract import extract as run_extract
 
@@ -279,8 +283,9 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
         workers=workers,
         device=device, dtype=dtype, compression=compression, overwrite=overwrite, strict=strict,
         part_patches=part_size, max_pixels=max_pixels, max_patches=max_patches, runtime=runtime, threads=threads,
-        progress=False if ctx.obj.get("quiet") else None)
-    click.echo(result.summary())
+        progress=False if ctx.obj.get("quiet") else None, assemble=assemble)
+    if result.rank == 0:  # in a job of several processes the leader speaks for it
+        click.echo(result.summary())
 
 
 class _RegistryValue(click.ParamType):

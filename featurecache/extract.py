@@ -10,6 +10,7 @@ makes the run resumable after any crash.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -33,9 +34,10 @@ from featurecache import __version__
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone
 from featurecache.cache import CacheWriter, FeatureCache, PartData, feature_fingerprint, now_iso
 from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
-from featurecache.errors import ExtractError, integer_at_least
+from featurecache.distributed import Coordinator, World, share, world_from_env
+from featurecache.errors import ExtractError, FeaturecacheError, integer_at_least
 from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
-from featurecache.resources import apply_threads, resolve_device
+from featurecache.resources import ASSEMBLE_MODES, apply_threads, available_cpus, resolve_device
 from featurecache.runtimes import RUNTIMES, Runtime, build_runtime
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,10 @@ class ExtractResult:
         Bytes.
     already_complete : bool
         The cache existed with the same settings; nothing was done.
+    rank : int
+        This process's rank in its job (0 alone).
+    ranks : list of (patches, seconds), optional
+        In a job of several processes: what each rank computed, in rank order.
     """
 
     path: Path
@@ -77,6 +83,8 @@ class ExtractResult:
     computed_patches: int
     file_size: int
     already_complete: bool = False
+    rank: int = 0
+    ranks: Optional[list] = None
 
     @property
     def patches_per_second(self) -> float:
@@ -89,8 +97,12 @@ class ExtractResult:
             return (f"{self.path}: already complete ({self.images} images, {self.patches:,} patches, "
                     f"{self.skipped} skipped, {size}); nothing to do")
         resumed = "" if self.computed_patches == self.patches else f" ({self.computed_patches:,} computed now)"
+        per_rank = ""
+        if self.ranks:
+            per_rank = "; per process: " + ", ".join(f"{r} {n / s if s > 0 else 0.0:.1f}"
+                                                     for r, (n, s) in enumerate(self.ranks)) + " patches/s"
         return (f"{self.path}: {self.images} images, {self.patches:,} patches{resumed}, {self.skipped} skipped, "
-                f"{self.seconds:.1f} s, {self.patches_per_second:.1f} patches/s, {size}")
+                f"{self.seconds:.1f} s, {self.patches_per_second:.1f} patches/s, {size}{per_rank}")
 
 
 # --------------------------------------------------------------------------- decoding
@@ -403,6 +415,10 @@ class ExtractConfig:
         process may use).
     progress : bool, optional
         Show a progress bar; default only on a terminal.
+    assemble : {"copy", "virtual"}
+        How the finished parts become the cache: copied into one self-contained file, or
+        mapped by HDF5 virtual datasets onto the part files, kept in ``OUT.data/`` beside it
+        (no copy of the features; the two move together). Read identically.
     """
 
     split: Optional[str] = None
@@ -429,11 +445,13 @@ class ExtractConfig:
     runtime: str = "auto"
     threads: Optional[int] = None
     progress: Optional[bool] = None
+    assemble: str = "copy"
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("mode", self.mode, MODES), ("dtype", self.dtype, DTYPES),
                                      ("compression", self.compression, COMPRESSIONS), ("runtime", self.runtime,
-                                                                                        RUNTIMES)):
+                                                                                        RUNTIMES),
+                                     ("assemble", self.assemble, ASSEMBLE_MODES)):
             if value not in allowed:
                 raise ExtractError(f"must be one of {', '.join(allowed)}, got {value!r}", param=name)
         for name in ("batch_size", "part_patches", "max_pixels", "max_patches", "workers", "max_side", "threads"):
@@ -475,6 +493,14 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
     """
     t0 = time.perf_counter()
     config = replace(config, **options) if config is not None else ExtractConfig(**options)
+    world = world_from_env()
+    with Coordinator(world, rendezvous=Path(out)) as job, _quiet_unless(world.leader):
+        return _extract(dataset, Path(out), config, job, t0)
+
+
+def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: float) -> ExtractResult:
+    """:func:`extract` in one process of a job (alone: a job of one): plan, take a share of the parts, assemble."""
+    world = job.world
     dev = resolve_device(config.device)
     batch_size = config.batch_size or (256 if dev.type == "cuda" else 16)
     images = dataset if isinstance(dataset, ImageSet) else read_dataset(
@@ -487,28 +513,124 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
     threads = apply_threads(config.threads)
     runtime = build_runtime(net, config.runtime, input_size=config.grid.input_size, threads=threads, device=dev,
                             dense=config.mode == "dense")
-    out = Path(out)
     settings = _settings(images, net, config, batch_size, runtime)
     counts, skips = plan_patches(images.records, config.grid, mode=config.mode, stride=DENSE_STRIDE,
                                  max_patches=config.max_patches, max_pixels=config.max_pixels)
     parts = _plan_parts(counts, config.part_patches)
     # A resume must cut the same parts and compute them with the same runtime (bit-identical
-    # parts); a complete file is not compared on these (they do not change its content).
+    # parts); a complete file is not compared on these (they do not change its content). The
+    # number of processes is neither: any rank computes a part to the same bits.
     plan = hashlib.sha256(json.dumps([counts, [bool(r) for r in skips]]).encode()).hexdigest()
-    with CacheWriter(out, settings, overwrite=config.overwrite,
-                     resume={"part_plan": plan, "runtime": runtime.name}) as writer:
-        if writer.complete:
+    writer = CacheWriter(out, settings, overwrite=config.overwrite,
+                         resume={"part_plan": plan, "runtime": runtime.name}, lead=job.leader)
+    with contextlib.ExitStack() as stack:
+        # The leader locks the output (a second job is refused) and prepares the parts folder;
+        # then every rank knows the same committed parts.
+        complete, done = _on_leader(job, lambda: (stack.enter_context(writer).complete, sorted(writer.done_parts)))
+        if complete:
             logger.info("%s: already complete with the same settings", out)
-            return _result(out, t0, 0, already_complete=True)
+            return _result(out, t0, 0, already_complete=True, rank=world.rank)
+        writer.follow(done)
         todo = [p for p in range(len(parts)) if p not in writer.done_parts]
-        computed = _run_parts(images, parts, todo, counts, skips, writer, net, config=config, device=dev,
-                              batch_size=batch_size, runtime=runtime)
-        writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=config.dtype,
-                        compression=config.compression, images=images.records, classes=images.classes,
-                        attrs=_attrs(images, net, config, settings, dev, batch_size, runtime, threads))
-    result = _result(out, t0, computed)
+        size = {p: sum(counts[i] for i in parts[p]) for p in todo}
+        mine = share(todo, [size[p] for p in todo], world)
+        progress = _JobProgress(size, mine, writer.parts_dir, leader=job.leader,
+                                quiet=None if config.progress is None else not config.progress)
+        t1 = time.perf_counter()
+        try:
+            computed = _run_parts(images, parts, mine, counts, skips, writer, net, config=config, device=dev,
+                                  batch_size=batch_size, runtime=runtime, progress=progress, world=world)
+            seconds = time.perf_counter() - t1
+            progress.wait_for_others()
+        finally:
+            progress.close()
+        job.barrier()  # every part is committed
+        _on_leader(job, lambda: _assemble(writer, parts, net, config, images, settings, dev, batch_size, runtime,
+                                          threads, world))
+        ranks = job.gather((computed, seconds))
+    result = _result(out, t0, sum(n for n, _ in ranks), rank=world.rank, ranks=ranks if world.distributed else None)
     logger.info("%s", result.summary())
     return result
+
+
+def _assemble(writer: CacheWriter, parts: list, net: FrozenBackbone, config: ExtractConfig, images: ImageSet,
+              settings: dict, dev: torch.device, batch_size: int, runtime: Runtime, threads: int, world: World) -> None:
+    writer.refresh()  # the parts every rank committed
+    writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=config.dtype,
+                    compression=config.compression, images=images.records, classes=images.classes,
+                    attrs=_attrs(images, net, config, settings, dev, batch_size, runtime, threads, world),
+                    layout=config.assemble)
+
+
+def _on_leader(job: Coordinator, make):
+    """``make()`` on the leader; its result on every rank, or its error raised on every rank (one message)."""
+    if not job.world.distributed:
+        return make()
+
+    def guarded():
+        try:
+            return False, make()
+        except FeaturecacheError as e:
+            return True, (type(e), e.message, e.param)
+
+    failed, value = job.from_leader(guarded)
+    if failed:
+        kind, message, param = value
+        raise kind(message, param=param)
+    return value
+
+
+@contextlib.contextmanager
+def _quiet_unless(leader: bool):
+    """Other ranks than the leader log warnings only (the leader speaks for the job)."""
+    if leader:
+        yield
+        return
+    log = logging.getLogger("featurecache")
+    level = log.level
+    log.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+class _JobProgress:
+    """The job's progress bar, on the leader: its own patches as they are computed, the other ranks' as
+    their parts are committed (a part file exists only complete). Other ranks show none."""
+
+    def __init__(self, size: dict, mine: list, parts_dir: Path, *, leader: bool, quiet: Optional[bool]) -> None:
+        self.others = {p: n for p, n in size.items() if p not in set(mine)}
+        self.parts_dir, self.seen, self.checked = parts_dir, set(), 0.0
+        self.bar = tqdm(total=sum(size.values()), unit="patch", disable=quiet or not leader, smoothing=0.1,
+                        dynamic_ncols=True, desc="extract")
+
+    def update(self, n: int) -> None:
+        self.bar.update(n)
+        if self.others and time.monotonic() - self.checked > 2.0:
+            self._look()
+
+    def set_postfix_str(self, text: str) -> None:
+        self.bar.set_postfix_str(text)
+
+    def _look(self) -> None:
+        self.checked = time.monotonic()
+        for p in [p for p in self.others if p not in self.seen]:
+            if (self.parts_dir / f"part-{p:06d}.h5").exists():
+                self.seen.add(p)
+                self.bar.update(self.others[p])
+
+    def wait_for_others(self) -> None:
+        """Keep the leader's bar moving until the other ranks' parts are in (the barrier that follows is what
+        synchronises; this only shows their progress)."""
+        if self.bar.disable:
+            return
+        while len(self.seen) < len(self.others):
+            self._look()
+            time.sleep(0.5)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _check_dense(net: FrozenBackbone, grid: PatchGrid) -> None:
@@ -542,7 +664,7 @@ def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batc
 
 
 def _attrs(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, settings: dict, dev: torch.device,
-           batch_size: int, runtime: Runtime, threads: int) -> dict:
+           batch_size: int, runtime: Runtime, threads: int, world: World) -> dict:
     """The file's provenance attributes (the schema's own are the cache writer's)."""
     crop = config.mode == "crop"
     return {
@@ -557,7 +679,8 @@ def _attrs(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, setting
                        "dtype": config.dtype, "compression": config.compression, "batch_size": batch_size,
                        "part_patches": config.part_patches, "max_side": None if crop else config.max_side,
                        "device": str(dev), "mixed_precision": dev.type == "cuda", "runtime": runtime.describe(),
-                       "threads": threads},
+                       "threads": threads, "processes": world.size, "launcher": world.launcher,
+                       "assemble": config.assemble},
         "feature_settings": settings["features"],
         "fingerprint": feature_fingerprint(settings["features"]),
         "versions": _versions(),
@@ -565,20 +688,21 @@ def _attrs(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, setting
     }
 
 
-def _result(out: Path, t0: float, computed: int, *, already_complete: bool = False) -> ExtractResult:
+def _result(out: Path, t0: float, computed: int, *, already_complete: bool = False, rank: int = 0,
+            ranks: Optional[list] = None) -> ExtractResult:
     with FeatureCache(out) as c:
         n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
     return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, computed, out.stat().st_size,
-                         already_complete=already_complete)
+                         already_complete=already_complete, rank=rank, ranks=ranks)
 
 
 def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: list, writer: CacheWriter,
                net: FrozenBackbone, *, config: ExtractConfig, device: torch.device, batch_size: int,
-               runtime: Runtime) -> int:
+               runtime: Runtime, progress: "_JobProgress", world: World) -> int:
     """Compute and commit the parts in ``todo``; return the number of patches computed."""
     if not todo:
         return 0
-    workers = config.workers if config.workers is not None else min(4, os.cpu_count() or 1)
+    workers = config.workers if config.workers is not None else min(4, max(1, available_cpus() // world.local_size))
     order = [i for p in todo for i in parts[p]]
     items = [(i, str(images[i].path), images[i].width, images[i].height, skips[i]) for i in order]
     # Two images in flight per worker: memory stays workers x 2 x max_pixels x 3 bytes at most.
@@ -590,11 +714,8 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: l
                           out_dtype=np.dtype(dtype), runtime=runtime)
     dense = (_DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype), max_side=config.max_side)
              if config.mode == "dense" else None)
-    total = sum(counts[i] for i in order)
     done_images = sum(len(parts[p]) for p in range(len(parts)) if p not in todo)
-    quiet = None if config.progress is None else not config.progress
-    bar = tqdm(total=total, unit="patch", disable=quiet, smoothing=0.1,
-               dynamic_ncols=True, desc="extract")
+    bar = progress
     computed = 0
     stream = iter(loader)
 
@@ -652,8 +773,9 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: l
             )
             writer.write_part(p, data)
             done_images += len(parts[p])
-            bar.set_postfix_str(f"images {done_images}/{len(images)}")
+            if not world.distributed:  # a job's bar counts every rank's patches; images are this rank's
+                bar.set_postfix_str(f"images {done_images}/{len(images)}")
     finally:
-        bar.close()
+        del stream  # its decoding workers end now, not at the next collection
     return computed
 

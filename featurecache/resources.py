@@ -6,10 +6,11 @@ import math
 import os
 from typing import Optional, Union
 
+from featurecache.distributed import world_from_env
 from featurecache.errors import FeaturecacheError, integer_at_least
 
-__all__ = ["DEVICES", "RUNTIMES", "apply_threads", "available_cpus", "available_memory", "cpu_threads",
-           "features_bytes", "memory_budget", "resolve_device"]
+__all__ = ["ASSEMBLE_MODES", "DEVICES", "RUNTIMES", "apply_threads", "available_cpus", "available_memory",
+           "cpu_threads", "features_bytes", "memory_budget", "resolve_device"]
 
 #: What every ``device`` option accepts.
 DEVICES = ("auto", "cpu", "cuda")
@@ -17,23 +18,33 @@ DEVICES = ("auto", "cpu", "cuda")
 #: What every ``runtime`` option accepts (:mod:`featurecache.runtimes`).
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 
+#: How a finished cache is laid out (``extract --assemble``): one self-contained file, or the
+#: file plus ``OUT.data/`` holding the part files its features are mapped onto.
+ASSEMBLE_MODES = ("copy", "virtual")
+
 
 def resolve_device(device: Union[str, "torch.device"] = "auto") -> "torch.device":  # noqa: F821
     """The torch device for a ``device`` option.
 
     ``"auto"`` is CUDA when available, else the CPU; ``"cuda"`` without a CUDA device is
-    refused (a :class:`FeaturecacheError` naming ``device``) rather than failing later.
+    refused (a :class:`FeaturecacheError` naming ``device``) rather than failing later. In a
+    job of several processes (torchrun, srun) ``cuda`` means ``cuda:LOCAL_RANK``.
     """
     import torch  # here, not above: the command line reads DEVICES without loading torch
 
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise FeaturecacheError(f"unknown device {device!r} (auto, cpu, cuda)", param="device") from None
+        d = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        try:
+            d = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise FeaturecacheError(f"unknown device {device!r} (auto, cpu, cuda)", param="device") from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise FeaturecacheError("cuda: no CUDA device is available (use auto or cpu)", param="device")
+    if d.type == "cuda" and d.index is None:
+        world = world_from_env()  # one process per GPU under torchrun/srun: cuda:LOCAL_RANK
+        if world.distributed:
+            d = torch.device("cuda", world.local_rank % torch.cuda.device_count())
     return d
 
 
@@ -93,14 +104,16 @@ def available_cpus() -> int:
 
 def cpu_threads(threads: Optional[int] = None) -> int:
     """Intra-op threads for CPU work: ``threads`` when given, else ``OMP_NUM_THREADS`` when set, else
-    :func:`available_cpus`.
+    :func:`available_cpus` (shared among the job's processes on this machine, under torchrun or srun).
 
     Decoding workers are not subtracted: they decode an image in milliseconds, then wait
     while the network spends seconds on its patches (measured in docs/performance.md).
     """
     if threads is None:
         env = os.environ.get("OMP_NUM_THREADS", "")
-        return int(env) if env.isdigit() and int(env) > 0 else available_cpus()  # the user's own setting wins
+        if env.isdigit() and int(env) > 0:
+            return int(env)  # the user's own setting wins
+        return max(1, available_cpus() // world_from_env().local_size)  # processes of one job share the machine
     if not integer_at_least(threads, 1):
         raise FeaturecacheError(f"must be a positive integer, got {threads!r}", param="threads")
     return threads

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featurecache"
 
 #: docs/architecture.md: a module may import modules of its own or a lower layer only.
 LAYERS = [
-    {"errors", "resources", "metrics", "overlay", "outputs", "prefetch"},
+    {"errors", "distributed", "resources", "metrics", "overlay", "outputs", "prefetch"},
     {"__init__", "datasets", "patches", "summary", "plots"},
     {"backbones", "cache"},
     {"runtimes"},
