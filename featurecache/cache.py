@@ -22,12 +22,14 @@ from __future__ import annotations
 import contextlib
 import datetime
 import errno
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -55,7 +57,7 @@ __all__ = [
     "MemoryCache",
     "PatchChunk",
     "PatchDataset",
-    "data_folder",
+    "data_folders",
     "describe_fingerprint_difference",
     "feature_fingerprint",
     "open_cache",
@@ -219,10 +221,29 @@ def _writing(path: Path, kept: str):
         raise CacheError(f"{path}: cannot write ({os_reason(e)}); {kept}") from None
 
 
-def data_folder(path: Union[str, Path]) -> Path:
-    """``OUT.data``: where a virtual cache's part files live, beside ``OUT``."""
+def data_folders(path: Union[str, Path]) -> list:
+    """The folders a virtual cache at ``path`` reads its features from (none for a copy, a missing or an
+    unreadable file)."""
     path = Path(path)
-    return path.with_name(path.name + ".data")
+    try:
+        with h5py.File(path, "r") as f:
+            ds = f.get("features")
+            if not isinstance(ds, h5py.Dataset) or not ds.is_virtual:
+                return []
+            names = {_unescape(src.file_name) for src in ds.virtual_sources() if src.file_name != "."}
+    except (OSError, ValueError):
+        return []
+    return sorted({(path.parent / n).parent for n in names})
+
+
+def _unescape(name: str) -> str:
+    """A virtual source's file name as written (HDF5 reads ``%`` in them as printf-style; they are doubled)."""
+    return name.replace("%%", "%")
+
+
+def _run_id(settings: dict) -> str:
+    """A short id of one assembly: its settings, the time, the process (a new run never reuses a name)."""
+    return hashlib.sha256(f"{_json(settings)}{now_iso()}{os.getpid()}{time.time_ns()}".encode()).hexdigest()[:8]
 
 
 def _chunk_rows(dim: int, itemsize: int, n: int) -> int:
@@ -358,7 +379,6 @@ class CacheWriter:
         self.overwrite = overwrite
         self.parts_dir = self.path.with_name(self.path.name + ".parts")
         self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self.data_dir = data_folder(self.path)
         self._lock = _Lock(self.path.with_name(self.path.name + ".lock"), self.path)
         self.lead = lead
         self.complete = False
@@ -391,11 +411,23 @@ class CacheWriter:
         """Find the parts committed so far, by any process of the job (a part file exists only complete)."""
         self.done_parts = {int(m.group(1)) for f in self.parts_dir.iterdir() if (m := PART_PATTERN.match(f.name))}
 
+    def _recover(self) -> None:
+        """Killed between the renames of a virtual assembly: its parts, whole, are in a data folder that the
+        file at ``path`` (if any) does not read. Only a folder this run made (its settings) is taken back."""
+        if self.parts_dir.exists():
+            return
+        in_use = set(data_folders(self.path)) if self.path.exists() else set()
+        for d in sorted(self.path.parent.glob(glob.escape(self.path.name) + ".*.data")):
+            if d.is_symlink() or not d.is_dir() or d in in_use:
+                continue
+            with contextlib.suppress(OSError, ValueError):
+                if json.loads((d / "settings.json").read_text()) == self.run_settings:
+                    os.replace(d, self.parts_dir)
+                    logger.info("%s: recovered the parts of an interrupted assembly from %s", self.path, d)
+                    return
+
     def _prepare(self) -> None:
-        if not self.path.exists() and self.data_dir.is_dir() and not self.parts_dir.exists():
-            # Killed between the renames of a virtual assembly: the parts are whole; assemble them again.
-            os.replace(self.data_dir, self.parts_dir)
-            logger.info("%s: recovered the parts of an interrupted assembly", self.path)
+        self._recover()
         if self.path.exists() and not self.overwrite:
             theirs = _read_settings(self.path)
             diff = _settings_difference(theirs, self.settings)
@@ -462,7 +494,7 @@ class CacheWriter:
     def assemble(self, *, num_parts: int, feature_dim: int, dtype: str, compression: Optional[str],
                  images: Sequence, classes: Sequence[str], attrs: dict, layout: str = "copy") -> None:
         """Copy every part into the final file, then remove the parts (``layout="copy"``); or map the
-        final file's features onto the parts, kept in ``OUT.data/`` beside it (``"virtual"``).
+        final file's features onto the parts, kept in ``OUT.<run>.data/`` beside it (``"virtual"``).
 
         Parameters
         ----------
@@ -478,7 +510,7 @@ class CacheWriter:
             ``settings`` are written by this method.
         layout : {"copy", "virtual"}
             ``virtual``: ``features`` is an HDF5 virtual dataset over the part files (no copy
-            of the features; the other arrays are copied); the folder ``OUT.data`` moves
+            of the features; the other arrays are copied); the folder ``OUT.<run>.data`` moves
             with ``OUT``.
         """
         if layout not in ASSEMBLE_MODES:
@@ -502,31 +534,33 @@ class CacheWriter:
         np_dtype = np.dtype(dtype)
         comp = None if compression in (None, "none") else compression
         virtual = layout == "virtual"
+        # A virtual cache's folder has a name of its own run: an old file never reads a new run's parts.
+        data_dir = self.path.with_name(f"{self.path.name}.{_run_id(self.run_settings)}.data") if virtual else None
+        replaced = data_folders(self.path) if self.path.exists() else []  # the old cache's own folders
         _write_isolated(self.tmp_path, "every part is kept; the same command assembles them again",
                         lambda: self._write_final(part_files, counts, n, feature_dim, np_dtype, comp, images, kept,
                                                   row_of, skipped_idx, skipped_reason, classes,
-                                                  {**attrs, "layout": layout}, virtual))
-        old = self.data_dir.with_name(self.data_dir.name + ".old")  # an overwritten virtual cache's parts
-        shutil.rmtree(old, ignore_errors=True)
-        if self.data_dir.exists():
-            os.replace(self.data_dir, old)
+                                                  {**attrs, "layout": layout}, data_dir))
         if virtual:
-            os.replace(self.parts_dir, self.data_dir)
+            os.replace(self.parts_dir, data_dir)
             _fsync_dir(self.path.parent)
             _fault("virtual-parts-moved")
         os.replace(self.tmp_path, self.path)
         _fsync_dir(self.path.parent)
         _fault("assembled")
-        shutil.rmtree(old, ignore_errors=True)
+        for d in replaced:  # only folders the replaced cache read: featurecache made them
+            if d != data_dir and d.is_dir() and not d.is_symlink():
+                shutil.rmtree(d, ignore_errors=True)
         if not virtual:
             shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.complete = True
 
     def _write_final(self, part_files, counts, n, feature_dim, np_dtype, comp, images, kept, row_of, skipped_idx,
-                     skipped_reason, classes, attrs, virtual=False) -> None:
-        """Copy the parts into ``OUT.tmp`` (virtual: all but the features, mapped onto ``OUT.data/``) and sync it
-        (the caller renames it into place)."""
+                     skipped_reason, classes, attrs, data_dir: Optional[Path] = None) -> None:
+        """Copy the parts into ``OUT.tmp`` (with ``data_dir``: all but the features, mapped onto the parts as
+        they will be named there) and sync it (the caller renames it into place)."""
         num_parts = len(part_files)
+        virtual = data_dir is not None
         rows = _chunk_rows(feature_dim, np_dtype.itemsize, n)
         with h5py.File(_fresh(self.tmp_path), "w") as out:
             if virtual and n:
@@ -534,8 +568,8 @@ class CacheWriter:
                 start = 0
                 for pf, m in zip(part_files, counts):
                     if m:  # relative to OUT's folder, where HDF5 looks first: the pair can move together
-                        layout[start:start + m] = h5py.VirtualSource(f"{self.data_dir.name}/{pf.name}", "features",
-                                                                     shape=(m, feature_dim))
+                        name = f"{data_dir.name}/{pf.name}".replace("%", "%%")  # HDF5 reads % as printf-style
+                        layout[start:start + m] = h5py.VirtualSource(name, "features", shape=(m, feature_dim))
                     start += m
                 feats = out.create_virtual_dataset("features", layout)
             else:
@@ -1190,9 +1224,18 @@ def _missing_sources(f: h5py.File) -> str:
         return ""
     here = Path(f.filename).parent
     for src in ds.virtual_sources():
-        if src.file_name != "." and not (here / src.file_name).is_file():
-            return (f"its features live in {here / Path(src.file_name).parent} (a virtual cache) and "
-                    f"{Path(src.file_name).name} is not there; move the cache and that folder together")
+        if src.file_name == ".":
+            continue
+        part = here / _unescape(src.file_name)
+        if not part.is_file():
+            return (f"its features live in {part.parent} (a virtual cache) and {part.name} is not there; move the "
+                    "cache and that folder together")
+        try:
+            with open(part, "rb") as fh:
+                if fh.read(8) != b"\x89HDF\r\n\x1a\n":
+                    return f"{part}: a part file of this virtual cache is damaged (not HDF5)"
+        except OSError as e:
+            return f"{part}: a part file of this virtual cache cannot be read ({os_reason(e)})"
     return ""
 
 

@@ -17,6 +17,7 @@ import click
 
 from featurecache import __version__
 from featurecache.datasets import LAYOUTS, MAX_PIXELS, read_class_file, read_dataset
+from featurecache.distributed import world_from_env
 from featurecache.errors import FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
 from featurecache.outputs import check_output, write_text
@@ -71,6 +72,10 @@ def _command(f: Callable) -> Callable:
         ctx = click.get_current_context()
         _set_verbosity(ctx, verbose, quiet)
         try:
+            if ctx.info_name not in _SHARED_COMMANDS and world_from_env().distributed:
+                # Every process would do the whole work and write the same outputs.
+                raise FeaturecacheError(f"{ctx.info_name} runs in one process; start it without torchrun/srun "
+                                        f"(only {', '.join(_SHARED_COMMANDS)} shares its work among processes)")
             return f(*args, **kwargs)
         except FeaturecacheError as e:
             raise click.ClickException(_message(ctx, e)) from None
@@ -88,6 +93,9 @@ def _command(f: Callable) -> Callable:
 
     return _verbosity_options(wrapper)
 
+
+#: Commands that share their work among the processes of a torchrun/srun job.
+_SHARED_COMMANDS = ("extract",)
 
 _MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memory|Unable to allocate", re.I)
 
@@ -260,7 +268,7 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
 @click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping and recording it.")
 @click.option("--assemble", type=click.Choice(ASSEMBLE_MODES), default="copy",
               help="copy: one self-contained file; virtual: OUT maps its features onto the part files, kept in "
-                   "OUT.data/ beside it (no copy; move the two together).")
+                   "OUT.<run>.data/ beside it (no copy; move the two together).")
 @runtime_option
 @threads_option
 @_command

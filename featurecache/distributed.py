@@ -1,8 +1,8 @@
 """One job on many processes: the world read from torchrun or SLURM, and a gloo group that coordinates it.
 
 featurecache does not start processes: ``torchrun`` (or ``srun``) does, and sets ``RANK``,
-``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (``SLURM_PROCID``, ``SLURM_NTASKS``,
-``SLURM_LOCALID``, ``SLURM_NTASKS_PER_NODE``). :func:`world_from_env` reads them (one
+``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` (``SLURM_PROCID``, ``SLURM_STEP_NUM_TASKS``,
+``SLURM_LOCALID``, ``SLURM_STEP_TASKS_PER_NODE``). :func:`world_from_env` reads them (one
 process when none is set); :class:`Coordinator` joins a torch.distributed process group with
 the gloo backend (barriers and small objects only; the features never travel over it).
 torch is imported only when a group is made: the command line reads this module without it.
@@ -10,9 +10,11 @@ torch is imported only when a group is made: the command line reads this module 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
@@ -21,12 +23,16 @@ from featurecache.errors import FeaturecacheError
 
 __all__ = ["Coordinator", "World", "share", "world_from_env"]
 
-#: How long a rank may wait at a barrier for the others (a rank with a larger share of the
-#: work can take hours); a rank that dies ends the job at once (torchrun, srun --kill-on-bad-exit).
+#: How long the processes wait for each other to start, and for a small exchange.
+RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=10)
+#: How long a rank may wait at the barrier for the others to finish their shares (a larger
+#: share can take hours); a rank that stops ends the wait at once (its connection closes).
 BARRIER_TIMEOUT = datetime.timedelta(days=2)
 
 _TORCHRUN = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-_SLURM = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE")
+# The step's variables, which srun sets: an sbatch script's own shell has SLURM_NTASKS and
+# SLURM_PROCID=0 too, and must stay a job of one process.
+_SLURM = ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE")
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,8 @@ def _int(env: Mapping[str, str], name: str, default: Optional[int] = None) -> in
         if default is None:
             raise FeaturecacheError(f"{name} is not set (launched by torchrun or srun?)")
         return default
-    m = re.match(r"^\s*(\d+)", text)  # SLURM_NTASKS_PER_NODE may read "2(x3)" or "2,1"
+    # SLURM_STEP_TASKS_PER_NODE may read "2(x3)" or "2,1": its first number is this node's.
+    m = re.fullmatch(r"\s*(\d+)\s*" + (r"(\(x\d+\))?(,.*)?" if name == "SLURM_STEP_TASKS_PER_NODE" else ""), text)
     if not m:
         raise FeaturecacheError(f"{name}={text!r} is not a number")
     return int(m.group(1))
@@ -85,7 +92,7 @@ def world_from_env(env: Optional[Mapping[str, str]] = None) -> World:
     env = os.environ if env is None else env
     if "RANK" in env and "WORLD_SIZE" in env:
         names, launcher = _TORCHRUN, "torchrun"
-    elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+    elif "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         names, launcher = _SLURM, "slurm"
     else:
         return World()
@@ -96,8 +103,8 @@ def world_from_env(env: Optional[Mapping[str, str]] = None) -> World:
         raise FeaturecacheError(f"{names[0]}={rank} is outside {names[1]}={size}")
     if local_rank >= max(local_size, 1):
         local_size = local_rank + 1  # a launcher that does not say: at least this many here
-    job = (env.get("TORCHELASTIC_RUN_ID", "") if launcher == "torchrun"
-           else f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}")
+    job = (env.get("TORCHELASTIC_RUN_ID", "") if launcher == "torchrun"  # a requeued SLURM job restarts its count
+           else f"{env.get('SLURM_JOB_ID', '')}.{env.get('SLURM_STEP_ID', '')}.{env.get('SLURM_RESTART_COUNT', '0')}")
     return World(rank, size, local_rank, max(local_size, 1), launcher, re.sub(r"[^\w.-]", "_", job))
 
 
@@ -136,7 +143,7 @@ class Coordinator:
     """
 
     def __init__(self, world: World, *, rendezvous: Optional[Path] = None) -> None:
-        self.world, self._made = world, False
+        self.world, self._made, self._waiting = world, False, None
         self.rendezvous = (Path(f"{rendezvous}.rendezvous-{world.job or 'job'}") if rendezvous is not None
                            else None)
 
@@ -160,9 +167,16 @@ class Coordinator:
             init = Path(self.rendezvous).resolve().as_uri()
         else:
             raise FeaturecacheError("MASTER_ADDR is not set and there is no rendezvous file")
-        dist.init_process_group("gloo", init_method=init, rank=self.world.rank, world_size=self.world.size,
-                                timeout=BARRIER_TIMEOUT)
-        self._made = True
+        try:
+            dist.init_process_group("gloo", init_method=init, rank=self.world.rank, world_size=self.world.size,
+                                    timeout=RENDEZVOUS_TIMEOUT)
+            self._made = True
+            # The long wait for the others' shares has its own group and timeout.
+            self._waiting = dist.new_group(backend="gloo", timeout=BARRIER_TIMEOUT)
+        except (RuntimeError, ValueError) as e:  # torch's store and gloo errors, a bad MASTER_PORT
+            where = "MASTER_ADDR/MASTER_PORT" if init == "env://" else str(self.rendezvous)
+            raise FeaturecacheError(f"process {self.world.rank} of {self.world.size} could not join the job through "
+                                    f"{where} within {RENDEZVOUS_TIMEOUT} ({_first_line(e)})") from None
         return self
 
     def __exit__(self, *exc) -> None:
@@ -177,12 +191,20 @@ class Coordinator:
                 except OSError:
                     pass
 
-    def barrier(self) -> None:
-        """Wait until every rank gets here."""
-        if self.world.distributed:
-            import torch.distributed as dist
+    def barrier(self, while_waiting: Optional[Callable[[], None]] = None) -> None:
+        """Wait until every rank gets here (up to :data:`BARRIER_TIMEOUT`), calling ``while_waiting()``
+        about every half second meanwhile (the leader's progress bar)."""
+        if not self.world.distributed:
+            return
+        import torch.distributed as dist
 
-            dist.barrier()
+        with _peers_alive(self.world):
+            work = dist.barrier(group=self._waiting, async_op=True)
+            while not work.is_completed():
+                if while_waiting is not None:
+                    while_waiting()
+                time.sleep(0.5)
+            work.wait()
 
     def from_leader(self, make: Callable[[], Any]) -> Any:
         """``make()`` run on the leader only; its result (a picklable object) handed to every rank."""
@@ -191,7 +213,8 @@ class Coordinator:
         import torch.distributed as dist
 
         box = [make() if self.leader else None]
-        dist.broadcast_object_list(box, src=0)
+        with _peers_alive(self.world):
+            dist.broadcast_object_list(box, src=0)
         return box[0]
 
     def gather(self, obj: Any) -> list:
@@ -201,5 +224,22 @@ class Coordinator:
         import torch.distributed as dist
 
         out: list = [None] * self.world.size
-        dist.all_gather_object(out, obj)
+        with _peers_alive(self.world):
+            dist.all_gather_object(out, obj)
         return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+@contextlib.contextmanager
+def _peers_alive(world: World):
+    """A collective that fails because another process stopped (its connection closed, a timeout) is one line;
+    that process's own output says why it stopped."""
+    try:
+        yield
+    except RuntimeError as e:
+        raise FeaturecacheError(f"process {world.rank} of {world.size}: another process of the job stopped or "
+                                f"stopped answering ({_first_line(e)}); its own output says why") from None

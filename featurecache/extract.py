@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from featurecache import __version__
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone
-from featurecache.cache import CacheWriter, FeatureCache, PartData, feature_fingerprint, now_iso
+from featurecache.cache import CacheWriter, FeatureCache, PartData, data_folders, feature_fingerprint, now_iso
 from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
 from featurecache.distributed import Coordinator, World, share, world_from_env
 from featurecache.errors import ExtractError, FeaturecacheError, integer_at_least
@@ -66,7 +66,7 @@ class ExtractResult:
     computed_patches : int
         Patches computed by this run (fewer than ``patches`` when it resumed).
     file_size : int
-        Bytes.
+        Bytes (a virtual cache's part files included).
     already_complete : bool
         The cache existed with the same settings; nothing was done.
     rank : int
@@ -417,7 +417,7 @@ class ExtractConfig:
         Show a progress bar; default only on a terminal.
     assemble : {"copy", "virtual"}
         How the finished parts become the cache: copied into one self-contained file, or
-        mapped by HDF5 virtual datasets onto the part files, kept in ``OUT.data/`` beside it
+        mapped by HDF5 virtual datasets onto the part files, kept in ``OUT.<run>.data/`` beside it
         (no copy of the features; the two move together). Read identically.
     """
 
@@ -521,8 +521,9 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
     # parts); a complete file is not compared on these (they do not change its content). The
     # number of processes is neither: any rank computes a part to the same bits.
     plan = hashlib.sha256(json.dumps([counts, [bool(r) for r in skips]]).encode()).hexdigest()
-    writer = CacheWriter(out, settings, overwrite=config.overwrite,
-                         resume={"part_plan": plan, "runtime": runtime.name}, lead=job.leader)
+    resume = {"part_plan": plan, "runtime": runtime.name}
+    _same_everywhere(job, settings, resume)
+    writer = CacheWriter(out, settings, overwrite=config.overwrite, resume=resume, lead=job.leader)
     with contextlib.ExitStack() as stack:
         # The leader locks the output (a second job is refused) and prepares the parts folder;
         # then every rank knows the same committed parts.
@@ -541,10 +542,9 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
             computed = _run_parts(images, parts, mine, counts, skips, writer, net, config=config, device=dev,
                                   batch_size=batch_size, runtime=runtime, progress=progress, world=world)
             seconds = time.perf_counter() - t1
-            progress.wait_for_others()
+            job.barrier(while_waiting=progress.look)  # every part is committed; the bar shows the others'
         finally:
             progress.close()
-        job.barrier()  # every part is committed
         _on_leader(job, lambda: _assemble(writer, parts, net, config, images, settings, dev, batch_size, runtime,
                                           threads, world))
         ranks = job.gather((computed, seconds))
@@ -560,6 +560,19 @@ def _assemble(writer: CacheWriter, parts: list, net: FrozenBackbone, config: Ext
                     compression=config.compression, images=images.records, classes=images.classes,
                     attrs=_attrs(images, net, config, settings, dev, batch_size, runtime, threads, world),
                     layout=config.assemble)
+
+
+def _same_everywhere(job: Coordinator, settings: dict, resume: dict) -> None:
+    """Refuse a job whose processes planned different work (other options, another view of the data set,
+    another runtime chosen by ``auto``): their parts would not make one cache."""
+    if not job.world.distributed:
+        return
+    mine = hashlib.sha256(json.dumps([settings, resume], sort_keys=True, default=str).encode()).hexdigest()
+    others = [r for r, h in enumerate(job.gather(mine)) if h != mine]
+    if others:
+        raise ExtractError(f"process {job.world.rank} planned other work than process(es) "
+                           f"{', '.join(map(str, others))}: the same options, data set and runtime are needed on every "
+                           "process (--runtime torch avoids a per-machine choice)")
 
 
 def _on_leader(job: Coordinator, make):
@@ -608,26 +621,20 @@ class _JobProgress:
     def update(self, n: int) -> None:
         self.bar.update(n)
         if self.others and time.monotonic() - self.checked > 2.0:
-            self._look()
+            self.look()
 
     def set_postfix_str(self, text: str) -> None:
         self.bar.set_postfix_str(text)
 
-    def _look(self) -> None:
+    def look(self) -> None:
+        """Count the other ranks' parts committed since the last look (shown only; the barrier synchronises)."""
         self.checked = time.monotonic()
+        if self.bar.disable:
+            return
         for p in [p for p in self.others if p not in self.seen]:
             if (self.parts_dir / f"part-{p:06d}.h5").exists():
                 self.seen.add(p)
                 self.bar.update(self.others[p])
-
-    def wait_for_others(self) -> None:
-        """Keep the leader's bar moving until the other ranks' parts are in (the barrier that follows is what
-        synchronises; this only shows their progress)."""
-        if self.bar.disable:
-            return
-        while len(self.seen) < len(self.others):
-            self._look()
-            time.sleep(0.5)
 
     def close(self) -> None:
         self.bar.close()
@@ -692,7 +699,8 @@ def _result(out: Path, t0: float, computed: int, *, already_complete: bool = Fal
             ranks: Optional[list] = None) -> ExtractResult:
     with FeatureCache(out) as c:
         n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
-    return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, computed, out.stat().st_size,
+    size = out.stat().st_size + sum(f.stat().st_size for d in data_folders(out) for f in d.glob("part-*.h5"))
+    return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, computed, size,
                          already_complete=already_complete, rank=rank, ranks=ranks)
 
 

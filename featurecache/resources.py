@@ -19,7 +19,7 @@ DEVICES = ("auto", "cpu", "cuda")
 RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 
 #: How a finished cache is laid out (``extract --assemble``): one self-contained file, or the
-#: file plus ``OUT.data/`` holding the part files its features are mapped onto.
+#: file plus ``OUT.<run>.data/`` holding the part files its features are mapped onto.
 ASSEMBLE_MODES = ("copy", "virtual")
 
 

@@ -32,13 +32,17 @@ def test_world_from_torchrun_slurm_or_nothing():
                         "TORCHELASTIC_RUN_ID": "abc"})
     assert (w.rank, w.size, w.local_rank, w.local_size, w.launcher, w.job) == (3, 4, 1, 2, "torchrun", "abc")
     assert w.distributed and not w.leader
-    s = world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "6", "SLURM_LOCALID": "0",
-                        "SLURM_NTASKS_PER_NODE": "3(x2)", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"})
-    assert (s.rank, s.size, s.local_size, s.launcher, s.job, s.leader) == (0, 6, 3, "slurm", "77.0", True)
+    s = world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "6", "SLURM_STEP_NUM_TASKS": "6", "SLURM_LOCALID": "0",
+                        "SLURM_STEP_TASKS_PER_NODE": "3(x2)", "SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0"})
+    assert (s.rank, s.size, s.local_size, s.launcher, s.job, s.leader) == (0, 6, 3, "slurm", "77.0.0", True)
+    # An sbatch script's own shell (no srun step) is one process, whatever --ntasks says.
+    assert world_from_env({"SLURM_PROCID": "0", "SLURM_NTASKS": "4", "SLURM_JOB_ID": "77"}) == World()
     with pytest.raises(FeaturecacheError, match="RANK='x' is not a number"):
         world_from_env({"RANK": "x", "WORLD_SIZE": "2"})
     with pytest.raises(FeaturecacheError, match="RANK=2 is outside WORLD_SIZE=2"):
         world_from_env({"RANK": "2", "WORLD_SIZE": "2"})
+    with pytest.raises(FeaturecacheError, match="WORLD_SIZE='2y' is not a number"):
+        world_from_env({"RANK": "1", "WORLD_SIZE": "2y"})
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8])
@@ -147,7 +151,7 @@ def test_virtual_layout_reads_as_the_copy_and_moves_with_its_folder(voc, referen
     out = tmp_path / "v.h5"
     p = _run(2, voc, out, ["--assemble", "virtual"])
     assert p.returncode == 0, p.stderr[-3000:]
-    data = tmp_path / "v.h5.data"
+    (data,) = tmp_path.glob("v.h5.*.data")  # a folder named for this run
     assert data.is_dir() and not (tmp_path / "v.h5.parts").exists() and len(list(data.glob("part-*.h5"))) == 8
     with h5py.File(out, "r") as f:
         assert f["features"].is_virtual
@@ -161,57 +165,131 @@ def test_virtual_layout_reads_as_the_copy_and_moves_with_its_folder(voc, referen
     moved = tmp_path / "elsewhere"
     moved.mkdir()
     shutil.move(str(out), moved / "v.h5")
-    shutil.move(str(data), moved / "v.h5.data")
+    shutil.move(str(data), moved / data.name)
     _assert_same_cache(reference, moved / "v.h5")
-    shutil.move(str(moved / "v.h5.data"), tmp_path / "lost")
+    shutil.move(str(moved / data.name), tmp_path / "lost")
     with pytest.raises(CacheError, match=r"a virtual cache\) and part-000000.h5 is not there; move the cache and "):
         FeatureCache(moved / "v.h5")
 
 
-def test_virtual_assembly_survives_a_kill_between_its_renames_and_overwrites_cleanly(tmp_path):
-    """Killed after the parts moved to OUT.data but before OUT was in place: the rerun assembles again.
-    --overwrite with the copy layout leaves no OUT.data behind."""
-    src = blob_cache(tmp_path / "b.h5", n_images=6, patches=4)
-    with FeatureCache(src) as c:
-        X, labels, img = c.read_features(dtype=None), c.labels, c.image_index
+_WRITE = """
+import sys, numpy as np
+sys.path.insert(0, {tests!r})
+from featurecache.cache import CacheWriter, FeatureCache, PartData
+from conftest import blob_cache
+out, layout, seed, overwrite = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
+
+class R:
+    def __init__(self, i):
+        self.relpath, self.labels, self.difficult_labels, self.width, self.height, self.splits = (
+            f"img{{i}}.jpg", [], [], 10, 10, ["train"])
+
+src = blob_cache(__import__("pathlib").Path(out + f".src{{seed}}.h5"), n_images=6, patches=4, seed=seed)
+with FeatureCache(src) as c:
+    X, labels, img = c.read_features(dtype=None), c.labels, c.image_index
+written = []
+with CacheWriter(out, {{"seed": seed}}, overwrite=overwrite) as w:
+    for p in range(3):
+        if p not in w.done_parts:
+            rows = np.isin(img, [2 * p, 2 * p + 1])
+            w.write_part(p, PartData(X[rows], labels[rows], img[rows], np.zeros((rows.sum(), 4), np.float32),
+                                     np.ones(rows.sum(), np.float32), np.zeros(0, np.int64), []))
+            written.append(p)
+    w.assemble(num_parts=3, feature_dim=X.shape[1], dtype="float16", compression=None, images=[R(i) for i in range(6)],
+               classes=["c0", "c1", "c2"], attrs={{"classes": ["c0", "c1", "c2"], "feature_settings": {{"x": 1}},
+                                                  "fingerprint": "f"}}, layout=layout)
+print("written", written)
+"""
+
+
+def _write(tmp_path, out, layout, seed, *, overwrite=False, kill=None):
+    script = tmp_path / "write.py"
+    script.write_text(_WRITE.format(tests=str(Path(__file__).parent)))
+    env = dict(os.environ)
+    env.pop("FEATURECACHE_KILL_AT", None)
+    if kill:
+        env["FEATURECACHE_KILL_AT"] = kill
+    return subprocess.run([sys.executable, str(script), str(out), layout, str(seed), "1" if overwrite else "0"],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _features(path) -> np.ndarray:
+    with FeatureCache(path) as c:
+        return c.read_features(dtype=None)
+
+
+def test_virtual_assembly_killed_between_its_renames(tmp_path):
+    """The kill lands after the parts moved to their data folder, before OUT.tmp became OUT: a fresh run
+    assembles the same parts again (none recomputed); under --overwrite the old cache keeps reading its own
+    features, not the new run's; a folder featurecache did not make is never touched."""
     out = tmp_path / "o.h5"
-    records = [_Record(f"img{i}.jpg") for i in range(6)]
-
-    from featurecache.cache import PartData
-
-    def write(layout, *, overwrite=False) -> tuple:
-        """``(writer, parts written)``: a run that computes the parts not committed, then assembles."""
-        written = []
-        with CacheWriter(out, {"s": 1}, overwrite=overwrite) as w:
-            for p in range(3):
-                if p not in w.done_parts:
-                    rows = np.isin(img, [2 * p, 2 * p + 1])
-                    w.write_part(p, PartData(X[rows], labels[rows], img[rows], np.zeros((rows.sum(), 4), np.float32),
-                                             np.ones(rows.sum(), np.float32), np.zeros(0, np.int64), []))
-                    written.append(p)
-            w.assemble(num_parts=3, feature_dim=X.shape[1], dtype="float16", compression=None, images=records,
-                       classes=["c0", "c1", "c2"], attrs={"classes": ["c0", "c1", "c2"],
-                                                          "feature_settings": {"x": 1}, "fingerprint": "f"},
-                       layout=layout)
-        return w, written
-
-    assert write("virtual")[1] == [0, 1, 2] and (tmp_path / "o.h5.data").is_dir()
-    os.unlink(out)  # as if killed after the parts moved to OUT.data, before OUT.tmp became OUT
-    w, written = write("virtual")
-    assert written == [] and out.exists()  # the parts were found again, not recomputed
-    with FeatureCache(out) as c:
-        np.testing.assert_array_equal(c.read_features(dtype=None), X)
-    w, written = write("copy", overwrite=True)
-    assert written == [0, 1, 2] and w.complete
-    assert not (tmp_path / "o.h5.data").exists() and not (tmp_path / "o.h5.data.old").exists()
+    user = tmp_path / "o.h5.data"  # a user's folder that looks like a data folder
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    p = _write(tmp_path, out, "virtual", 1, kill="virtual-parts-moved")
+    assert p.returncode == -signal.SIGKILL and not out.exists()
+    p = _write(tmp_path, out, "virtual", 1)
+    assert p.returncode == 0 and "written []" in p.stdout, p.stderr[-2000:]
+    first = _features(out)
+    # An overwrite with other data, killed at the same point: the old file still reads its own parts.
+    p = _write(tmp_path, out, "virtual", 2, overwrite=True, kill="virtual-parts-moved")
+    assert p.returncode == -signal.SIGKILL
+    np.testing.assert_array_equal(_features(out), first)
+    p = _write(tmp_path, out, "virtual", 2, overwrite=True)  # finishes: the new parts, the old folder removed
+    assert p.returncode == 0 and "written []" in p.stdout, p.stderr[-2000:]
+    assert not np.array_equal(_features(out), first) and len(list(tmp_path.glob("o.h5.*.data"))) == 1
+    p = _write(tmp_path, out, "copy", 3, overwrite=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not list(tmp_path.glob("o.h5.*.data")) and not (tmp_path / "o.h5.parts").exists()
     with h5py.File(out, "r") as f:
         assert not f["features"].is_virtual
-        np.testing.assert_array_equal(f["features"][:], X)
+    assert (user / "notes.txt").read_text() == "mine"
 
 
-class _Record:
-    """What the writer reads of an image record."""
+def test_a_virtual_cache_may_have_a_percent_sign_in_its_name(tmp_path):
+    out = tmp_path / "100%.h5"  # HDF5 reads % in virtual source names as printf-style
+    p = _write(tmp_path, out, "virtual", 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert _features(out).shape == (24, 16)
+    (data,) = tmp_path.glob("100%.h5.*.data")
+    (data / "part-000001.h5").write_bytes(b"")  # a damaged part is named, not read as zeros
+    with pytest.raises(CacheError, match=r"part-000001.h5: a part file of this virtual cache is damaged"):
+        FeatureCache(out)
 
-    def __init__(self, relpath: str) -> None:
-        self.relpath, self.labels, self.difficult_labels, self.width, self.height, self.splits = (
-            relpath, [], [], 10, 10, ["train"])
+
+@pytest.mark.slow
+def test_processes_that_planned_different_work_are_refused(voc, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    base.pop("OMP_NUM_THREADS", None)
+    out = tmp_path / "m.h5"
+    procs = []
+    for rank, scales in ((0, "1,2"), (1, "1,2,3")):
+        opts = [o if o != "1,2" else scales for o in OPTS]
+        env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+        procs.append(subprocess.Popen([sys.executable, "-m", "featurecache", "extract", str(voc), str(out), *opts],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [1, 1] and not out.exists()
+    for _, err in results:
+        assert err.strip().splitlines()[-1].startswith("Error: process ") and "planned other work" in err
+
+
+def test_commands_other_than_extract_refuse_to_run_in_a_job_of_several_processes(tmp_path):
+    from click.testing import CliRunner
+
+    from featurecache.cli import main
+
+    cache = blob_cache(tmp_path / "b.h5", n_images=6, patches=4)
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "patch"], env=env)
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1] == (
+        "Error: fit runs in one process; start it without torchrun/srun (only extract shares its work among "
+        "processes)")
+    assert not (tmp_path / "b.head.pt").exists()
+    r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg"])
+    assert r.exit_code == 0, r.output
