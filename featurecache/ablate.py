@@ -38,8 +38,7 @@ from tqdm.auto import tqdm
 
 from featurecache.cache import AnyCache, FeatureCache, MemoryCache
 from featurecache.errors import AblationError, HeadError, integer_at_least
-from featurecache.evaluate import confusion, confusion_report, report_from_image_scores
-from featurecache.heads.pooling import ScorePooler
+from featurecache.evaluate import pooled_scores, report_from_image_scores
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import bootstrap_map, bootstrap_weights, image_folds, interval
@@ -322,20 +321,6 @@ def _fit(cfg: dict, fold: _Fold, seed: int, device: str, whole: Optional[_WholeI
     return fit_objective(train, config)
 
 
-def _pooled_scores(head: TrainedHead, cache, eval_cfgs: list) -> tuple:
-    """``({(pooling, k): image scores}, patch report)`` of a patch head, its probabilities aggregated chunk
-    by chunk for every evaluation setting at once (one pass, none kept)."""
-    keys = {(e["pooling"], e["k"]) for e in eval_cfgs}
-    poolers = {key: ScorePooler(cache.num_images, len(cache.classes), pooling=key[0], k=key[1]) for key in keys}
-    conf = np.zeros((len(cache.classes) + 1,) * 2, np.int64)
-    with contextlib.closing(head.probability_chunks(cache)) as chunks:
-        for probs, local, labels in chunks:
-            for pooler in poolers.values():
-                pooler.add(probs, local)
-            conf += confusion(probs, labels)
-    return {key: p.result() for key, p in poolers.items()}, confusion_report(conf)
-
-
 def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: Optional[_WholeImage]) -> list:
     """``(evaluation settings, report, image scores)`` of a trained head on a fold's evaluation images."""
     te = fold.test
@@ -343,7 +328,7 @@ def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: 
     # Evaluation settings score the patch heads the grid trains; a head auto chose is scored as it was chosen.
     pooled = head.spec.pools_patches and get_objective(cfg["objective"]).pools_patches
     if pooled:  # the patch report does not depend on the pooling: made once for every evaluation setting
-        by_pooling, patch = _pooled_scores(head, te, eval_cfgs)
+        by_pooling, patch = pooled_scores(head, te, [(e["pooling"], e["k"]) for e in eval_cfgs])
     elif _probe(cfg):
         view, order = whole.view(te)
         scores = head.image_scores(view)[order]

@@ -43,6 +43,7 @@ __all__ = [
     "localization_map",
     "patch_probabilities",
     "per_class_ap",
+    "pooled_scores",
     "report_from_arrays",
     "report_from_image_scores",
     "report_from_probabilities",
@@ -240,19 +241,36 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
     return report
 
 
-def _pooled_report(head: TrainedHead, cache, *, pooling: str, k: float, method: str) -> EvalReport:
-    """A patch head's report, its patch probabilities aggregated chunk by chunk (none kept)."""
-    t = cache.images
-    pooler = ScorePooler(len(t), len(cache.classes), pooling=pooling, k=k)
-    conf = np.zeros((len(cache.classes) + 1,) * 2, np.int64)
+def pooled_scores(head: TrainedHead, cache, poolings) -> tuple:
+    """A patch head's image scores for each ``(pooling, k)`` in ``poolings`` and its patch report, from one
+    pass over the cache: probabilities aggregated chunk by chunk, none kept.
+
+    Returns
+    -------
+    scores : dict
+        ``(pooling, k)`` -> image scores ``(M, C)``.
+    report : tuple
+        :func:`patch_report`'s ``(confusion, labelled patches, accuracy)``.
+    """
+    n_classes = len(cache.classes)
+    poolers = {key: ScorePooler(cache.num_images, n_classes, pooling=key[0], k=key[1]) for key in set(poolings)}
+    conf = np.zeros((n_classes + 1,) * 2, np.int64)
     with contextlib.closing(head.probability_chunks(cache)) as chunks:
         for probs, local, labels in chunks:
-            pooler.add(probs, local)
+            for pooler in poolers.values():
+                pooler.add(probs, local)
             conf += confusion(probs, labels)
-    report = report_from_image_scores(pooler.result(), t.labels, t.difficult, cache.classes, method=method,
+    return {key: p.result() for key, p in poolers.items()}, confusion_report(conf)
+
+
+def _pooled_report(head: TrainedHead, cache, *, pooling: str, k: float, method: str) -> EvalReport:
+    """A patch head's report (:func:`pooled_scores` at one pooling)."""
+    t = cache.images
+    scores, patch = pooled_scores(head, cache, [(pooling, k)])
+    report = report_from_image_scores(scores[(pooling, k)], t.labels, t.difficult, cache.classes, method=method,
                                       pooling=pooling, k=k)
     report.n_patches = cache.num_patches
-    report.confusion, report.labelled_patches, report.patch_accuracy = confusion_report(conf)
+    report.confusion, report.labelled_patches, report.patch_accuracy = patch
     return report
 
 

@@ -85,14 +85,9 @@ class ArraySource:
         pos = _positions(ranges)
         return torch.from_numpy(self.X), torch.from_numpy(pos if self.index is None else self.index[pos])
 
-    def buffer(self, pos: np.ndarray) -> np.ndarray:
-        """Rows at positions ``pos`` as float32."""
-        rows = pos if self.index is None else self.index[pos]
-        return np.asarray(self.X[rows], dtype=np.float32)
-
     def matrix(self) -> np.ndarray:
-        """All rows, for estimators that need them at once."""
-        return self.buffer(np.arange(len(self.y)))
+        """All rows as float32, for estimators that need them at once."""
+        return np.asarray(self.X if self.index is None else self.X[self.index], dtype=np.float32)
 
 
 class StreamSource:
@@ -128,19 +123,6 @@ class StreamSource:
             read_rows(self.ds, self.rows[a:b], out=out[o:o + b - a])
             o += b - a
         return torch.from_numpy(out), torch.arange(len(out))
-
-    def buffer(self, pos: np.ndarray) -> np.ndarray:
-        """Rows at positions ``pos`` (any order) as float32."""
-        return _read_unsorted(self.ds, self.rows[pos])
-
-
-def _read_unsorted(ds, file_rows: np.ndarray) -> np.ndarray:
-    """Rows of ``ds`` in the given (any) order, as float32, read in file order."""
-    order = np.argsort(file_rows, kind="stable")
-    x = torch.from_numpy(read_rows(ds, file_rows[order]))
-    out = torch.empty((len(file_rows), ds.shape[1]), dtype=torch.float32)
-    out[torch.from_numpy(order)] = x.float()
-    return out.numpy()
 
 
 def batches(source, rng: np.random.RandomState, batch_size: int, device=None) -> Iterator[tuple]:
