@@ -220,6 +220,33 @@ class FrozenBackbone(nn.Module):
         -------
         tensor (N, C, (H - input_size) / stride + 1, (W - input_size) / stride + 1)
         """
+        if self.dense_kind == "fc" and input_size != 224:
+            raise BackboneError(f"{self.spec.name}: dense mode reads FC7 as a convolution over 224-pixel "
+                                f"windows; use --input-size 224")
+        fmap = self.cell_features(images, max_side=max_side)
+        if self.dense_kind == "fc":
+            return fmap
+        k = input_size // DENSE_STRIDE
+        return F.avg_pool2d(fmap, kernel_size=k, stride=1)
+
+    def cell_features(self, images: torch.Tensor, *, max_side: Optional[int] = None) -> torch.Tensor:
+        """The dense trunk's feature map: one feature vector per :data:`DENSE_STRIDE`-pixel cell.
+
+        For average-pooled trunks a cell is one position of the last convolutional map (what
+        class activation maps score); for AlexNet/VGG it is FC7 of the 224-pixel window
+        starting there. :attr:`cell_centre` says where a cell's centre lies.
+
+        Parameters
+        ----------
+        images : tensor (N, 3, H, W)
+            RGB 0–255.
+        max_side : int, optional
+            As for :meth:`dense_features_batch`.
+
+        Returns
+        -------
+        tensor (N, C, rows, columns)
+        """
         if self.dense_trunk is None:
             raise BackboneError(f"{self.spec.name}: dense mode is not available for this backbone "
                                 f"(available: efficientnet_lite0, timm CNNs, resnet50, alexnet, vgg16)")
@@ -232,15 +259,13 @@ class FrozenBackbone(nn.Module):
             fmap = self._tiled_trunk(x, max_side)
         else:
             fmap = self.dense_trunk(x)
-        if isinstance(fmap, dict):
-            fmap = fmap["features"]
-        if self.dense_kind == "fc":
-            if input_size != 224:
-                raise BackboneError(f"{self.spec.name}: dense mode reads FC7 as a convolution over 224-pixel "
-                                    f"windows; use --input-size 224")
-            return fmap
-        k = input_size // DENSE_STRIDE
-        return F.avg_pool2d(fmap, kernel_size=k, stride=1)
+        return fmap["features"] if isinstance(fmap, dict) else fmap
+
+    @property
+    def cell_centre(self) -> float:
+        """Pixels from the input's edge to the centre of the first cell of :meth:`cell_features`
+        (cells are :data:`DENSE_STRIDE` apart): half a cell, or half a 224-pixel FC window."""
+        return 112.0 if self.dense_kind == "fc" else DENSE_STRIDE / 2
 
 
 #: Random weights (``weights="none"``, for tests) are drawn from this seed, so that they are

@@ -22,7 +22,15 @@ from featurecache.errors import FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
 from featurecache.outputs import check_output, write_text
 from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, LabelRule, PatchGrid
-from featurecache.resources import ASSEMBLE_MODES, DEVICES, RUNTIMES
+from featurecache.resources import (
+    ASSEMBLE_MODES,
+    BOX_THRESHOLD,
+    DEFAULT_MAP_METHOD,
+    DEVICES,
+    MAP_METHODS,
+    POINTING_TOLERANCE,
+    RUNTIMES,
+)
 from featurecache.summary import summarize
 
 logger = logging.getLogger("featurecache")
@@ -117,11 +125,16 @@ def _check_outputs(**paths) -> None:
             check_output(path, param=param)
 
 
+#: Library parameters whose flag has another name (``MapConfig.method`` is ``--map-method``).
+_FLAG_NAMES = {"method": "map_method", "scales": "map_scales"}
+
+
 def _message(ctx: click.Context, error: FeaturecacheError) -> str:
     """A library error's message, with the flag of this command in place of the library parameter it names."""
+    names = {error.param, _FLAG_NAMES.get(error.param)} - {None}
     for p in ctx.command.params:
         flags = [o.lstrip("-").replace("-", "_") for o in getattr(p, "opts", ())]
-        if error.param is not None and isinstance(p, click.Option) and error.param in (p.name, *flags):
+        if names and isinstance(p, click.Option) and names & {p.name, *flags}:
             return error.for_option(p.opts[0])
     return str(error)
 
@@ -444,26 +457,73 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots, thre
         click.echo("plots: " + ", ".join(str(p) for p in write_eval_plots(report, plots)))
 
 
+def map_options(f: Callable) -> Callable:
+    """--map-method, --stride: how localize and predict make maps."""
+    f = click.option("--stride", type=click.IntRange(min=1), default=8, help="Map cell size in pixels.")(f)
+    return click.option(
+        "--map-method", type=click.Choice(MAP_METHODS), default=DEFAULT_MAP_METHOD,
+        help="cam: the head scores every cell of the backbone's feature map at the head's scales, log-odds "
+             "averaged over scales; windows: the paper's per-pixel mean of the cached "
+             "patches' scores (patch, mil, hybrid heads); cam*windows: the geometric mean of the two.")(f)
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("head", type=click.Path(exists=True, dir_okay=False))
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
-@click.argument("image")
-@click.option("--stride", type=click.IntRange(min=1), default=8, help="Map cell size in pixels.")
+@click.argument("image", required=False)
+@map_options
+@click.option("--map-scales", callback=_parse_scales, default=None,
+              help="λ of the cam maps, comma-separated [default: the head's grid].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the maps (classes x rows x columns) as .npz here.")
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Draw one class's map over the image and write it as PNG here (the image's size, longer "
                    "side at most 2048 px).")
 @click.option("--class", "cls", default=None, help="The class --png draws [default: the one whose map peaks highest].")
+@click.option("--evaluate", is_flag=True,
+              help="Instead of one image's map: pointing accuracy and CorLoc of the maps of every image of CACHE "
+                   "(or of --split) against its data set's boxes, beside the image centre and the whole image.")
+@click.option("--split", default=None, help="--evaluate: only the cache's images of this split (e.g. val).")
+@click.option("--tolerance", type=click.IntRange(min=0), default=POINTING_TOLERANCE,
+              help="--evaluate: pixels a map's peak may miss a box by (reported beside 0).")
+@click.option("--box-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=BOX_THRESHOLD,
+              help="A map's box: the cells connected to its peak scoring at least this fraction of the way from "
+                   "the map's minimum to its peak.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="--evaluate: JSON report.")
+@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="--evaluate: per-class CSV.")
+@click.option("--weights", default=None,
+              help="cam maps: the backbone weights file, when not where the head's training found it.")
+@click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the backbone runs (cam maps).")
 @_command
-def localize(head, cache, image, stride, out, png, cls):
-    """Per-class localisation map of one cached IMAGE (row number, stored path, file name or stem):
-    the per-pixel mean of the scores of the patches covering each pixel. Needs a patch, mil or
-    hybrid head; prints each top class's peak."""
-    from featurecache.evaluate import localization_map
+def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, evaluate, split, tolerance,
+             box_threshold, json_out, csv_out, weights, device):
+    """Localisation map of one cached IMAGE (row number, stored path, file name or stem), or with
+    --evaluate how well the maps of a labelled cache point at and box its objects.
 
-    _check_outputs(out=out, png=png)
-    m = localization_map(head, cache, int(image) if image.isdigit() else image, stride=stride)
+    Prints each top class's peak and box. The default cam maps work with every head and need
+    the image files; windows maps read the cache only."""
+    from featurecache.localize import MapConfig, evaluate_localization, localization_map
+
+    if evaluate == (image is not None):
+        raise click.UsageError("give IMAGE, or --evaluate without IMAGE")
+    stray = [flag for flag, v in (("--out", out), ("--png", png), ("--class", cls)) if v] if evaluate else \
+        [flag for flag, v in (("--split", split), ("--json", json_out), ("--csv", csv_out)) if v]
+    if stray:
+        raise click.UsageError(f"{', '.join(stray)} {'do' if len(stray) > 1 else 'does'} not apply "
+                               + ("with --evaluate" if evaluate else "without --evaluate"))
+    _check_outputs(out=out, png=png, json=json_out, csv=csv_out)
+    config = MapConfig(method=map_method, stride=stride, scales=map_scales, box_threshold=box_threshold,
+                       device=device, weights=weights)
+    if evaluate:
+        report = evaluate_localization(head, cache, split=split, config=config, tolerance=tolerance,
+                                       progress=False if click.get_current_context().obj.get("quiet") else None)
+        click.echo(report.to_text())
+        if json_out:
+            write_text(json_out, report.to_json())
+        if csv_out:
+            write_text(csv_out, report.to_csv())
+        return
+    m = localization_map(head, cache, int(image) if image.isdigit() else image, config=config)
     if out:
         m.save(out)
     if png:
@@ -482,9 +542,9 @@ def localize(head, cache, image, stride, out, png, cls):
               help="Labels: classes scoring at least this [default: 0.5 for heads whose scores are probabilities "
                    "(image, mil, hybrid); none for pooled patch scores and fusion].")
 @click.option("--maps", type=click.Path(file_okay=False), default=None,
-              help="Write one PNG per image here: its top class's localisation map over the image (patch, mil "
-                   "and hybrid heads).")
-@click.option("--stride", type=click.IntRange(min=1), default=8, help="Map cell size in pixels.")
+              help="Write one PNG per image here: its top class's localisation map over the image; --out then "
+                   "gets each image's top classes' boxes from their maps (JSON).")
+@map_options
 @click.option("--cache", type=click.Path(dir_okay=False), default=None,
               help="Keep the images' features in this cache (resumable; usable by eval, localize, predict) "
                    "[default: a temporary file].")
@@ -506,8 +566,8 @@ def localize(head, cache, image, stride, out, png, cls):
 @runtime_option
 @threads_option
 @_command
-def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, layout, split, annotations, batch_size,
-            workers, device, strict, overwrite, runtime, threads):
+def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, weights, layout, split, annotations,
+            batch_size, workers, device, strict, overwrite, runtime, threads):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -518,7 +578,8 @@ def predict(head, inputs, out, top, threshold, maps, stride, cache, weights, lay
     from featurecache.predict import predict as run_predict
 
     ctx = click.get_current_context()
-    config = PredictConfig(top=top, threshold=threshold, maps=maps, stride=stride, cache=cache, layout=layout,
+    config = PredictConfig(top=top, threshold=threshold, maps=maps, map_method=map_method, stride=stride, cache=cache,
+                           layout=layout,
                            split=split, annotations=annotations, batch_size=batch_size, workers=workers,
                            strict=strict, overwrite=overwrite, runtime=runtime, threads=threads,
                            progress=False if ctx.obj.get("quiet") else None)

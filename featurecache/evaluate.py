@@ -1,13 +1,11 @@
-"""Evaluation: VOC-style average precision of image scores, patch-level reports, localisation maps.
+"""Evaluation: VOC-style average precision of image scores and patch-level reports.
 
 Scores come from a :class:`~featurecache.heads.trained.TrainedHead` (patch heads' patch
 probabilities are pooled into image scores as :mod:`featurecache.heads.pooling` describes);
 this module turns them into AP and tables and knows no estimator.
 
 Average precision is :mod:`featurecache.metrics`'s (VOC 2007 11-point, VOC 2010+ area, or
-uninterpolated).
-
-:func:`localization_map` averages a head's patch scores per pixel (the paper's localisation).
+uninterpolated). Localisation maps and their evaluation are :mod:`featurecache.localize`'s.
 """
 
 from __future__ import annotations
@@ -24,11 +22,9 @@ import numpy as np
 
 from featurecache.cache import FeatureCache, open_cache
 from featurecache.errors import EvalError, HeadError
-from featurecache.extract import load_rgb, to_rgb
 from featurecache.heads.pooling import SCORE_POOLINGS, ScorePooler, pool_scores
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import METHODS, average_precision, per_class_ap
-from featurecache.overlay import MAX_SIDE, render_overlay, save_png
 from featurecache.patches import AMBIGUOUS
 from featurecache.resources import apply_threads
 
@@ -36,11 +32,9 @@ __all__ = [
     "METHODS",
     "POOLINGS",
     "EvalReport",
-    "LocalizationMap",
     "average_precision",
     "evaluate",
     "image_scores",
-    "localization_map",
     "patch_probabilities",
     "per_class_ap",
     "pooled_scores",
@@ -272,183 +266,3 @@ def _pooled_report(head: TrainedHead, cache, *, pooling: str, k: float, method: 
     report.n_patches = cache.num_patches
     report.confusion, report.labelled_patches, report.patch_accuracy = patch
     return report
-
-
-# --------------------------------------------------------------------------- localisation
-
-
-@dataclass
-class LocalizationMap:
-    """Per-class maps of one image: each cell is the mean score of the patches covering it.
-
-    Attributes
-    ----------
-    path : str
-        The image, as the cache stores it.
-    classes : tuple of str
-    scores : ndarray (C, ceil(height / stride), ceil(width / stride)), float32
-        Per-pixel average of the patch scores (Oquab et al., 2014, §4: localisation); 0 where
-        no patch covers a cell.
-    stride : int
-        Pixels per cell.
-    width, height : int
-        The image's size in pixels.
-    objective : str
-        Which objective's head produced the patch scores.
-    image_file : str
-        The image file, when known ('' otherwise): what :meth:`picture` draws on.
-    """
-
-    path: str
-    classes: tuple
-    scores: np.ndarray
-    stride: int
-    width: int
-    height: int
-    objective: str
-    image_file: str = ""
-
-    def class_index(self, cls: Union[int, str, None] = None) -> int:
-        """A class's row in :attr:`scores`; ``None``: the class whose map peaks highest."""
-        if cls is None:
-            return int(np.argmax(self.scores.reshape(len(self.classes), -1).max(1)))
-        if isinstance(cls, str):
-            if cls not in self.classes:
-                raise EvalError(f"no class {cls!r}; classes: {', '.join(self.classes)}", param="cls")
-            return self.classes.index(cls)
-        if not 0 <= int(cls) < len(self.classes):
-            raise EvalError(f"no class {cls} (there are {len(self.classes)})", param="cls")
-        return int(cls)
-
-    def peak(self, cls: Union[int, str]) -> tuple:
-        """``(score, x, y)``: the highest cell of a class, at its centre in image pixels."""
-        c = self.class_index(cls)
-        iy, ix = np.unravel_index(int(np.argmax(self.scores[c])), self.scores[c].shape)
-        return float(self.scores[c, iy, ix]), (ix + 0.5) * self.stride, (iy + 0.5) * self.stride
-
-    def picture(self, cls: Union[int, str, None] = None, *, image=None, caption: Optional[str] = None,
-                max_side: int = MAX_SIDE):
-        """The map of one class drawn over its image (:func:`featurecache.overlay.render_overlay`).
-
-        Parameters
-        ----------
-        cls : int or str, optional
-            Default: the class whose map peaks highest.
-        image : ndarray (H, W, 3) or PIL image, optional
-            Default: :attr:`image_file`, decoded.
-        caption : str, optional
-            Default: the class name and its map's peak.
-        max_side : int
-            Pictures of larger images are scaled down to this longer side.
-
-        Returns
-        -------
-        PIL.Image.Image
-        """
-        c = self.class_index(cls)
-        if image is None:
-            if not self.image_file:
-                raise EvalError(f"{self.path}: the image file is not known; pass the image", param="image")
-            try:
-                image = load_rgb(self.image_file)
-            except Exception as e:  # PIL raises many kinds for a corrupt or vanished file
-                raise EvalError(f"{self.image_file}: cannot read the image ({type(e).__name__})") from None
-        image = to_rgb(image) if not isinstance(image, np.ndarray) else image
-        size = image.shape[1::-1]
-        if tuple(size) != (self.width, self.height):
-            raise EvalError(f"{self.image_file or self.path}: image is {size[0]}x{size[1]}, the map's "
-                            f"{self.width}x{self.height}", param="image")
-        if caption is None:
-            caption = f"{self.classes[c]}  map {self.scores[c].min():.2f}-{self.peak(c)[0]:.2f}"
-        return render_overlay(image, self.scores[c], stride=self.stride, caption=caption, max_side=max_side)
-
-    def save_png(self, path: Union[str, Path], cls: Union[int, str, None] = None, **options) -> Path:
-        """Write :meth:`picture` (same options) as a PNG."""
-        return save_png(self.picture(cls, **options), path)
-
-    def save(self, path: Union[str, Path]) -> Path:
-        """Write an ``.npz``: ``scores``, ``classes``, ``stride``, ``width``, ``height``, ``image``."""
-        path = Path(path)
-        np.savez_compressed(path, scores=self.scores, classes=np.array(self.classes), stride=self.stride,
-                            width=self.width, height=self.height, image=self.path)
-        return path
-
-    def to_text(self, top: int = 3) -> str:
-        best = np.argsort([-self.scores[c].max() for c in range(len(self.classes))])[:top]
-        parts = []
-        for c in best:
-            s, x, y = self.peak(int(c))
-            parts.append(f"{self.classes[c]} {s:.3f} at ({x:.0f}, {y:.0f})")
-        return (f"{self.path} ({self.width}x{self.height}, {self.stride}-px cells, objective {self.objective}): "
-                + "; ".join(parts))
-
-
-def _find_image(cache: FeatureCache, image: Union[int, str]) -> int:
-    paths = cache.images.path
-    if isinstance(image, (int, np.integer)):
-        if not 0 <= int(image) < len(paths):
-            raise EvalError(f"{cache.path}: no image {image} (it has {len(paths)})")
-        return int(image)
-    text = str(image)
-    hits = [i for i, p in enumerate(paths) if p == text or p.endswith("/" + text) or Path(p).stem == text]
-    if len(hits) != 1:
-        raise EvalError(f"{cache.path}: {'no' if not hits else f'{len(hits)}'} image(s) match {text!r}"
-                        + ("" if hits else f" (e.g. {paths[0]})" if paths else ""))
-    return hits[0]
-
-
-def localization_map(head, cache: Union[str, Path, FeatureCache], image: Union[int, str], *,
-                     stride: int = 8) -> LocalizationMap:
-    """Per-class localisation map of one cached image: per-pixel average of its patch scores.
-
-    Parameters
-    ----------
-    head : TrainedHead or path
-        A ``patch`` head (class probabilities of each patch) or a ``mil``/``hybrid`` head
-        (per-class patch scores σ(z)). ``image`` heads score pooled features, not patches,
-        and are refused.
-    cache : path, FeatureCache or MemoryCache
-    image : int or str
-        Row of the cache's image table, or the image's stored path (or its file name, or
-        its stem).
-    stride : int
-        Cell size of the map in pixels.
-
-    Returns
-    -------
-    LocalizationMap
-    """
-    if stride < 1:
-        raise EvalError(f"must be a positive number of pixels, got {stride}", param="stride")
-    head = head if isinstance(head, TrainedHead) else TrainedHead.load(head)
-    if not head.spec.patch_scores:
-        raise EvalError(f"an {head.objective}-objective head scores pooled image features, not patches; "
-                        "localisation needs a patch, mil or hybrid head")
-    with open_cache(cache) as full:
-        head.check_cache(full)
-        with full.select([_find_image(full, image)]) as one:
-            X, boxes = one.read_features(), one.boxes.astype(np.float64)
-            w, h, path = int(one.images.width[0]), int(one.images.height[0]), one.images.path[0]
-        root = (full.attrs.get("dataset") or {}).get("root")
-    maps = _per_pixel_mean(head.patch_scores(X), boxes, w, h, stride)
-    return LocalizationMap(path, tuple(head.classes), maps, int(stride), w, h, head.objective,
-                           str(Path(root) / path) if root else "")
-
-
-def _per_pixel_mean(scores: np.ndarray, boxes: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:
-    """``(C, ceil(h / stride), ceil(w / stride))``: each cell's mean score over the patches covering it."""
-    gh, gw = -(-h // stride), -(-w // stride)
-    # Cells a patch covers (any overlap), as half-open index ranges.
-    x0 = np.clip(np.floor(boxes[:, 0] / stride), 0, gw).astype(int)
-    y0 = np.clip(np.floor(boxes[:, 1] / stride), 0, gh).astype(int)
-    x1 = np.clip(np.ceil(boxes[:, 2] / stride), 0, gw).astype(int)
-    y1 = np.clip(np.ceil(boxes[:, 3] / stride), 0, gh).astype(int)
-    # Summed-area bookkeeping: +v at the top-left corner, -v past each edge, +v past both.
-    n_cls = scores.shape[1]
-    total = np.zeros((n_cls + 1, gh + 1, gw + 1))
-    vals = np.concatenate([scores.T, np.ones((1, len(scores)))]).astype(np.float64)  # last row counts patches
-    for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
-        np.add.at(total, (slice(None), ys, xs), sign * vals)
-    total = total.cumsum(1).cumsum(2)[:, :gh, :gw]
-    count = total[-1]
-    return np.where(count > 0, total[:-1] / np.maximum(count, 1e-12), 0.0).astype(np.float32)

@@ -29,13 +29,13 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from featurecache.backbones import FrozenBackbone, build_backbone, weights_argument
-from featurecache.cache import FeatureCache, describe_fingerprint_difference, feature_fingerprint
+from featurecache.backbones import FrozenBackbone
+from featurecache.cache import FeatureCache
 from featurecache.datasets import IMAGE_EXTENSIONS, ImageRecord, ImageSet, detect_layout, read_dataset
-from featurecache.errors import BackboneError, DatasetError, HeadError, PredictError, integer_at_least
-from featurecache.evaluate import LocalizationMap, localization_map
-from featurecache.extract import ExtractConfig, ExtractResult, extract, feature_settings, to_rgb
+from featurecache.errors import BackboneError, DatasetError, EvalError, HeadError, PredictError, integer_at_least
+from featurecache.extract import ExtractConfig, ExtractResult, extract, to_rgb
 from featurecache.heads.trained import TrainedHead
+from featurecache.localize import DEFAULT_MAP_METHOD, LocalizationMap, Localizer, MapConfig, backbone_of
 from featurecache.outputs import write_text
 from featurecache.overlay import MAX_SIDE
 from featurecache.patches import LabelRule, PatchGrid
@@ -60,8 +60,11 @@ class PredictConfig:
         scores are probabilities (image-level logistic, MIL, hybrid); for the others (the
         paper's pooled patch scores, fusion) no default, and the labels are left empty.
     maps : path, optional
-        Folder for one PNG per image: the localisation map of its top class over the image
-        (heads with patch scores only).
+        Folder for one PNG per image: the localisation map of its top class over the image;
+        each record then has the box of each of its top classes (:meth:`LocalizationMap.box`).
+    map_method : str
+        How maps are made (:data:`featurecache.localize.MAP_METHODS`); the window methods need
+        a head with patch scores.
     stride : int
         Map cell size in pixels.
     max_side : int
@@ -86,6 +89,7 @@ class PredictConfig:
     top: int = 5
     threshold: Optional[float] = None
     maps: Optional[Union[str, Path]] = None
+    map_method: str = DEFAULT_MAP_METHOD
     stride: int = 8
     max_side: int = MAX_SIDE
     cache: Optional[Union[str, Path]] = None
@@ -108,6 +112,14 @@ class PredictConfig:
         t = self.threshold
         if t is not None and (not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t)):
             raise PredictError(f"must be a finite number, got {t!r}", param="threshold")
+        try:
+            self.map_config()
+        except EvalError as e:
+            raise PredictError(e.message, param="map_method" if e.param == "method" else e.param) from None
+
+    def map_config(self, **options) -> MapConfig:
+        """The :class:`MapConfig` of the maps (``options`` over this config's)."""
+        return MapConfig(**{"method": self.map_method, "stride": self.stride, **options})
 
 
 # --------------------------------------------------------------------------- results
@@ -136,6 +148,9 @@ class Predictions:
         The head's objective, how it scores images, and what the numbers mean.
     maps : list of str
         The map picture of each image ('' none).
+    boxes : list of dict
+        Per image, class -> ``[x0, y0, x1, y1]`` from its map, for its top classes (when maps
+        were drawn).
     maps_note : str
         Why no maps were drawn, when they were asked for and could not be.
     cache : Path, optional
@@ -157,6 +172,7 @@ class Predictions:
     meaning: str
     maps: list = field(default_factory=list)
     maps_note: str = ""
+    boxes: list = field(default_factory=list)
     cache: Optional[Path] = None
     extraction: Optional[ExtractResult] = None
     seconds: float = 0.0
@@ -188,7 +204,8 @@ class Predictions:
 
     def records(self) -> list:
         """One dictionary per image: ``path``, ``width``, ``height``, ``top``, ``labels``, ``error``,
-        ``scores`` (class -> score), and ``map`` when maps were drawn."""
+        ``scores`` (class -> score), and ``map`` and ``boxes`` (class -> ``[x0, y0, x1, y1]``) when maps
+        were drawn."""
         out = []
         for i, path in enumerate(self.paths):
             rec = {"path": path, "width": int(self.width[i]), "height": int(self.height[i]),
@@ -197,6 +214,7 @@ class Predictions:
                    "scores": {} if self.errors[i] else {c: float(v) for c, v in zip(self.classes, self.scores[i])}}
             if any(self.maps):
                 rec["map"] = self.maps[i]
+                rec["boxes"] = self.boxes[i] if self.boxes else {}
             out.append(rec)
         return out
 
@@ -462,20 +480,10 @@ class Predictor:
     def backbone(self) -> FrozenBackbone:
         """The backbone the head's features came from, built once; refused when it would make other features."""
         if self._net is None:
-            spec = self.head.extraction["backbone"]
-            fs = self.head.feature_settings
             try:
-                weights = self.weights or weights_argument(spec)
-                net = build_backbone(spec["name"], layer=fs.get("layer"), weights=weights)
+                self._net = backbone_of(self.head, weights=self.weights)
             except BackboneError as e:
-                raise PredictError(f"{self.source}: {e}") from None
-            ours = feature_settings(net, self.grid, fs["mode"])
-            if feature_fingerprint(ours) != self.head.fingerprint:
-                raise PredictError(
-                    f"{self.source}: the backbone found ({net.spec.weights}) would not make the features this head "
-                    "was trained on (" + describe_fingerprint_difference(ours, fs, ours_name="found") + ")",
-                    param="weights")
-            self._net = net
+                raise PredictError(f"{self.source}: {e.message}", param=e.param) from None
         return self._net
 
     def _extract_config(self, config: PredictConfig) -> ExtractConfig:
@@ -521,7 +529,7 @@ class Predictor:
             0.5 if self.head.spec.probabilities else None)
         items = _collect(images, config)
         scores = np.full((len(items), len(self.classes)), np.nan, np.float32)
-        maps = [""] * len(items)
+        maps, boxes = [""] * len(items), [{} for _ in items]
         note, result = "", None
         with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
             images_set, where = _image_set(items, Path(tmp), self.classes)
@@ -531,11 +539,11 @@ class Predictor:
                 with FeatureCache(cache_path) as cache:
                     rows = self._score(cache, items, where, scores)
                     if config.maps is not None:
-                        note = self._draw_maps(cache, rows, items, scores, maps, config)
+                        note = self._draw_maps(cache, rows, items, scores, maps, boxes, config)
         label, text = self.head.scoring()
         return Predictions(self.classes, [it.display for it in items], np.array([it.width for it in items]),
                            np.array([it.height for it in items]), scores, [it.error for it in items], config.top,
-                           threshold, self.head.objective, text, self.head.spec.scores, maps, note,
+                           threshold, self.head.objective, text, self.head.spec.scores, maps, note, boxes,
                            Path(config.cache) if config.cache else None, result, time.perf_counter() - t0)
 
     def _score(self, cache: FeatureCache, items: list, where: dict, scores: np.ndarray) -> dict:
@@ -551,56 +559,81 @@ class Predictor:
             scores[[where[p] for p in paths]] = self.head.image_scores(cache)
         return {where[p]: row for row, p in enumerate(paths)}
 
-    def _draw_maps(self, cache: FeatureCache, rows: dict, items: list, scores: np.ndarray, maps: list,
+    def _draw_maps(self, cache: FeatureCache, rows: dict, items: list, scores: np.ndarray, maps: list, boxes: list,
                    config: PredictConfig) -> str:
-        if not self.head.spec.patch_scores:
-            return (f"no maps: {_article(self.head.objective)} {self.head.objective} head scores whole images, "
-                    "not patches (maps need a patch, "
-                    "mil or hybrid head)")
+        try:
+            maker = self._localizer(config.map_config())
+        except EvalError as e:  # a method this head cannot make: predictions without maps
+            return f"no maps: {e.message}"
         out = Path(config.maps)
         used: set = set()
         for i, row in sorted(rows.items()):
-            c = int(np.argmax(scores[i]))
-            m = localization_map(self.head, cache, row, stride=config.stride)
+            order = np.argsort(-scores[i], kind="stable")[:config.top]
+            c = int(order[0])
+            m = self._map(maker.cache_map, cache, row, image_file=str(items[i].path))  # an array's PNG too
             caption = f"{self.classes[c]}  score {scores[i, c]:.3g}  map {m.scores[c].min():.2f}-{m.peak(c)[0]:.2f}"
             name = _map_name(items[i].name, self.classes[c], used)
             maps[i] = str(m.save_png(out / name, c, caption=caption, max_side=config.max_side))
+            boxes[i] = {self.classes[k]: [round(v, 1) for v in m.box(int(k))] for k in order}
         return ""
 
+    def _localizer(self, config: MapConfig) -> Localizer:
+        """A map maker for this head, sharing its backbone (built on first use)."""
+        return Localizer(self.head, replace(config, weights=self.weights, device=self.device),
+                         backbone=self.backbone() if config.uses_cells else None)
+
+    def _map(self, make, *args, **kwargs):
+        """``make(*args, **kwargs)`` with map errors as this module's."""
+        try:
+            return make(*args, **kwargs)
+        except EvalError as e:
+            raise PredictError(e.message, param=e.param) from None
+
     def localization_map(self, image: ImageInput, cls: Union[int, str, None] = None, *,
-                         stride: int = 8) -> LocalizationMap:
-        """The localisation map of one new image: per-pixel mean of its patch scores.
+                         config: Optional[MapConfig] = None, **options) -> LocalizationMap:
+        """The localisation map of one new image.
 
         Parameters
         ----------
         image : path, PIL image or array
         cls : int or str, optional
             Keep this class's map only; default all classes.
-        stride : int
-            Cell size in pixels.
+        config : MapConfig, optional
+        **options
+            Fields of :class:`MapConfig` over those of ``config`` (``method=``, ``stride=`` ...).
+            ``cam`` maps run the backbone's dense trunk on the image only; the window methods
+            extract its patches first.
 
         Returns
         -------
         LocalizationMap
             ``.picture()`` draws it over the image.
         """
-        if not self.head.spec.patch_scores:
-            raise PredictError(f"{self.source}: {_article(self.head.objective)} {self.head.objective} head scores "
-                               "whole images, not patches; "
-                               "localisation needs a patch, mil or hybrid head")
         if isinstance(image, (list, tuple)):
             raise PredictError("takes one image; use predict(..., maps=DIR) for several", param="image")
-        config = PredictConfig(stride=stride, strict=True, workers=0, progress=False)
-        items = _collect([image], config)
+        config = self._map(replace, config or MapConfig(), **options)
+        try:
+            maker = self._localizer(config)
+        except EvalError as e:  # this head cannot make such maps
+            raise PredictError(f"{self.source}: {e.message}", param=e.param) from None
+        items = _collect([image], PredictConfig(strict=True, workers=0, progress=False))
         if len(items) != 1:
             raise PredictError(f"{items[0].display}: takes one image, this is a folder of {len(items)}", param="image")
-        with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
-            images_set, _ = _image_set(items, Path(tmp), self.classes)
-            cache_path = Path(tmp) / "features.h5"
-            extract(images_set, cache_path, self._extract_config(config))
-            m = localization_map(self.head, cache_path, 0, stride=stride)
-        m.path = items[0].display
-        m.image_file = "" if items[0].pixels is not None else str(items[0].path.absolute())
+        item = items[0]
+        if config.uses_windows:
+            with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
+                images_set, _ = _image_set(items, Path(tmp), self.classes)
+                cache_path = Path(tmp) / "features.h5"
+                extract(images_set, cache_path, self._extract_config(PredictConfig(strict=True, workers=0,
+                                                                                   progress=False)))
+                with FeatureCache(cache_path) as cache:
+                    m = self._map(maker.cache_map, cache, 0, image_file=str(item.path))
+        elif item.pixels is not None:
+            m = self._map(maker.pixels_map, item.pixels)
+        else:
+            m = self._map(maker.file_map, item.path)
+        m.path = item.display
+        m.image_file = "" if item.pixels is not None else str(item.path.absolute())
         if cls is not None:
             c = m.class_index(cls)
             m.classes, m.scores = (m.classes[c],), m.scores[c:c + 1]

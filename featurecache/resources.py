@@ -9,7 +9,8 @@ from typing import Optional, Union
 from featurecache.distributed import world_from_env
 from featurecache.errors import FeaturecacheError, integer_at_least
 
-__all__ = ["ASSEMBLE_MODES", "DEVICES", "RUNTIMES", "apply_threads", "available_cpus", "available_memory",
+__all__ = ["ASSEMBLE_MODES", "BOX_THRESHOLD", "DEFAULT_MAP_METHOD", "DEVICES", "MAP_METHODS",
+           "POINTING_TOLERANCE", "RUNTIMES", "apply_threads", "available_cpus", "available_memory",
            "cpu_threads", "features_bytes", "memory_budget", "resolve_device"]
 
 #: What every ``device`` option accepts.
@@ -21,6 +22,24 @@ RUNTIMES = ("auto", "torch", "openvino", "onnxruntime")
 #: How a finished cache is laid out (``extract --assemble``): one self-contained file, or the
 #: file plus ``OUT.<run>.data/`` holding the part files its features are mapped onto.
 ASSEMBLE_MODES = ("copy", "virtual")
+
+#: How localisation maps are made (:mod:`featurecache.localize`): class activation maps on the
+#: dense trunk (the cells' log-odds averaged over scales), their geometric mean with the window
+#: map, and the paper's per-pixel mean of patch scores.
+MAP_METHODS = ("cam", "cam*windows", "windows")
+
+#: The map method of ``localize``, ``predict --maps`` and the API: the best measured one
+#: (docs/results.md, "Localisation maps").
+DEFAULT_MAP_METHOD = "cam"
+
+#: Pixels a map's peak may lie outside a box and still point at it (Oquab et al., 2015 use 18
+#: on VOC 2012; 15 is the value peers report on VOC and COCO).
+POINTING_TOLERANCE = 15
+
+#: A box is the peak's connected component of cells whose log-odds reach this fraction of the
+#: way from the map's minimum to its peak (chosen on the VOC sample's train images: 0.3-0.8
+#: were tried; docs/results.md).
+BOX_THRESHOLD = 0.5
 
 
 def resolve_device(device: Union[str, "torch.device"] = "auto") -> "torch.device":  # noqa: F821

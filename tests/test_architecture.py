@@ -26,7 +26,7 @@ LAYERS = [
     {"heads.fusion"},
     {"heads.auto"},
     {"train"},
-    {"evaluate"},
+    {"evaluate", "localize"},
     {"ablate", "predict"},
     {"demo"},
     {"cli"},

@@ -141,7 +141,7 @@ def test_threshold_labels_and_the_printed_table(tiny):
 
 
 def test_a_kept_cache_is_a_normal_cache_and_is_reused(tiny, tmp_path):
-    from featurecache.evaluate import localization_map
+    from featurecache.localize import localization_map
 
     kept = tmp_path / "new.h5"
     runner = CliRunner()
@@ -152,7 +152,7 @@ def test_a_kept_cache_is_a_normal_cache_and_is_reused(tiny, tmp_path):
     mtime = kept.stat().st_mtime_ns
     second = runner.invoke(main, args)
     assert second.output.splitlines()[1] == first.output.splitlines()[1] and kept.stat().st_mtime_ns == mtime
-    assert localization_map(tiny["mil"], kept, "im0").scores.shape[0] == 2
+    assert localization_map(tiny["mil"], kept, "im0", method="windows").scores.shape[0] == 2
 
 
 def test_maps_have_the_images_size_and_are_brightest_where_the_map_peaks(tiny, tmp_path):
@@ -174,26 +174,57 @@ def test_maps_have_the_images_size_and_are_brightest_where_the_map_peaks(tiny, t
     image = np.asarray(Image.open(big).convert("RGB"), dtype=np.float64)
     colour = (picture - 0.45 * image) / 0.55
     lum = colour @ np.array([0.299, 0.587, 0.114])
-    lum[:40, :] = -1  # the caption
+    lum[:40, :] = -1  # the caption: compared with the cells below it
     y, x = np.unravel_index(np.argmax(lum), lum.shape)
-    cells = m.scores[0]
-    assert cells[y // 8, x // 8] >= cells.max() - 0.05 * (cells.max() - cells.min())
+    cells, seen = m.scores[0], m.scores[0, 40 // 8:]
+    span = cells.max() - cells.min()  # the colour ramp spans the whole map's range
+    assert cells[y // 8, x // 8] >= seen.max() - 0.05 * span
     # ... and darkest where the map is lowest.
     y, x = np.unravel_index(np.argmin(np.where(lum < 0, np.inf, lum)), lum.shape)
-    assert cells[y // 8, x // 8] <= cells.min() + 0.05 * (cells.max() - cells.min())
+    assert cells[y // 8, x // 8] <= seen.min() + 0.05 * span
 
 
-def test_maps_for_a_head_without_patch_scores_say_so(tiny, tmp_path):
+def test_a_new_images_map_equals_its_cached_map_for_files_and_arrays(tiny, tmp_path):
+    """cam maps of new images need no extraction and equal the map of the same image in a cache; window maps
+    extract the image first and equal the cached image's window map."""
+    import featurecache
+    from featurecache.localize import localization_map
+
+    predictor = featurecache.load_head(tiny["mil"])
+    file = _image_files(tiny["voc"])[4]
+    cached = localization_map(tiny["mil"], tiny["cache"], file.stem)
+    for image in (file, np.asarray(Image.open(file).convert("RGB"))):
+        m = predictor.localization_map(image)
+        assert m.method == "cam"
+        np.testing.assert_allclose(m.scores, cached.scores, atol=1e-5)
+    m = predictor.localization_map(file, method="windows", stride=4)
+    cached = localization_map(tiny["mil"], tiny["cache"], file.stem, method="windows", stride=4)
+    np.testing.assert_allclose(m.scores, cached.scores, atol=2e-3)  # features re-extracted: float16 rounding
+    with pytest.raises(PredictError, match="method: must be one of cam"):
+        predictor.localization_map(file, method="gradcam")
+
+
+def test_an_image_heads_maps_are_cams_and_its_window_maps_say_why_not(tiny, tmp_path):
     from featurecache.train import fit_objective
 
     head = fit_objective(tiny["cache"], objective="image", train_split="train", progress=False)
     path = head.save(tmp_path / "image.head.pt")
-    r = CliRunner().invoke(main, ["predict", str(path), str(tiny["voc"] / "JPEGImages" / "im0.jpg"), "--maps",
-                                  str(tmp_path / "maps"), "--workers", "0", "-q"])
+    image = str(tiny["voc"] / "JPEGImages" / "im0.jpg")
+    out = tmp_path / "p.json"
+    r = CliRunner().invoke(main, ["predict", str(path), image, "--maps", str(tmp_path / "maps"), "--out", str(out),
+                                  "--top", "2", "--workers", "0", "-q"])
     assert r.exit_code == 0, r.output
-    assert r.output.splitlines()[-1] == ("no maps: an image head scores whole images, not patches (maps need a "
-                                         "patch, mil or hybrid head)")
-    assert not (tmp_path / "maps").exists()
+    assert r.output.splitlines()[-1] == f"maps: 1 PNG picture(s) in {tmp_path / 'maps'}"
+    rec = json.loads(out.read_text())["images"][0]
+    assert Path(rec["map"]).is_file() and set(rec["boxes"]) == {"cat", "dog"}
+    x0, y0, x1, y1 = rec["boxes"][rec["top"][0]["class"]]
+    assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48
+    r = CliRunner().invoke(main, ["predict", str(path), image, "--maps", str(tmp_path / "maps2"), "--map-method",
+                                  "windows", "--workers", "0", "-q"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines()[-1].startswith("no maps: the windows map averages patch scores, which an image head "
+                                                "does not have")
+    assert not (tmp_path / "maps2").exists()
 
 
 def _with_extraction(head_path, tmp_path, **backbone):
@@ -281,11 +312,17 @@ def test_the_api_docs_example_runs(tmp_path, monkeypatch):
     shutil.copy(root / "voc" / "JPEGImages" / "im1.jpg", tmp_path / "extra" / "cat.jpg")
     monkeypatch.chdir(tmp_path)
     doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
-    (code,) = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
+    shutil.copy(root / "tiny.h5", tmp_path / "voc.h5")  # its images stay where the cache says
+    predicting, maps = re.findall(r"```python\n(.*?)```", doc, flags=re.S)
     scope: dict = {}
-    exec(compile(code, "docs/api.md", "exec"), scope)  # noqa: S102 - the project's own documentation
+    exec(compile(predicting, "docs/api.md", "exec"), scope)  # noqa: S102 - the project's own documentation
     assert scope["result"].n_scored == 7 and scope["matrix"].shape == (7, 2)
     assert Image.open("cat-map.png").size == (64, 48) and Path("predictions.csv").is_file()
+    x0, y0, x1, y1 = scope["x0"], scope["y0"], scope["x1"], scope["y1"]
+    assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 48
+    scope = {}
+    exec(compile(maps, "docs/api.md", "exec"), scope)  # noqa: S102
+    assert scope["m"].scores.shape == (2, 6, 8) and scope["report"].pairs.sum() == 2  # two val images, one class
 
 
 def test_hostile_inputs_get_error_rows_and_names_stay_local(tiny, tmp_path):

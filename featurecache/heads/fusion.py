@@ -107,6 +107,11 @@ class FusionHead(BaseEstimator):
         """Fused scores ``(M, C)`` of a cache's selected images."""
         return self.fuse([h.image_scores(cache) for h in self.heads_])
 
+    def region_scores(self, X: np.ndarray) -> np.ndarray:
+        """Fused per-class scores ``(N, C)`` of regions each described by one feature vector (the
+        members' :meth:`TrainedHead.region_scores`, standardised as their image scores are)."""
+        return self.fuse([h.region_scores(X) for h in self.heads_])
+
     def scoring_label(self) -> str:
         return "fusion:" + "+".join(self.members)
 

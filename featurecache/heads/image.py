@@ -29,6 +29,13 @@ class _ImageScorer:
         """Per-class scores ``(M, C)`` of a cache's selected images."""
         return self.image_scores(image_features(cache, pooling=self.pooling))
 
+    def region_scores(self, X: np.ndarray) -> np.ndarray:
+        """Per-class scores ``(N, C)`` of regions each described by one feature vector ``(N, D)``:
+        what the head gives an image all of whose patches have that feature (every pooling
+        of it is the vector itself), i.e. a class activation map's cell scores."""
+        X = np.asarray(X, dtype=np.float32)
+        return self.image_scores(np.tile(X, (1, self.n_features_in_ // X.shape[1])))
+
     def scoring_label(self) -> str:
         return "image:" + "+".join(self.pooling)
 

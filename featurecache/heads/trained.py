@@ -191,6 +191,14 @@ class TrainedHead:
                             "localisation needs a patch, mil or hybrid head")
         return self.estimator.patch_scores(X)
 
+    def region_scores(self, X) -> np.ndarray:
+        """Per-class scores ``(N, C)`` of image regions each described by one feature vector
+        ``(N, D)`` (class activation maps): patch scores for patch, mil and hybrid heads; for
+        image and fusion heads, the score of an image whose patches all have that feature."""
+        if self.spec.patch_scores:
+            return self.estimator.patch_scores(X)
+        return self.estimator.region_scores(X)
+
     def scoring(self, *, pooling: Optional[str] = None, k: Optional[float] = None) -> tuple:
         """``(label, text)`` of how images are scored: ``("power", "power k=5")``, ``("mil:max", "trained max")``."""
         k = None if k is None else EVAL_OPTIONS["k"].read(k)
