@@ -6,12 +6,14 @@ import time
 from typing import Optional
 
 import numpy as np
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
+from sklearn.utils.multiclass import type_of_target
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featurecache.cache import open_cache
 from featurecache.heads._sources import BagSource
-from featurecache.heads.mil import MILHead, image_level_summary
+from featurecache.heads.mil import _AGG_VALUE, MILHead, image_level_summary
 from featurecache.heads.patch import CoefficientState
 from featurecache.heads.pooling import image_features
 from featurecache.heads.registry import OPTIONS, FitConfig, make_head
@@ -22,8 +24,52 @@ __all__ = ["ImageLogRegHead", "ImageMLPHead", "fit_image_objective"]
 _POOLING = tuple(OPTIONS["image_pooling"].read(OPTIONS["image_pooling"].default).split("+"))
 
 
-class _ImageScorer:
-    """Scoring a cache's images through the pooled features the head was trained on (``pooling``)."""
+class _ImageScorer(ClassifierMixin):
+    """A multi-label classifier of pooled image features, in scikit-learn's terms, that scores a
+    cache's images through the pooled features it was trained on (``pooling``).
+
+    ``Y`` is a multi-label indicator matrix ``(M, C)`` of 0/1 (or bool); ``classes_`` is
+    ``arange(C)``, ``predict`` gives the indicator matrix (score >= 0.5), ``predict_proba``
+    one probability per class ``(M, C)``. Tagged multi-label, multi-output and not single
+    output, so scikit-learn's estimator checks exercise it with indicator targets.
+    """
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = False
+        tags.classifier_tags.multi_class = False
+        tags.classifier_tags.multi_label = True
+        return tags
+
+    def _fit_data(self, X, Y, ignore) -> tuple:
+        """``(X float64, Y bool (M, C), ignore bool (M, C))`` checked as scikit-learn checks them."""
+        X, Y = validate_data(self, X, Y, multi_output=True, dtype=[np.float64, np.float32], y_numeric=False)
+        Y = np.asarray(Y)
+        kind = type_of_target(Y, input_name="Y", raise_unknown=True)
+        if kind.startswith("continuous"):
+            raise ValueError(f"Unknown label type: {kind}; Y must be a multi-label indicator matrix of 0/1")
+        if Y.ndim != 2 or not np.isin(Y, (0, 1)).all():
+            raise ValueError("Only binary classification is supported per class: Y must be a multi-label indicator "
+                             f"matrix (images, classes) of 0/1 or bool; the type of the target is {kind}, its shape "
+                             f"{Y.shape}")
+        ignore = np.zeros(Y.shape, bool) if ignore is None else np.asarray(ignore, bool)
+        if ignore.shape != Y.shape:
+            raise ValueError(f"ignore must have Y's shape {Y.shape}, got {ignore.shape}")
+        self.classes_ = np.arange(Y.shape[1])
+        return X, Y.astype(bool), ignore
+
+    def _checked(self, X) -> np.ndarray:
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=[np.float64, np.float32, np.float16])
+
+    def predict_proba(self, X) -> np.ndarray:
+        """Per-class probabilities ``(M, C)`` (each class's own, not a distribution over classes)."""
+        return self.image_scores(self._checked(X))
+
+    def predict(self, X) -> np.ndarray:
+        """The multi-label indicator matrix ``(M, C)``: 1 where a class's probability is at least 0.5."""
+        return (self.predict_proba(X) >= 0.5).astype(np.int64)
 
     def score_images(self, cache) -> np.ndarray:
         """Per-class scores ``(M, C)`` of a cache's selected images."""
@@ -80,11 +126,11 @@ class ImageLogRegHead(_ImageScorer, CoefficientState, BaseEstimator):
         ignore : ndarray (M, C), bool, optional
             Images left out of a class's problem (VOC ``difficult``-only).
         """
+        X, Y, ignore = self._fit_data(X, Y, ignore)
         X = np.asarray(X, dtype=np.float64)
-        Y = np.asarray(Y, dtype=bool)
-        ignore = np.zeros_like(Y) if ignore is None else np.asarray(ignore, bool)
         coef = np.zeros((Y.shape[1], X.shape[1]))
         intercept = np.full(Y.shape[1], -np.inf)
+        n_iter = 0
         for c in range(Y.shape[1]):
             keep = ~ignore[:, c]
             y = Y[keep, c]
@@ -96,9 +142,14 @@ class ImageLogRegHead(_ImageScorer, CoefficientState, BaseEstimator):
             model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
             model.fit(X[keep], y)
             coef[c], intercept[c] = model.coef_[0], model.intercept_[0]
+            n_iter = max(n_iter, int(model.n_iter_.max()))
         self.coef_, self.intercept_ = coef, intercept
-        self.n_features_in_, self.n_outputs_ = X.shape[1], Y.shape[1]
+        self.n_features_in_, self.n_outputs_, self.n_iter_ = X.shape[1], Y.shape[1], n_iter
         return self
+
+    def decision_function(self, X) -> np.ndarray:
+        """Per-class log-odds ``(M, C)`` (±inf for a class seen with one label only)."""
+        return np.asarray(self._checked(X), dtype=np.float64) @ self.coef_.T + self.intercept_
 
     def image_scores(self, X: np.ndarray) -> np.ndarray:
         """Per-class probabilities ``(M, C)``."""
@@ -123,20 +174,32 @@ class ImageMLPHead(_ImageScorer, MILHead):
         Which :func:`image_features` the head was trained on (kept with the head).
     """
 
+    # MILHead settings that mean nothing for a bag of one vector: fixed, not parameters.
+    aggregation, temperature, k, patch_weight, warmup_epochs = "max", 2.0, _AGG_VALUE or 5.0, 0.0, 10
+
     def __init__(self, hidden: int = OPTIONS["image_hidden"].default, lr: float = OPTIONS["image_lr"].default,
                  weight_decay: float = OPTIONS["image_weight_decay"].default,
                  max_epochs: int = OPTIONS["image_epochs"].default, patience: int = 10, batch_images: int = 16,
                  validation_fraction: float = 0.0, pooling: tuple = _POOLING, device: str = "auto",
                  random_state: Optional[int] = 0) -> None:
-        super().__init__(hidden=hidden, aggregation="max", lr=lr, weight_decay=weight_decay, max_epochs=max_epochs,
-                         patience=patience, batch_images=batch_images, validation_fraction=validation_fraction,
-                         device=device, random_state=random_state)
+        self.hidden = hidden
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.batch_images = batch_images
+        self.validation_fraction = validation_fraction
         self.pooling = pooling
+        self.device = device
+        self.random_state = random_state
 
     def fit(self, X: np.ndarray, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> "ImageMLPHead":
         """Train on image features ``X`` (M, D) and labels ``Y`` (M, C)."""
+        X, Y, ignore = self._fit_data(X, Y, ignore)
         X = np.asarray(X, np.float32)
-        return self.fit_source(BagSource(X, np.arange(len(X)), len(X)), Y, ignore)
+        self.fit_source(BagSource(X, np.arange(len(X)), len(X)), Y, ignore)
+        self.n_iter_ = self.n_epochs_
+        return self
 
     def image_scores(self, X: np.ndarray) -> np.ndarray:
         """Per-class probabilities ``(M, C)``."""

@@ -51,6 +51,12 @@ class MILHead(TorchState, BaseEstimator):
     binary cross-entropy of each labelled patch's scores against its box-derived label
     (background: no class), weighted per patch, times ``patch_weight``.
 
+    Not a scikit-learn estimator of rows: it learns from bags (a variable number of patch
+    rows per image, :class:`~featurecache.heads._sources.BagSource`, through
+    :meth:`fit_source`) with one label vector per bag, which scikit-learn's ``fit(X, y)``
+    with one label per row cannot express; ``get_params``/``set_params``/``clone`` work, and
+    ``tests/test_sklearn_contract.py`` leaves it out of scikit-learn's estimator checks.
+
     Trained with Adam on mini-batches of whole images (memory: one batch of bags), with weight
     decay, optionally early stopping on a held-out fraction of the training images (the best
     epoch's parameters are kept). Sharp aggregations (max, log-sum-exp at a high r) pass the

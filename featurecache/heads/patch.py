@@ -1,10 +1,14 @@
 """The paper's objective: patch classifiers on box-derived patch labels (FCa/FCb in torch, scikit-learn baselines).
 
 Estimators follow the scikit-learn contract (``fit(X, y, sample_weight=None)``,
-``predict_proba``, ``get_params``/``set_params``, fitted attributes ending in ``_``). ``y``
-holds patch labels in the encoding of :mod:`featurecache.patches`: ``0`` background,
-``c + 1`` class ``c``; the outputs of every head are ``[background, class 0, class 1, ...]``
-(``n_outputs`` columns, whether or not every class occurs in the training data).
+``predict``/``predict_proba`` over ``classes_``, inputs checked with scikit-learn's own
+validation, ``get_params``/``set_params``, fitted attributes ending in ``_``;
+``tests/test_sklearn_contract.py`` runs scikit-learn's estimator checks). Any labels work,
+as in scikit-learn: ``classes_`` holds the sorted labels seen in ``y``. The one exception is
+featurecache's own use: with ``n_outputs`` set, ``y`` holds patch labels in the encoding of
+:mod:`featurecache.patches` (``0`` background, ``c + 1`` class ``c``), ``classes_`` is
+``arange(n_outputs)``, and the outputs are ``[background, class 0, class 1, ...]`` whether or
+not every class occurs in the training data.
 
 :func:`fit_patch_objective` trains any of them on a cache (in memory when it fits, otherwise
 streaming shuffled chunks from HDF5, with identical results) with a background policy.
@@ -23,6 +27,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
 from torch import nn
 from torch.nn import functional as F
 
@@ -47,12 +53,40 @@ def _hidden_tuple(hidden) -> tuple:
     return tuple(int(h) for h in hidden if int(h) > 0)
 
 
+#: Feature types kept as they are (float16 caches are converted a batch at a time, on the device).
+_DTYPES = [np.float64, np.float32, np.float16]
+
+
 class _PatchClassifier(ClassifierMixin):
-    """What every patch head derives from ``predict_proba``: labels and per-class patch scores."""
+    """What every patch head shares: scikit-learn's input checks, the label encoding, and what it
+    derives from ``predict_proba``: labels and per-class patch scores."""
+
+    def _fit_data(self, X, y, sample_weight) -> tuple:
+        """``(X, encoded y, weights)`` checked as scikit-learn checks them; sets ``classes_``,
+        ``n_features_in_``."""
+        X, y = validate_data(self, X, y, dtype=_DTYPES[:2])
+        check_classification_targets(y)
+        if self.n_outputs is None:
+            self.classes_, y = np.unique(y, return_inverse=True)
+        else:  # featurecache's patch labels: 0 .. n_outputs - 1, every output kept
+            n = int(self.n_outputs)
+            if not np.issubdtype(y.dtype, np.number) or np.any(y != np.round(y)) or y.min() < 0 or y.max() >= n:
+                raise ValueError(f"with n_outputs={n}, labels must be integers in [0, {n})")
+            self.classes_ = np.arange(n)
+        w = _check_sample_weight(sample_weight, X, dtype=np.float64, ensure_non_negative=True)
+        if not w.any():
+            raise ValueError("sample_weight: every weight is zero; there is nothing to fit")
+        return X, np.asarray(y, np.int64), w
+
+    def _checked(self, X) -> np.ndarray:
+        """Features to score, checked against the fitted head (fitted, finite, 2-D, as many columns)."""
+        check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=_DTYPES)
 
     def predict(self, X) -> np.ndarray:
-        """The most probable output of each patch (0: background)."""
-        return self.predict_proba(X).argmax(1)
+        """The most probable class of each patch (featurecache's heads: 0 is background)."""
+        best = self.predict_proba(X).argmax(1)  # checks that the head is fitted first
+        return self.classes_[best]
 
     def patch_scores(self, X) -> np.ndarray:
         """Per-class probabilities ``(n, n_outputs_ - 1)`` (background left out)."""
@@ -142,26 +176,35 @@ class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
             Held-out patches: their weighted loss drives the learning-rate schedule and the
             parameters of the best epoch are kept (early stopping).
         """
-        X = np.asarray(X, dtype=np.float32)
-        y = np.asarray(y, dtype=np.int64)
-        w = np.ones(len(y), np.float32) if sample_weight is None else np.asarray(sample_weight, np.float32)
-        if X.ndim != 2 or len(X) != len(y) or len(w) != len(y):
-            raise HeadError(f"X, y and sample_weight disagree: {X.shape}, {y.shape}, {w.shape}", param="X")
+        X, y, w = self._fit_data(X, y, sample_weight)
+        classes = self.classes_
         val = None
         if validation is not None:
-            Xv, yv = np.asarray(validation[0], np.float32), np.asarray(validation[1], np.int64)
+            Xv = validate_data(self, validation[0], reset=False, dtype=np.float32)
+            yv = np.asarray(validation[1])
+            known = np.isin(yv, classes)
+            if not known.all():
+                raise ValueError(f"validation labels not among the training labels: {np.unique(yv[~known])[:5]}")
             wv = np.asarray(validation[2], np.float32) if len(validation) > 2 else np.ones(len(yv), np.float32)
-            val = ArraySource(Xv, yv, wv)
-        return self.fit_source(ArraySource(X, y, w), val)
+            val = ArraySource(Xv, np.searchsorted(classes, yv).astype(np.int64), wv)
+        self._train(ArraySource(np.asarray(X, np.float32), y, w.astype(np.float32)), val, len(classes))
+        self.classes_ = classes
+        return self
 
     def fit_source(self, source, val=None) -> "MLPHead":
-        """Train from an :class:`ArraySource` or :class:`StreamSource` (same order, same model)."""
+        """Train from an :class:`ArraySource` or :class:`StreamSource` (same order, same model) of
+        integer labels ``0 .. n_outputs - 1`` (``classes_`` is ``arange(n_outputs_)``)."""
         if len(source) == 0:
             raise HeadError("no training patches")
         y_max = int(max(source.y.max(), val.y.max() if val is not None and len(val) else 0))
         n_out = int(self.n_outputs) if self.n_outputs is not None else y_max + 1
         if y_max >= n_out or source.y.min() < 0:
             raise HeadError(f"labels must be in [0, {n_out}); got {source.y.min()}..{y_max}", param="y")
+        self._train(source, val, n_out)
+        self.classes_ = np.arange(n_out)
+        return self
+
+    def _train(self, source, val, n_out: int) -> None:
         dev = resolve_device(self.device)
         seed = 0 if self.random_state is None else int(self.random_state)
         rng = np.random.RandomState(seed)
@@ -189,9 +232,7 @@ class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
                                    validate=(lambda net: self._loss(net, val, dev)) if val is not None else None,
                                    schedule=PlateauSchedule(self.lr_drops, self.tol))
         self.net_, self.history_, self.n_epochs_ = net, history, len(history)
-        self.n_features_in_, self.n_outputs_ = source.n_features, n_out
-        self.classes_ = np.arange(n_out)
-        return self
+        self.n_features_in_, self.n_outputs_, self.n_iter_ = source.n_features, n_out, len(history)
 
     def _build(self, n_features: int, n_outputs: int) -> nn.Module:
         return _build_mlp(n_features, _hidden_tuple(self.hidden), n_outputs, float(self.dropout))
@@ -199,6 +240,7 @@ class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
     def _restore(self, state: dict, n_features: int, n_outputs: int, *, device: str = "auto") -> None:
         super()._restore(state, n_features, n_outputs, device=device)
         self.classes_ = np.arange(n_outputs)
+        self.n_iter_ = getattr(self, "n_epochs_", 0)
 
     def _loss(self, net: nn.Module, data, dev) -> float:
         net.eval()
@@ -210,8 +252,8 @@ class MLPHead(TorchState, _PatchClassifier, BaseEstimator):
         return total / max(wsum, 1e-12)
 
     def predict_proba(self, X) -> np.ndarray:
-        """Softmax outputs ``(n, n_outputs_)``: background then classes."""
-        return self._forward(X).softmax(-1).numpy()
+        """Softmax outputs ``(n, len(classes_))`` (featurecache's heads: background then classes)."""
+        return self._forward(self._checked(X)).softmax(-1).numpy()
 
 
 
@@ -233,6 +275,7 @@ class _LinearSklearnHead(CoefficientState, _PatchClassifier, BaseEstimator):
     """Shared code of the scikit-learn baselines: full-width coefficient arrays."""
 
     def _full_coefficients(self, model, n_out: int) -> None:
+        """Coefficients of every output (``n_out``), those of labels absent from training at -inf."""
         coef = np.asarray(model.coef_, dtype=np.float64)
         intercept = np.asarray(model.intercept_, dtype=np.float64).reshape(-1)
         present = np.asarray(model.classes_, dtype=np.int64)
@@ -246,16 +289,25 @@ class _LinearSklearnHead(CoefficientState, _PatchClassifier, BaseEstimator):
         full_intercept[present] = intercept
         self.coef_, self.intercept_ = full_coef, full_intercept
         self.n_features_in_, self.n_outputs_ = coef.shape[1], n_out
-        self.classes_ = np.arange(n_out)
+        self.n_iter_ = int(np.max(model.n_iter_))
 
-    def _n_out(self, y: np.ndarray) -> int:
-        return int(self.n_outputs) if self.n_outputs is not None else int(y.max()) + 1
+    def _fit_model(self, model, X, y, sample_weight):
+        X, y, w = self._fit_data(X, y, sample_weight)
+        model.fit(X, y, sample_weight=w)
+        self._full_coefficients(model, len(self.classes_))
+        return self
+
+    def _scores(self, X) -> np.ndarray:
+        return np.asarray(self._checked(X), dtype=np.float64) @ self.coef_.T + self.intercept_
 
     def decision_function(self, X) -> np.ndarray:
-        return np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+        """Per-class scores ``(n, len(classes_))``; for two classes, as scikit-learn's binary
+        classifiers, the second's minus the first's ``(n,)``."""
+        z = self._scores(X)
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def predict_proba(self, X) -> np.ndarray:
-        z = self.decision_function(X)
+        z = self._scores(X)
         z = z - z.max(axis=1, keepdims=True)
         e = np.exp(z)
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -292,11 +344,8 @@ class LogRegHead(_LinearSklearnHead):
         self.random_state = random_state
 
     def fit(self, X, y, sample_weight=None) -> "LogRegHead":
-        y = np.asarray(y, dtype=np.int64)
         model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol, random_state=self.random_state)
-        model.fit(np.asarray(X, dtype=np.float32), y, sample_weight=sample_weight)
-        self._full_coefficients(model, self._n_out(y))
-        return self
+        return self._fit_model(model, X, y, sample_weight)
 
 
 class LinearSVMHead(_LinearSklearnHead):
@@ -324,13 +373,10 @@ class LinearSVMHead(_LinearSklearnHead):
         self.random_state = random_state
 
     def fit(self, X, y, sample_weight=None) -> "LinearSVMHead":
-        y = np.asarray(y, dtype=np.int64)
         model = LinearSVC(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            model.fit(np.asarray(X, dtype=np.float32), y, sample_weight=sample_weight)
-        self._full_coefficients(model, self._n_out(y))
-        return self
+            return self._fit_model(model, X, y, sample_weight)
 
 
 
