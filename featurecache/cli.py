@@ -28,6 +28,7 @@ from featurecache.resources import (
     DEFAULT_MAP_METHOD,
     DEVICES,
     MAP_METHODS,
+    MAX_STRIDE,
     POINTING_TOLERANCE,
     RUNTIMES,
 )
@@ -459,7 +460,7 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots, thre
 
 def map_options(f: Callable) -> Callable:
     """--map-method, --stride: how localize and predict make maps."""
-    f = click.option("--stride", type=click.IntRange(min=1), default=8, help="Map cell size in pixels.")(f)
+    f = click.option("--stride", type=click.IntRange(1, MAX_STRIDE), default=8, help="Map cell size in pixels.")(f)
     return click.option(
         "--map-method", type=click.Choice(MAP_METHODS), default=DEFAULT_MAP_METHOD,
         help="cam: the head scores every cell of the backbone's feature map at the head's scales, log-odds "
@@ -523,7 +524,7 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
         if csv_out:
             write_text(csv_out, report.to_csv())
         return
-    m = localization_map(head, cache, int(image) if image.isdigit() else image, config=config)
+    m = localization_map(head, cache, image, config=config)
     if out:
         m.save(out)
     if png:
@@ -593,7 +594,11 @@ def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, 
     else:
         click.echo(result.to_text())
     if maps:
-        click.echo(result.maps_note or f"maps: {sum(1 for m in result.maps if m)} PNG picture(s) in {maps}")
+        drawn = sum(1 for m in result.maps if m)
+        if drawn or not result.maps_note:
+            click.echo(f"maps: {drawn} PNG picture(s) in {maps}")
+        if result.maps_note:
+            click.echo(result.maps_note)
     if not result.n_scored:
         raise click.ClickException("no image could be scored")
 

@@ -22,8 +22,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
@@ -41,7 +42,16 @@ from featurecache.extract import feature_settings, load_rgb, to_rgb
 from featurecache.heads.trained import TrainedHead
 from featurecache.overlay import MAX_SIDE, render_overlay, save_png
 from featurecache.patches import PatchGrid
-from featurecache.resources import BOX_THRESHOLD, DEFAULT_MAP_METHOD, MAP_METHODS, POINTING_TOLERANCE, resolve_device
+from featurecache.resources import (
+    BOX_THRESHOLD,
+    DEFAULT_MAP_METHOD,
+    MAP_METHODS,
+    MAX_STRIDE,
+    POINTING_TOLERANCE,
+    resolve_device,
+)
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DEFAULT_MAP_METHOD",
@@ -64,9 +74,19 @@ CORLOC_IOU = 0.5
 #: Most feature-map cells of one image at one scale (memory: cells × feature dimension floats).
 MAX_CELLS = 16384
 
+#: Most map values of one image (cells × classes): 32 M, a few hundred MB while a map is made.
+MAX_MAP_VALUES = 2**25
+
 # Scores are clipped away from 0 and 1 before their log-odds are taken (a class with no
 # training positives scores 0 everywhere).
 _EPS = 1e-6
+
+
+def _check_threshold(threshold) -> float:
+    ok = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, bool) and 0 < threshold < 1
+    if not ok:
+        raise EvalError(f"must be a number in (0, 1), got {threshold!r}", param="box_threshold")
+    return float(threshold)
 
 
 @dataclass(frozen=True)
@@ -102,15 +122,20 @@ class MapConfig:
     def __post_init__(self) -> None:
         if self.method not in MAP_METHODS:
             raise EvalError(f"must be one of {', '.join(MAP_METHODS)}, got {self.method!r}", param="method")
-        if not isinstance(self.stride, (int, np.integer)) or isinstance(self.stride, bool) or self.stride < 1:
-            raise EvalError(f"must be a positive number of pixels, got {self.stride!r}", param="stride")
-        if not 0 < float(self.box_threshold) < 1:
-            raise EvalError(f"must be in (0, 1), got {self.box_threshold!r}", param="box_threshold")
+        if (not isinstance(self.stride, (int, np.integer)) or isinstance(self.stride, bool)
+                or not 1 <= self.stride <= MAX_STRIDE):
+            raise EvalError(f"must be a whole number of pixels in [1, {MAX_STRIDE}], got {self.stride!r}",
+                            param="stride")
+        _check_threshold(self.box_threshold)
         if self.scales is not None:
-            scales = tuple(float(s) for s in self.scales)
-            if not scales or not all(np.isfinite(s) and 0.25 <= s <= 16 for s in scales):
-                raise EvalError(f"must be numbers in [0.25, 16], got {list(self.scales)}", param="scales")
-            object.__setattr__(self, "scales", scales)
+            scales = self.scales
+            ok = isinstance(scales, (tuple, list, np.ndarray)) and len(scales) > 0 and all(
+                isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v) and 1 <= v <= 16
+                for v in scales) and len(set(float(v) for v in scales)) == len(scales)
+            if not ok:
+                raise EvalError(f"must be distinct numbers in [1, 16] (λ, as the grid's scales), got {scales!r}",
+                                param="scales")
+            object.__setattr__(self, "scales", tuple(float(v) for v in scales))
         if self.max_side < 2 * DENSE_STRIDE:
             raise EvalError(f"must be at least {2 * DENSE_STRIDE}, got {self.max_side}", param="max_side")
 
@@ -177,8 +202,8 @@ class LocalizationMap:
         """``(score, x, y)``: the highest cell of a class, at its centre in image pixels (within the image)."""
         c = self.class_index(cls)
         iy, ix = np.unravel_index(int(np.argmax(self.scores[c])), self.scores[c].shape)
-        return (float(self.scores[c, iy, ix]), min((ix + 0.5) * self.stride, self.width),
-                min((iy + 0.5) * self.stride, self.height))
+        return (float(self.scores[c, iy, ix]), float(_centres(self.width, self.stride)[ix]),
+                float(_centres(self.height, self.stride)[iy]))
 
     def box(self, cls: Union[int, str], *, threshold: float = BOX_THRESHOLD) -> tuple:
         """``(x0, y0, x1, y1)`` in image pixels: the bounding box of the cells connected to the
@@ -188,6 +213,7 @@ class LocalizationMap:
         Log-odds, not scores: a confident map's scores crowd near 1 over a wide area, which
         a threshold on the scores would take in whole.
         """
+        threshold = _check_threshold(threshold)
         p = np.clip(self.scores[self.class_index(cls)].astype(np.float64), _EPS, 1 - _EPS)
         z = np.log(p) - np.log1p(-p)
         lo, hi = float(z.min()), float(z.max())
@@ -239,8 +265,9 @@ class LocalizationMap:
     def save(self, path: Union[str, Path]) -> Path:
         """Write an ``.npz``: ``scores``, ``classes``, ``stride``, ``width``, ``height``, ``image``, ``method``."""
         path = Path(path)
-        np.savez_compressed(path, scores=self.scores, classes=np.array(self.classes), stride=self.stride,
-                            width=self.width, height=self.height, image=self.path, method=self.method)
+        with open(path, "wb") as f:  # a file object: numpy would add ".npz" to a name without it
+            np.savez_compressed(f, scores=self.scores, classes=np.array(self.classes), stride=int(self.stride),
+                                width=int(self.width), height=int(self.height), image=self.path, method=self.method)
         return path
 
     def to_text(self, top: int = 3) -> str:
@@ -255,11 +282,21 @@ class LocalizationMap:
                 f"{self.objective}): " + "; ".join(parts))
 
 
+class ImageFileError(EvalError):
+    """An image file that cannot be mapped: missing, unreadable, or changed since extraction."""
+
+
+def _centres(size: int, stride: int) -> np.ndarray:
+    """Pixel centre of each map cell along a side (the last cell may be partial)."""
+    starts = np.arange(-(-size // stride)) * stride
+    return (starts + np.minimum(starts + stride, size)) / 2
+
+
 def _read_pixels(path: Union[str, Path]) -> np.ndarray:
     try:
         return load_rgb(path)
     except Exception as e:  # PIL raises many kinds for a corrupt or vanished file
-        raise EvalError(f"{path}: cannot read the image ({type(e).__name__})") from None
+        raise ImageFileError(f"{path}: cannot read the image ({type(e).__name__})") from None
 
 
 # --------------------------------------------------------------------------- making maps
@@ -278,8 +315,11 @@ def backbone_of(head: TrainedHead, *, weights: Optional[Union[str, Path]] = None
         raise BackboneError("this head file does not record how its features were extracted (written before "
                             "featurecache 0.2); train it again with fit")
     spec, fs = head.extraction["backbone"], head.feature_settings
-    net = build_backbone(spec["name"], layer=fs.get("layer"), weights=str(weights) if weights else
-                         weights_argument(spec))
+    try:
+        net = build_backbone(spec["name"], layer=fs.get("layer"), weights=str(weights) if weights else
+                             weights_argument(spec))
+    except BackboneError as e:
+        raise BackboneError(e.message, param="weights") from None
     ours = feature_settings(net, PatchGrid.from_dict(head.extraction["grid"]), fs["mode"])
     if feature_fingerprint(ours) != head.fingerprint:
         raise BackboneError(f"the backbone found ({net.spec.weights}) would not make the features this head was "
@@ -305,7 +345,7 @@ class Localizer:
         self.config = config or MapConfig()
         if self.config.uses_windows and not head.spec.patch_scores:
             raise EvalError(f"the {self.config.method} map averages patch scores, which {_article(head.objective)} "
-                            f"{head.objective} head does not have; use --method cam", param="method")
+                            f"{head.objective} head does not have; use the cam method", param="method")
         self._net = _with_dense_trunk(backbone) if backbone is not None and self.config.uses_cells else backbone
         self._device: Optional[torch.device] = None
 
@@ -313,7 +353,7 @@ class Localizer:
     def grid(self) -> PatchGrid:
         if not self.head.extraction or "grid" not in self.head.extraction:
             raise EvalError("this head file does not record its patch grid (written before featurecache 0.2); "
-                            "train it again with fit, or use --method windows")
+                            "train it again with fit, or use the windows method")
         return PatchGrid.from_dict(self.head.extraction["grid"])
 
     @property
@@ -333,6 +373,7 @@ class Localizer:
         """The map of the image at ``position`` in an open cache's image table (checked against the head)."""
         t = cache.images
         w, h, path = int(t.width[position]), int(t.height[position]), t.path[position]
+        self._check_size(path, w, h)
         if not image_file:
             root = (cache.attrs.get("dataset") or {}).get("root")
             image_file = str(Path(root) / path) if root else ""
@@ -344,12 +385,12 @@ class Localizer:
         if self.config.uses_cells:
             if not image_file:
                 raise EvalError(f"{cache.path}: the image files' folder is not recorded; cam maps need the "
-                                "images (use --method windows)")
+                                "images (use the windows method)")
             pixels = _read_pixels(image_file)
             if pixels.shape[1::-1] != (w, h):
-                raise EvalError(f"{image_file}: image is {pixels.shape[1]}x{pixels.shape[0]}, the cache's "
-                                f"{w}x{h} (changed since extraction?)")
-            cells = self._cell_logits(pixels)
+                raise ImageFileError(f"{image_file}: image is {pixels.shape[1]}x{pixels.shape[0]}, the cache's "
+                                     f"{w}x{h} (changed since extraction?)")
+            cells = self._cell_logits(pixels, image_file)
         return self._combine(path, w, h, cells, windows, image_file)
 
     def file_map(self, image_file: Union[str, Path]) -> LocalizationMap:
@@ -361,7 +402,16 @@ class Localizer:
         if self.config.uses_windows:
             raise EvalError(f"the {self.config.method} map needs the image's cached patches", param="method")
         h, w = pixels.shape[:2]
-        return self._combine(path, w, h, self._cell_logits(pixels), None, image_file)
+        self._check_size(path or "the image", w, h)
+        return self._combine(path, w, h, self._cell_logits(pixels, path or "the image"), None, image_file)
+
+    def _check_size(self, path: str, w: int, h: int) -> None:
+        """Refuse a map that would not fit the memory a map may take (:data:`MAX_MAP_VALUES`)."""
+        s = self.config.stride
+        values = -(-w // s) * -(-h // s) * (len(self.head.classes) + 1)
+        if values > MAX_MAP_VALUES:
+            raise EvalError(f"{path}: a {w}x{h} image in {s}-px cells is {values:,} map values with its classes, "
+                            f"more than {MAX_MAP_VALUES:,}; use a larger stride", param="stride")
 
     def _combine(self, path: str, w: int, h: int, cells: Optional[np.ndarray], windows: Optional[np.ndarray],
                  image_file: str) -> LocalizationMap:
@@ -374,21 +424,18 @@ class Localizer:
                                self.head.objective, image_file, self.config.method)
 
     @torch.inference_mode()
-    def _cell_logits(self, pixels: np.ndarray) -> tuple:
+    def _cell_logits(self, pixels: np.ndarray, name: str) -> np.ndarray:
         """The sum over scales of the head's cell log-odds, ``(C, rows, columns)`` of the map."""
         net, grid, s = self.backbone(), self.grid, self.config.stride
         h, w = pixels.shape[:2]
-        gh, gw = -(-h // s), -(-w // s)
         image = torch.tensor(pixels, device=self._device).permute(2, 0, 1)[None].float()  # copied: may be read-only
-        # Map cell centres in image pixels (the last cell clipped to the image).
-        xs = np.minimum((np.arange(gw) + 0.5) * s, w)
-        ys = np.minimum((np.arange(gh) + 0.5) * s, h)
+        xs, ys = _centres(w, s), _centres(h, s)  # map cell centres in image pixels
         total = None
         layout = replace(grid, scales=self.scales, whole=False).dense_layout(w, h, stride=DENSE_STRIDE)
         for lam, rw, rh, _, _ in layout:
             if (rw // DENSE_STRIDE) * (rh // DENSE_STRIDE) > MAX_CELLS:
-                raise EvalError(f"{w}x{h} image: {rw}x{rh} pixels at λ={lam:g} are more than {MAX_CELLS} feature "
-                                "cells; use fewer or smaller scales")
+                raise EvalError(f"{name}: the {w}x{h} image resized to {rw}x{rh} at λ={lam:g} is more than "
+                                f"{MAX_CELLS} feature cells; use smaller scales", param="scales")
             x = F.interpolate(image, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
             fmap = net.cell_features(x.contiguous(memory_format=torch.channels_last), max_side=self.config.max_side)
             d, ch, cw = fmap.shape[1:]
@@ -448,13 +495,17 @@ def _article(word: str) -> str:
 
 
 def _find_image(cache: FeatureCache, image: Union[int, str]) -> int:
+    """A row of the cache's image table: an int, or text naming an image (its stored path, file name or stem;
+    text of digits that names none is a row number, so COCO's numeric file names stay names)."""
     paths = cache.images.path
-    if isinstance(image, (int, np.integer)):
+    if isinstance(image, (int, np.integer)) and not isinstance(image, bool):
         if not 0 <= int(image) < len(paths):
             raise EvalError(f"{cache.path}: no image {image} (it has {len(paths)})")
         return int(image)
     text = str(image)
     hits = [i for i, p in enumerate(paths) if p == text or p.endswith("/" + text) or Path(p).stem == text]
+    if not hits and text.isdigit():
+        return _find_image(cache, int(text))
     if len(hits) != 1:
         raise EvalError(f"{cache.path}: {'no' if not hits else f'{len(hits)}'} image(s) match {text!r}"
                         + ("" if hits else f" (e.g. {paths[0]})" if paths else ""))
@@ -515,7 +566,10 @@ class LocalizationReport:
     tolerance : int
     n_images : int
     seconds_per_image : float
-        Map making only (backbone, head and fusion), not reading annotations.
+        Map making only (backbone, head and fusion), not reading annotations, per mapped image.
+    skipped : list of str
+        ``"path: reason"`` of images whose map could not be made (a missing or changed file);
+        their pairs are not counted.
     """
 
     classes: tuple
@@ -528,6 +582,7 @@ class LocalizationReport:
     seconds_per_image: float
     stride: int = 8
     box_threshold: float = BOX_THRESHOLD
+    skipped: list = field(default_factory=list)
 
     COLUMNS = ("pointing", "pointing_tol", "corloc", "centre", "centre_tol", "whole_image")
 
@@ -544,10 +599,16 @@ class LocalizationReport:
         return {"method": self.method, "objective": self.objective, "tolerance": self.tolerance,
                 "stride": self.stride, "box_threshold": self.box_threshold, "images": self.n_images,
                 "pairs": int(self.pairs.sum()), "seconds_per_image": self.seconds_per_image,
-                "overall": overall, "per_class": per_class}
+                "overall": overall, "per_class": per_class, "skipped": list(self.skipped)}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+        """:meth:`to_dict` as JSON (rates without pairs as null)."""
+        def plain(v):
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return None if isinstance(v, float) and not np.isfinite(v) else v
+
+        return json.dumps(plain(self.to_dict()), indent=2)
 
     def to_csv(self) -> str:
         out = io.StringIO()
@@ -574,6 +635,9 @@ class LocalizationReport:
                          f"{r[5]:>6.1f}")
         lines.append("point: the map's peak in a box of the class; CorLoc: its box at IoU >= 0.5; centre: the image "
                      "centre; image: the whole image as the box (%)")
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} image(s) could not be mapped and are not counted, e.g. "
+                         f"{self.skipped[0]}")
         return "\n".join(lines)
 
 
@@ -640,7 +704,7 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     classes = tuple(maker.head.classes)
     pairs = np.zeros(len(classes), np.int64)
     hits = {c: np.zeros(len(classes), np.int64) for c in LocalizationReport.COLUMNS}
-    seconds = 0.0
+    seconds, mapped, skipped = 0.0, 0, []
     with open_cache(cache, split=split) as data:
         maker.head.check_cache(data)
         truth = _ground_truth(data)
@@ -656,11 +720,19 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
             if not present:
                 continue
             t0 = time.perf_counter()
-            m = maker.cache_map(data, pos)
+            try:
+                m = maker.cache_map(data, pos)
+            except ImageFileError as e:  # this image's file; other errors are settings every map shares
+                logger.warning("skipped in the evaluation: %s", e.message)
+                skipped.append(e.message)
+                continue
             seconds += time.perf_counter() - t0
+            mapped += 1
             _score_pairs(m, rec, present, tolerance, config.box_threshold, pairs, hits)
+    if not mapped and skipped:
+        raise EvalError(f"no image could be mapped: {skipped[0]}")
     return LocalizationReport(classes, pairs, hits, config.method, maker.head.objective, int(tolerance),
-                              len(paths), seconds / len(paths), config.stride, config.box_threshold)
+                              len(paths), seconds / max(mapped, 1), config.stride, config.box_threshold, skipped)
 
 
 def _score_pairs(m: LocalizationMap, rec, present: Sequence[int], tolerance: int, threshold: float,

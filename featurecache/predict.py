@@ -36,7 +36,7 @@ from featurecache.errors import BackboneError, DatasetError, EvalError, HeadErro
 from featurecache.extract import ExtractConfig, ExtractResult, extract, to_rgb
 from featurecache.heads.trained import TrainedHead
 from featurecache.localize import DEFAULT_MAP_METHOD, LocalizationMap, Localizer, MapConfig, backbone_of
-from featurecache.outputs import write_text
+from featurecache.outputs import os_reason, write_text
 from featurecache.overlay import MAX_SIDE
 from featurecache.patches import LabelRule, PatchGrid
 
@@ -567,15 +567,21 @@ class Predictor:
             return f"no maps: {e.message}"
         out = Path(config.maps)
         used: set = set()
+        failed = []
         for i, row in sorted(rows.items()):
             order = np.argsort(-scores[i], kind="stable")[:config.top]
             c = int(order[0])
-            m = self._map(maker.cache_map, cache, row, image_file=str(items[i].path))  # an array's PNG too
-            caption = f"{self.classes[c]}  score {scores[i, c]:.3g}  map {m.scores[c].min():.2f}-{m.peak(c)[0]:.2f}"
-            name = _map_name(items[i].name, self.classes[c], used)
-            maps[i] = str(m.save_png(out / name, c, caption=caption, max_side=config.max_side))
+            try:  # one image's map failing costs that map, not the predictions
+                m = maker.cache_map(cache, row, image_file=str(items[i].path))  # an array's PNG too
+                caption = (f"{self.classes[c]}  score {scores[i, c]:.3g}  map {m.scores[c].min():.2f}-"
+                           f"{m.peak(c)[0]:.2f}")
+                name = _map_name(items[i].name, self.classes[c], used)
+                maps[i] = str(m.save_png(out / name, c, caption=caption, max_side=config.max_side))
+            except (EvalError, OSError) as e:
+                failed.append(f"{items[i].display}: {e.message if isinstance(e, EvalError) else os_reason(e)}")
+                continue
             boxes[i] = {self.classes[k]: [round(v, 1) for v in m.box(int(k))] for k in order}
-        return ""
+        return f"{len(failed)} map(s) not drawn, e.g. {failed[0]}" if failed else ""
 
     def _localizer(self, config: MapConfig) -> Localizer:
         """A map maker for this head, sharing its backbone (built on first use)."""

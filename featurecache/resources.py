@@ -10,7 +10,7 @@ from featurecache.distributed import world_from_env
 from featurecache.errors import FeaturecacheError, integer_at_least
 
 __all__ = ["ASSEMBLE_MODES", "BOX_THRESHOLD", "DEFAULT_MAP_METHOD", "DEVICES", "MAP_METHODS",
-           "POINTING_TOLERANCE", "RUNTIMES", "apply_threads", "available_cpus", "available_memory",
+           "MAX_STRIDE", "POINTING_TOLERANCE", "RUNTIMES", "apply_threads", "available_cpus", "available_memory",
            "cpu_threads", "features_bytes", "memory_budget", "resolve_device"]
 
 #: What every ``device`` option accepts.
@@ -31,6 +31,9 @@ MAP_METHODS = ("cam", "cam*windows", "windows")
 #: The map method of ``localize``, ``predict --maps`` and the API: the best measured one
 #: (docs/results.md, "Localisation maps").
 DEFAULT_MAP_METHOD = "cam"
+
+#: Largest map cell, in pixels (a picture of the map is drawn at cells × stride pixels).
+MAX_STRIDE = 1024
 
 #: Pixels a map's peak may lie outside a box and still point at it (Oquab et al., 2015 use 18
 #: on VOC 2012; 15 is the value peers report on VOC and COCO).

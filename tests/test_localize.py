@@ -125,7 +125,6 @@ def test_cam_equals_a_brute_force_per_cell_computation(squares, objective):
     pixels = np.asarray(Image.open(squares["voc"] / "JPEGImages" / "sq25.jpg").convert("RGB"))
     h, w = pixels.shape[:2]
     stride = 12
-    gh, gw = -(-h // stride), -(-w // stride)
     total = 0
     for lam in GRID["scales"]:
         f = GRID["input_size"] * lam / min(w, h)
@@ -141,8 +140,11 @@ def test_cam_equals_a_brute_force_per_cell_computation(squares, objective):
                 p = float(np.clip(head.region_scores(fmap[:, i, j][None])[0, 0], 1e-6, 1 - 1e-6))
                 cells[0, i, j] = np.log(p / (1 - p))
         # A map cell's centre in the resized image, as a fractional feature-cell index (cell i's centre at 32 i + 16).
-        xs = (np.minimum((np.arange(gw) + 0.5) * stride, w) * rw / w - 16) / 32
-        ys = (np.minimum((np.arange(gh) + 0.5) * stride, h) * rh / h - 16) / 32
+        # (The last map cell may be partial: its centre is the middle of what is left of the image.)
+        cx = [(x0 + min(x0 + stride, w)) / 2 for x0 in range(0, w, stride)]
+        cy = [(y0 + min(y0 + stride, h)) / 2 for y0 in range(0, h, stride)]
+        xs = (np.array(cx) * rw / w - 16) / 32
+        ys = (np.array(cy) * rh / h - 16) / 32
         total = total + _bilinear(cells, ys, xs)
     expected = 1 / (1 + np.exp(-total / len(GRID["scales"])))
     m = localization_map(head, squares["cache"], "sq25", method="cam", stride=stride)
@@ -291,9 +293,63 @@ def test_evaluation_needs_boxes_and_the_images(squares, tmp_path):
 def test_map_config_checks_its_fields():
     from featurecache.localize import MapConfig
 
-    for bad in ({"method": "grad-cam"}, {"stride": 0}, {"box_threshold": 1.0}, {"scales": (0.0,)},
-                {"scales": ()}, {"max_side": 10}):
+    for bad in ({"method": "grad-cam"}, {"stride": 0}, {"stride": 5000}, {"box_threshold": 1.0},
+                {"box_threshold": "abc"}, {"scales": (0.0,)}, {"scales": (0.5,)}, {"scales": (1, 1)}, {"scales": ()},
+                {"scales": "16"}, {"scales": 2}, {"max_side": 10}):
         with pytest.raises(EvalError) as e:
             MapConfig(**bad)
         assert e.value.param == next(iter(bad))
-    assert MapConfig(scales=[1, "2"]).scales == (1.0, 2.0)
+    assert MapConfig(scales=[1, 2.5]).scales == (1.0, 2.5)
+
+
+def test_what_a_red_team_found(squares, tmp_path):
+    """Numeric image names, partial last cells, exact --out names, maps too large, images gone at evaluation."""
+    import shutil
+
+    import h5py
+
+    from featurecache.localize import LocalizationMap, evaluate_localization
+
+    # A cell wider than the image: its centre is the image's, not the far corner.
+    m = LocalizationMap("x", ("a",), np.ones((1, 1, 1), np.float32), 1000, 75, 60, "mil")
+    assert m.peak("a")[1:] == (37.5, 30.0)
+    with pytest.raises(EvalError, match="box_threshold"):
+        m.box("a", threshold=5)
+    # --out names the file written, suffix or not.
+    r = CliRunner().invoke(main, ["localize", squares["files"]["mil"], str(squares["cache"]), "sq24", "--out",
+                                  str(tmp_path / "m")])
+    assert r.exit_code == 0 and (tmp_path / "m").is_file() and not (tmp_path / "m.npz").exists(), r.output
+    assert int(np.load(tmp_path / "m")["stride"]) == 8
+    head = squares["heads"]["mil"]
+    # An image gone since extraction is left out of an evaluation, named, not the end of it.
+    voc = tmp_path / "voc"
+    shutil.copytree(squares["voc"], voc)
+    cache = tmp_path / "c.h5"
+    shutil.copy(squares["cache"], cache)
+    with h5py.File(cache, "a") as f:
+        ds = json.loads(f.attrs["dataset"])
+        ds["root"] = str(voc)
+        f.attrs["dataset"] = json.dumps(ds)
+    (voc / "JPEGImages" / "sq25.jpg").unlink()
+    report = evaluate_localization(head, cache, split="val", progress=False)
+    assert report.pairs.sum() == 3 and len(report.skipped) == 1 and "sq25.jpg" in report.skipped[0]
+    assert "1 image(s) could not be mapped" in report.to_text()
+    assert json.loads(report.to_json())["skipped"] == report.skipped
+
+
+def test_digits_name_an_image_before_they_name_a_row(tmp_path):
+    import h5py
+
+    X = np.zeros((3, 4))
+    path = make_synthetic_cache(tmp_path / "c.h5", X, [0] * 3, [0, 1, 2], np.array([[True]] * 3), ["obj"])
+    with h5py.File(path, "a") as f:  # COCO-like numeric file names
+        f["images/path"][:] = ["0001.jpg", "3.jpg", "7.jpg"]
+    from featurecache.localize import localization_map
+
+    head = _hand_made_mil_head(path, 4)
+    assert localization_map(head, path, "3", method="windows").path == "3.jpg"
+    assert localization_map(head, path, "0001", method="windows").path == "0001.jpg"
+    assert localization_map(head, path, "2", method="windows").path == "7.jpg"  # no such name: row 2
+    with pytest.raises(EvalError, match="no image 5"):
+        localization_map(head, path, "5", method="windows")
+
