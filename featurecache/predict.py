@@ -660,10 +660,6 @@ def _map_name(name: str, cls: str, used: set) -> str:
     return name
 
 
-def _article(word: str) -> str:
-    return "an" if word[:1] in "aeiou" else "a"
-
-
 def load_head(path: Union[str, Path], *, weights: Optional[Union[str, Path]] = None,
               device: str = "auto") -> Predictor:
     """Read a head file for use on new images.
