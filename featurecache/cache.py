@@ -182,6 +182,12 @@ def _write_isolated(path: Path, kept: str, write) -> None:
 
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once; the parent reports
             os.close(read_end)
+            # After a failed write HDF5 and h5py's object finalisers print tracebacks of their own
+            # ("Exception ignored in ... _dealloc") whenever garbage collection reaches them; the
+            # reason goes through the pipe, so the child's stderr is silenced to keep one line.
+            quiet = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(quiet, 2)
+            os.close(quiet)
             try:
                 write()
                 code = 0
