@@ -512,6 +512,8 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
     if stray:
         raise click.UsageError(f"{', '.join(stray)} {'do' if len(stray) > 1 else 'does'} not apply "
                                + ("with --evaluate" if evaluate else "without --evaluate"))
+    if cls and not png:
+        raise click.UsageError("--class chooses the class --png draws; give --png too")
     _check_outputs(out=out, png=png, json=json_out, csv=csv_out)
     config = MapConfig(method=map_method, stride=stride, scales=map_scales, box_threshold=box_threshold,
                        device=device, weights=weights)

@@ -135,6 +135,9 @@ class MapConfig:
             if not ok:
                 raise EvalError(f"must be distinct numbers in [1, 16] (λ, as the grid's scales), got {scales!r}",
                                 param="scales")
+            if self.method == "windows":  # silently ignored, it would look as if it had been honoured
+                raise EvalError("applies to cam maps only (a windows map averages the patches of every scale)",
+                                param="scales")
             object.__setattr__(self, "scales", tuple(float(v) for v in scales))
         if self.max_side < 2 * DENSE_STRIDE:
             raise EvalError(f"must be at least {2 * DENSE_STRIDE}, got {self.max_side}", param="max_side")

@@ -263,6 +263,10 @@ def test_cli_localize_evaluate_and_its_usage_errors(squares, tmp_path):
     assert r.exit_code == 2 and "--split does not apply without --evaluate" in r.output
     r = runner.invoke(main, args)
     assert r.exit_code == 2 and "give IMAGE, or --evaluate" in r.output
+    r = runner.invoke(main, [*args, "sq24", "--class", "red"])
+    assert r.exit_code == 2 and "give --png too" in r.output
+    r = runner.invoke(main, [*args, "sq24", "--map-method", "windows", "--map-scales", "1"])
+    assert r.exit_code == 1 and r.output.startswith("Error: --map-scales: applies to cam maps only"), r.output
     r = runner.invoke(main, [*args, "sq24", "--map-scales", "1,2", "--stride", "16", "--out", str(tmp_path / "m.npz")])
     assert r.exit_code == 0, r.output
     assert "cam map, 16-px cells" in r.output and np.load(tmp_path / "m.npz")["scores"].shape == (1, 9, 12)
@@ -300,6 +304,9 @@ def test_map_config_checks_its_fields():
             MapConfig(**bad)
         assert e.value.param == next(iter(bad))
     assert MapConfig(scales=[1, 2.5]).scales == (1.0, 2.5)
+    with pytest.raises(EvalError, match="cam maps only") as e:
+        MapConfig(method="windows", scales=(1, 2))
+    assert e.value.param == "scales" and MapConfig(method="cam*windows", scales=(2,)).scales == (2.0,)
 
 
 def test_what_a_red_team_found(squares, tmp_path):
