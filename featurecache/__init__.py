@@ -1,6 +1,6 @@
 """featurecache: cache frozen-CNN patch features once, then train and compare many heads fast."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import os as _os  # noqa: E402
 

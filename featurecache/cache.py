@@ -13,8 +13,9 @@ and only then renamed to ``part-NNNNNN.h5``. A rename is atomic, so a part file 
 exists complete or not at all. When every part exists the parts are copied into
 ``OUT.tmp``, which is synced and renamed onto ``OUT``; then the parts are deleted. A run
 killed at any moment (SIGKILL included) loses at most the part it was computing, and
-running the same command again continues from the parts on disk. ``OUT.lock`` (an
-``lockf``, a POSIX record lock that forked workers do not inherit) refuses a second writer.
+running the same command again continues from the parts on disk. ``OUT.lock`` (a
+``lockf``, a POSIX record lock that forked workers do not inherit; on Windows a byte locked
+with ``msvcrt.locking``) refuses a second writer.
 """
 
 from __future__ import annotations
@@ -263,38 +264,69 @@ def _chunk_rows(dim: int, itemsize: int, n: int) -> int:
 #: Lock files this process holds: POSIX record locks do not exclude their own process.
 _HELD: set = set()
 
+#: Windows locks one byte here, past the holder's PID (its locks are mandatory: a locked byte
+#: could not be read by the process that the refusal names the holder to).
+_WINDOWS_LOCK_OFFSET = 1 << 20
+
+
+def _lock_primitives():
+    """``(try_lock(fd), unlock(fd))`` of this platform: POSIX ``lockf``, or Windows ``msvcrt.locking``.
+
+    Raises
+    ------
+    CacheError
+        Where neither exists: a writer without a lock could corrupt another's work, so none runs.
+    """
+    try:
+        import fcntl
+
+        return (lambda fd: fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)), (lambda fd: None)
+    except ImportError:
+        pass
+    try:
+        import msvcrt
+    except ImportError:
+        raise CacheError("this platform has neither POSIX (fcntl) nor Windows (msvcrt) file locks, and "
+                         "featurecache does not write a cache without a lock that refuses a second writer") from None
+
+    def at_lock_byte(fd: int, mode: int) -> None:
+        os.lseek(fd, _WINDOWS_LOCK_OFFSET, os.SEEK_SET)
+        msvcrt.locking(fd, mode, 1)
+
+    return (lambda fd: at_lock_byte(fd, msvcrt.LK_NBLCK)), (lambda fd: at_lock_byte(fd, msvcrt.LK_UNLCK))
+
 
 class _Lock:
-    """An exclusive, non-blocking POSIX record lock (``lockf``) on a file beside the output.
+    """An exclusive, non-blocking lock on a file beside the output: a POSIX record lock
+    (``lockf``), or on Windows a locked byte (``msvcrt.locking``).
 
     A record lock belongs to the process that took it: forked children (DataLoader workers)
     do not inherit it, so the lock dies with the writer, and a run started right after a
     killed one is not refused. The holder writes its PID into the file, which a refusal
     names. The file is opened with ``O_NOFOLLOW``: a link planted at its name is refused,
-    never written through.
+    never written through. A platform with neither lock refuses to write (one line).
     """
 
     def __init__(self, path: Path, target: Path) -> None:
         self.path, self.target, self.fd = path, target, None
         self.key = str(path.parent.resolve() / path.name)  # one key for every spelling of the path
+        self._unlock = None
 
     def acquire(self) -> None:
-        try:
-            import fcntl
-        except ImportError:  # pragma: no cover - Windows: no advisory locks, no refusal
-            return
+        try_lock, unlock = _lock_primitives()
         if self.key in _HELD:
             raise CacheError(f"{self.target}: this process is already writing it")
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                             | getattr(os, "O_BINARY", 0), 0o644)
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise CacheError(f"{self.path}: is a symbolic link; featurecache never writes through one "
                                      "(remove it)") from None
                 raise
             try:
-                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                try_lock(fd)
             except OSError:
                 pid = _read_pid(fd)
                 os.close(fd)
@@ -304,8 +336,9 @@ class _Lock:
             try:
                 if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
                     os.ftruncate(fd, 0)
+                    os.lseek(fd, 0, os.SEEK_SET)
                     os.write(fd, f"{os.getpid()}\n".encode())
-                    self.fd = fd
+                    self.fd, self._unlock = fd, unlock
                     _HELD.add(self.key)
                     return
             except FileNotFoundError:
@@ -319,16 +352,24 @@ class _Lock:
         """Remove the lock file and drop the lock (the file is only a lock: nothing in it is kept)."""
         if self.fd is None:
             return
-        with contextlib.suppress(OSError):
-            os.unlink(self.path)
-        os.close(self.fd)
+        if os.name == "nt":  # Windows removes no open file: unlock and close it first
+            with contextlib.suppress(OSError):
+                self._unlock(self.fd)
+            os.close(self.fd)
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+        else:  # unlink while locked: a waiting writer then finds the file gone and locks a new one
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
         self.fd = None
         _HELD.discard(self.key)
 
 
 def _read_pid(fd: int) -> Optional[int]:
     with contextlib.suppress(OSError, ValueError):
-        return int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+        os.lseek(fd, 0, os.SEEK_SET)
+        return int(os.read(fd, 32).decode().strip() or 0) or None
     return None
 
 
@@ -454,7 +495,8 @@ class CacheWriter:
             diff = _settings_difference(theirs, self.run_settings) if theirs is not None else "unreadable settings"
             if diff and not self.overwrite:
                 raise CacheError(f"{self.path}: an unfinished run with other settings is in {self.parts_dir} "
-                                 f"({diff}); run the same command again to resume it, or pass --overwrite")
+                                 f"({diff}); resume it with the options that started it (and the same featurecache), "
+                                 "or pass --overwrite to discard it")
             if diff:
                 shutil.rmtree(self.parts_dir)
         if not self.parts_dir.exists():

@@ -174,6 +174,13 @@ def threads_option(f: Callable) -> Callable:
                         help="CPU threads [default: the CPUs this process may use (affinity, container quota)].")(f)
 
 
+def download_option(f: Callable) -> Callable:
+    """--download: the one way to let a command open a network connection (default weights not cached)."""
+    return click.option("--download", is_flag=True,
+                        help="Download the backbone's default weights (timm, torchvision) when they are not in the "
+                             "local cache; without it featurecache makes no network connection.")(f)
+
+
 def runtime_option(f: Callable) -> Callable:
     """--runtime: what runs the backbone on the CPU."""
     return click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
@@ -283,12 +290,13 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
 @click.option("--assemble", type=click.Choice(ASSEMBLE_MODES), default="copy",
               help="copy: one self-contained file; virtual: OUT maps its features onto the part files, kept in "
                    "OUT.<run>.data/ beside it (no copy; move the two together).")
+@download_option
 @runtime_option
 @threads_option
 @_command
 def extract(dataset, out, layout, split, annotations, classes_file, backbone, layer, weights, scales, overlap,
             input_size, whole_image, max_patches, mode, max_side, batch_size, workers, device, dtype, compression,
-            part_size, max_pixels, overwrite, strict, assemble, runtime, threads):
+            part_size, max_pixels, overwrite, strict, assemble, download, runtime, threads):
     """Run every patch of DATASET through a frozen backbone once; cache the features in OUT (HDF5).
 
     A killed run continues where it stopped when the same command is run again. Under torchrun
@@ -300,7 +308,7 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
     result = run_extract(
         dataset, out, split=split, annotations=annotations, layout=layout,
         classes=read_class_file(classes_file) if classes_file else None,
-        backbone=backbone, layer=layer, weights=None if weights == "none" else weights,
+        backbone=backbone, layer=layer, weights=None if weights == "none" else weights, download=download,
         grid=_grid(scales, overlap, input_size, whole_image), mode=mode, max_side=max_side, batch_size=batch_size,
         workers=workers,
         device=device, dtype=dtype, compression=compression, overwrite=overwrite, strict=strict,
@@ -495,9 +503,10 @@ def map_options(f: Callable) -> Callable:
 @click.option("--weights", default=None,
               help="cam maps: the backbone weights file, when not where the head's training found it.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the backbone runs (cam maps).")
+@download_option
 @_command
 def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, evaluate, split, tolerance,
-             box_threshold, json_out, csv_out, weights, device):
+             box_threshold, json_out, csv_out, weights, device, download):
     """Localisation map of one cached IMAGE (row number, stored path, file name or stem), or with
     --evaluate how well the maps of a labelled cache point at and box its objects.
 
@@ -516,7 +525,7 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
         raise click.UsageError("--class chooses the class --png draws; give --png too")
     _check_outputs(out=out, png=png, json=json_out, csv=csv_out)
     config = MapConfig(method=map_method, stride=stride, scales=map_scales, box_threshold=box_threshold,
-                       device=device, weights=weights)
+                       device=device, weights=weights, download=download)
     if evaluate:
         report = evaluate_localization(head, cache, split=split, config=config, tolerance=tolerance,
                                        progress=False if click.get_current_context().obj.get("quiet") else None)
@@ -566,11 +575,12 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = CUDA when present.")
 @click.option("--strict", is_flag=True, help="Stop at the first image that cannot be read.")
 @click.option("--overwrite", is_flag=True, help="Replace a --cache made of other images (or of changed files).")
+@download_option
 @runtime_option
 @threads_option
 @_command
 def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, weights, layout, split, annotations,
-            batch_size, workers, device, strict, overwrite, runtime, threads):
+            batch_size, workers, device, strict, overwrite, download, runtime, threads):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -589,7 +599,7 @@ def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, 
     _check_outputs(out=out, cache=cache)
     if maps:
         check_output(maps, param="maps", folder=True)
-    result = run_predict(head, inputs, config, weights=weights, device=device)
+    result = run_predict(head, inputs, config, weights=weights, device=device, download=download)
     if out:
         result.save(out)
         click.echo(f"{result.summary()} -> {out}")

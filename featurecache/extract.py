@@ -364,6 +364,9 @@ class ExtractConfig:
     backbone : str or FrozenBackbone
         A name for :func:`featurecache.backbones.build_backbone` (with ``layer`` and
         ``weights``), or a built backbone.
+    download : bool
+        Let the backbone's default weights be downloaded when they are not in the local cache
+        (timm, torchvision; :func:`featurecache.backbones.build_backbone`). Off: no network.
     grid : PatchGrid, optional
         Default ``PatchGrid()`` (the paper's nine scales, 224-px input).
     rule : LabelRule, optional
@@ -428,6 +431,7 @@ class ExtractConfig:
     backbone: Union[str, FrozenBackbone] = "efficientnet_lite0"
     layer: Optional[str] = None
     weights: Optional[Union[str, Path]] = "default"
+    download: bool = False
     grid: PatchGrid = field(default_factory=PatchGrid)
     rule: LabelRule = field(default_factory=LabelRule)
     mode: str = "crop"
@@ -506,7 +510,7 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
     images = dataset if isinstance(dataset, ImageSet) else read_dataset(
         dataset, layout=config.layout, split=config.split, annotations=config.annotations, classes=config.classes)
     net = config.backbone if isinstance(config.backbone, FrozenBackbone) else build_backbone(
-        config.backbone, layer=config.layer, weights=config.weights, device="cpu")
+        config.backbone, layer=config.layer, weights=config.weights, device="cpu", download=config.download)
     net = net.to(dev)
     if config.mode == "dense":
         _check_dense(net, config.grid)

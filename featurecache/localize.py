@@ -107,6 +107,8 @@ class MapConfig:
         Where the backbone runs (``cam`` methods).
     weights : str or path, optional
         The backbone weights file, when not where the head's training found it (checked by hash).
+    download : bool
+        Let default weights missing from the local cache be downloaded (:func:`backbone_of`).
     max_side : int
         Largest trunk input side; larger inputs are tiled (:meth:`FrozenBackbone.cell_features`).
     """
@@ -117,6 +119,7 @@ class MapConfig:
     box_threshold: float = BOX_THRESHOLD
     device: str = "auto"
     weights: Optional[str] = None
+    download: bool = False
     max_side: int = 2048
 
     def __post_init__(self) -> None:
@@ -305,8 +308,13 @@ def _read_pixels(path: Union[str, Path]) -> np.ndarray:
 # --------------------------------------------------------------------------- making maps
 
 
-def backbone_of(head: TrainedHead, *, weights: Optional[Union[str, Path]] = None) -> FrozenBackbone:
+def backbone_of(head: TrainedHead, *, weights: Optional[Union[str, Path]] = None,
+                download: bool = False) -> FrozenBackbone:
     """The backbone a head's features came from, rebuilt from the head file's record.
+
+    ``weights`` names the weights file when it is not where the head's training found it;
+    ``download`` lets default weights missing from the local cache be downloaded
+    (:func:`featurecache.backbones.build_backbone`).
 
     Raises
     ------
@@ -320,7 +328,7 @@ def backbone_of(head: TrainedHead, *, weights: Optional[Union[str, Path]] = None
     spec, fs = head.extraction["backbone"], head.feature_settings
     try:
         net = build_backbone(spec["name"], layer=fs.get("layer"), weights=str(weights) if weights else
-                             weights_argument(spec))
+                             weights_argument(spec), download=download)
     except BackboneError as e:
         raise BackboneError(e.message, param="weights") from None
     ours = feature_settings(net, PatchGrid.from_dict(head.extraction["grid"]), fs["mode"])
@@ -366,7 +374,8 @@ class Localizer:
 
     def backbone(self) -> FrozenBackbone:
         if self._net is None:
-            self._net = _with_dense_trunk(backbone_of(self.head, weights=self.config.weights))
+            self._net = _with_dense_trunk(backbone_of(self.head, weights=self.config.weights,
+                                                              download=self.config.download))
         if self._device is None:
             self._device = resolve_device(self.config.device)
             self._net.to(self._device).to(memory_format=torch.channels_last)

@@ -446,13 +446,16 @@ class Predictor:
         Where the backbone weights are, when not where the head's training found them. Refused
         unless they hash to the recorded SHA-256.
     device : {"auto", "cpu", "cuda"}
+    download : bool
+        Let default weights missing from the local cache be downloaded (off: no network).
     """
 
     def __init__(self, head: TrainedHead, *, source: str = "head", weights: Optional[Union[str, Path]] = None,
-                 device: str = "auto") -> None:
+                 device: str = "auto", download: bool = False) -> None:
         self.head = head
         self.source = source
         self.weights = None if weights is None else str(weights)
+        self.download = bool(download)
         self.device = device
         self._net: Optional[FrozenBackbone] = None
         if not head.extraction or "grid" not in head.extraction or "backbone" not in head.extraction:
@@ -481,7 +484,7 @@ class Predictor:
         """The backbone the head's features came from, built once; refused when it would make other features."""
         if self._net is None:
             try:
-                self._net = backbone_of(self.head, weights=self.weights)
+                self._net = backbone_of(self.head, weights=self.weights, download=self.download)
             except BackboneError as e:
                 raise PredictError(f"{self.source}: {e.message}", param=e.param) from None
         return self._net
@@ -585,7 +588,7 @@ class Predictor:
 
     def _localizer(self, config: MapConfig) -> Localizer:
         """A map maker for this head, sharing its backbone (built on first use)."""
-        return Localizer(self.head, replace(config, weights=self.weights, device=self.device),
+        return Localizer(self.head, replace(config, weights=self.weights, device=self.device, download=self.download),
                          backbone=self.backbone() if config.uses_cells else None)
 
     def _map(self, make, *args, **kwargs):
@@ -661,7 +664,7 @@ def _map_name(name: str, cls: str, used: set) -> str:
 
 
 def load_head(path: Union[str, Path], *, weights: Optional[Union[str, Path]] = None,
-              device: str = "auto") -> Predictor:
+              device: str = "auto", download: bool = False) -> Predictor:
     """Read a head file for use on new images.
 
     Parameters
@@ -672,6 +675,9 @@ def load_head(path: Union[str, Path], *, weights: Optional[Union[str, Path]] = N
         Where the backbone weights are, when not where training found them (refused unless
         their SHA-256 is the recorded one).
     device : {"auto", "cpu", "cuda"}
+    download : bool
+        Let the backbone's default weights be downloaded when they are not in the local cache
+        (timm, torchvision); off by default: no network.
 
     Returns
     -------
@@ -684,10 +690,12 @@ def load_head(path: Union[str, Path], *, weights: Optional[Union[str, Path]] = N
     >>> result.records()[0]["top"][0]                           # doctest: +SKIP
     {'class': 'cat', 'score': 0.93}
     """
-    return Predictor(TrainedHead.load(path, device=device), source=str(path), weights=weights, device=device)
+    return Predictor(TrainedHead.load(path, device=device), source=str(path), weights=weights, device=device,
+                     download=download)
 
 
 def predict(head: Union[str, Path], images: Sequence[ImageInput], config: Optional[PredictConfig] = None, *,
-            weights: Optional[Union[str, Path]] = None, device: str = "auto", **options) -> Predictions:
+            weights: Optional[Union[str, Path]] = None, device: str = "auto", download: bool = False,
+            **options) -> Predictions:
     """:func:`load_head` then :meth:`Predictor.predict`: what ``featurecache predict`` runs."""
-    return load_head(head, weights=weights, device=device).predict(images, config, **options)
+    return load_head(head, weights=weights, device=device, download=download).predict(images, config, **options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Optional, Union
 
 from featurecache.distributed import world_from_env
@@ -71,18 +72,25 @@ def resolve_device(device: Union[str, "torch.device"] = "auto") -> "torch.device
 
 
 def available_memory() -> int:
-    """Bytes of memory available to this process now (``MemAvailable`` on Linux)."""
+    """Bytes of memory available to this process now: the host's ``MemAvailable``, or less when a
+    cgroup (a container, a SLURM job's ``--mem``) limits this process or one of its ancestors
+    (the limit less what the group uses, its reclaimable file cache not counted as used)."""
+    host = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    host = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 4 << 30
+    if host is None:
+        try:
+            host = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover
+            host = 4 << 30
+    group = _cgroup_memory()
+    return host if group is None else min(host, group)
 
 
 def memory_budget(memory_limit: Optional[int] = None) -> int:
@@ -95,21 +103,95 @@ def features_bytes(n_rows: int, dim: int) -> int:
     return int(n_rows) * int(dim) * 4
 
 
-def _cgroup_cpus() -> Optional[float]:
-    """The CPU quota of this process's cgroup in CPUs (v2 ``cpu.max``, v1 ``cfs_quota``), None without one."""
+# --------------------------------------------------------------------------- cgroups
+
+#: Where cgroup hierarchies are mounted, and this process's cgroup membership (tests point them elsewhere).
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+_SELF_CGROUP = Path("/proc/self/cgroup")
+
+#: Limits at or above this are "no limit" (cgroup v1 writes PAGE_COUNTER_MAX pages, about 2**63).
+_NO_LIMIT = 1 << 60
+
+
+def _cgroup_dirs(controller: str) -> list:
+    """The folders of this process's cgroup and of its ancestors, innermost first, that hold
+    ``controller``'s files: v1's ``ROOT/<controller>/<path>``, v2's ``ROOT/<path>`` (or
+    ``ROOT/unified/<path>`` on hybrid systems). Inside a cgroup namespace the mount is the
+    process's own group, so a path that is not there means the mount's root."""
+    paths = {}
     try:
-        text = open("/sys/fs/cgroup/cpu.max").read().split()  # noqa: SIM115 - a one-line read
-        if text and text[0] != "max":
-            return int(text[0]) / int(text[1])
-        return None
-    except (OSError, ValueError, IndexError):
-        pass
+        for line in _SELF_CGROUP.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            for c in controllers.split(",") if controllers else [""]:
+                paths[c] = path
+    except (OSError, ValueError):
+        return []
+    dirs = []
+    for mount, key in ((_CGROUP_ROOT / controller, controller), (_CGROUP_ROOT, ""), (_CGROUP_ROOT / "unified", "")):
+        if key not in paths or not mount.is_dir():
+            continue
+        here = mount / paths[key].lstrip("/")
+        here = here if here.is_dir() else mount
+        while True:
+            dirs.append(here)
+            if here == mount or mount not in here.parents:
+                break
+            here = here.parent
+    return dirs
+
+
+def _read_number(path: Path) -> Optional[int]:
+    """The integer a one-value cgroup file holds; None for ``max``, a missing file or anything else."""
     try:
-        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())  # noqa: SIM115
-        period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())  # noqa: SIM115
-        return quota / period if quota > 0 and period > 0 else None
+        text = path.read_text().split()
+        return int(text[0]) if text and text[0] != "max" else None
     except (OSError, ValueError):
         return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_memory() -> Optional[int]:
+    """Bytes this process's cgroups leave it (the tightest of its group and ancestors), None without a limit."""
+    best = None
+    for d in _cgroup_dirs("memory"):
+        # v2 then v1: the limit, the usage and the reclaimable file cache inside it.
+        for limit_file, usage_file, inactive in (("memory.max", "memory.current", "inactive_file"),
+                                                 ("memory.limit_in_bytes", "memory.usage_in_bytes",
+                                                  "total_inactive_file")):
+            limit = _read_number(d / limit_file)
+            if limit is None or limit >= _NO_LIMIT:
+                continue
+            used = (_read_number(d / usage_file) or 0) - _stat_value(d / "memory.stat", inactive)
+            left = max(0, limit - max(0, used))
+            best = left if best is None else min(best, left)
+    return best
+
+
+def _cgroup_cpus() -> Optional[float]:
+    """The CPU quota of this process's cgroups in CPUs (v2 ``cpu.max``, v1 ``cfs_quota``; the tightest
+    of its group and ancestors), None without one."""
+    best = None
+    for d in _cgroup_dirs("cpu"):
+        quota, period = None, None
+        try:
+            text = (d / "cpu.max").read_text().split()
+            if len(text) == 2 and text[0] != "max":
+                quota, period = int(text[0]), int(text[1])
+        except (OSError, ValueError):
+            quota, period = _read_number(d / "cpu.cfs_quota_us"), _read_number(d / "cpu.cfs_period_us")
+        if quota is not None and period and quota > 0 and period > 0:
+            best = quota / period if best is None else min(best, quota / period)
+    return best
 
 
 def available_cpus() -> int:

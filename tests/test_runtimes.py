@@ -59,6 +59,55 @@ def test_a_runtime_that_is_not_installed_names_its_extra(lite0, monkeypatch):
     assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
 
 
+def _fallback_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "--runtime auto" in r.getMessage()]
+
+
+def test_auto_says_once_why_it_falls_back_to_torch(lite0, monkeypatch, caplog):
+    import featurecache.runtimes as rt
+
+    monkeypatch.setattr(rt, "_SAID", set())
+    caplog.set_level("WARNING", logger="featurecache")
+    # No runtime installed: one warning naming the extra, however many times a runtime is built.
+    monkeypatch.setattr(rt, "installed_runtimes", lambda: ("torch",))
+    for _ in range(3):
+        assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
+    said = _fallback_warnings(caplog)
+    assert len(said) == 1 and 'neither OpenVINO nor ONNX Runtime is installed; pip install "featurecache[openvino]"' \
+        in said[0]
+    # Where only torch can run (dense mode, CUDA) auto is torch by design: nothing to say.
+    caplog.clear()
+    build_runtime(lite0, "auto", input_size=64, threads=1, dense=True)
+    assert _fallback_warnings(caplog) == []
+
+
+@pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
+def test_auto_says_why_when_the_export_fails_or_a_runtime_cannot_run_it(lite0, monkeypatch, caplog, tmp_path):
+    import featurecache.runtimes as rt
+
+    monkeypatch.setattr(rt, "_SAID", set())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # no export kept from other tests
+    caplog.set_level("WARNING", logger="featurecache")
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("exporter says no")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)
+    assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
+    said = _fallback_warnings(caplog)
+    assert len(said) == 1 and "cannot export to ONNX" in said[0] and "exporter says no" in said[0]
+    # An export no runtime can load (a damaged file at its name): each runtime's failure is named.
+    monkeypatch.undo()
+    monkeypatch.setattr(rt, "_SAID", set())
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    caplog.clear()
+    path = rt.exported_model(lite0, 64)
+    path.write_bytes(b"not an onnx model")
+    assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
+    said = _fallback_warnings(caplog)
+    assert len(said) == 1 and all(f"{name} cannot run the exported model" in said[0] for name in OTHERS)
+
+
 @pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
 def test_extract_records_the_runtime_and_a_resume_with_another_is_refused(tmp_path, lite0):
     from featurecache.cache import CacheError, FeatureCache

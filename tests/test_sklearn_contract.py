@@ -60,7 +60,9 @@ def test_patch_heads_have_at_most_three_documented_failures():
         assert len(EXPECTED_FAILURES[cls]) <= 3 and all(EXPECTED_FAILURES[cls].values())
 
 
-@pytest.mark.parametrize("head", [LogRegHead(), MLPHead(**{**FAST_MLP, "max_epochs": 200})])
+# lr 0.1: on 90 rows (3 mini-batches an epoch) the default 0.01 plateaus within 10 epochs at 0.59-0.77
+# training accuracy depending on torch's initialisation (torch 2.5 vs 2.14); this test is about labels.
+@pytest.mark.parametrize("head", [LogRegHead(), MLPHead(**{**FAST_MLP, "max_epochs": 200, "lr": 0.1})])
 def test_labels_of_any_kind_and_featurecaches_patch_labels(head):
     """Any labels without n_outputs (scikit-learn's way); featurecache's 0 .. n_outputs - 1 with it,
     every output kept even when a class is absent from training."""
@@ -73,7 +75,7 @@ def test_labels_of_any_kind_and_featurecaches_patch_labels(head):
     X[y == "dog", 0] += 4
     X[y == "emu", 1] += 4
     fitted = clone(head).fit(X, y)
-    assert list(fitted.classes_) == ["cat", "dog", "emu"] and (fitted.predict(X) == y).mean() > 0.6  # chance: 1/3
+    assert list(fitted.classes_) == ["cat", "dog", "emu"] and (fitted.predict(X) == y).mean() > 0.85  # chance: 1/3
     patch = clone(head).set_params(n_outputs=5).fit(X, np.repeat([0, 2, 3], 30))
     assert list(patch.classes_) == [0, 1, 2, 3, 4] and patch.predict_proba(X).shape == (90, 5)
     if isinstance(head, LogRegHead):  # a linear head gives outputs never seen in training probability 0
