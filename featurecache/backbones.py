@@ -16,7 +16,7 @@ Any other torchvision classification model is available by name with a graph nod
 (``layer=``, see ``torchvision.models.feature_extraction.get_graph_node_names``), and any
 timm model as ``timm:<name>`` (pooled pre-logits). Nothing is downloaded unless asked
 (``download=True``, ``--download``): weights come from a local file (``weights=PATH``), from
-the user's torch hub / Hugging Face cache (looked up with ``local_files_only``, no request),
+the user's torch hub / Hugging Face cache (looked up in its folders, no request),
 or are random (``weights=None``, for tests). The packaged Lite0 file is checked against
 :data:`LITE0_SHA256`.
 
@@ -346,16 +346,27 @@ def _load_by_name_or_order(model: nn.Module, state: dict, source: str) -> None:
 
 
 def _hf_cached(repo: str, filename: str, *, name: str) -> Path:
-    """A file of a Hugging Face Hub repository from the local cache only (``local_files_only``: no request)."""
-    from huggingface_hub import hf_hub_download
+    """A file of a Hugging Face Hub repository from the local cache only.
+
+    ``try_to_load_from_cache`` reads the cache's folders and nothing else (``hf_hub_download``
+    with ``local_files_only`` still builds request headers, and huggingface_hub 2.x fetches an
+    agent registry from the network for them).
+    """
+    from huggingface_hub import try_to_load_from_cache
 
     repo_id, _, revision = repo.partition("@")
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=revision or None, local_files_only=True))
-    except Exception as e:  # LocalEntryNotFoundError, or a malformed repository id
-        raise BackboneError(f"{name}: {repo_id}/{filename} is not in the local Hugging Face cache and featurecache "
-                            f"downloads nothing unless asked ({type(e).__name__}); pass --download to fetch it, or "
-                            "--weights PATH", param="weights") from None
+        found = try_to_load_from_cache(repo_id, filename, revision=revision or None)
+    except Exception as e:  # a malformed repository id or revision
+        found = None
+        why = f" ({type(e).__name__})"
+    else:
+        why = ""
+    if not isinstance(found, str) or not Path(found).is_file():  # None, or "known not to exist on the hub"
+        raise BackboneError(f"{name}: {repo_id}/{filename} is not in the local Hugging Face cache{why} and "
+                            "featurecache downloads nothing unless asked; pass --download to fetch it, or "
+                            "--weights PATH", param="weights")
+    return Path(found)
 
 
 def _timm_local_name(model_name: str, *, name: str, download: bool) -> str:
