@@ -23,11 +23,10 @@ images) is the whole-image one-vs-rest probe, measured on the same folds in the 
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import itertools
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,11 +36,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from featurecache.cache import AnyCache, FeatureCache, MemoryCache
-from featurecache.errors import AblationError, HeadError, integer_at_least
+from featurecache.errors import AblationError, FeaturecacheError, HeadError, integer_at_least
 from featurecache.evaluate import pooled_scores, report_from_image_scores
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import bootstrap_map, bootstrap_weights, image_folds, interval
+from featurecache.outputs import check_not_inputs, csv_text, json_text
 from featurecache.resources import apply_threads, features_bytes, memory_budget
 from featurecache.train import fit_objective
 
@@ -58,6 +58,17 @@ DEFAULTS = {**{n: v for n, v in defaults().items() if n in _GRID_OPTIONS}, "obje
 EVAL_KEYS = tuple(EVAL_OPTIONS)
 TRAIN_KEYS = tuple(k for k in DEFAULTS if k not in EVAL_KEYS)
 _WHOLE = "whole"
+
+#: Most combinations a grid may have (counted before any is built); a larger sweep is a mistake
+#: or a job for several runs.
+MAX_CONFIGURATIONS = 10_000
+
+#: Most bootstrap values an ablation holds (rows x evaluation settings x resamples, float64:
+#: 400 MB); ``--resamples`` beyond what fits is refused before any training.
+MAX_BOOTSTRAP_VALUES = 50_000_000
+
+#: Resamples drawn at a time: the draw counts of one chunk of one fold stay near 64 MB.
+_BOOT_CHUNK_VALUES = 8_000_000
 
 
 def _read(key: str, text: str):
@@ -122,8 +133,10 @@ def read_sweep_file(path: Union[str, Path]) -> tuple:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise AblationError(f"{path}: cannot read ({e.strerror or e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise AblationError(f"{path}: invalid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise AblationError(f"{path}: not UTF-8 text (TOML is UTF-8)") from None
+    except (tomllib.TOMLDecodeError, RecursionError) as e:
+        raise AblationError(f"{path}: invalid TOML ({str(e)[:160] or 'nested too deep'})") from None
     raw = data.get("grid", {})
     if not isinstance(raw, dict) or not raw:
         raise AblationError(f"{path}: needs a [grid] table of setting = [values]")
@@ -132,7 +145,10 @@ def read_sweep_file(path: Union[str, Path]) -> tuple:
         if key not in DEFAULTS:
             raise AblationError(f"{path}: unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
         values = values if isinstance(values, list) else [values]
-        grid[key] = [_read(key, str(v)) if not isinstance(v, list) else tuple(v) for v in values]
+        if not values:
+            raise AblationError(f"{path}: {key} = [] gives no value to try; give at least one")
+        # A list value (hidden = [[2048, 2048]]) is read as the command line reads 2048+2048.
+        grid[key] = [_read(key, "+".join(map(str, v)) if isinstance(v, list) else str(v)) for v in values]
     options = data.get("options", {})
     if not isinstance(options, dict):
         raise AblationError(f"{path}: [options] must be a table")
@@ -209,21 +225,19 @@ class AblationResult:
         }
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return json_text(self.to_dict())
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["rank"] + self.varied + ["map_mean", "map_std", "runs", "train_seconds", "patch_accuracy",
-                                             "ci_low", "ci_high", "vs_best", "vs_best_low", "vs_best_high",
-                                             "vs_probe", "vs_probe_low", "vs_probe_high"])
+        rows = [["rank"] + self.varied + ["map_mean", "map_std", "runs", "train_seconds", "patch_accuracy",
+                                          "ci_low", "ci_high", "vs_best", "vs_best_low", "vs_best_high",
+                                          "vs_probe", "vs_probe_low", "vs_probe_high"]]
         for i, r in enumerate(self.rows, 1):
-            w.writerow([i] + [_cell(r.config, k) for k in self.varied]
-                       + [f"{r.mean:.6f}", f"{r.std:.6f}", len(r.maps), f"{np.mean(r.train_seconds):.3f}",
-                          f"{np.mean(r.patch_accuracy):.6f}" if r.patch_accuracy else ""]
-                       + [f"{v:.6f}" for v in r.ci]
-                       + [f"{v:.6f}" if d else "" for d in (r.vs_best, r.vs_probe) for v in (d or (0, 0, 0))])
-        return buf.getvalue()
+            rows.append([i] + [_cell(r.config, k) for k in self.varied]
+                        + [f"{r.mean:.6f}", f"{r.std:.6f}", len(r.maps), f"{np.mean(r.train_seconds):.3f}",
+                           f"{np.mean(r.patch_accuracy):.6f}" if r.patch_accuracy else ""]
+                        + [f"{v:.6f}" for v in r.ci]
+                        + [f"{v:.6f}" if d else "" for d in (r.vs_best, r.vs_probe) for v in (d or (0, 0, 0))])
+        return csv_text(rows)
 
     def to_text(self) -> str:
         head = [f"{len(self.rows)} configurations, {self.protocol}, {self.seeds} seed(s); {self.trainings} "
@@ -516,14 +530,28 @@ def ablate(
         if not integer_at_least(value, low):
             raise AblationError(f"must be an integer of at least {low}, got {value!r}", param=name)
     _check_protocol(folds, val, val_split)
+    try:
+        check_not_inputs({"save_best": save_best}, {"the cache": cache, "the validation cache": val,
+                                                    "the whole-image cache": whole_image})
+    except FeaturecacheError as e:
+        raise AblationError(e.message, param=e.param) from None
     settings = {k: grid.get(k, [DEFAULTS[k]]) for k in DEFAULTS}
     if _WHOLE in settings["image_pooling"] and whole_image is None:
         raise AblationError("image_pooling=whole needs a whole-image cache of the same images (--whole-image FILE)")
+    combinations = math.prod(len(v) for v in settings.values())
+    if combinations > MAX_CONFIGURATIONS:
+        raise AblationError(f"the grid has {combinations:,} combinations, more than the {MAX_CONFIGURATIONS:,} one "
+                            "ablation runs; split the sweep", param="grid")
     with contextlib.ExitStack() as stack:
         train, in_memory = _training_cache(cache, train_split, val, val_split, memory_limit, stack)
         evaluations, protocol = _folds(train, cache, folds, val, val_split, memory_limit, stack)
         whole = _WholeImage(whole_image, train) if whole_image is not None else None
         configs, eval_cfgs = _configurations(settings)
+        if len(configs) * len(eval_cfgs) * n_boot > MAX_BOOTSTRAP_VALUES:
+            raise AblationError(f"{len(configs) * len(eval_cfgs):,} rows x {n_boot:,} resamples are more bootstrap "
+                                f"values than the {MAX_BOOTSTRAP_VALUES:,} an ablation holds; use at most "
+                                f"{MAX_BOOTSTRAP_VALUES // (len(configs) * len(eval_cfgs)):,} resamples",
+                                param="n_boot")
         results = _run(configs, eval_cfgs, evaluations, seeds, device, whole, progress, memory_limit)
         rows = sorted(results.values(), key=lambda r: (-np.nan_to_num(r.mean, nan=-1.0), _canonical(r.config)))
         varied = [k for k in DEFAULTS if len(settings[k]) > 1]
@@ -533,7 +561,11 @@ def ablate(
         result.extra["data"] = _data_mode(train, in_memory, memory_limit)
         result.extra["bootstrap"] = _bootstrap(rows, [f.test.images for f in evaluations], n_boot=n_boot)
         if save_best is not None:
-            _save_best(rows[0].config, train, device, whole, save_best, memory_limit)
+            try:
+                _save_best(rows[0].config, train, device, whole, save_best, memory_limit)
+            except FeaturecacheError as e:  # the sweep's table is not lost with the head
+                result.seconds = time.perf_counter() - t0
+                raise AblationError(e.message, param=e.param or "save_best", result=result) from None
             result.best_head_path = str(save_best)
     result.seconds = time.perf_counter() - t0
     return result
@@ -564,10 +596,18 @@ def _bootstrap(rows: list, tables: list, *, n_boot: int, seed: int = 0) -> dict:
     if not rows or n_boot <= 0:
         return {"resamples": 0}
     rng = np.random.RandomState(seed)
-    weights = [bootstrap_weights(len(t), n_boot, rng) for t in tables]
     for r in rows:
-        r.boot = np.mean([bootstrap_map(scores, tables[f].labels, tables[f].difficult, weights[f],
-                                        method=r.config["method"]) for f, scores in r.runs], axis=0)
+        r.boot = np.zeros(n_boot)
+    for f, t in enumerate(tables):  # fold by fold, the resamples a chunk at a time: memory stays bounded
+        step = max(1, _BOOT_CHUNK_VALUES // max(len(t), 1))
+        for start in range(0, n_boot, step):
+            weights = bootstrap_weights(len(t), min(step, n_boot - start), rng)
+            for r in rows:
+                for run_fold, scores in r.runs:
+                    if run_fold == f:
+                        r.boot[start:start + len(weights)] += bootstrap_map(scores, t.labels, t.difficult, weights,
+                                                                            method=r.config["method"]) / len(r.runs)
+    for r in rows:
         r.ci = interval(r.boot, center=r.mean)
     best = rows[0]
     probe = next((r for r in rows if _probe(r.config)), None)

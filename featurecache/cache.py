@@ -42,7 +42,7 @@ from torch.utils.data import Dataset
 
 from featurecache.errors import CacheError
 from featurecache.outputs import os_reason
-from featurecache.patches import PatchGrid
+from featurecache.patches import LabelRule, PatchGrid
 from featurecache.prefetch import ahead
 from featurecache.resources import ASSEMBLE_MODES
 
@@ -182,6 +182,7 @@ def _write_isolated(path: Path, kept: str, write) -> None:
             import signal
 
             signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once; the parent reports
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so does a scheduler's SIGTERM
             os.close(read_end)
             # After a failed write HDF5 and h5py's object finalisers print tracebacks of their own
             # ("Exception ignored in ... _dealloc") whenever garbage collection reaches them; the
@@ -260,6 +261,11 @@ def _chunk_rows(dim: int, itemsize: int, n: int) -> int:
 
 # --------------------------------------------------------------------------- writer
 
+
+#: What a failed write keeps, as its message says: the committed parts, or every part (a failed
+#: assembly). A caller whose cache is temporary (``predict``) says what happens instead.
+KEPT_PARTS = "the parts committed before it are kept; the same command resumes"
+KEPT_ALL = "every part is kept; the same command assembles them again"
 
 #: Lock files this process holds: POSIX record locks do not exclude their own process.
 _HELD: set = set()
@@ -532,7 +538,7 @@ class CacheWriter:
                 f.attrs["part"] = part
             _fsync_file(tmp)
 
-        _write_isolated(tmp, "the parts committed before it are kept; the same command resumes", write)
+        _write_isolated(tmp, KEPT_PARTS, write)
         _fault("part-written")
         os.replace(tmp, final)
         _fsync_dir(self.parts_dir)
@@ -585,7 +591,7 @@ class CacheWriter:
         # A virtual cache's folder has a name of its own run: an old file never reads a new run's parts.
         data_dir = self.path.with_name(f"{self.path.name}.{_run_id(self.run_settings)}.data") if virtual else None
         replaced = data_folders(self.path) if self.path.exists() else []  # the old cache's own folders
-        _write_isolated(self.tmp_path, "every part is kept; the same command assembles them again",
+        _write_isolated(self.tmp_path, KEPT_ALL,
                         lambda: self._write_final(part_files, counts, n, feature_dim, np_dtype, comp, images, kept,
                                                   row_of, skipped_idx, skipped_reason, classes,
                                                   {**attrs, "layout": layout}, data_dir))
@@ -1235,6 +1241,26 @@ _IMAGE_ARRAYS = (("path", 1), ("width", 1), ("height", 1), ("labels", 2), ("diff
                  ("patch_start", 1), ("patch_count", 1))
 
 
+def record_problem(record: dict) -> str:
+    """What is wrong in an extraction record ('' when nothing): a cache's attributes, or the copy of
+    them a head file keeps. Each part that later stages read must be there as the type they read."""
+    for key in ("backbone", "grid", "label_rule", "dataset", "extraction", "feature_settings"):
+        if record.get(key) is not None and not isinstance(record[key], dict):
+            return f"the {key} attribute is not a JSON object"
+    if isinstance(record.get("backbone"), dict) and not isinstance(record["backbone"].get("name", ""), str):
+        return "the backbone attribute has no name"
+    for key, make in (("grid", PatchGrid.from_dict), ("label_rule", LabelRule.from_dict)):
+        if record.get(key) is not None:
+            try:
+                make(record[key])
+            except Exception as e:  # a forged record: unknown fields, wrong types, values out of range
+                return f"the {key} attribute does not describe a {key.replace('_', ' ')} ({type(e).__name__})"
+    mode = (record.get("feature_settings") or {}).get("mode", "crop")
+    if mode not in ("crop", "dense"):
+        return f"the feature settings' mode is {mode!r} (crop or dense)"
+    return ""
+
+
 def _damage(f: h5py.File, attrs: dict) -> str:
     """What is missing or inconsistent in an open cache file ('' when nothing): metadata only, no feature read."""
     classes = attrs.get("classes")
@@ -1244,6 +1270,11 @@ def _damage(f: h5py.File, attrs: dict) -> str:
         return "the feature_settings attribute is not a JSON object"
     if not isinstance(attrs.get("fingerprint"), str):
         return "no fingerprint attribute"
+    if not isinstance(attrs.get("backbone"), dict) or not isinstance(attrs["backbone"].get("name"), str):
+        return "the backbone attribute names no backbone"
+    problem = record_problem(attrs)
+    if problem:
+        return problem
     for group, arrays in (("", _PATCH_ARRAYS), ("images/", _IMAGE_ARRAYS), ("skipped/", (("path", 1), ("reason", 1)))):
         for name, ndim in arrays:
             d = f.get(group + name)
@@ -1289,11 +1320,11 @@ def _missing_sources(f: h5py.File) -> str:
 
 def _parse_attr(v):
     if isinstance(v, bytes):
-        v = v.decode()
+        v = v.decode(errors="replace")
     if isinstance(v, str):
         try:
             return json.loads(v)
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or forged thousands deep: the checks name it
             return v
     if isinstance(v, np.generic):
         return v.item()

@@ -18,9 +18,9 @@ import click
 from featurecache import __version__
 from featurecache.datasets import LAYOUTS, MAX_PIXELS, read_class_file, read_dataset
 from featurecache.distributed import world_from_env
-from featurecache.errors import FeaturecacheError
+from featurecache.errors import AblationError, FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
-from featurecache.outputs import check_output, write_text
+from featurecache.outputs import check_not_inputs, check_output, printable, write_text
 from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, LabelRule, PatchGrid
 from featurecache.resources import (
     ASSEMBLE_MODES,
@@ -42,6 +42,13 @@ CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_con
 # --------------------------------------------------------------------------- logging
 
 
+class _OneLine(logging.Formatter):
+    """Every log record one line: control characters in it (a file name's newline) shown escaped."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record))
+
+
 def _set_verbosity(ctx: click.Context, verbose: int, quiet: bool) -> None:
     """Apply -v/-q; options given on a subcommand override the group's."""
     obj = ctx.ensure_object(dict)
@@ -56,7 +63,7 @@ def _set_verbosity(ctx: click.Context, verbose: int, quiet: bool) -> None:
         level = logging.INFO
     if not any(getattr(h, "_featurecache", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("featurecache: %(levelname)s: %(message)s"))
+        handler.setFormatter(_OneLine("featurecache: %(levelname)s: %(message)s"))
         handler._featurecache = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
@@ -87,11 +94,11 @@ def _command(f: Callable) -> Callable:
                                         f"(only {', '.join(_SHARED_COMMANDS)} shares its work among processes)")
             return f(*args, **kwargs)
         except FeaturecacheError as e:
-            raise click.ClickException(_message(ctx, e)) from None
+            raise click.ClickException(printable(_message(ctx, e))) from None
         except OSError as e:
             # Permission denied, disk full, a folder that vanished: name the file, no traceback.
             where = e.filename or "featurecache"
-            raise click.ClickException(f"{where}: {e.strerror or e}") from None
+            raise click.ClickException(printable(f"{where}: {e.strerror or e}")) from None
         except (MemoryError, RuntimeError) as e:
             # numpy's MemoryError, torch's "can't allocate memory": one line with the setting to change.
             if not isinstance(e, MemoryError) and not _MEMORY_WORDS.search(str(e)):
@@ -106,7 +113,8 @@ def _command(f: Callable) -> Callable:
 #: Commands that share their work among the processes of a torchrun/srun job.
 _SHARED_COMMANDS = ("extract",)
 
-_MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memory|Unable to allocate", re.I)
+_MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memory|Unable to allocate|bad_alloc|"
+                           r"cannot allocate memory|failed to allocate", re.I)
 
 #: What to change when a command runs out of memory.
 _MEMORY_HINTS = {
@@ -114,16 +122,18 @@ _MEMORY_HINTS = {
     "ablate": "lower --memory-limit (above it each configuration streams its images from the file)",
     "eval": "evaluate one split at a time (--split)",
     "extract": "lower --batch-size or --max-pixels",
-    "predict": "lower --batch-size or --max-pixels",
+    "predict": "lower --batch-size, or predict fewer or smaller images at a time",
     "localize": "use a larger --stride",
 }
 
 
-def _check_outputs(**paths) -> None:
-    """Refuse output files that cannot be written before the work that fills them (flag names as keywords)."""
+def _check_outputs(inputs: dict, *, folders: tuple = (), **paths) -> None:
+    """Refuse outputs that cannot be written, or that are files this command reads (``inputs``: name
+    shown to path or paths), before the work that fills them (flag names as keywords)."""
     for param, path in paths.items():
         if path:
-            check_output(path, param=param)
+            check_output(path, param=param, folder=param in folders)
+    check_not_inputs(paths, inputs, folders=folders)
 
 
 #: Library parameters whose flag has another name (``MapConfig.method`` is ``--map-method``).
@@ -134,6 +144,8 @@ def _message(ctx: click.Context, error: FeaturecacheError) -> str:
     """A library error's message, with the flag of this command in place of the library parameter it names."""
     names = {error.param, _FLAG_NAMES.get(error.param)} - {None}
     for p in ctx.command.params:
+        if names and isinstance(p, click.Argument) and p.name in names:
+            return error.for_option(p.human_readable_name)
         flags = [o.lstrip("-").replace("-", "_") for o in getattr(p, "opts", ())]
         if names and isinstance(p, click.Option) and names & {p.name, *flags}:
             return error.for_option(p.opts[0])
@@ -231,6 +243,21 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     once and caches the features; stage two trains and compares heads on the cache.
     """
     _set_verbosity(ctx, verbose, quiet)
+    _stop_on_sigterm()
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _stop_on_sigterm() -> None:
+    """A scheduler's SIGTERM (a time limit, ``scancel``) stops a command as Ctrl-C does: committed work
+    kept, temporary files removed, one line. Only the command line sets it, in its main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 @main.command(context_settings=CONTEXT)
@@ -304,6 +331,7 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
     """
     from featurecache.extract import extract as run_extract
 
+    _check_outputs({"--classes": classes_file, "--annotations": annotations}, out=out)
     ctx = click.get_current_context()
     result = run_extract(
         dataset, out, split=split, annotations=annotations, layout=layout,
@@ -411,7 +439,8 @@ def fit(cache, train_split, objective, memory_limit, device, seed, out, threads,
     config = FitConfig(objective, {k: v for k, v in options.items() if k in spec.options}, train_split=train_split,
                        val=val, val_split=val_split, memory_limit=memory_limit, device=device, random_state=seed,
                        progress=False if ctx.obj.get("quiet") else None, threads=threads)
-    path = check_output(Path(out) if out else Path(cache).with_suffix(".head.pt"), param="out")
+    path = Path(out) if out else Path(cache).with_suffix(".head.pt")
+    _check_outputs({"CACHE": cache, "--val": val}, out=path)
     trained = fit_objective(cache, config)
     trained.save(path)
     click.echo(f"{trained.summary_line()} -> {path}")
@@ -453,9 +482,7 @@ def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots, thre
     from featurecache.evaluate import evaluate
     from featurecache.plots import write_eval_plots
 
-    _check_outputs(json=json_out, csv=csv_out)
-    if plots:
-        check_output(plots, param="plots", folder=True)
+    _check_outputs({"HEAD": head, "CACHE": cache}, folders=("plots",), json=json_out, csv=csv_out, plots=plots)
     report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method, threads=threads)
     click.echo(report.to_text())
     if json_out:
@@ -523,7 +550,7 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
                                + ("with --evaluate" if evaluate else "without --evaluate"))
     if cls and not png:
         raise click.UsageError("--class chooses the class --png draws; give --png too")
-    _check_outputs(out=out, png=png, json=json_out, csv=csv_out)
+    _check_outputs({"HEAD": head, "CACHE": cache}, out=out, png=png, json=json_out, csv=csv_out)
     config = MapConfig(method=map_method, stride=stride, scales=map_scales, box_threshold=box_threshold,
                        device=device, weights=weights, download=download)
     if evaluate:
@@ -536,6 +563,7 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
             write_text(csv_out, report.to_csv())
         return
     m = localization_map(head, cache, image, config=config)
+    check_not_inputs({"out": out, "png": png}, {"the image": m.image_file or None})
     if out:
         m.save(out)
     if png:
@@ -591,17 +619,15 @@ def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, 
     from featurecache.predict import predict as run_predict
 
     ctx = click.get_current_context()
-    config = PredictConfig(top=top, threshold=threshold, maps=maps, map_method=map_method, stride=stride, cache=cache,
-                           layout=layout,
+    config = PredictConfig(top=top, threshold=threshold, out=out, maps=maps, map_method=map_method, stride=stride,
+                           cache=cache, layout=layout,
                            split=split, annotations=annotations, batch_size=batch_size, workers=workers,
                            strict=strict, overwrite=overwrite, runtime=runtime, threads=threads,
                            progress=False if ctx.obj.get("quiet") else None)
-    _check_outputs(out=out, cache=cache)
-    if maps:
-        check_output(maps, param="maps", folder=True)
+    _check_outputs({"HEAD": head, "--weights": weights, "--annotations": annotations}, folders=("maps",), out=out,
+                   cache=cache, maps=maps)
     result = run_predict(head, inputs, config, weights=weights, device=device, download=download)
     if out:
-        result.save(out)
         click.echo(f"{result.summary()} -> {out}")
     else:
         click.echo(result.to_text())
@@ -648,14 +674,20 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
 
     grid, options = read_sweep_file(config_file) if config_file else ({}, {})
     grid.update(parse_grid(grid_items))
-    _check_outputs(json=json_out, csv=csv_out, save_best=save_best)
+    _check_outputs({"CACHE": cache, "--val": val_cache, "--whole-image": whole_image or options.get("whole_image"),
+                    "--config": config_file}, json=json_out, csv=csv_out, save_best=save_best)
     ctx = click.get_current_context()
-    result = run_ablate(
-        cache, grid=grid, val=val_cache, val_split=val_split or options.get("val_split"),
-        train_split=train_split or options.get("train_split"), folds=folds or options.get("folds"),
-        seeds=seeds or options.get("seeds", 1), whole_image=whole_image or options.get("whole_image"),
-        save_best=save_best, device=device, n_boot=n_boot, threads=threads, memory_limit=memory_limit,
-        progress=False if ctx.obj.get("quiet") else None)
+    try:
+        result = run_ablate(
+            cache, grid=grid, val=val_cache, val_split=val_split or options.get("val_split"),
+            train_split=train_split or options.get("train_split"), folds=folds or options.get("folds"),
+            seeds=seeds or options.get("seeds", 1), whole_image=whole_image or options.get("whole_image"),
+            save_best=save_best, device=device, n_boot=n_boot, threads=threads, memory_limit=memory_limit,
+            progress=False if ctx.obj.get("quiet") else None)
+    except AblationError as e:
+        if e.result is not None:  # the sweep ran; what failed came after it
+            click.echo(e.result.to_text())
+        raise
     click.echo(result.to_text())  # first: a failed file write below loses nothing of the sweep
     if json_out:
         write_text(json_out, result.to_json())

@@ -42,6 +42,7 @@ from featurecache.errors import DatasetError
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DISPLAYED_LAYOUTS",
     "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "MAX_PIXELS",
@@ -49,6 +50,8 @@ __all__ = [
     "ImageRecord",
     "ImageSet",
     "detect_layout",
+    "image_size",
+    "oriented",
     "read_class_file",
     "read_dataset",
 ]
@@ -62,6 +65,16 @@ MAX_PIXELS = 50_000_000
 
 #: Layout names accepted by :func:`read_dataset`.
 LAYOUTS = ("voc", "coco", "folders", "plain")
+
+#: Layouts whose records describe an image as it is displayed, its EXIF orientation applied
+#: (sizes read from the files, one box per whole image; ``predict``'s new images are read so
+#: too). VOC and COCO annotations describe the stored pixels, which their tools drew boxes on,
+#: unless their size says otherwise (:func:`oriented`).
+DISPLAYED_LAYOUTS = ("folders", "plain")
+
+#: The EXIF tag of an image's orientation (1: as stored; 2-8: mirrored and/or turned; 5-8 swap
+#: width and height).
+_ORIENTATION = 0x0112
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -395,17 +408,68 @@ def _check_classes(source: str, names: Sequence[str], allowed: Optional[tuple]) 
             raise DatasetError(f"{source}: object of class {n!r} is not in the class list")
 
 
-def _image_size(path: Path) -> tuple:
-    """``(width, height, error)`` from the file's header; ``(0, 0, reason)`` when it cannot be read."""
+def _orientation(im) -> int:
+    """An opened image's EXIF orientation, 1 when it has none (or an invalid one)."""
+    try:
+        value = im.getexif().get(_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the stored pixels
+        return 1
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def oriented(im, *, size: Optional[tuple] = None, displayed: bool = True):
+    """The one rule for EXIF orientation: an opened image as its record describes it.
+
+    A record's size decides when it tells the stored pixels from the displayed ones (a phone
+    photo stored sideways: its width and height swap); when it cannot (no orientation that
+    turns the image, a square image, no size given), ``displayed`` does: what the record's
+    layout describes (:data:`DISPLAYED_LAYOUTS`).
+
+    Parameters
+    ----------
+    im : PIL.Image.Image
+    size : (width, height), optional
+        The size the record gives the image.
+    displayed : bool
+        Whether the record describes the image as displayed (EXIF orientation applied).
+
+    Returns
+    -------
+    PIL.Image.Image
+        ``im`` itself, or its transposed copy (``PIL.ImageOps.exif_transpose``).
+    """
+    orientation = _orientation(im)
+    if orientation == 1:
+        return im
+    stored = tuple(im.size)
+    shown = stored[::-1] if orientation >= 5 else stored
+    if size is not None and stored != shown and tuple(size) in (stored, shown):
+        displayed = tuple(size) == shown
+    if not displayed:
+        return im
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(im)
+
+
+def image_size(path: Union[str, Path], *, displayed: bool = True) -> tuple:
+    """``(width, height, error)`` from an image file's header, as displayed (EXIF orientation applied)
+    or as stored; ``(0, 0, reason)`` when it cannot be read. The one header reader."""
+    import stat
     import warnings
 
     from PIL import Image
 
     try:
+        kind = os.stat(path).st_mode  # links followed: a link to /dev/zero is a device
+        if not stat.S_ISREG(kind):  # opening a FIFO blocks, a device never ends: neither is an image
+            return 0, 0, "not a regular file (a pipe, device or socket)"
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: sizes are checked at extraction
             with Image.open(path) as im:
                 w, h = im.size
+                if displayed and _orientation(im) >= 5:
+                    w, h = h, w
     except Exception as e:  # PIL raises many kinds (OSError, ValueError, DecompressionBombError ...)
         msg = str(e).splitlines()[0][:120] if str(e) else ""
         return 0, 0, f"cannot read image ({type(e).__name__}{': ' + msg if msg else ''})"
@@ -474,7 +538,7 @@ def _parse_voc_xml(xml_path: Path, root: Path) -> dict:
             width = height = 0
     error = ""
     if width <= 0 or height <= 0:
-        width, height, error = _image_size(image)
+        width, height, error = image_size(image, displayed=False)
     objects = []
     for obj in tree.iter("object"):
         name = _text(obj, "name", source)
@@ -615,7 +679,7 @@ def _read_coco(path: Path, annotations: Path, *, classes: Optional[tuple]) -> Im
         image = _inside(root, fname, source)
         error = ""
         if width <= 0 or height <= 0:
-            width, height, error = _image_size(image)
+            width, height, error = image_size(image, displayed=False)
         objects = per_image.get(image_id, [])
         where = f"{source} (image {fname})"
         _check_classes(where, [o[4] for o in objects], classes)
@@ -635,7 +699,7 @@ def _folder_record(root: Path, image: Path, class_name: Optional[str]) -> ImageR
     # Absolute without resolving links: a linked file inside the folder keeps its place in it
     # (the set's root is stored resolved, as always; relative paths are taken lexically).
     root, image = root.absolute(), image.absolute()
-    width, height, error = _image_size(image)
+    width, height, error = image_size(image, displayed=True)
     if class_name is None or error:
         boxes, names, difficult = np.zeros((0, 4), np.float32), (), np.zeros(0, bool)
     else:

@@ -66,7 +66,12 @@ class PredictError(FeaturecacheError):
 
 
 class AblationError(FeaturecacheError):
-    """An ablation grid or setup is invalid."""
+    """An ablation grid or setup is invalid, or a step after the sweep failed (``result``: the sweep's
+    table, kept so that the caller can still show it)."""
+
+    def __init__(self, message: str, *, param: Optional[str] = None, result=None) -> None:
+        super().__init__(message, param=param)
+        self.result = result
 
 
 def integer_at_least(value, minimum: int) -> bool:

@@ -11,9 +11,6 @@ uninterpolated). Localisation maps and their evaluation are :mod:`featurecache.l
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -25,6 +22,7 @@ from featurecache.errors import EvalError, HeadError
 from featurecache.heads.pooling import SCORE_POOLINGS, ScorePooler, pool_scores
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import METHODS, average_precision, per_class_ap
+from featurecache.outputs import csv_text, json_text, printable
 from featurecache.patches import AMBIGUOUS
 from featurecache.resources import apply_threads
 
@@ -82,25 +80,24 @@ class EvalReport:
         return d
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+        return json_text(self.to_dict())
 
     def to_csv(self) -> str:
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(["class", "ap", "positives"])
-        for c, a, n in zip(self.classes, self.ap, self.positives):
-            w.writerow([c, "" if np.isnan(a) else f"{a:.6f}", int(n)])
-        w.writerow(["mAP", "" if np.isnan(self.mean_ap) else f"{self.mean_ap:.6f}", int(sum(self.positives))])
-        return buf.getvalue()
+        rows = [["class", "ap", "positives"]]
+        rows += [[c, "" if np.isnan(a) else f"{a:.6f}", int(n)] for c, a, n in zip(self.classes, self.ap,
+                                                                                   self.positives)]
+        rows.append(["mAP", "" if np.isnan(self.mean_ap) else f"{self.mean_ap:.6f}", int(sum(self.positives))])
+        return csv_text(rows)
 
     def to_text(self) -> str:
         pool = self.scoring or (f"power k={self.k:g}" if self.pooling == "power" else self.pooling)
         n_cls = int(np.sum(~np.isnan(np.asarray(self.ap, dtype=float))))
         lines = [f"mAP {100 * self.mean_ap:.1f}  ({self.method} AP, {pool} pooling, objective {self.objective}, "
                  f"{self.head} head; {self.n_images} images, {n_cls} classes with positives)"]
-        width = max([len(c) for c in self.classes] + [5])
+        names = [printable(c) for c in self.classes]
+        width = max([len(c) for c in names] + [5])
         lines.append(f"{'class':<{width}}  {'AP':>6}  {'positives':>9}")
-        for c, a, n in zip(self.classes, self.ap, self.positives):
+        for c, a, n in zip(names, self.ap, self.positives):
             lines.append(f"{c:<{width}}  {'-' if np.isnan(a) else f'{100 * a:.1f}':>6}  {int(n):>9}")
         if self.extra.get("selection"):
             lines.append(self.extra["selection"])

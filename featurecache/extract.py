@@ -33,9 +33,10 @@ from tqdm.auto import tqdm
 from featurecache import __version__
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone
 from featurecache.cache import CacheWriter, FeatureCache, PartData, data_folders, feature_fingerprint, now_iso
-from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
+from featurecache.datasets import DISPLAYED_LAYOUTS, MAX_PIXELS, ImageSet, oriented, read_dataset
 from featurecache.distributed import Coordinator, World, share, world_from_env
 from featurecache.errors import ExtractError, FeaturecacheError, integer_at_least
+from featurecache.outputs import check_not_inputs
 from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
 from featurecache.resources import ASSEMBLE_MODES, apply_threads, available_cpus, resolve_device
 from featurecache.runtimes import RUNTIMES, Runtime, build_runtime
@@ -108,11 +109,13 @@ class ExtractResult:
 # --------------------------------------------------------------------------- decoding
 
 
-def load_rgb(path: Union[str, Path]) -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array (:func:`to_rgb` of the opened file)."""
+def load_rgb(path: Union[str, Path], *, size: Optional[tuple] = None, displayed: bool = True) -> np.ndarray:
+    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array: :func:`to_rgb` of the opened file,
+    oriented as its record describes it (:func:`featurecache.datasets.oriented`: ``size``, the
+    record's ``(width, height)``, and ``displayed``)."""
     with Image.open(path) as im:
         im.load()
-        return to_rgb(im)
+        return to_rgb(oriented(im, size=size, displayed=displayed))
 
 
 def to_rgb(im: Image.Image) -> np.ndarray:
@@ -120,8 +123,8 @@ def to_rgb(im: Image.Image) -> np.ndarray:
 
     Grayscale, palette, RGBA (alpha dropped), CMYK and YCbCr go through PIL's conversion;
     16-bit and 32-bit integer grayscale are scaled from their full range, float images from
-    [0, 1] (or their own maximum when larger). EXIF orientation is not applied, since box
-    annotations refer to the stored pixels.
+    [0, 1] (or their own maximum when larger). EXIF orientation is applied before, by the
+    callers that read files (:func:`featurecache.datasets.oriented`), not here.
     """
     if im.mode.startswith("I;16") or im.mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
@@ -146,9 +149,10 @@ class _Decoder(torch.utils.data.Dataset):
     pixels are decoded (a small, highly compressed file can declare a huge canvas).
     """
 
-    def __init__(self, items: Sequence[tuple], max_pixels: int) -> None:
+    def __init__(self, items: Sequence[tuple], max_pixels: int, *, displayed: bool) -> None:
         self.items = list(items)  # (data set index, path, width, height, reason to skip it or '')
         self.max_pixels = max_pixels
+        self.displayed = displayed  # the records describe the images as displayed (their layout's)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -158,14 +162,14 @@ class _Decoder(torch.utils.data.Dataset):
         if skip:
             return index, None, skip
         try:
-            if not os.path.isfile(path):
-                return index, None, "file not found"
+            if not os.path.isfile(path):  # links followed: a FIFO or a device is never opened
+                return index, None, "not a regular file" if os.path.exists(path) else "file not found"
             with Image.open(path) as im:
                 w, h = im.size
                 if w * h > self.max_pixels:
                     return index, None, f"image is {w}x{h} = {w * h:,} pixels, above max_pixels {self.max_pixels:,}"
                 im.load()
-                a = to_rgb(im)
+                a = to_rgb(oriented(im, size=(width, height), displayed=self.displayed))
         except Exception as e:  # PIL raises many kinds for corrupt files
             msg = str(e).splitlines()[0] if str(e) else ""
             return index, None, f"cannot decode ({type(e).__name__}{': ' + msg if msg else ''})"
@@ -509,6 +513,7 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
     batch_size = config.batch_size or (256 if dev.type == "cuda" else 16)
     images = dataset if isinstance(dataset, ImageSet) else read_dataset(
         dataset, layout=config.layout, split=config.split, annotations=config.annotations, classes=config.classes)
+    _check_out_is_not_read(out, images, config)
     net = config.backbone if isinstance(config.backbone, FrozenBackbone) else build_backbone(
         config.backbone, layer=config.layer, weights=config.weights, device="cpu", download=config.download)
     net = net.to(dev)
@@ -526,7 +531,7 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
     # number of processes is neither: any rank computes a part to the same bits.
     plan = hashlib.sha256(json.dumps([counts, [bool(r) for r in skips]]).encode()).hexdigest()
     resume = {"part_plan": plan, "runtime": runtime.name}
-    _same_everywhere(job, settings, resume)
+    _same_everywhere(job, out, settings, resume)
     writer = CacheWriter(out, settings, overwrite=config.overwrite, resume=resume, lead=job.leader)
     with contextlib.ExitStack() as stack:
         # The leader locks the output (a second job is refused) and prepares the parts folder;
@@ -566,17 +571,29 @@ def _assemble(writer: CacheWriter, parts: list, net: FrozenBackbone, config: Ext
                     layout=config.assemble)
 
 
-def _same_everywhere(job: Coordinator, settings: dict, resume: dict) -> None:
-    """Refuse a job whose processes planned different work (other options, another view of the data set,
-    another runtime chosen by ``auto``): their parts would not make one cache."""
+def _check_out_is_not_read(out: Path, images: ImageSet, config: ExtractConfig) -> None:
+    """The cache is never written over an image or annotation file it is made from."""
+    try:
+        check_not_inputs({"out": out}, {"an image of the data set": [r.path for r in images.records],
+                                        "an annotation file": {r.source for r in images.records if r.source},
+                                        "the annotations file": config.annotations})
+    except FeaturecacheError as e:
+        raise ExtractError(e.message, param=e.param) from None
+
+
+def _same_everywhere(job: Coordinator, out: Path, settings: dict, resume: dict) -> None:
+    """Refuse a job whose processes planned different work (another output, other options, another view
+    of the data set, another runtime chosen by ``auto``) before any of them writes: their parts would not
+    make one cache, and a rank writing elsewhere than the leader locked would write without a lock."""
     if not job.world.distributed:
         return
-    mine = hashlib.sha256(json.dumps([settings, resume], sort_keys=True, default=str).encode()).hexdigest()
+    mine = hashlib.sha256(json.dumps([os.path.abspath(out), settings, resume], sort_keys=True,
+                                     default=str).encode()).hexdigest()
     others = [r for r, h in enumerate(job.gather(mine)) if h != mine]
     if others:
         raise ExtractError(f"process {job.world.rank} planned other work than process(es) "
-                           f"{', '.join(map(str, others))}: the same options, data set and runtime are needed on every "
-                           "process (--runtime torch avoids a per-machine choice)")
+                           f"{', '.join(map(str, others))}: the same output, options, data set and runtime are needed "
+                           "on every process (--runtime torch avoids a per-machine choice)")
 
 
 def _on_leader(job: Coordinator, make):
@@ -719,7 +736,8 @@ def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: l
     items = [(i, str(images[i].path), images[i].width, images[i].height, skips[i]) for i in order]
     # Two images in flight per worker: memory stays workers x 2 x max_pixels x 3 bytes at most.
     loader = torch.utils.data.DataLoader(
-        _Decoder(items, config.max_pixels), batch_size=1, collate_fn=_only, num_workers=workers,
+        _Decoder(items, config.max_pixels, displayed=images.layout in DISPLAYED_LAYOUTS), batch_size=1,
+        collate_fn=_only, num_workers=workers,
         pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
     grid, dtype = config.grid, config.dtype
     runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,

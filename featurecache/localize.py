@@ -19,9 +19,6 @@ and without) and CorLoc (IoU ≥ 0.5), beside the image centre and the whole ima
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import time
 from dataclasses import dataclass, field, replace
@@ -36,10 +33,11 @@ from tqdm.auto import tqdm
 
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone, weights_argument
 from featurecache.cache import FeatureCache, describe_fingerprint_difference, feature_fingerprint, open_cache
-from featurecache.datasets import read_dataset
+from featurecache.datasets import DISPLAYED_LAYOUTS, oriented, read_dataset
 from featurecache.errors import BackboneError, DatasetError, EvalError
 from featurecache.extract import feature_settings, load_rgb, to_rgb
 from featurecache.heads.trained import TrainedHead
+from featurecache.outputs import csv_text, json_text, printable
 from featurecache.overlay import MAX_SIDE, render_overlay, save_png
 from featurecache.patches import PatchGrid
 from featurecache.resources import (
@@ -180,6 +178,10 @@ class LocalizationMap:
         The image file, when known ('' otherwise): what :meth:`picture` draws on.
     method : str
         How the map was made (:data:`MAP_METHODS`).
+    displayed : bool
+        Whether the map describes the image as displayed (its EXIF orientation applied: new
+        images, folder layouts) or as stored (VOC, COCO annotations), when its size cannot tell
+        (:func:`featurecache.datasets.oriented`).
     """
 
     path: str
@@ -191,6 +193,7 @@ class LocalizationMap:
     objective: str
     image_file: str = ""
     method: str = "windows"
+    displayed: bool = True
 
     def class_index(self, cls: Union[int, str, None] = None) -> int:
         """A class's row in :attr:`scores`; ``None``: the class whose map peaks highest."""
@@ -254,8 +257,8 @@ class LocalizationMap:
         if image is None:
             if not self.image_file:
                 raise EvalError(f"{self.path}: the image file is not known; pass the image", param="image")
-            image = _read_pixels(self.image_file)
-        image = to_rgb(image) if not isinstance(image, np.ndarray) else image
+            image = _read_pixels(self.image_file, size=(self.width, self.height), displayed=self.displayed)
+        image = to_rgb(oriented(image)) if not isinstance(image, np.ndarray) else image
         size = image.shape[1::-1]
         if tuple(size) != (self.width, self.height):
             raise EvalError(f"{self.image_file or self.path}: image is {size[0]}x{size[1]}, the map's "
@@ -282,10 +285,10 @@ class LocalizationMap:
         for c in best:
             s, x, y = self.peak(int(c))
             x0, y0, x1, y1 = self.box(int(c))
-            parts.append(f"{self.classes[c]} {s:.3f} at ({x:.0f}, {y:.0f}), box ({x0:.0f}, {y0:.0f}, {x1:.0f}, "
-                         f"{y1:.0f})")
-        return (f"{self.path} ({self.width}x{self.height}, {self.method} map, {self.stride}-px cells, objective "
-                f"{self.objective}): " + "; ".join(parts))
+            parts.append(f"{printable(self.classes[c])} {s:.3f} at ({x:.0f}, {y:.0f}), box ({x0:.0f}, {y0:.0f}, "
+                         f"{x1:.0f}, {y1:.0f})")
+        return (f"{printable(self.path)} ({self.width}x{self.height}, {self.method} map, {self.stride}-px cells, "
+                f"objective {self.objective}): " + "; ".join(parts))
 
 
 class ImageFileError(EvalError):
@@ -298,9 +301,10 @@ def _centres(size: int, stride: int) -> np.ndarray:
     return (starts + np.minimum(starts + stride, size)) / 2
 
 
-def _read_pixels(path: Union[str, Path]) -> np.ndarray:
+def _read_pixels(path: Union[str, Path], *, size: Optional[tuple] = None, displayed: bool = True) -> np.ndarray:
+    """An image file's pixels, oriented as its record describes it (:func:`featurecache.extract.load_rgb`)."""
     try:
-        return load_rgb(path)
+        return load_rgb(path, size=size, displayed=displayed)
     except Exception as e:  # PIL raises many kinds for a corrupt or vanished file
         raise ImageFileError(f"{path}: cannot read the image ({type(e).__name__})") from None
 
@@ -386,9 +390,10 @@ class Localizer:
         t = cache.images
         w, h, path = int(t.width[position]), int(t.height[position]), t.path[position]
         self._check_size(path, w, h)
+        dataset = cache.attrs.get("dataset") or {}
+        displayed = dataset.get("layout") in DISPLAYED_LAYOUTS
         if not image_file:
-            root = (cache.attrs.get("dataset") or {}).get("root")
-            image_file = str(Path(root) / path) if root else ""
+            image_file = str(Path(dataset["root"]) / path) if dataset.get("root") else ""
         windows = cells = None
         if self.config.uses_windows:
             with cache.select([position]) as one:
@@ -398,12 +403,12 @@ class Localizer:
             if not image_file:
                 raise EvalError(f"{cache.path}: the image files' folder is not recorded; cam maps need the "
                                 "images (use the windows method)")
-            pixels = _read_pixels(image_file)
+            pixels = _read_pixels(image_file, size=(w, h), displayed=displayed)
             if pixels.shape[1::-1] != (w, h):
                 raise ImageFileError(f"{image_file}: image is {pixels.shape[1]}x{pixels.shape[0]}, the cache's "
                                      f"{w}x{h} (changed since extraction?)")
             cells = self._cell_logits(pixels, image_file)
-        return self._combine(path, w, h, cells, windows, image_file)
+        return self._combine(path, w, h, cells, windows, image_file, displayed)
 
     def file_map(self, image_file: Union[str, Path]) -> LocalizationMap:
         """The ``cam`` map of an image file (no cache needed)."""
@@ -426,14 +431,14 @@ class Localizer:
                             f"more than {MAX_MAP_VALUES:,}; use a larger stride", param="stride")
 
     def _combine(self, path: str, w: int, h: int, cells: Optional[np.ndarray], windows: Optional[np.ndarray],
-                 image_file: str) -> LocalizationMap:
+                 image_file: str, displayed: bool = True) -> LocalizationMap:
         if cells is not None:
             cam = _sigmoid(cells / len(self.scales))
             scores = np.sqrt(cam * windows) if windows is not None else cam
         else:
             scores = windows
         return LocalizationMap(path, tuple(self.head.classes), scores.astype(np.float32), self.config.stride, w, h,
-                               self.head.objective, image_file, self.config.method)
+                               self.head.objective, image_file, self.config.method, displayed)
 
     @torch.inference_mode()
     def _cell_logits(self, pixels: np.ndarray, name: str) -> np.ndarray:
@@ -615,31 +620,23 @@ class LocalizationReport:
 
     def to_json(self) -> str:
         """:meth:`to_dict` as JSON (rates without pairs as null)."""
-        def plain(v):
-            if isinstance(v, dict):
-                return {k: plain(x) for k, x in v.items()}
-            return None if isinstance(v, float) and not np.isfinite(v) else v
-
-        return json.dumps(plain(self.to_dict()), indent=2)
+        return json_text(self.to_dict(), indent=2)
 
     def to_csv(self) -> str:
-        out = io.StringIO()
-        w = csv.writer(out)
-        w.writerow(["class", "pairs", *self.COLUMNS])
-        rows = [(name, i) for i, name in enumerate(self.classes) if self.pairs[i]] + [("all", None)]
-        for name, i in rows:
-            w.writerow([name, int(self.pairs.sum() if i is None else self.pairs[i]),
-                        *(f"{self.rate(c, i):.4f}" for c in self.COLUMNS)])
-        return out.getvalue()
+        which = [(name, i) for i, name in enumerate(self.classes) if self.pairs[i]] + [("all", None)]
+        return csv_text([["class", "pairs", *self.COLUMNS]] + [
+            [name, int(self.pairs.sum() if i is None else self.pairs[i]), *(f"{self.rate(c, i):.4f}" for c in
+                                                                             self.COLUMNS)] for name, i in which])
 
     def to_text(self) -> str:
         t = self.tolerance
         head = (f"{self.method} maps of {_article(self.objective)} {self.objective} head: {self.n_images} images, "
                 f"{int(self.pairs.sum())} image-class pairs, {self.seconds_per_image:.2f} s per image")
-        width = max([len(c) for c in self.classes] + [5])
+        names = [printable(c) for c in self.classes]
+        width = max([len(c) for c in names] + [5])
         lines = [head, f"{'class':<{width}} {'pairs':>5}  {'point':>6} {f'±{t}px':>6} {'CorLoc':>6}  "
                        f"{'centre':>6} {f'±{t}px':>6} {'image':>6}"]
-        rows = [(name, i) for i, name in enumerate(self.classes) if self.pairs[i]] + [("all", None)]
+        rows = [(name, i) for i, name in enumerate(names) if self.pairs[i]] + [("all", None)]
         for name, i in rows:
             n = int(self.pairs.sum() if i is None else self.pairs[i])
             r = [100 * self.rate(c, i) for c in self.COLUMNS]

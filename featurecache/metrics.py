@@ -42,6 +42,10 @@ def _weighted_ap(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray, 
     """AP of one class under each row of ``weights`` (B, M): ``(B,)``, NaN where no positive has weight."""
     if len(scores) == 0:
         return np.full(len(weights), np.nan)
+    bad = int(np.count_nonzero(~np.isfinite(scores)))
+    if bad:  # NaN sorts anywhere: an AP of such scores would be a number that means nothing
+        raise EvalError(f"{bad} of {len(scores)} scores are NaN or infinite, so no AP is computed; the head gives no "
+                        "usable scores for these features (a training that diverged, or features that are not finite)")
     order = np.argsort(-scores, kind="stable")
     s, pos, w = scores[order], positive[order], weights[:, order].astype(np.float64)
     # The end of each run of tied scores is one threshold.

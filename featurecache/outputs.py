@@ -3,14 +3,73 @@
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
+import json
+import math
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 from featurecache.errors import FeaturecacheError
 
-__all__ = ["check_output", "os_reason", "write_text"]
+__all__ = ["check_not_inputs", "check_output", "csv_text", "json_text", "os_reason", "printable", "same_file",
+           "write_text"]
+
+
+#: A cell that starts with one of these is a formula to spreadsheet programs (OWASP's CSV
+#: injection rule): such text cells are written with a leading apostrophe.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+#: Control characters (C0, DEL, C1): shown escaped in anything printed, so that a file or class
+#: name cannot forge lines or move the terminal's cursor.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def csv_text(rows: Iterable[Sequence]) -> str:
+    """Rows as CSV text, every text cell that a spreadsheet would run as a formula made inert (a
+    leading ``'``; numbers, even negative ones, are left as they are). Every CSV featurecache writes
+    goes through here."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    for row in rows:
+        w.writerow([_inert(v) for v in row])
+    return buf.getvalue()
+
+
+def _inert(value):
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value  # a number such as -0.25
+    except ValueError:
+        return "'" + value
+
+
+def json_text(obj, *, indent: Optional[int] = 1) -> str:
+    """JSON of reports and records: NaN and infinities (an AP without positives, a missing rate) written as
+    ``null``, numpy numbers as numbers, so that every file is valid JSON. Every JSON report goes through here."""
+    return json.dumps(_finite(obj), indent=indent, allow_nan=False)
+
+
+def _finite(obj):
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy scalars and arrays
+        return _finite(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def printable(text) -> str:
+    """``text`` with control characters shown as escapes (``\\n``, ``\\x1b``): for names in printed
+    tables and messages."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def os_reason(error: BaseException) -> str:
@@ -55,6 +114,77 @@ def check_output(path: Union[str, Path], *, param: Optional[str] = None, folder:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FeaturecacheError(f"{path}: the folder {existing} is not writable", param=param)
     return path
+
+
+def _identity(path: Union[str, Path]) -> tuple:
+    """What names one file: its device and inode when it exists (links and hard links included),
+    else its resolved path."""
+    try:
+        st = os.stat(path)
+        return ("inode", st.st_dev, st.st_ino)
+    except (OSError, ValueError):
+        return ("path", os.path.realpath(path))
+
+
+def same_file(a: Union[str, Path], b: Union[str, Path]) -> bool:
+    """Whether two paths name one file (by inode when it exists, links included; else by resolved path)."""
+    return _identity(a) == _identity(b)
+
+
+def check_not_inputs(outputs: Mapping[str, Union[str, Path, None]],
+                     inputs: Mapping[str, Union[str, Path, Iterable, None]], *, folders: Iterable[str] = ()) -> None:
+    """The one rule that keeps a command from destroying what it reads: refuse an output that is one
+    of its input files (or another of its outputs), however spelled, before anything is written.
+
+    Parameters
+    ----------
+    outputs : mapping
+        Parameter (the error's ``param``: the command line shows its flag) to the path the
+        command will write; ``None`` for outputs not asked for.
+    inputs : mapping
+        What each input is, in words or as its argument (``"CACHE"``, ``"the head file"``), to
+        a path or an iterable of paths the command reads (``None`` skipped).
+    folders : names of outputs that are folders
+        Such an output is refused when it is, or lies inside, a folder among the inputs (its
+        files would be written among the files read, and read back by the next run).
+
+    Raises
+    ------
+    FeaturecacheError
+        Naming the output (``param``), the input it would overwrite, and where it came from.
+    """
+    folders = set(folders)
+    seen: dict = {}
+    for name, value in inputs.items():
+        if value is None:
+            continue
+        paths = [value] if isinstance(value, (str, bytes, os.PathLike)) else list(value)
+        for path in paths:
+            seen.setdefault(_identity(path), (name, path))
+    written: dict = {}
+    for name, path in outputs.items():
+        if path is None:
+            continue
+        key = _identity(path)
+        if key in seen:
+            source, original = seen[key]
+            raise FeaturecacheError(f"{path}: would overwrite {source} ({original}), which this command reads; "
+                                    "write it elsewhere", param=name)
+        if key in written:
+            raise FeaturecacheError(f"{path}: the same file as {written[key]}; give them different names",
+                                    param=name)
+        written[key] = name
+        if name in folders:
+            _check_folder_outside_inputs(name, Path(path), seen)
+
+
+def _check_folder_outside_inputs(name: str, folder: Path, inputs: dict) -> None:
+    here = Path(os.path.realpath(folder))
+    for source, original in inputs.values():
+        p = Path(os.path.realpath(original))
+        if os.path.isdir(p) and (here == p or p in here.parents):
+            raise FeaturecacheError(f"{folder}: is inside {source} ({original}), which this command reads: what it "
+                                    "writes there would be read as input next time; write it elsewhere", param=name)
 
 
 def write_text(path: Union[str, Path], text: str) -> Path:

@@ -12,9 +12,6 @@ cache. An image that cannot be read gets a row with its error; the others are sc
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import logging
 import math
 import numbers
@@ -29,14 +26,31 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from featurecache.backbones import FrozenBackbone
-from featurecache.cache import FeatureCache
-from featurecache.datasets import IMAGE_EXTENSIONS, ImageRecord, ImageSet, detect_layout, read_dataset
-from featurecache.errors import BackboneError, DatasetError, EvalError, HeadError, PredictError, integer_at_least
+from featurecache.backbones import FrozenBackbone, sha256_file
+from featurecache.cache import KEPT_ALL, KEPT_PARTS, FeatureCache
+from featurecache.datasets import (
+    IMAGE_EXTENSIONS,
+    ImageRecord,
+    ImageSet,
+    detect_layout,
+    image_size,
+    oriented,
+    read_dataset,
+)
+from featurecache.errors import (
+    BackboneError,
+    CacheError,
+    DatasetError,
+    EvalError,
+    FeaturecacheError,
+    HeadError,
+    PredictError,
+    integer_at_least,
+)
 from featurecache.extract import ExtractConfig, ExtractResult, extract, to_rgb
 from featurecache.heads.trained import TrainedHead
 from featurecache.localize import DEFAULT_MAP_METHOD, LocalizationMap, Localizer, MapConfig, backbone_of
-from featurecache.outputs import os_reason, write_text
+from featurecache.outputs import check_not_inputs, csv_text, json_text, os_reason, printable, write_text
 from featurecache.overlay import MAX_SIDE
 from featurecache.patches import LabelRule, PatchGrid
 
@@ -59,6 +73,9 @@ class PredictConfig:
         Classes scoring at least this are an image's labels. Default 0.5 for heads whose
         scores are probabilities (image-level logistic, MIL, hybrid); for the others (the
         paper's pooled patch scores, fusion) no default, and the labels are left empty.
+    out : path, optional
+        Write the records here when done: JSON for a ``.json`` name, else CSV
+        (:meth:`Predictions.save`).
     maps : path, optional
         Folder for one PNG per image: the localisation map of its top class over the image;
         each record then has the box of each of its top classes (:meth:`LocalizationMap.box`).
@@ -88,6 +105,7 @@ class PredictConfig:
 
     top: int = 5
     threshold: Optional[float] = None
+    out: Optional[Union[str, Path]] = None
     maps: Optional[Union[str, Path]] = None
     map_method: str = DEFAULT_MAP_METHOD
     stride: int = 8
@@ -220,9 +238,8 @@ class Predictions:
 
     def to_json(self) -> str:
         """The records with what the scores mean."""
-        return json.dumps({"objective": self.objective, "scoring": self.scoring, "scores_are": self.meaning,
-                           "threshold": self.threshold, "classes": list(self.classes), "images": self.records()},
-                          indent=1)
+        return json_text({"objective": self.objective, "scoring": self.scoring, "scores_are": self.meaning,
+                          "threshold": self.threshold, "classes": list(self.classes), "images": self.records()})
 
     def _class_columns(self, fixed: list) -> list:
         return [f"score:{c}" if c in fixed else c for c in self.classes]
@@ -232,9 +249,7 @@ class Predictions:
         k = min(self.top, len(self.classes))
         fixed = ["path", "width", "height"] + [n for j in range(1, k + 1) for n in (f"top{j}", f"top{j}_score")]
         fixed += ["labels", "error"] + (["map"] if any(self.maps) else [])
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(fixed + self._class_columns(fixed))
+        rows = [fixed + self._class_columns(fixed)]
         for i, path in enumerate(self.paths):
             top = self.top_classes(i)
             row = [path, int(self.width[i]), int(self.height[i])]
@@ -242,20 +257,21 @@ class Predictions:
                 row += [top[j][0], f"{top[j][1]:.6g}"] if j < len(top) else ["", ""]
             row += [";".join(self.labels(i)), self.errors[i]] + ([self.maps[i]] if any(self.maps) else [])
             row += ["" if self.errors[i] else f"{v:.6g}" for v in self.scores[i]]
-            w.writerow(row)
-        return buf.getvalue()
+            rows.append(row)
+        return csv_text(rows)
 
     def to_text(self, *, limit: int = 20) -> str:
         """A short table (the first ``limit`` images) and the summary line."""
         shown = min(len(self), limit)
-        width = max([len(p) for p in self.paths[:shown]] + [5])
+        names = [printable(p) for p in self.paths[:shown]]  # a name cannot forge rows or move the cursor
+        width = max([len(p) for p in names] + [5])
         lines = [f"{'image':<{width}}  {'top classes':<40}  labels"]
         for i in range(shown):
             if self.errors[i]:
-                lines.append(f"{self.paths[i]:<{width}}  error: {self.errors[i]}")
+                lines.append(f"{names[i]:<{width}}  error: {printable(self.errors[i])}")
                 continue
-            top = ", ".join(f"{c} {s:.3g}" for c, s in self.top_classes(i)[:3])
-            lines.append(f"{self.paths[i]:<{width}}  {top:<40}  {' '.join(self.labels(i)) or '-'}")
+            top = printable(", ".join(f"{c} {s:.3g}" for c, s in self.top_classes(i)[:3]))
+            lines.append(f"{names[i]:<{width}}  {top:<40}  {printable(' '.join(self.labels(i))) or '-'}")
         if shown < len(self):
             lines.append(f"... {len(self) - shown} more (write them all with --out FILE.csv or .json)")
         return "\n".join(lines + [self.summary()])
@@ -288,6 +304,7 @@ class _Item:
     width: int = 0
     height: int = 0
     error: str = ""
+    folder: Optional[Path] = None  # the input folder it was found in
 
 
 def _folder_images(folder: Path) -> list:
@@ -316,8 +333,8 @@ def _in_memory(item, position: int) -> _Item:
     """A PIL image or array, converted as image files are (:func:`featurecache.extract.to_rgb`)."""
     name = f"<image {position}>"
     if isinstance(item, Image.Image):
-        try:
-            return _Item(name, f"image-{position}", pixels=to_rgb(item))
+        try:  # scored as displayed, as image files are
+            return _Item(name, f"image-{position}", pixels=to_rgb(oriented(item)))
         except (OSError, ValueError) as e:
             return _Item(name, f"image-{position}", error=f"cannot convert the image ({type(e).__name__})")
     a = item
@@ -340,22 +357,22 @@ def _expand(item, position: int, config: PredictConfig) -> list:
     path = Path(text)
     if not path.exists():
         return [_Item(text, path.name, path, error="no such file or directory")]
-    if path.is_file():
+    if not path.is_dir():  # a file, or a pipe or device that the header reader refuses
         return [_Item(text, path.name, path)]
     if config.annotations is not None or config.layout in ("voc", "coco") or (
             config.layout == "auto" and _is_voc(path)):
         ds = read_dataset(path, layout=config.layout, split=config.split, annotations=config.annotations)
-        return [_Item(str(path / r.relpath), r.relpath, r.path) for r in ds]
+        return [_Item(str(path / r.relpath), r.relpath, r.path, folder=path) for r in ds]
     if config.split is not None:
         raise PredictError(f"{path}: --split needs a VOC devkit folder", param="split")
     files = _folder_images(path)
     if not files:
         return [_Item(text, path.name, path, error="no image files in this folder")]
-    return [_Item(str(f), f.relative_to(path).as_posix(), f) for f in files]
+    return [_Item(str(f), f.relative_to(path).as_posix(), f, folder=path) for f in files]
 
 
 def _probe(item: _Item) -> None:
-    """Read an image file's size from its header, or say why it cannot be read."""
+    """Read an image file's size (as displayed) from its header, or say why it cannot be read."""
     if item.error:
         return
     if item.pixels is not None:
@@ -366,15 +383,7 @@ def _probe(item: _Item) -> None:
     except UnicodeEncodeError:
         item.error = "the file name is not valid UTF-8 (caches store names as UTF-8); rename the file"
         return
-    try:
-        with Image.open(item.path) as im:
-            item.width, item.height = im.size
-    except Exception as e:  # PIL raises many kinds for files that are not images
-        msg = str(e).splitlines()[0][:120] if str(e) else ""
-        item.error = f"cannot read image ({type(e).__name__}{': ' + msg if msg else ''})"
-        return
-    if item.width < 1 or item.height < 1:
-        item.error = f"image is {item.width}x{item.height}"
+    item.width, item.height, item.error = image_size(item.path, displayed=True)
 
 
 def _collect(images, config: PredictConfig) -> list:
@@ -399,8 +408,12 @@ def _collect(images, config: PredictConfig) -> list:
     return items
 
 
-def _image_set(items: list, tmp: Path, classes: tuple) -> tuple:
+def _image_set(items: list, tmp: Path, classes: tuple, *, kept: bool) -> tuple:
     """An image set of the readable items (in-memory images written to ``tmp`` as lossless PNG).
+
+    For a ``kept`` cache each file is stamped with the SHA-256 of its bytes, so that a file
+    replaced by another of the same size and time (``cp -p``, rsync) is not taken for the one
+    whose features the cache holds.
 
     Returns ``(ImageSet or None, {relpath: item position})``.
     """
@@ -420,10 +433,9 @@ def _image_set(items: list, tmp: Path, classes: tuple) -> tuple:
     root = Path(os.path.commonpath([str(p.parent) for p in paths]))
     records = []
     for i, p in zip(usable, paths):
-        st = p.stat()
         records.append(ImageRecord(p, p.relative_to(root).as_posix(), items[i].width, items[i].height,
                                    np.zeros((0, 4), np.float32), (), np.zeros(0, bool),
-                                   stamp=f"{st.st_size}:{st.st_mtime_ns}"))
+                                   stamp=f"sha256:{sha256_file(p)}" if kept else ""))
     where = {r.relpath: i for r, i in zip(records, usable)}
     return ImageSet(root, "plain", tuple(classes), records), where
 
@@ -524,30 +536,64 @@ class Predictor:
         ------
         PredictError
             A head without extraction record, weights that are missing or differ, bad
-            options; with ``strict=True``, the first unreadable image.
+            options, an output that is one of the files read (``out``, ``cache``, ``maps``);
+            with ``strict=True``, the first unreadable image.
         """
         t0 = time.perf_counter()
         config = replace(config, **options) if config is not None else PredictConfig(**options)
         threshold = config.threshold if config.threshold is not None else (
             0.5 if self.head.spec.probabilities else None)
         items = _collect(images, config)
+        self._check_outputs(config, items)
         scores = np.full((len(items), len(self.classes)), np.nan, np.float32)
         maps, boxes = [""] * len(items), [{} for _ in items]
         note, result = "", None
         with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
-            images_set, where = _image_set(items, Path(tmp), self.classes)
+            images_set, where = _image_set(items, Path(tmp), self.classes, kept=config.cache is not None)
             if images_set is not None:
                 cache_path = Path(config.cache) if config.cache else Path(tmp) / "features.h5"
-                result = extract(images_set, cache_path, self._extract_config(config))
+                result = self._extract(images_set, cache_path, config, tmp)
                 with FeatureCache(cache_path) as cache:
                     rows = self._score(cache, items, where, scores)
                     if config.maps is not None:
                         note = self._draw_maps(cache, rows, items, scores, maps, boxes, config)
         label, text = self.head.scoring()
-        return Predictions(self.classes, [it.display for it in items], np.array([it.width for it in items]),
-                           np.array([it.height for it in items]), scores, [it.error for it in items], config.top,
-                           threshold, self.head.objective, text, self.head.spec.scores, maps, note, boxes,
-                           Path(config.cache) if config.cache else None, result, time.perf_counter() - t0)
+        predictions = Predictions(self.classes, [it.display for it in items], np.array([it.width for it in items]),
+                                  np.array([it.height for it in items]), scores, [it.error for it in items],
+                                  config.top, threshold, self.head.objective, text, self.head.spec.scores, maps, note,
+                                  boxes, Path(config.cache) if config.cache else None, result,
+                                  time.perf_counter() - t0)
+        if config.out is not None:
+            predictions.save(config.out)
+        return predictions
+
+    def _extract(self, images_set: ImageSet, cache_path: Path, config: PredictConfig, tmp: str) -> ExtractResult:
+        """Extraction into the kept or temporary cache; a failed write of a temporary one says that nothing
+        is kept (its folder is removed) rather than that the command resumes."""
+        try:
+            return extract(images_set, cache_path, self._extract_config(config))
+        except CacheError as e:
+            if config.cache is not None:
+                raise
+            gone = (f"the temporary cache in {tmp} is removed; free space there, set TMPDIR to a folder with room, "
+                    "or keep the features with --cache")
+            raise PredictError(e.message.replace(KEPT_PARTS, gone).replace(KEPT_ALL, gone)) from None
+
+    def _check_outputs(self, config: PredictConfig, items: list) -> None:
+        """Refuse outputs that would overwrite what this prediction reads, before anything runs."""
+        try:
+            check_not_inputs({"out": config.out, "cache": config.cache, "maps": config.maps},
+                             {"an input image": [it.path for it in items if it.path is not None],
+                              "an input folder": [p for p in self._folders(items)],
+                              "the head file": self.source if Path(self.source).is_file() else None,
+                              "the weights file": self.weights, "the annotations file": config.annotations},
+                             folders=("maps",))
+        except FeaturecacheError as e:
+            raise PredictError(e.message, param=e.param) from None
+
+    @staticmethod
+    def _folders(items: list) -> set:
+        return {it.folder for it in items if it.folder is not None}
 
     def _score(self, cache: FeatureCache, items: list, where: dict, scores: np.ndarray) -> dict:
         """Fill ``scores`` and the errors of images skipped at extraction; returns item -> cache image row."""
@@ -560,6 +606,10 @@ class Predictor:
         paths = cache.images.path
         if paths:
             scores[[where[p] for p in paths]] = self.head.image_scores(cache)
+        for i in np.flatnonzero(~np.isfinite(scores).all(axis=1)):
+            if not items[i].error:  # not counted as scored, never written as a number
+                items[i].error = "the head's scores for this image are not finite (NaN or infinite features?)"
+                scores[i] = np.nan
         return {where[p]: row for row, p in enumerate(paths)}
 
     def _draw_maps(self, cache: FeatureCache, rows: dict, items: list, scores: np.ndarray, maps: list, boxes: list,
@@ -631,7 +681,7 @@ class Predictor:
         item = items[0]
         if config.uses_windows:
             with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
-                images_set, _ = _image_set(items, Path(tmp), self.classes)
+                images_set, _ = _image_set(items, Path(tmp), self.classes, kept=False)
                 cache_path = Path(tmp) / "features.h5"
                 extract(images_set, cache_path, self._extract_config(PredictConfig(strict=True, workers=0,
                                                                                    progress=False)))

@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -28,8 +29,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from featurecache.backbones import FrozenBackbone
+from featurecache.backbones import FrozenBackbone, sha256_file
 from featurecache.errors import BackboneError
+from featurecache.outputs import os_reason
 from featurecache.resources import RUNTIMES
 
 logger = logging.getLogger(__name__)
@@ -91,19 +93,25 @@ class _OnnxRuntime(Runtime):
 
         super().__init__(backbone)
         self.version = ort.__version__
+        if hasattr(ort, "disable_telemetry_events"):  # its usage events (Windows); nothing to send elsewhere
+            ort.disable_telemetry_events()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         # Threads that spin at barriers are what collapses throughput on shared cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # fatal only: a failure reaches the user as featurecache's one line
         key = ("onnxruntime", str(model), threads)
         if key not in _COMPILED:
             _COMPILED[key] = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.session = _COMPILED[key]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.session.run(None, {"images": x.contiguous().numpy()})[0]
+        try:
+            out = self.session.run(None, {"images": x.contiguous().numpy()})[0]
+        except Exception as e:  # onnxruntime's own exception types
+            raise BackboneError(f"onnxruntime failed on a batch ({_why(e)}); use --runtime torch",
+                                param="runtime") from None
         return torch.from_numpy(out)
 
 
@@ -111,8 +119,7 @@ class _OpenVinoRuntime(Runtime):
     name = "openvino"
 
     def __init__(self, backbone: FrozenBackbone, model: Path, threads: int) -> None:
-        import openvino as ov
-
+        ov = _import_openvino()
         super().__init__(backbone)
         self.version = ov.__version__
         key = ("openvino", str(model), threads)
@@ -126,8 +133,53 @@ class _OpenVinoRuntime(Runtime):
         self.request = _COMPILED[key].create_infer_request()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.request.infer({0: x.contiguous().numpy()})
+        try:
+            out = self.request.infer({0: x.contiguous().numpy()})
+        except Exception as e:  # OpenVINO raises RuntimeError with its C++ exception's text
+            raise BackboneError(f"openvino failed on a batch ({_why(e)}); use --runtime torch",
+                                param="runtime") from None
         return torch.from_numpy(np.array(next(iter(out.values()))))
+
+
+#: How runtimes say they ran out of memory (an address-space limit, ``ulimit -v``, shows as these).
+_MEMORY = re.compile(r"bad_alloc|out of memory|can't allocate|cannot allocate|failed to allocate|not enough memory",
+                     re.I)
+
+
+def _why(error: BaseException) -> str:
+    """A runtime failure in a few words: running out of memory said as such, else its type and first line."""
+    text = str(error)
+    if isinstance(error, MemoryError) or _MEMORY.search(text):
+        return "out of memory: allow the process more (ulimit -v, the job's memory) or use fewer --threads"
+    first = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("Exception from")), "")
+    return f"{type(error).__name__}: {first[:120]}" if first else type(error).__name__
+
+
+def _import_openvino():
+    """``openvino``, imported with its usage telemetry off.
+
+    ``import openvino`` sends an "import" event to Google Analytics (from a forked process,
+    with a client id kept in ``~/intel``) unless its user declined in a consent file;
+    featurecache opens no network connection unless asked. Its converter falls back to a
+    stub when ``openvino_telemetry`` cannot be imported, so the package is hidden while
+    openvino's own modules are imported, and only then. An openvino the caller imported
+    first is used as it is.
+    """
+    import sys
+
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    missing = object()
+    saved = sys.modules.get("openvino_telemetry", missing)
+    sys.modules["openvino_telemetry"] = None  # an ImportError for openvino's "import openvino_telemetry"
+    try:
+        import openvino
+    finally:
+        if saved is missing:
+            sys.modules.pop("openvino_telemetry", None)
+        else:
+            sys.modules["openvino_telemetry"] = saved
+    return openvino
 
 
 def _export_dir() -> Path:
@@ -135,16 +187,45 @@ def _export_dir() -> Path:
 
 
 def exported_model(backbone: FrozenBackbone, input_size: int) -> Path:
-    """The backbone as ONNX (dynamic batch, fixed ``input_size``), exported once and kept on disk."""
+    """The backbone as ONNX (dynamic batch, fixed ``input_size``), exported once and kept on disk.
+
+    Beside the model, ``MODEL.sha256`` records the SHA-256 of the file featurecache wrote: a
+    file whose bytes are not those (planted, damaged, or left without its record by a crash)
+    is exported again, never run.
+    """
     s = backbone.spec
     arch = s.architecture.replace(":", "-").replace("/", "-")
     layer = s.layer.replace("/", "-")
     # Everything the graph bakes in: weights, normalisation, exporter and opset.
     baked = hashlib.sha256(f"{s.weights_sha256}|{s.preprocessing.to_dict()}|{torch.__version__}|{_OPSET}".encode())
     path = _export_dir() / f"{arch}-{layer}-{baked.hexdigest()[:16]}-{input_size}px.onnx"
+    record = path.with_name(path.name + ".sha256")
     if path.is_file():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
+        recorded = _read_record(record)
+        if recorded is not None and recorded == sha256_file(path):
+            return path
+        logger.warning("%s: not the file featurecache exported (%s); exporting it again", path,
+                       "its SHA-256 differs from the one recorded" if recorded else "no SHA-256 recorded beside it")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _export(backbone, input_size, path, record)
+    except OSError as e:
+        raise BackboneError(f"{path.parent}: cannot write the ONNX export there ({os_reason(e)}); set TORCH_HOME to "
+                            "a writable folder, or use --runtime torch", param="runtime") from None
+    logger.info("exported %s at %d px to %s", s.name, input_size, path)
+    return path
+
+
+def _read_record(record: Path):
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = record.read_text().strip()
+        if len(text) == 64:
+            return text
+    return None
+
+
+def _export(backbone: FrozenBackbone, input_size: int, path: Path, record: Path) -> None:
+    """Export to a temporary file, record its hash, then rename both into place (model last but one, record last)."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     example = torch.rand(2, 3, input_size, input_size) * 255
     net = backbone.to("cpu").to(memory_format=torch.contiguous_format)
@@ -154,21 +235,50 @@ def exported_model(backbone: FrozenBackbone, input_size: int) -> Path:
             torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["features"],
                               dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, dynamo=False,
                               opset_version=_OPSET)
+        digest = sha256_file(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            record.unlink()  # no moment where an old record vouches for the new file
         os.replace(tmp, path)
+        tmp_record = record.with_name(f"{record.name}.{os.getpid()}.tmp")
+        tmp_record.write_text(digest + "\n")
+        os.replace(tmp_record, record)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
     except Exception as e:  # exporters raise many kinds
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise BackboneError(f"{s.name}: cannot export to ONNX for another runtime ({type(e).__name__}: "
+        raise BackboneError(f"{backbone.spec.name}: cannot export to ONNX for another runtime ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:160] if str(e) else ''}); use --runtime torch",
                             param="runtime") from None
-    logger.info("exported %s at %d px to %s", s.name, input_size, path)
-    return path
+
+
+def _probe_images(input_size: int) -> torch.Tensor:
+    """What a runtime's features are compared with torch's on: uniform noise, and crops of a photograph
+    (scikit-learn's sample image; a model that alters only natural images' features shows there)."""
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(2, 3, input_size, input_size, generator=gen) * 255
+    try:  # the file itself: importing sklearn.datasets would load scipy and its BLAS for one picture
+        import importlib.util
+
+        from PIL import Image
+
+        folder = importlib.util.find_spec("sklearn").submodule_search_locations[0]
+        with Image.open(Path(folder) / "datasets" / "images" / "china.jpg") as im:
+            photo = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).float()[None]
+    except Exception:  # pragma: no cover - scikit-learn is a dependency; its data file could be gone
+        return noise
+    h, w = photo.shape[-2:]
+    crops = [photo[..., :h // 2, :h // 2], photo[..., h // 4:, w // 3:w // 3 + 3 * h // 4]]
+    resized = [torch.nn.functional.interpolate(c, size=(input_size, input_size), mode="bilinear",
+                                               antialias=True, align_corners=False) for c in crops]
+    return torch.cat([noise, *resized]).clamp(0, 255)
 
 
 def _agrees(runtime: Runtime, backbone: FrozenBackbone, input_size: int) -> float:
-    """Largest relative difference to torch on a fixed probe batch."""
-    gen = torch.Generator().manual_seed(0)
-    probe = torch.rand(3, 3, input_size, input_size, generator=gen) * 255
+    """Largest difference to torch's features on the probe images, relative to their largest magnitude."""
+    probe = _probe_images(input_size)
     with torch.inference_mode():
         ref = backbone(probe).float()
         got = runtime(probe).float()
@@ -224,11 +334,12 @@ def build_runtime(backbone: FrozenBackbone, name: str = "auto", *, input_size: i
             reasons.append(e.message.removesuffix("; use --runtime torch"))  # the export failed: no runtime can run it
             break
         except Exception as e:  # a runtime that cannot load the graph: auto moves on
+            why = _why(e)
             if name != "auto":
-                raise BackboneError(f"{candidate}: cannot run {backbone.spec.name} exported as {model} "
-                                    f"({type(e).__name__}); delete the file to export it again, or use "
-                                    "--runtime torch", param="runtime") from None
-            reasons.append(f"{candidate} cannot run the exported model ({type(e).__name__})")
+                advice = "" if why.startswith("out of memory") else "delete the file to export it again, or "
+                raise BackboneError(f"{candidate}: cannot run {backbone.spec.name} exported as {model} ({why}); "
+                                    f"{advice}use --runtime torch", param="runtime") from None
+            reasons.append(f"{candidate} cannot run the exported model ({why})")
             continue
         if diff <= TOLERANCE:
             return runtime

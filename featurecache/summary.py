@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from featurecache.datasets import ImageSet
+from featurecache.outputs import printable
 from featurecache.patches import AMBIGUOUS, BACKGROUND, MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
 
 __all__ = ["DatasetSummary", "summarize"]
@@ -67,9 +68,10 @@ class DatasetSummary:
             f"patches ({shape}; input {g.input_size} px): {self.num_patches:,} "
             f"({per_image:.1f} per image)",
         ]
-        width = max([len(c) for c in self.classes] + [len("background")])
+        names = [printable(c) for c in self.classes]  # a name cannot forge lines or move the cursor
+        width = max([len(c) for c in names] + [len("background")])
         lines.append(f"{'class':<{width}}  {'images':>6}  {'boxes':>6}  {'difficult':>9}  {'patches':>8}")
-        for row in zip(self.classes, self.images_per_class, self.boxes_per_class,
+        for row in zip(names, self.images_per_class, self.boxes_per_class,
                        self.difficult_per_class, self.patches_per_class):
             lines.append(f"{row[0]:<{width}}  {row[1]:>6}  {row[2]:>6}  {row[3]:>9}  {row[4]:>8,}")
         total = max(self.num_patches, 1)
@@ -79,7 +81,7 @@ class DatasetSummary:
                      f"({100 * self.ambiguous / total:.1f}%, not used for training)")
         missing = self.classes_without_patches
         if missing:
-            lines.append(f"no positive patch for {len(missing)} class(es): {', '.join(missing)}")
+            lines.append(f"no positive patch for {len(missing)} class(es): {printable(', '.join(missing))}")
         if self.skipped:
             where, why = self.skipped[0]
             lines.append(f"{len(self.skipped)} image(s) left out (extraction skips and records them), e.g. "

@@ -8,16 +8,22 @@ parameters spelled out.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Optional, Union
 
-from featurecache.cache import FeatureCache, MemoryCache
+import numpy as np
+
+from featurecache.cache import FeatureCache, MemoryCache, open_cache
+from featurecache.errors import HeadError
 from featurecache.heads.background import BackgroundPolicy, background_weights
-from featurecache.heads.registry import FitConfig, get_objective
+from featurecache.heads.registry import FitConfig, get_objective, option_of_param
 from featurecache.heads.trained import TrainedHead
 from featurecache.resources import apply_threads
 
 __all__ = ["BackgroundPolicy", "FitConfig", "background_weights", "fit_head", "fit_objective"]
+
+logger = logging.getLogger(__name__)
 
 CacheLike = Union[str, Path, FeatureCache, MemoryCache]
 
@@ -55,7 +61,29 @@ def fit_objective(cache: CacheLike, config: Optional[FitConfig] = None, **settin
     """
     config = _merge(config or FitConfig(), settings)
     apply_threads(config.threads)
-    return get_objective(config.objective).train(cache, config)
+    _warn_one_sided_classes(cache, config.train_split)
+    try:
+        return get_objective(config.objective).train(cache, config)
+    except HeadError as e:  # an estimator names its own parameter; the user set an option
+        option = option_of_param(config.objective, e.param)
+        if option is None or option == e.param:
+            raise
+        raise HeadError(e.message, param=option) from None
+
+
+def _warn_one_sided_classes(cache: CacheLike, split: Optional[str]) -> None:
+    """Say which classes the training images cannot teach: without a positive image a class's scores
+    are near 0 everywhere; without a negative one they cannot tell images apart."""
+    with open_cache(cache, split) as c:
+        labels, classes = np.asarray(c.images.labels, bool), list(c.classes)
+    if not len(labels):
+        return
+    for what, which in (("positive", ~labels.any(axis=0)), ("negative", labels.all(axis=0))):
+        names = [classes[i] for i in np.flatnonzero(which)]
+        if names:
+            logger.warning("%d class(es) have no %s training image, so the head cannot learn them (their scores "
+                           "will not tell images apart): %s", len(names), what, ", ".join(names[:10])
+                           + (", ..." if len(names) > 10 else ""))
 
 
 def _merge(config: FitConfig, settings: dict) -> FitConfig:

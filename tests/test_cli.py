@@ -141,3 +141,19 @@ def test_running_out_of_memory_is_one_line_naming_the_setting(tmp_path, monkeypa
         RuntimeError("shape mismatch")))
     r = CliRunner().invoke(main, ["fit", str(cache)])
     assert isinstance(r.exception, RuntimeError)
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("Exception from core.cpp:117:\nstd::bad_alloc")])
+def test_predict_running_out_of_memory_names_a_setting_predict_has(tmp_path, monkeypatch, error):
+    import featurecache.predict
+
+    def boom(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(featurecache.predict, "predict", boom)
+    head = tmp_path / "h.pt"
+    head.write_bytes(b"x")
+    r = CliRunner().invoke(main, ["predict", str(head), str(tmp_path)])
+    assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
+    assert "lower --batch-size, or predict fewer or smaller images at a time" in r.output
+    assert "--max-pixels" not in r.output  # predict has no such option

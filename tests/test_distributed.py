@@ -197,7 +197,8 @@ with CacheWriter(out, {{"seed": seed}}, overwrite=overwrite) as w:
             written.append(p)
     w.assemble(num_parts=3, feature_dim=X.shape[1], dtype="float16", compression=None, images=[R(i) for i in range(6)],
                classes=["c0", "c1", "c2"], attrs={{"classes": ["c0", "c1", "c2"], "feature_settings": {{"x": 1}},
-                                                  "fingerprint": "f"}}, layout=layout)
+                                                  "fingerprint": "f", "backbone": {{"name": "synthetic"}}}},
+               layout=layout)
 print("written", written)
 """
 
@@ -257,8 +258,8 @@ def test_a_virtual_cache_may_have_a_percent_sign_in_its_name(tmp_path):
         FeatureCache(out)
 
 
-@pytest.mark.slow
-def test_processes_that_planned_different_work_are_refused(voc, tmp_path):
+def _two_ranks(voc, tmp_path, per_rank, cwd=None):
+    """Start a 2-process job by hand (torchrun's variables); ``per_rank(rank) -> (output, options)``."""
     import socket
 
     with socket.socket() as s:
@@ -266,17 +267,39 @@ def test_processes_that_planned_different_work_are_refused(voc, tmp_path):
         port = s.getsockname()[1]
     base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
     base.pop("OMP_NUM_THREADS", None)
-    out = tmp_path / "m.h5"
     procs = []
-    for rank, scales in ((0, "1,2"), (1, "1,2,3")):
-        opts = [o if o != "1,2" else scales for o in OPTS]
+    for rank in (0, 1):
+        out, opts = per_rank(rank)
         env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
         procs.append(subprocess.Popen([sys.executable, "-m", "featurecache", "extract", str(voc), str(out), *opts],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+                                      env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     results = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [1, 1] and not out.exists()
-    for _, err in results:
+    return [p.returncode for p in procs], [err for _, err in results]
+
+
+@pytest.mark.slow
+def test_processes_that_planned_different_work_are_refused(voc, tmp_path):
+    out = tmp_path / "m.h5"
+    codes, errors = _two_ranks(voc, tmp_path, lambda r: (out, [o if o != "1,2" else ("1,2", "1,2,3")[r] for o in OPTS]))
+    assert codes == [1, 1] and not out.exists()
+    for err in errors:
         assert err.strip().splitlines()[-1].startswith("Error: process ") and "planned other work" in err
+
+
+@pytest.mark.slow
+def test_processes_given_different_outputs_are_refused_before_writing(voc, tmp_path):
+    """A rank given another output would commit parts, without the leader's lock, into another run's folder."""
+    outs = [tmp_path / "m.h5", tmp_path / "other" / "n.h5"]
+    (tmp_path / "other").mkdir()
+    codes, errors = _two_ranks(voc, tmp_path, lambda r: (outs[r], OPTS))
+    assert codes == [1, 1] and all("the same output, options" in e for e in errors), errors
+    for out in outs:
+        assert not out.exists() and not list(Path(str(out) + ".parts").glob("part-*.h5"))
+    # The same output spelled two ways is one output: the job runs.
+    codes, errors = _two_ranks(voc, tmp_path, lambda r: (("m.h5", tmp_path / "m.h5")[r], OPTS), cwd=tmp_path)
+    assert codes == [0, 0], errors
+    with FeatureCache(tmp_path / "m.h5") as c:
+        assert c.num_images == 8
 
 
 def test_commands_other_than_extract_refuse_to_run_in_a_job_of_several_processes(tmp_path):

@@ -64,3 +64,27 @@ def test_members_without_boxes(tmp_path):
     with pytest.raises(HeadError) as e:
         fit_objective(path, objective="fusion", members="image:median")
     assert e.value.param == "members"
+
+
+def test_a_class_the_training_images_cannot_teach_stays_at_its_members_level(tmp_path):
+    """No positive among the training images (an absent class) or no negative: standardising its
+    members' near-constant log-odds would blow their noise up to scores of 0.3-0.7."""
+    rng = np.random.default_rng(0)
+    n, per = 40, 6
+    labels = np.zeros((n, 3), bool)
+    labels[:, 0] = np.arange(n) % 2 == 0
+    labels[np.arange(n) >= 30, 1] = True  # class 1 only among the last (val) images: absent from training
+    labels[:30, 2] = True  # class 2 on every training image: no negative
+    splits = ["train" if i < 30 else "val" for i in range(n)]
+    X = rng.normal(size=(n * per, 8)) + np.repeat(labels[:, :1] * 3.0, per, axis=0)
+    cache = make_synthetic_cache(tmp_path / "c.h5", X, np.zeros(n * per, int), np.repeat(np.arange(n), per), labels,
+                                 ["half", "absent", "always"], splits=splits)
+    head = fit_objective(cache, objective="fusion", members="image:mean,image:max", train_split="train")
+    with FeatureCache(cache) as c:
+        fused = head.image_scores(c)
+        members = [m.image_scores(c) for m in head.estimator.heads_]
+    for cls, level in ((1, 0.0), (2, 1.0)):
+        lo, hi = min(m[:, cls].min() for m in members), max(m[:, cls].max() for m in members)
+        assert abs(lo - level) < 0.05 and abs(hi - level) < 0.05
+        assert np.all(np.abs(fused[:, cls] - level) < 0.05), (cls, fused[:, cls].min(), fused[:, cls].max())
+    assert fused[:, 0].std() > 0.2  # a class with both kinds of images is still standardised and fused

@@ -117,3 +117,14 @@ def test_the_command_line_is_built_from_the_registry():
     eval_help = runner.invoke(main, ["eval", "--help"], terminal_width=200).output
     assert all(p in eval_help for p in EVAL_OPTIONS["pooling"].choices)
 
+
+
+@pytest.mark.parametrize("text", ["lse:inf", "lse:nan", "power:nan", "power:-inf", "power:1e9", "lse:0"])
+def test_aggregation_parameters_are_finite_and_bounded(text):
+    from featurecache.errors import HeadError
+    from featurecache.heads.registry import parse_aggregation
+
+    with pytest.raises(HeadError, match=r"the parameter must be a number in \(0, 1000\]") as e:
+        parse_aggregation(text)
+    assert e.value.param == "aggregation"
+    assert parse_aggregation("power:1000") == ("power", 1000.0)

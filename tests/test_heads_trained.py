@@ -82,3 +82,35 @@ def test_a_head_records_how_its_cache_was_extracted(cache_file, tmp_path):
     with FeatureCache(cache_file) as c:
         assert head.extraction == {"grid": c.attrs["grid"], "backbone": c.attrs["backbone"]}
     assert TrainedHead.load(head.save(tmp_path / "h.pt")).extraction == head.extraction
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_a_head_whose_weights_are_not_finite_is_refused_at_load_and_never_saved(cache_file, tmp_path, value):
+    head = fit_objective(cache_file, objective="patch", head="mlp", hidden=0, epochs=1, device="cpu")
+    path = head.save(tmp_path / "h.pt")
+    payload = torch.load(path, weights_only=True)
+    name = next(iter(payload["state"]))
+    payload["state"][name].view(-1)[0] = value
+    torch.save(payload, tmp_path / "forged.pt")
+    with pytest.raises(HeadError, match=rf"forged.pt: damaged featurecache head: state.{name} holds a NaN or an "
+                                        "infinity"):
+        TrainedHead.load(tmp_path / "forged.pt")
+    with torch.no_grad():
+        next(head.estimator.net_.parameters()).view(-1)[0] = value
+    with pytest.raises(HeadError, match="not written: the head's state.* holds a NaN or an infinity"):
+        head.save(tmp_path / "nan.pt")
+    assert not (tmp_path / "nan.pt").exists()
+
+
+def test_features_that_are_not_finite_give_no_ap(cache_file, tmp_path):
+    import h5py
+
+    from featurecache.errors import EvalError
+
+    head = fit_objective(cache_file, objective="image")
+    bad = tmp_path / "nan.h5"
+    bad.write_bytes(open(cache_file, "rb").read())
+    with h5py.File(bad, "r+") as f:
+        f["features"][:3] = np.nan
+    with pytest.raises(EvalError, match=r"scores are NaN or infinite, so no AP is computed"):
+        evaluate(head, bad)

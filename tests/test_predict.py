@@ -361,3 +361,98 @@ def test_hostile_inputs_get_error_rows_and_names_stay_local(tiny, tmp_path):
     assert not np.allclose(first, second)
     with pytest.raises(PredictError, match="takes one image"):
         predictor.localization_map(tmp_path / "a" if len(list((tmp_path / "a").iterdir())) > 1 else [image])
+
+
+def _sideways(upright: Image.Image, orientation: int) -> Image.Image:
+    """What a camera stores for ``upright`` with EXIF ``orientation``: exif_transpose gives ``upright`` back."""
+    stored = {3: Image.ROTATE_180, 6: Image.ROTATE_90, 8: Image.ROTATE_270}[orientation]
+    out = upright.transpose(stored)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    out.info["exif"] = exif.tobytes()
+    return out
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_new_images_are_scored_as_displayed_exif_orientation_applied(tiny, tmp_path, orientation):
+    from PIL import ImageOps
+
+    import featurecache
+
+    rng = np.random.default_rng(orientation)
+    upright = Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    upright.save(tmp_path / "upright.png")
+    sideways = _sideways(upright, orientation)
+    sideways.save(tmp_path / "sideways.png", exif=sideways.info["exif"])
+    with Image.open(tmp_path / "sideways.png") as check:  # the file really is stored turned, tagged to display upright
+        assert np.array_equal(np.asarray(ImageOps.exif_transpose(check)), np.asarray(upright))
+        assert orientation == 3 or check.size == (48, 80)
+    head = featurecache.load_head(tiny["mil"], device="cpu")
+    got = head.predict([tmp_path / "upright.png", tmp_path / "sideways.png", Image.open(tmp_path / "sideways.png")],
+                       workers=0, progress=False, maps=tmp_path / "maps")
+    assert not any(got.errors) and list(got.width) == [80] * 3 and list(got.height) == [48] * 3
+    np.testing.assert_array_equal(got.scores[1], got.scores[0])  # the file, as displayed
+    np.testing.assert_array_equal(got.scores[2], got.scores[0])  # an opened PIL image, likewise
+    for picture in got.maps:
+        with Image.open(picture) as im:
+            assert im.size == (80, 48)  # drawn on the displayed image
+
+
+def test_data_sets_follow_their_annotations_size_for_exif(tmp_path, lite0):
+    """VOC boxes refer to the stored pixels, unless the annotated size is the displayed one; folder layouts
+    (sizes read from the files) describe images as displayed."""
+    from featurecache.cache import FeatureCache
+    from featurecache.datasets import read_dataset
+
+    from conftest import write_voc_xml
+
+    rng = np.random.default_rng(0)
+    upright = Image.fromarray(rng.integers(0, 255, (48, 80, 3), dtype=np.uint8))
+    sideways = _sideways(upright, 6)  # stored 48 wide, 80 high
+    voc = tmp_path / "voc"
+    (voc / "JPEGImages").mkdir(parents=True)
+    (voc / "Annotations").mkdir()
+    for name in ("stored", "shown"):
+        sideways.save(voc / "JPEGImages" / f"{name}.png", exif=sideways.info["exif"])
+    write_voc_xml(voc / "Annotations" / "stored.xml", "stored.png", 48, 80, [("cat", 1, 1, 20, 20)])
+    write_voc_xml(voc / "Annotations" / "shown.xml", "shown.png", 80, 48, [("cat", 1, 1, 20, 20)])
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    sideways.save(plain / "a.png", exif=sideways.info["exif"])
+    assert [(r.width, r.height) for r in read_dataset(plain)] == [(80, 48)]  # the displayed size
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    upright.save(refs / "upright.png")
+    sideways.save(refs / "stored.png")  # no EXIF: the stored pixels as they are
+    feats = {}
+    for name, root in (("voc", voc), ("plain", plain), ("refs", refs)):
+        _extract(root, tmp_path / f"{name}.h5", backbone=lite0)
+        with FeatureCache(tmp_path / f"{name}.h5") as c:
+            feats.update({(name, Path(p).stem): c.select([i]).read_features() for i, p in enumerate(c.images.path)})
+    np.testing.assert_array_equal(feats["voc", "stored"], feats["refs", "stored"])
+    np.testing.assert_array_equal(feats["voc", "shown"], feats["refs", "upright"])
+    np.testing.assert_array_equal(feats["plain", "a"], feats["refs", "upright"])
+
+
+def test_images_the_head_gives_non_finite_scores_are_error_rows_and_the_json_stays_valid(tiny, tmp_path,
+                                                                                          monkeypatch):
+    import featurecache
+    from featurecache.heads.trained import TrainedHead
+
+    real = TrainedHead.image_scores
+
+    def nan_for_the_first(self, cache, *args, **kwargs):
+        s = real(self, cache, *args, **kwargs)
+        s[0] = np.nan
+        s[1, 0] = np.inf
+        return s
+
+    monkeypatch.setattr(TrainedHead, "image_scores", nan_for_the_first)
+    files = _image_files(tiny["voc"])[:3]
+    got = featurecache.load_head(tiny["mil"], device="cpu").predict(files, workers=0, progress=False,
+                                                                    out=tmp_path / "p.json")
+    assert got.n_scored == 1 and got.n_failed == 2 and all("not finite" in e for e in got.errors[:2])
+    data = json.loads((tmp_path / "p.json").read_text())  # strict JSON: no NaN or Infinity
+    assert [rec["scores"] for rec in data["images"][:2]] == [{}, {}]
+    text = (tmp_path / "p.json").read_text()
+    assert ": NaN" not in text and "Infinity" not in text

@@ -26,7 +26,7 @@ from featurecache.errors import CacheError, DatasetError, FeaturecacheError, Hea
 from featurecache.extract import extract
 from featurecache.patches import PatchGrid
 
-from conftest import blob_cache, make_voc, write_voc_xml
+from conftest import blob_cache, make_voc, tiny_trained_head, write_voc_xml
 
 GRID = PatchGrid(scales=(1.0, 2.0), input_size=64)
 OPTS = dict(grid=GRID, workers=0, progress=False)
@@ -283,12 +283,19 @@ def test_out_of_range_numbers_are_usage_errors(tmp_path, args, message):
     ('[options]\nseeds = "three"', "option seeds must be an integer"),
     ('[options]\nfolds = "5"', "option folds must be an integer"),
     ("[options]\nseeds = 0", "--seeds: must be an integer of at least 1"),
+    ("k = []", "k = [] gives no value to try"),
+    ('hidden = [["big"]]', "hidden: cannot read 'big'"),
+    ("k = [" * 2000 + "]" * 2000, "invalid TOML"),
+    (b"head = ['logreg\xff']", "not UTF-8 text"),
 ])
 def test_sweep_files_with_wrong_types_are_refused(tmp_path, toml, message):
     cache = blob_cache(tmp_path / "b.h5")
     sweep = tmp_path / "s.toml"
-    grid = toml if not toml.startswith("[options]") else 'head = ["logreg"]\n' + toml
-    sweep.write_text('[grid]\nobjective = ["patch"]\n' + grid + "\n")
+    if isinstance(toml, bytes):
+        sweep.write_bytes(b'[grid]\nobjective = ["patch"]\n' + toml + b"\n")
+    else:
+        grid = toml if not toml.startswith("[options]") else 'head = ["logreg"]\n' + toml
+        sweep.write_text('[grid]\nobjective = ["patch"]\n' + grid + "\n")
     r = CliRunner().invoke(main, ["ablate", str(cache), "--config", str(sweep), "--folds", "2", "--resamples", "0"])
     assert r.exit_code == 1 and r.output.count("\n") == 1 and message in r.output, r.output
 
@@ -386,6 +393,12 @@ def test_a_damaged_cache_is_named_as_such(tmp_path, damage, message):
     ("params", "[]", "params is a list"),
     ("state", None, "no state field"),
     ("n_features", 999, "state does not load"),
+    ("classes", "[" * 100_000 + "]" * 100_000, "classes is nested too deep"),
+    ("extraction", '{"grid": "abc"}', "the extraction record's grid is not a JSON object"),
+    ("extraction", '{"grid": {"scales": [1], "rows": 3}}', "grid does not describe a grid"),
+    ("extraction", '{"backbone": {"name": 7}}', "backbone has no name"),
+    ("feature_settings", '{"mode": "sideways"}', "mode is 'sideways'"),
+    ("classes", "[]", "classes are not a list of names"),
 ])
 def test_a_damaged_head_is_named_as_such(tmp_path, field, value, message):
     import torch
@@ -402,6 +415,82 @@ def test_a_damaged_head_is_named_as_such(tmp_path, field, value, message):
     torch.save(payload, tmp_path / "h.pt")
     with pytest.raises(HeadError, match=f"h.pt: damaged featurecache head: .*{message}"):
         TrainedHead.load(tmp_path / "h.pt")
+
+
+_HEAD_FIELDS = ("params", "classes", "feature_settings", "summary", "extraction")
+_CACHE_ATTRS = ("classes", "feature_settings", "backbone", "grid", "label_rule", "dataset", "extraction")
+record_values = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=True) |
+                             st.text(max_size=3),
+                             lambda inner: st.lists(inner, max_size=3) | st.dictionaries(
+                                 st.sampled_from(["scales", "min_overlap", "input_size", "whole", "name", "mode",
+                                                  "grid", "backbone", "label_rule", "min_patch_fraction", "C", "head",
+                                                  "extraction", "layer"]), inner, max_size=4),
+                             max_leaves=10)
+
+
+@pytest.fixture(scope="module")
+def valid_head(tmp_path_factory):
+    from featurecache.train import fit_objective
+
+    root = tmp_path_factory.mktemp("forged")
+    cache = blob_cache(root / "b.h5", n_images=12, patches=4)
+    return cache, fit_objective(cache, objective="patch", head="logreg").to_payload()
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(_HEAD_FIELDS), value=record_values)
+def test_any_json_in_a_head_file_loads_or_is_a_damaged_head(tmp_path, valid_head, field, value):
+    import torch
+
+    from featurecache.heads import TrainedHead
+
+    cache, payload = valid_head
+    forged = dict(payload, **{field: json.dumps(value)})
+    torch.save(forged, tmp_path / "h.pt")
+    try:
+        head = TrainedHead.load(tmp_path / "h.pt", device="cpu")
+    except HeadError as e:
+        assert "damaged featurecache head" in str(e) and "\n" not in str(e)
+        return
+    with FeatureCache(cache) as c:  # what loads is usable, or refuses in one line
+        try:
+            scores = head.image_scores(c)
+        except FeaturecacheError as e:
+            assert "\n" not in str(e)
+        else:
+            assert scores.shape[0] == c.num_images
+
+
+@settings(max_examples=120, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(attr=st.sampled_from(_CACHE_ATTRS), value=record_values)
+def test_any_json_in_a_cache_attribute_opens_or_is_a_damaged_cache(tmp_path, valid_head, attr, value):
+    import shutil
+
+    cache, _ = valid_head
+    forged = tmp_path / "c.h5"
+    shutil.copyfile(cache, forged)
+    with h5py.File(forged, "r+") as f:
+        f.attrs[attr] = json.dumps(value)
+    try:
+        c = FeatureCache(forged)
+    except CacheError as e:
+        assert "damaged featurecache cache" in str(e) and "\n" not in str(e)
+        return
+    with c:  # what opens can be described and read
+        repr(c)
+        if c.attrs.get("grid") is not None:
+            assert c.grid.scales
+        assert c.read_features().shape[0] == c.num_patches
+
+
+def test_a_cache_attribute_nested_thousands_deep_is_a_damaged_cache(tmp_path):
+    cache = blob_cache(tmp_path / "b.h5")
+    with h5py.File(cache, "r+") as f:
+        f.attrs["grid"] = "[" * 100_000 + "]" * 100_000
+    with pytest.raises(CacheError, match="damaged featurecache cache: the grid attribute is not a JSON object"):
+        FeatureCache(cache)
 
 
 # --------------------------------------------------------------------------- what already held (kept tested)
@@ -495,3 +584,159 @@ def test_one_lock_for_every_spelling_of_the_output(tmp_path):
             with CacheWriter(tmp_path / "sub" / ".." / "c.h5", {"a": 1}):
                 pass
     assert not (tmp_path / "c.h5.lock").exists()
+
+
+# --------------------------------------------------------------------------- 13. hangs and unbounded work
+
+
+def test_pipes_and_devices_named_like_images_are_error_rows_not_hangs(tmp_path):
+    head = tiny_trained_head(tmp_path / "t", objective="image")
+    folder = _images(tmp_path / "in", n=2)
+    os.mkfifo(folder / "fifo.jpg")  # opening it would block forever
+    (folder / "zero.jpg").symlink_to("/dev/zero")  # reading it would never end
+    r = subprocess.run([sys.executable, "-m", "featurecache", "-q", "predict", str(head), str(folder), "--workers",
+                        "0", "--out", str(tmp_path / "p.json")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = {Path(rec["path"]).name: rec for rec in json.loads((tmp_path / "p.json").read_text())["images"]}
+    assert rows["fifo.jpg"]["error"].startswith("not a regular file") and rows["zero.jpg"]["error"].startswith(
+        "not a regular file")
+    assert not rows["img0.png"]["error"] and rows["img0.png"]["scores"]
+    # Given directly, as an input of its own, too.
+    r = subprocess.run([sys.executable, "-m", "featurecache", "-q", "predict", str(head), str(folder / "fifo.jpg"),
+                        str(folder / "img1.png"), "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "not a regular file" in r.stdout, r.stderr
+
+
+def test_sweeps_too_large_are_refused_before_any_training(tmp_path):
+    import time
+
+    cache = blob_cache(tmp_path / "b.h5")
+    values = ",".join(str(v) for v in range(1, 41))
+    t0 = time.perf_counter()
+    r = CliRunner().invoke(main, ["ablate", str(cache), "--grid", f"C={values}",
+                                  "--grid", f"epochs={values}", "--grid", f"k={values}", "--folds", "2"])
+    assert r.exit_code == 1 and "--grid: the grid has 64,000 combinations, more than the 10,000" in r.output, r.output
+    r = CliRunner().invoke(main, ["ablate", str(cache), "--grid", "head=logreg", "--grid", f"C={values}",
+                                  "--folds", "2", "--resamples", "20000000"])
+    assert r.exit_code == 1 and "--resamples: " in r.output and "use at most 1,250,000 resamples" in r.output
+    assert time.perf_counter() - t0 < 30  # refused up front: nothing was trained
+
+
+def test_a_head_that_cannot_be_saved_after_a_sweep_still_prints_the_sweep(tmp_path, monkeypatch):
+    from featurecache.heads.trained import TrainedHead
+
+    cache = blob_cache(tmp_path / "b.h5")
+
+    def full_disk(self, path):
+        raise HeadError(f"{path}: cannot write the head file (No space left on device)")
+
+    monkeypatch.setattr(TrainedHead, "save", full_disk)
+    r = CliRunner().invoke(main, ["ablate", str(cache), "--grid", "head=logreg", "--grid", "C=0.1,1", "--folds", "2",
+                                  "--save-best", str(tmp_path / "best.pt")])
+    lines = r.output.strip().splitlines()
+    assert r.exit_code == 1 and lines[-1].startswith("Error: --save-best: ") and "No space left" in lines[-1]
+    assert any("C" in line for line in lines[:-1]) and len(lines) > 4  # the table came first
+
+
+def test_the_bootstrap_of_many_resamples_is_computed_in_bounded_chunks(tmp_path, monkeypatch):
+    import featurecache.ablate as ab
+
+    cache = blob_cache(tmp_path / "b.h5")
+    args = dict(grid={"head": ["logreg"], "C": [0.1, 1.0]}, folds=2, n_boot=300)
+    whole = ab.ablate(cache, **args)
+    monkeypatch.setattr(ab, "_BOOT_CHUNK_VALUES", 7)  # a handful of resamples per chunk
+    chunked = ab.ablate(cache, **args)
+    for a, b in zip(whole.rows, chunked.rows):
+        np.testing.assert_allclose(a.boot, b.boot, rtol=0, atol=1e-12)  # the same draws, in the same order
+        assert a.ci == pytest.approx(b.ci, abs=1e-12)
+
+
+# --------------------------------------------------------------------------- 14. leaks and stale reuse
+
+
+def test_sigterm_stops_predict_and_removes_its_temporary_cache(tmp_path):
+    import time
+
+    head = tiny_trained_head(tmp_path / "t", objective="image")
+    folder = _images(tmp_path / "in", n=40, size=(400, 300))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    env = dict(os.environ, TMPDIR=str(tmp))
+    p = subprocess.Popen([sys.executable, "-m", "featurecache", "-q", "predict", str(head), str(folder), "--workers",
+                          "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp.glob("featurecache-predict-*/*.parts")):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" not in err
+    assert list(tmp.iterdir()) == []  # the temporary cache went with the command
+
+
+def test_a_kept_cache_is_not_reused_for_a_file_replaced_with_its_size_and_time_kept(tmp_path):
+    head = tiny_trained_head(tmp_path / "t", objective="image")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(5)
+    for name in ("a.bmp", "b.bmp", "c.bmp"):  # BMP: images of one size are files of one size
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(tmp_path / name)
+    for name in ("a.bmp", "b.bmp"):
+        (folder / name).write_bytes((tmp_path / name).read_bytes())
+    kept = tmp_path / "kept.h5"
+    first = featurecache_predict(head, folder, cache=kept)
+    stat = (folder / "a.bmp").stat()
+    (folder / "a.bmp").write_bytes((tmp_path / "c.bmp").read_bytes())  # cp -p / rsync -t: size and time kept
+    os.utime(folder / "a.bmp", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (folder / "a.bmp").stat().st_size == stat.st_size and (folder / "a.bmp").stat().st_mtime_ns == \
+        stat.st_mtime_ns
+    with pytest.raises(FeaturecacheError, match="other settings|other images"):
+        featurecache_predict(head, folder, cache=kept)
+    again = featurecache_predict(head, folder, cache=kept, overwrite=True)
+    assert not np.array_equal(again.scores[0], first.scores[0]) and np.array_equal(again.scores[1], first.scores[1])
+
+
+def featurecache_predict(head, *inputs, **options):
+    import featurecache
+
+    return featurecache.load_head(head, device="cpu").predict(list(inputs), workers=0, progress=False, **options)
+
+
+# --------------------------------------------------------------------------- 15. misleading lines
+
+
+def test_a_full_temporary_folder_does_not_promise_a_resume(tmp_path, monkeypatch):
+    import featurecache.cache as cache_module
+
+    head = tiny_trained_head(tmp_path / "t", objective="image")
+    folder = _images(tmp_path / "in", n=2)
+
+    def full(path, kept, write):
+        raise CacheError(f"{path}: cannot write (No space left on device); {kept}")
+
+    monkeypatch.setattr(cache_module, "_write_isolated", full)
+    with pytest.raises(FeaturecacheError) as e:
+        featurecache_predict(head, folder)
+    assert "resumes" not in str(e.value) and "the temporary cache in" in str(e.value) and "--cache" in str(e.value)
+    with pytest.raises(CacheError, match="the same command resumes"):  # a kept cache does resume
+        featurecache_predict(head, folder, cache=tmp_path / "kept.h5")
+
+
+def test_an_unwritable_torch_hub_folder_is_one_line_naming_it(tmp_path, monkeypatch, lite0):
+    import torch
+
+    from featurecache.errors import BackboneError
+    from featurecache.runtimes import build_runtime, installed_runtimes
+
+    others = [r for r in installed_runtimes() if r != "torch"]
+    if not others or os.geteuid() == 0:
+        hub = tmp_path / "file-not-folder"
+        hub.write_text("x")  # a file where the folder should be: not writable as a folder, even for root
+    else:
+        hub = tmp_path / "ro"
+        hub.mkdir(mode=0o500)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    if not others:
+        pytest.skip("needs openvino or onnxruntime")
+    with pytest.raises(BackboneError) as e:
+        build_runtime(lite0, others[0], input_size=64, threads=1)
+    assert "cannot write the ONNX export there" in str(e.value) and "None" not in str(e.value)

@@ -96,16 +96,21 @@ def test_auto_says_why_when_the_export_fails_or_a_runtime_cannot_run_it(lite0, m
     assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
     said = _fallback_warnings(caplog)
     assert len(said) == 1 and "cannot export to ONNX" in said[0] and "exporter says no" in said[0]
-    # An export no runtime can load (a damaged file at its name): each runtime's failure is named.
+    # Runtimes that cannot compile the export (an old OpenVINO, too little memory): each one's reason is named.
     monkeypatch.undo()
     monkeypatch.setattr(rt, "_SAID", set())
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     caplog.clear()
-    path = rt.exported_model(lite0, 64)
-    path.write_bytes(b"not an onnx model")
+
+    def cannot_compile(self, *args, **kwargs):
+        raise RuntimeError("Exception from src/plugin.cpp:54:\nunsupported operation Foo")
+
+    for cls in (rt._OpenVinoRuntime, rt._OnnxRuntime):
+        monkeypatch.setattr(cls, "__init__", cannot_compile)
     assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
     said = _fallback_warnings(caplog)
-    assert len(said) == 1 and all(f"{name} cannot run the exported model" in said[0] for name in OTHERS)
+    assert len(said) == 1 and all(f"{name} cannot run the exported model (RuntimeError: unsupported operation Foo)"
+                                  in said[0] for name in OTHERS), said
 
 
 @pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
@@ -158,3 +163,123 @@ def test_the_thread_policy(monkeypatch):
         assert apply_threads(1) == 1 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+class _AltersPhotos(torch.nn.Module):
+    """A backbone that gives torch's features on uniform noise and other features on photographs
+    (smooth: neighbouring pixels differ little): what a planted model that passes a noise probe
+    looks like."""
+
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x):
+        f = self.backbone(x)
+        photo = ((x[..., 1:] - x[..., :-1]).abs().flatten(1).mean(1) < 40).to(f.dtype)[:, None]
+        return f + photo * 0.5 * f.abs().amax(1, keepdim=True)
+
+
+def _plant(path, module, input_size, *, record: bool):
+    import hashlib
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.rand(2, 3, input_size, input_size) * 255,), str(path),
+                          input_names=["images"], output_names=["features"],
+                          dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, dynamo=False, opset_version=17)
+    if record:  # a record that vouches for the planted file: only the probe can tell
+        path.with_name(path.name + ".sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest())
+
+
+@pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
+def test_a_planted_or_changed_export_is_exported_again_never_run(lite0, monkeypatch, tmp_path, caplog):
+    import featurecache.runtimes as rt
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    path = rt.exported_model(lite0, 64)
+    record = path.with_name(path.name + ".sha256")
+    genuine = record.read_text().strip()
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 255
+    with torch.inference_mode():
+        want = lite0(x)
+    for variant in ("planted without a record", "changed after it was recorded"):
+        _plant(path, _AltersPhotos(lite0).eval(), 64, record=False)
+        if variant == "changed after it was recorded":
+            record.write_text(genuine)
+        rt._COMPILED.clear()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="featurecache"):
+            runtime = build_runtime(lite0, OTHERS[0], input_size=64, threads=1)
+        assert any("not the file featurecache exported" in r.getMessage() for r in caplog.records), variant
+        assert record.read_text().strip() == genuine  # exported again, the same bytes as featurecache's own
+        assert float((runtime(x) - want).abs().max()) <= TOLERANCE * float(want.abs().max())
+
+
+@pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
+def test_the_probe_has_photographs_so_a_model_altering_only_photos_is_caught(lite0, monkeypatch, tmp_path):
+    import featurecache.runtimes as rt
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    path = rt.exported_model(lite0, 64)
+    _plant(path, _AltersPhotos(lite0).eval(), 64, record=True)
+    rt._COMPILED.clear()
+    noise = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 255
+    for name in OTHERS:
+        with pytest.raises(BackboneError, match=f"{name}: features differ from torch's"):
+            build_runtime(lite0, name, input_size=64, threads=1)
+    # ... although on noise alone the planted model agrees (what the probe used to be).
+    runtime = rt._OnnxRuntime(lite0, path, 1) if "onnxruntime" in OTHERS else rt._OpenVinoRuntime(lite0, path, 1)
+    with torch.inference_mode():
+        assert float((runtime(noise) - lite0(noise)).abs().max()) <= TOLERANCE * float(lite0(noise).abs().max())
+    monkeypatch.setattr(rt, "_SAID", set())
+    assert build_runtime(lite0, "auto", input_size=64, threads=1).name == "torch"
+
+
+#: Run the command line with an audit hook that appends every network event to a file at once, so
+#: that a forked child's (OpenVINO's telemetry sent from one) are seen too.
+_WATCHED = """
+import json, os, sys
+log = os.environ["FEATURECACHE_NET_LOG"]
+def local(address):
+    if isinstance(address, (str, bytes)):
+        return True
+    host = str(address[0]) if isinstance(address, tuple) and address else str(address)
+    return host in ("localhost", "::1", "") or host.startswith("127.")
+def hook(event, args):
+    if event in ("socket.connect", "socket.sendto") and not local(args[1]) or \\
+            event == "socket.getaddrinfo" and not local((args[0],)):
+        with open(log, "a") as f:
+            f.write(json.dumps([event, repr(args)[:100], os.getpid()]) + "\\n")
+sys.addaudithook(hook)
+from featurecache.cli import main
+main(sys.argv[1:], prog_name="featurecache")
+"""
+
+
+def test_no_command_opens_a_network_connection_with_any_runtime(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import make_voc
+
+    voc = make_voc(tmp_path / "voc", {f"im{i}": [("cat" if i % 2 else "dog", 5, 5, 40, 40)] for i in range(6)},
+                   splits={"train": ["im0", "im1", "im2", "im3"], "val": ["im4", "im5"]})
+    log = tmp_path / "net.log"
+    env = dict(os.environ, FEATURECACHE_NET_LOG=str(log), HOME=str(tmp_path / "home"), CI="",
+               TORCH_HOME=str(tmp_path / "torch"))
+
+    def run(*args):
+        r = subprocess.run([sys.executable, "-c", _WATCHED, "-q", *map(str, args)], env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-2000:]
+
+    grid = ["--scales", "1,2", "--input-size", "64", "--workers", "0"]
+    for runtime in installed_runtimes():
+        run("extract", voc, tmp_path / f"{runtime}.h5", *grid, "--runtime", runtime)
+    run("fit", tmp_path / "torch.h5", "--objective", "image", "--train-split", "train")
+    for runtime in installed_runtimes():
+        run("predict", tmp_path / "torch.head.pt", voc / "JPEGImages", "--runtime", runtime, "--workers", "0")
+    assert not log.exists() or log.read_text() == ""
+    assert not (tmp_path / "home" / "intel").exists()  # no telemetry client id kept either

@@ -66,3 +66,46 @@ def test_option_ranges_are_refused_in_the_library(cache_file):
 def test_numpy_numbers_in_settings_save(cache_file, tmp_path):
     head = fit_objective(cache_file, objective="patch", head="logreg", random_state=np.int64(1), C=np.float64(0.5))
     head.save(tmp_path / "h.pt")
+
+
+@pytest.mark.parametrize("objective,options,flag", [
+    ("patch", {"head": "mlp", "hidden": 0, "lr": 1e30, "epochs": 3}, "lr"),
+    ("mil", {"image_lr": 1e30, "image_epochs": 3}, "image_lr"),
+    ("image", {"image_head": "mlp", "image_lr": 1e30, "image_epochs": 3}, "image_lr"),
+])
+def test_a_training_that_diverges_is_one_line_naming_the_learning_rate(cache_file, tmp_path, objective, options,
+                                                                        flag):
+    from click.testing import CliRunner
+
+    from featurecache.cli import main
+
+    with pytest.raises(HeadError, match="training diverged: the (training loss is nan|patch scores are not finite)") \
+            as e:
+        fit_objective(cache_file, objective=objective, device="cpu", **options)
+    assert e.value.param == flag
+    args = ["fit", str(cache_file), "--objective", objective, "--device", "cpu", "--out", str(tmp_path / "h.pt")]
+    for k, v in options.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.output.strip().splitlines()[-1].startswith(f"Error: --{flag.replace('_', '-')}: ")
+    assert not (tmp_path / "h.pt").exists()  # nothing saved
+
+
+def test_classes_the_training_images_cannot_teach_are_named(tmp_path, caplog):
+    labels = np.zeros((12, 3), bool)
+    labels[:, 0] = True  # every image has class 0: no negative
+    labels[::2, 1] = True  # class 1 on half; class 2 on none: no positive
+    rng = np.random.default_rng(0)
+    from conftest import make_synthetic_cache
+
+    cache = make_synthetic_cache(tmp_path / "c.h5", rng.normal(size=(48, 8)), np.zeros(48, int),
+                                 np.repeat(np.arange(12), 4), labels, ["always", "half", "never"])
+    caplog.set_level("WARNING", logger="featurecache")
+    fit_objective(cache, objective="image")
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("no positive training image" in m and "never" in m for m in said)
+    assert any("no negative training image" in m and "always" in m for m in said)
+    assert not any("half" in m for m in said)
+    with pytest.raises(HeadError, match="auto cannot choose: no class has both positive and negative"):
+        fit_objective(make_synthetic_cache(tmp_path / "one.h5", rng.normal(size=(48, 8)), np.zeros(48, int),
+                                           np.repeat(np.arange(12), 4), labels[:, :1], ["always"]))

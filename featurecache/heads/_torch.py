@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from featurecache.errors import HeadError
 from featurecache.resources import resolve_device
 
-__all__ = ["PatienceSchedule", "PlateauSchedule", "TorchState", "train_torch"]
+__all__ = ["PatienceSchedule", "PlateauSchedule", "TorchState", "diverged", "train_torch"]
 
 
 class PlateauSchedule:
@@ -87,6 +88,7 @@ def train_torch(make: Callable[[], tuple], *, seed: int, device: torch.device, m
             lr = opt.param_groups[0]["lr"]
             train_loss = run_epoch(net, opt, epoch)
             val_loss = validate(net) if validate is not None else None
+            _check_finite(train_loss, val_loss, epoch, lr)
             history.append({"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_loss, "lr": lr})
             improved, stop = schedule.update(train_loss, val_loss, opt)
             if improved and val_loss is not None:
@@ -96,6 +98,19 @@ def train_torch(make: Callable[[], tuple], *, seed: int, device: torch.device, m
     if best_state is not None:
         net.load_state_dict(best_state)
     return net.eval(), history
+
+
+def diverged(what: str, lr: float) -> HeadError:
+    """The error of a training that diverged: one line naming the learning rate (``param="lr"``; the
+    training entry point names the user's option)."""
+    return HeadError(f"training diverged: {what} at learning rate {lr:g}; lower it", param="lr")
+
+
+def _check_finite(train_loss: float, val_loss: Optional[float], epoch: int, lr: float) -> None:
+    """A diverged training is an error naming the learning rate, never a head of NaN weights."""
+    for name, loss in (("training", train_loss), ("validation", val_loss)):
+        if loss is not None and not math.isfinite(loss):
+            raise diverged(f"the {name} loss is {loss} after epoch {epoch + 1}", lr)
 
 
 class TorchState:

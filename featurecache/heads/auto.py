@@ -72,7 +72,7 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
                 for name in candidates:
                     if is_fusion(name):
                         fusion = FusionHead(members, OPTIONS["fusion_rule"].default)
-                        fusion.fit_scores([fitted[m].image_scores(train) for m in members])
+                        fusion.fit_scores([fitted[m].image_scores(train) for m in members], train.images.labels)
                         scores = fusion.fuse([held_out[m] for m in members])
                     else:
                         scores = held_out[name]
@@ -110,6 +110,11 @@ def fit_auto_objective(cache, config: FitConfig, *, kind=None, params=None) -> T
         if n < k * _MIN_IMAGES_PER_FOLD:
             raise HeadError(f"{c.path}: {n} training images are too few for {k}-fold cross-validation; choose an "
                             "objective other than auto", param="objective")
+        labels = np.asarray(c.images.labels, bool)
+        if not (labels.any(axis=0) & ~labels.all(axis=0)).any():
+            raise HeadError(f"{c.path}: auto cannot choose: no class has both positive and negative training images, "
+                            "so every candidate's AP would be 100 or undefined; choose an objective with --objective",
+                            param="objective")
         candidates, members = _candidates(config, has_boxes(c))
         if not candidates:
             raise HeadError("no candidate applies to this cache (patch and hybrid need boxes)", param="candidates")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -79,21 +79,33 @@ class FusionHead(BaseEstimator):
         self.members = members
         self.rule = rule
 
-    def fit_scores(self, train_scores: Sequence[np.ndarray]) -> "FusionHead":
-        """Learn the per-member, per-class standardisation from member scores of the training images."""
+    def fit_scores(self, train_scores: Sequence[np.ndarray], labels: Optional[np.ndarray] = None) -> "FusionHead":
+        """Learn the per-member, per-class standardisation from member scores of the training images.
+
+        ``labels`` (M, C), the training images' labels: a class without a positive or without a
+        negative among them has nothing to standardise against (its spread is the members'
+        noise around one answer), so its log-odds are averaged as they are and the fused score
+        stays at the members' level.
+        """
         if self.rule not in FUSION_RULES:
             raise HeadError(f"must be one of {', '.join(FUSION_RULES)}, got {self.rule!r}", param="fusion_rule")
         z = np.stack([_log_odds(s) for s in train_scores])  # (K, M, C)
         self.center_ = z.mean(axis=1)
         self.scale_ = np.maximum(z.std(axis=1), 1e-6)
+        if labels is not None:
+            labels = np.asarray(labels, bool)
+            one_sided = labels.all(axis=0) | ~labels.any(axis=0)
+            self.center_[:, one_sided], self.scale_[:, one_sided] = 0.0, 1.0
         self.n_outputs_ = z.shape[2]
         return self
 
-    def fit_members(self, heads: Sequence[TrainedHead], train_scores: Sequence[np.ndarray]) -> "FusionHead":
-        """Keep the trained member heads and learn the standardisation from their training-image scores."""
+    def fit_members(self, heads: Sequence[TrainedHead], train_scores: Sequence[np.ndarray],
+                    labels: Optional[np.ndarray] = None) -> "FusionHead":
+        """Keep the trained member heads and learn the standardisation from their training-image scores
+        (:meth:`fit_scores`)."""
         self.heads_ = list(heads)
         self.n_features_in_ = int(heads[0].estimator.n_features_in_)
-        return self.fit_scores(train_scores)
+        return self.fit_scores(train_scores, labels)
 
     def fuse(self, member_scores: Sequence[np.ndarray]) -> np.ndarray:
         """Fused per-class scores ``(M, C)`` in [0, 1] from the members' scores of the same images."""
@@ -190,6 +202,6 @@ def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict) -
         est = make_head(kind, **params)
         est.members = resolve_members(est.members, has_boxes(c))
         heads = [train_member(c, config, m) for m in est.members]
-        est.fit_members(heads, [h.image_scores(c) for h in heads])
+        est.fit_members(heads, [h.image_scores(c) for h in heads], c.images.labels)
         summary = image_level_summary(c, config, t0, {"members": list(est.members), "fusion_rule": est.rule})
         return TrainedHead.from_cache(est, kind, c, summary, config.objective)

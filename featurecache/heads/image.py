@@ -156,7 +156,9 @@ class ImageLogRegHead(_ImageScorer, CoefficientState, BaseEstimator):
         z = np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
         with np.errstate(over="ignore", invalid="ignore"):
             p = 1.0 / (1.0 + np.exp(-z))
-        return np.nan_to_num(p, nan=0.0).astype(np.float32)
+        # +-inf intercepts (a class seen with one label) give exactly 1 or 0; NaN only comes from
+        # features that are not finite, and stays NaN so that evaluation and predict name it.
+        return p.astype(np.float32)
 
 
 class ImageMLPHead(_ImageScorer, MILHead):

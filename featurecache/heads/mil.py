@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from featurecache.cache import open_cache
 from featurecache.errors import HeadError
 from featurecache.heads._sources import BagSource
-from featurecache.heads._torch import PatienceSchedule, TorchState, train_torch
+from featurecache.heads._torch import PatienceSchedule, TorchState, diverged, train_torch
 from featurecache.heads.background import as_policy, background_weights
 from featurecache.heads.registry import AGGREGATIONS, OPTIONS, FitConfig, make_head, parse_aggregation
 from featurecache.heads.trained import TrainedHead
@@ -165,6 +165,8 @@ class MILHead(TorchState, BaseEstimator):
     def _batch_loss(self, net, batch: tuple, ids, Y, W, dev, warm: bool = False):
         xb, mb, lab, pw = batch
         z = net(torch.from_numpy(xb).to(dev))
+        if not bool(torch.isfinite(z).all()):  # before the loss: BCE refuses NaN with a traceback of its own
+            raise diverged("the patch scores are not finite", float(self.lr))
         mask = torch.from_numpy(mb).to(dev)
         loss = self._image_loss(self._image_logits(z, mask, warm=warm), torch.from_numpy(Y[ids]).to(dev),
                                 torch.from_numpy(W[ids]).to(dev))

@@ -23,7 +23,7 @@ from featurecache.heads.pooling import SCORE_POOLINGS, check_image_pooling
 
 __all__ = ["AGGREGATIONS", "DEFAULT_OBJECTIVE", "EVAL_OPTIONS", "FitConfig", "HEAD_KINDS", "OBJECTIVES", "OPTIONS",
            "Objective", "Option", "defaults", "estimator_for", "get_objective", "make_head", "objective_of_kind",
-           "parse_aggregation", "relevant"]
+           "option_of_param", "parse_aggregation", "relevant"]
 
 #: ``fit``'s default objective: choose among the candidates by cross-validation on the
 #: user's own training images (no fixed objective held on data nobody tuned on).
@@ -34,6 +34,11 @@ AGGREGATIONS = ("lse", "max", "power")
 
 _PATCH_HEADS = ("mlp", "logreg", "linearsvm")
 _IMAGE_HEADS = ("logreg", "mlp")
+
+
+#: Largest power k or log-sum-exp r: beyond it the aggregation is max in all but rounding, and
+#: its gradients overflow float32.
+MAX_AGGREGATION_PARAMETER = 1000.0
 
 
 def parse_aggregation(text: str) -> tuple:
@@ -50,8 +55,9 @@ def parse_aggregation(text: str) -> tuple:
         v = float(value) if value else (2.0 if name == "lse" else 5.0)
     except ValueError:
         raise HeadError(f"{name}: cannot read {value!r} as a number", param="aggregation") from None
-    if v <= 0:
-        raise HeadError(f"{name}: the parameter must be positive, got {v:g}", param="aggregation")
+    if not math.isfinite(v) or not 0 < v <= MAX_AGGREGATION_PARAMETER:
+        raise HeadError(f"{name}: the parameter must be a number in (0, {MAX_AGGREGATION_PARAMETER:g}], got {v:g}",
+                        param="aggregation")
     return name, v
 
 
@@ -557,6 +563,15 @@ def get_objective(name: str) -> Objective:
     except (KeyError, TypeError):
         raise HeadError(f"unknown objective {name!r}; choose one of {', '.join(OBJECTIVES)}",
                         param="objective") from None
+
+
+def option_of_param(objective: str, param: Optional[str]) -> Optional[str]:
+    """The option of ``objective`` that sets estimator parameter ``param`` (``lr`` is ``image_lr`` for
+    mil), so that an estimator's error names what the user sets; None when none does."""
+    for opt in OPTIONS.values():
+        if opt.param == param and objective in opt.objectives:
+            return opt.name
+    return None
 
 
 def objective_of_kind(kind: str) -> str:

@@ -12,7 +12,7 @@ from typing import Iterator, Optional, Union
 import numpy as np
 import torch
 
-from featurecache.cache import describe_fingerprint_difference
+from featurecache.cache import describe_fingerprint_difference, record_problem
 from featurecache.errors import HeadError
 from featurecache.heads.pooling import ScorePooler
 from featurecache.heads.registry import EVAL_OPTIONS, Objective, get_objective, make_head, objective_of_kind
@@ -46,11 +46,16 @@ def _read_fields(p: dict) -> dict:
             value = json.loads(p.get(key, "null") if key == "extraction" else p[key])
         except json.JSONDecodeError:
             raise ValueError(f"{key} is not valid JSON") from None
+        except RecursionError:  # a forged field nested thousands deep
+            raise ValueError(f"{key} is nested too deep") from None
         if not isinstance(value, kind):
             raise TypeError(f"{key} is a {type(value).__name__}")
         out[key] = value
-    if not all(isinstance(c, str) for c in out["classes"]):
-        raise TypeError("classes are not all names")
+    if not all(isinstance(c, str) for c in out["classes"]) or not out["classes"]:
+        raise TypeError("classes are not a list of names")
+    problem = record_problem({**(out["extraction"] or {}), "feature_settings": out["feature_settings"]})
+    if problem:
+        raise ValueError(problem.replace(" attribute", "").replace("the ", "the extraction record's ", 1))
     for key in ("kind", "fingerprint", "state", "n_features", "n_outputs"):
         if key not in p:
             raise KeyError(key)
@@ -61,6 +66,29 @@ def _read_fields(p: dict) -> dict:
 
 def _what(error: Exception) -> str:
     return f"no {error.args[0]} field" if isinstance(error, KeyError) else str(error)
+
+
+def _non_finite(state, where: str = "state", depth: int = 0) -> Optional[str]:
+    """The first tensor or array of a head's state (members' states included) with a NaN, or an
+    infinity anywhere but in an intercept (where +-inf is how a linear head scores a class it saw
+    with one label only: exactly 1 or 0), by name; None when there is none."""
+    if depth > 32:
+        return f"{where} (nested too deep)"
+    allowed = torch.isnan if where.endswith("intercept") else (lambda t: ~torch.isfinite(t))
+    if isinstance(state, np.ndarray) and state.dtype.kind == "f":
+        state = torch.from_numpy(state)
+    if isinstance(state, torch.Tensor):
+        return None if not state.is_floating_point() or not bool(allowed(state).any()) else where
+    if isinstance(state, np.ndarray):
+        return None
+    if isinstance(state, float):
+        return None if np.isfinite(state) else where
+    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
+    for key, value in items:
+        found = _non_finite(value, f"{where}.{key}", depth + 1)
+        if found:
+            return found
+    return None
 
 
 def _plain(value):
@@ -276,6 +304,10 @@ class TrainedHead:
             raise
         except (KeyError, TypeError, ValueError) as e:
             raise HeadError(f"{source}: damaged featurecache head: {_what(e)}") from None
+        bad = _non_finite(p["state"])
+        if bad:
+            raise HeadError(f"{source}: damaged featurecache head: {bad} holds a NaN or an infinity (a training that "
+                            "diverged, or a forged file); train it again")
         params = fields["params"]
         for key in _TUPLE_PARAMS:
             if isinstance(params.get(key), list):
@@ -295,14 +327,20 @@ class TrainedHead:
         return head
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``)."""
+        """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``); a head
+        whose weights are not all finite is refused, nothing written."""
         path = Path(path)
         check_output(path, param="path")
+        payload = self.to_payload()
+        bad = _non_finite(payload["state"])
+        if bad:
+            raise HeadError(f"{path}: not written: the head's {bad} holds a NaN or an infinity (its training "
+                            "diverged); train it again with a lower learning rate")
         tmp = path.with_name(path.name + ".tmp")
         try:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)  # never written through a link planted there
-            torch.save(self.to_payload(), tmp)
+            torch.save(payload, tmp)
             os.replace(tmp, path)
         except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
             with contextlib.suppress(OSError):
