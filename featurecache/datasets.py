@@ -38,26 +38,21 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from featurecache.errors import DatasetError
+from featurecache.images import image_files, image_size, name_problem
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "DISPLAYED_LAYOUTS",
-    "IMAGE_EXTENSIONS",
     "LAYOUTS",
     "MAX_PIXELS",
     "DatasetError",
     "ImageRecord",
     "ImageSet",
     "detect_layout",
-    "image_size",
-    "oriented",
     "read_class_file",
     "read_dataset",
 ]
 
-#: File name endings (lower case) taken as images in folder layouts.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 #: Default most pixels of one image that extraction decodes (a 48-megapixel phone photo fits;
 #: decoding and cropping one costs about 30-60 bytes a pixel); larger ones are skipped and recorded.
@@ -66,15 +61,6 @@ MAX_PIXELS = 50_000_000
 #: Layout names accepted by :func:`read_dataset`.
 LAYOUTS = ("voc", "coco", "folders", "plain")
 
-#: Layouts whose records describe an image as it is displayed, its EXIF orientation applied
-#: (sizes read from the files, one box per whole image; ``predict``'s new images are read so
-#: too). VOC and COCO annotations describe the stored pixels, which their tools drew boxes on,
-#: unless their size says otherwise (:func:`oriented`).
-DISPLAYED_LAYOUTS = ("folders", "plain")
-
-#: The EXIF tag of an image's orientation (1: as stored; 2-8: mirrored and/or turned; 5-8 swap
-#: width and height).
-_ORIENTATION = 0x0112
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -226,14 +212,6 @@ def read_class_file(path: PathLike) -> tuple:
     return tuple(names)
 
 
-def _is_image(p: Path) -> bool:
-    return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-
-
-def _image_files(folder: Path) -> list:
-    return sorted((p for p in folder.iterdir() if _is_image(p)), key=lambda p: p.name)
-
-
 def _voc_root(path: Path) -> Optional[Path]:
     def is_voc(p: Path) -> bool:
         return (p / "Annotations").is_dir() and (p / "JPEGImages").is_dir()
@@ -276,9 +254,9 @@ def detect_layout(path: PathLike, *, annotations: Optional[PathLike] = None) -> 
         raise DatasetError(f"{path}: is a file, a data set is a directory{hint}")
     if _voc_root(path) is not None:
         return "voc"
-    if _image_files(path):
+    if image_files(path):
         return "plain"
-    if any(_image_files(p) for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    if any(image_files(p) for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
         return "folders"
     raise DatasetError(
         f"{path}: cannot tell the data set layout; tried voc (Annotations/ and JPEGImages/), "
@@ -344,7 +322,7 @@ def read_dataset(
     elif layout == "folders":
         ds = _read_folders(path, classes=classes)
     else:
-        records = [_folder_record(path, p, None) for p in _named_files(_image_files(path))]
+        records = [_folder_record(path, p, None) for p in _named_files(image_files(path))]
         ds = ImageSet(path.resolve(), "plain", classes or (), records)
     if not ds.records:
         raise DatasetError(f"{path}: no images found ({layout} layout{', split ' + split if split else ''})")
@@ -408,76 +386,6 @@ def _check_classes(source: str, names: Sequence[str], allowed: Optional[tuple]) 
             raise DatasetError(f"{source}: object of class {n!r} is not in the class list")
 
 
-def _orientation(im) -> int:
-    """An opened image's EXIF orientation, 1 when it has none (or an invalid one)."""
-    try:
-        value = im.getexif().get(_ORIENTATION, 1)
-    except Exception:  # a damaged EXIF block: the stored pixels
-        return 1
-    return value if isinstance(value, int) and 2 <= value <= 8 else 1
-
-
-def oriented(im, *, size: Optional[tuple] = None, displayed: bool = True):
-    """The one rule for EXIF orientation: an opened image as its record describes it.
-
-    A record's size decides when it tells the stored pixels from the displayed ones (a phone
-    photo stored sideways: its width and height swap); when it cannot (no orientation that
-    turns the image, a square image, no size given), ``displayed`` does: what the record's
-    layout describes (:data:`DISPLAYED_LAYOUTS`).
-
-    Parameters
-    ----------
-    im : PIL.Image.Image
-    size : (width, height), optional
-        The size the record gives the image.
-    displayed : bool
-        Whether the record describes the image as displayed (EXIF orientation applied).
-
-    Returns
-    -------
-    PIL.Image.Image
-        ``im`` itself, or its transposed copy (``PIL.ImageOps.exif_transpose``).
-    """
-    orientation = _orientation(im)
-    if orientation == 1:
-        return im
-    stored = tuple(im.size)
-    shown = stored[::-1] if orientation >= 5 else stored
-    if size is not None and stored != shown and tuple(size) in (stored, shown):
-        displayed = tuple(size) == shown
-    if not displayed:
-        return im
-    from PIL import ImageOps
-
-    return ImageOps.exif_transpose(im)
-
-
-def image_size(path: Union[str, Path], *, displayed: bool = True) -> tuple:
-    """``(width, height, error)`` from an image file's header, as displayed (EXIF orientation applied)
-    or as stored; ``(0, 0, reason)`` when it cannot be read. The one header reader."""
-    import stat
-    import warnings
-
-    from PIL import Image
-
-    try:
-        kind = os.stat(path).st_mode  # links followed: a link to /dev/zero is a device
-        if not stat.S_ISREG(kind):  # opening a FIFO blocks, a device never ends: neither is an image
-            return 0, 0, "not a regular file (a pipe, device or socket)"
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # PIL's DecompressionBombWarning: sizes are checked at extraction
-            with Image.open(path) as im:
-                w, h = im.size
-                if displayed and _orientation(im) >= 5:
-                    w, h = h, w
-    except Exception as e:  # PIL raises many kinds (OSError, ValueError, DecompressionBombError ...)
-        msg = str(e).splitlines()[0][:120] if str(e) else ""
-        return 0, 0, f"cannot read image ({type(e).__name__}{': ' + msg if msg else ''})"
-    if w < 1 or h < 1:
-        return 0, 0, f"image is {w}x{h}"
-    return w, h, ""
-
-
 def _inside(root: Path, name: str, source: str) -> Path:
     """``root / name`` for an annotation's file name, refused when it is absolute or climbs out of ``root``."""
     rel = Path(name)
@@ -487,12 +395,6 @@ def _inside(root: Path, name: str, source: str) -> Path:
     return root / rel
 
 
-def _utf8(path: Path) -> bool:
-    try:
-        str(path).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
 
 
 # --------------------------------------------------------------------------- VOC
@@ -711,15 +613,15 @@ def _folder_record(root: Path, image: Path, class_name: Optional[str]) -> ImageR
 
 def _named_files(files: list) -> list:
     """The files whose names can be stored (UTF-8); the others are left out with one warning."""
-    bad = [f for f in files if not _utf8(f)]
+    bad = [f for f in files if name_problem(f)]
     if bad:
         logger.warning("%s: left out %d file(s) whose names are not valid UTF-8 (caches store names as UTF-8); "
                        "rename them to use them", bad[0].parent, len(bad))
-    return [f for f in files if _utf8(f)]
+    return [f for f in files if not name_problem(f)]
 
 
 def _read_folders(path: Path, *, classes: Optional[tuple]) -> ImageSet:
-    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and _image_files(p))
+    folders = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and image_files(p))
     found = tuple(p.name for p in folders)
     if classes is None:
         classes = found
@@ -727,5 +629,5 @@ def _read_folders(path: Path, *, classes: Optional[tuple]) -> ImageSet:
         extra = [c for c in found if c not in classes]
         if extra:
             raise DatasetError(f"{path / extra[0]}: folder of class {extra[0]!r} is not in the class list")
-    records = [_folder_record(path, img, d.name) for d in folders for img in _named_files(_image_files(d))]
+    records = [_folder_record(path, img, d.name) for d in folders for img in _named_files(image_files(d))]
     return ImageSet(path.resolve(), "folders", classes, records)

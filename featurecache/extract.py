@@ -32,10 +32,20 @@ from tqdm.auto import tqdm
 
 from featurecache import __version__
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone
-from featurecache.cache import CacheWriter, FeatureCache, PartData, data_folders, feature_fingerprint, now_iso
-from featurecache.datasets import DISPLAYED_LAYOUTS, MAX_PIXELS, ImageSet, oriented, read_dataset
+from featurecache.cache import (
+    CacheWriter,
+    DatasetSource,
+    FeatureCache,
+    PartData,
+    Provenance,
+    data_folders,
+    feature_fingerprint,
+    now_iso,
+)
+from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
 from featurecache.distributed import Coordinator, World, share, world_from_env
 from featurecache.errors import ExtractError, FeaturecacheError, integer_at_least
+from featurecache.images import DISPLAYED_LAYOUTS, failure, load_rgb, oriented, to_rgb
 from featurecache.outputs import check_not_inputs
 from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
 from featurecache.resources import ASSEMBLE_MODES, apply_threads, available_cpus, resolve_device
@@ -109,39 +119,6 @@ class ExtractResult:
 # --------------------------------------------------------------------------- decoding
 
 
-def load_rgb(path: Union[str, Path], *, size: Optional[tuple] = None, displayed: bool = True) -> np.ndarray:
-    """Decode an image file to an ``(H, W, 3)`` uint8 RGB array: :func:`to_rgb` of the opened file,
-    oriented as its record describes it (:func:`featurecache.datasets.oriented`: ``size``, the
-    record's ``(width, height)``, and ``displayed``)."""
-    with Image.open(path) as im:
-        im.load()
-        return to_rgb(oriented(im, size=size, displayed=displayed))
-
-
-def to_rgb(im: Image.Image) -> np.ndarray:
-    """An image as an ``(H, W, 3)`` uint8 RGB array, the one conversion for files and in-memory images.
-
-    Grayscale, palette, RGBA (alpha dropped), CMYK and YCbCr go through PIL's conversion;
-    16-bit and 32-bit integer grayscale are scaled from their full range, float images from
-    [0, 1] (or their own maximum when larger). EXIF orientation is applied before, by the
-    callers that read files (:func:`featurecache.datasets.oriented`), not here.
-    """
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16"):
-            top = 65535.0
-        elif im.mode == "I":
-            top = 65535.0 if a.max(initial=0) > 255 else 255.0
-        else:
-            top = 1.0 if a.max(initial=0) <= 1.0 else float(a.max())
-        g = np.clip(np.rint(a * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(g[:, :, None], 3, axis=2))
-    if im.mode == "P" and "transparency" in im.info:
-        im = im.convert("RGBA")
-    # np.array copies: a writable array, as torch.from_numpy wants.
-    return np.array(im.convert("RGB"), dtype=np.uint8)
-
-
 class _Decoder(torch.utils.data.Dataset):
     """Decodes images in DataLoader workers; a failure is returned, not raised.
 
@@ -171,8 +148,7 @@ class _Decoder(torch.utils.data.Dataset):
                 im.load()
                 a = to_rgb(oriented(im, size=(width, height), displayed=self.displayed))
         except Exception as e:  # PIL raises many kinds for corrupt files
-            msg = str(e).splitlines()[0] if str(e) else ""
-            return index, None, f"cannot decode ({type(e).__name__}{': ' + msg if msg else ''})"
+            return index, None, failure(e, "cannot decode")
         h, w = a.shape[:2]
         if (w, h) != (width, height):
             return index, None, f"image is {w}x{h}, its annotation says {width}x{height}"
@@ -566,8 +542,8 @@ def _assemble(writer: CacheWriter, parts: list, net: FrozenBackbone, config: Ext
               settings: dict, dev: torch.device, batch_size: int, runtime: Runtime, threads: int, world: World) -> None:
     writer.refresh()  # the parts every rank committed
     writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=config.dtype,
-                    compression=config.compression, images=images.records, classes=images.classes,
-                    attrs=_attrs(images, net, config, settings, dev, batch_size, runtime, threads, world),
+                    compression=config.compression, images=images.records,
+                    provenance=_provenance(images, net, config, settings, dev, batch_size, runtime, threads, world),
                     layout=config.assemble)
 
 
@@ -691,29 +667,20 @@ def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batc
     return settings
 
 
-def _attrs(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, settings: dict, dev: torch.device,
-           batch_size: int, runtime: Runtime, threads: int, world: World) -> dict:
-    """The file's provenance attributes (the schema's own are the cache writer's)."""
+def _provenance(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, settings: dict, dev: torch.device,
+                batch_size: int, runtime: Runtime, threads: int, world: World) -> Provenance:
+    """The file's provenance (the schema's own attributes are the cache writer's)."""
     crop = config.mode == "crop"
-    return {
-        "classes": list(images.classes),
-        "backbone": net.spec.to_dict(),
-        "grid": config.grid.to_dict(),
-        "label_rule": config.rule.to_dict(),
-        "dataset": {**settings["dataset"], "annotations": str(config.annotations) if config.annotations else None},
-        "extraction": {"mode": config.mode,
-                       "resize": "roi_align bilinear, adaptive sampling, aligned" if crop
-                       else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
-                       "dtype": config.dtype, "compression": config.compression, "batch_size": batch_size,
-                       "part_patches": config.part_patches, "max_side": None if crop else config.max_side,
-                       "device": str(dev), "mixed_precision": dev.type == "cuda", "runtime": runtime.describe(),
-                       "threads": threads, "processes": world.size, "launcher": world.launcher,
-                       "assemble": config.assemble},
-        "feature_settings": settings["features"],
-        "fingerprint": feature_fingerprint(settings["features"]),
-        "versions": _versions(),
-        "created": now_iso(),
-    }
+    extraction = {"mode": config.mode,
+                  "resize": "roi_align bilinear, adaptive sampling, aligned" if crop
+                  else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
+                  "dtype": config.dtype, "compression": config.compression, "batch_size": batch_size,
+                  "part_patches": config.part_patches, "max_side": None if crop else config.max_side,
+                  "device": str(dev), "mixed_precision": dev.type == "cuda", "runtime": runtime.describe(),
+                  "threads": threads, "processes": world.size, "launcher": world.launcher, "assemble": config.assemble}
+    dataset = DatasetSource(**settings["dataset"], annotations=str(config.annotations) if config.annotations else None)
+    return Provenance(tuple(images.classes), settings["features"], feature_fingerprint(settings["features"]),
+                      net.spec.to_dict(), config.grid, config.rule, dataset, extraction, _versions(), now_iso())
 
 
 def _result(out: Path, t0: float, computed: int, *, already_complete: bool = False, rank: int = 0,

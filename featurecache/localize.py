@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone, build_backbone, weights_argument
 from featurecache.cache import FeatureCache, describe_fingerprint_difference, feature_fingerprint, open_cache
-from featurecache.datasets import DISPLAYED_LAYOUTS, oriented, read_dataset
+from featurecache.datasets import read_dataset
 from featurecache.errors import BackboneError, DatasetError, EvalError
-from featurecache.extract import feature_settings, load_rgb, to_rgb
+from featurecache.extract import feature_settings
 from featurecache.heads.trained import TrainedHead
+from featurecache.images import DISPLAYED_LAYOUTS, load_rgb, oriented, to_rgb
 from featurecache.outputs import csv_text, json_text, printable
 from featurecache.overlay import MAX_SIDE, render_overlay, save_png
 from featurecache.patches import PatchGrid
@@ -390,10 +391,10 @@ class Localizer:
         t = cache.images
         w, h, path = int(t.width[position]), int(t.height[position]), t.path[position]
         self._check_size(path, w, h)
-        dataset = cache.attrs.get("dataset") or {}
-        displayed = dataset.get("layout") in DISPLAYED_LAYOUTS
+        dataset = cache.provenance.dataset
+        displayed = dataset.layout in DISPLAYED_LAYOUTS
         if not image_file:
-            image_file = str(Path(dataset["root"]) / path) if dataset.get("root") else ""
+            image_file = str(Path(dataset.root) / path) if dataset.root else ""
         windows = cells = None
         if self.config.uses_windows:
             with cache.select([position]) as one:
@@ -667,15 +668,15 @@ def _iou(box: tuple, boxes: np.ndarray) -> np.ndarray:
 
 def _ground_truth(cache: FeatureCache) -> dict:
     """Image path -> its record, from the data set the cache was extracted from."""
-    ds = cache.attrs.get("dataset") or {}
-    root, layout = ds.get("root"), ds.get("layout")
+    ds = cache.provenance.dataset
+    root, layout = ds.root, ds.layout
     if not root:
         raise EvalError(f"{cache.path}: the data set is not recorded; pointing needs its boxes")
     if layout in ("folders", "plain"):
         raise EvalError(f"{cache.path}: extracted from a {layout} layout, which has no object boxes; pointing "
                         "and CorLoc need boxes (VOC or COCO)")
     try:
-        records = read_dataset(root, layout=layout or "auto", annotations=ds.get("annotations"),
+        records = read_dataset(root, layout=layout or "auto", annotations=ds.annotations,
                                classes=tuple(cache.classes))
     except (DatasetError, OSError) as e:
         raise EvalError(f"{root}: cannot read the boxes of the data set the cache was extracted from ({e})") from None

@@ -28,15 +28,7 @@ from PIL import Image
 
 from featurecache.backbones import FrozenBackbone, sha256_file
 from featurecache.cache import KEPT_ALL, KEPT_PARTS, FeatureCache
-from featurecache.datasets import (
-    IMAGE_EXTENSIONS,
-    ImageRecord,
-    ImageSet,
-    detect_layout,
-    image_size,
-    oriented,
-    read_dataset,
-)
+from featurecache.datasets import ImageRecord, ImageSet, detect_layout, read_dataset
 from featurecache.errors import (
     BackboneError,
     CacheError,
@@ -47,8 +39,9 @@ from featurecache.errors import (
     PredictError,
     integer_at_least,
 )
-from featurecache.extract import ExtractConfig, ExtractResult, extract, to_rgb
+from featurecache.extract import ExtractConfig, ExtractResult, extract
 from featurecache.heads.trained import TrainedHead
+from featurecache.images import folder_images, image_size, name_problem, oriented, to_rgb
 from featurecache.localize import DEFAULT_MAP_METHOD, LocalizationMap, Localizer, MapConfig, backbone_of
 from featurecache.outputs import check_not_inputs, csv_text, json_text, os_reason, printable, write_text
 from featurecache.overlay import MAX_SIDE
@@ -307,21 +300,6 @@ class _Item:
     folder: Optional[Path] = None  # the input folder it was found in
 
 
-def _folder_images(folder: Path) -> list:
-    """Image files under a folder, recursively (linked folders too, each once), sorted; hidden ones left out."""
-    found, seen = [], set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen:  # a link back up the tree
-            dirnames[:] = []
-            continue
-        seen.add(real)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / f for f in filenames
-                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(found)
-
-
 def _is_voc(folder: Path) -> bool:
     try:
         return detect_layout(folder) == "voc"
@@ -365,7 +343,7 @@ def _expand(item, position: int, config: PredictConfig) -> list:
         return [_Item(str(path / r.relpath), r.relpath, r.path, folder=path) for r in ds]
     if config.split is not None:
         raise PredictError(f"{path}: --split needs a VOC devkit folder", param="split")
-    files = _folder_images(path)
+    files = folder_images(path)
     if not files:
         return [_Item(text, path.name, path, error="no image files in this folder")]
     return [_Item(str(f), f.relative_to(path).as_posix(), f, folder=path) for f in files]
@@ -378,12 +356,9 @@ def _probe(item: _Item) -> None:
     if item.pixels is not None:
         item.height, item.width = item.pixels.shape[:2]
         return
-    try:
-        str(item.path).encode("utf-8")
-    except UnicodeEncodeError:
-        item.error = "the file name is not valid UTF-8 (caches store names as UTF-8); rename the file"
-        return
-    item.width, item.height, item.error = image_size(item.path, displayed=True)
+    item.error = name_problem(item.path)
+    if not item.error:
+        item.width, item.height, item.error = image_size(item.path, displayed=True)
 
 
 def _collect(images, config: PredictConfig) -> list:

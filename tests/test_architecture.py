@@ -13,14 +13,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "featurecache"
 #: docs/architecture.md: a module may import modules of its own or a lower layer only.
 LAYERS = [
     {"errors", "distributed", "resources", "metrics", "overlay", "outputs", "prefetch"},
-    {"__init__", "datasets", "patches", "summary", "plots"},
-    {"backbones", "cache"},
+    {"__init__", "images", "datasets", "patches", "summary", "plots"},
+    {"cache.format", "cache.files"},
+    {"cache.table", "cache.base"},
+    {"cache.reader", "cache.memory", "cache.assemble"},
+    {"cache.writer"},
+    {"cache.__init__", "backbones"},
     {"runtimes"},
     {"extract"},
     {"heads.pooling", "heads.background"},
     {"heads.registry"},
     {"heads.trained"},
-    {"heads._sources", "heads._torch"},
+    {"heads._sources", "heads._torch", "heads.dataset"},
     {"heads.patch", "heads.mil"},
     {"heads.image"},
     {"heads.fusion"},
@@ -51,7 +55,7 @@ def _imports() -> dict:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("featurecache"):
                 target = node.module[len("featurecache."):] if node.module != "featurecache" else "__init__"
-                found.add(target)
+                found.add(target + ".__init__" if (PACKAGE / target).is_dir() else target)
             elif isinstance(node, ast.Import):
                 found |= {a.name[len("featurecache."):] for a in node.names if a.name.startswith("featurecache.")}
         graph[name] = found

@@ -1,5 +1,7 @@
 """Tests of the cache readers: the in-memory cache and its views, open_cache, selections, the schema attributes."""
 
+import json
+
 import h5py
 import numpy as np
 import pytest
@@ -74,22 +76,25 @@ def test_open_cache_closes_only_what_it_opened(cache_file):
         assert isinstance(v, MemoryCache) and v.num_images == 8
 
 
-def test_the_writer_owns_the_schema_attributes(tmp_path):
+def test_the_writer_owns_the_schema_attributes_and_the_provenance_round_trips(tmp_path):
+    from featurecache.cache import DatasetSource, Provenance
     from featurecache.datasets import ImageRecord
+    from featurecache.patches import LabelRule, PatchGrid
 
     out = tmp_path / "c.h5"
     rec = ImageRecord(path=tmp_path / "a.jpg", relpath="a.jpg", width=10, height=10, classes=(),
                       boxes=np.zeros((0, 4), np.float32), difficult=np.zeros(0, bool), splits=())
+    provenance = Provenance(("cat",), {"mode": "crop"}, "f", {"name": "b"}, PatchGrid(scales=(1.0, 2.0)), LabelRule(),
+                            DatasetSource(root="/data", layout="voc", num_images=1), {"runtime": "torch"})
     with CacheWriter(out, {"x": 1}) as w:
         w.write_part(0, PartData(np.zeros((2, 3), np.float16), np.zeros(2, np.int16), np.zeros(2, np.int64),
                                  np.zeros((2, 4), np.float32), np.ones(2, np.float32), np.zeros(0, np.int64), []))
-        w.assemble(num_parts=1, feature_dim=3, dtype="float16", compression=None, images=[rec], classes=[],
-                   attrs={"format": "something else", "format_version": 99, "classes": [], "feature_settings": {},
-                          "fingerprint": "f", "backbone": {"name": "b"}})
+        w.assemble(num_parts=1, feature_dim=3, dtype="float16", compression=None, images=[rec], provenance=provenance)
     with h5py.File(out, "r") as f:
         assert f.attrs["format"] == FORMAT_NAME and int(f.attrs["format_version"]) == FORMAT_VERSION
+        assert f.attrs["layout"] == "copy" and json.loads(f.attrs["settings"]) == {"x": 1}
     with FeatureCache(out) as c:
-        assert c.num_patches == 2
+        assert c.num_patches == 2 and c.provenance == provenance and c.provenance.dataset.layout == "voc"
 
 
 # --------------------------------------------------------------------------- reads that match what is used

@@ -175,7 +175,7 @@ def test_virtual_layout_reads_as_the_copy_and_moves_with_its_folder(voc, referen
 _WRITE = """
 import sys, numpy as np
 sys.path.insert(0, {tests!r})
-from featurecache.cache import CacheWriter, FeatureCache, PartData
+from featurecache.cache import CacheWriter, FeatureCache, PartData, Provenance
 from conftest import blob_cache
 out, layout, seed, overwrite = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] == "1"
 
@@ -196,9 +196,7 @@ with CacheWriter(out, {{"seed": seed}}, overwrite=overwrite) as w:
                                      np.ones(rows.sum(), np.float32), np.zeros(0, np.int64), []))
             written.append(p)
     w.assemble(num_parts=3, feature_dim=X.shape[1], dtype="float16", compression=None, images=[R(i) for i in range(6)],
-               classes=["c0", "c1", "c2"], attrs={{"classes": ["c0", "c1", "c2"], "feature_settings": {{"x": 1}},
-                                                  "fingerprint": "f", "backbone": {{"name": "synthetic"}}}},
-               layout=layout)
+               provenance=Provenance(("c0", "c1", "c2"), {{"x": 1}}, "f", {{"name": "synthetic"}}), layout=layout)
 print("written", written)
 """
 

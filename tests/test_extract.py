@@ -16,7 +16,8 @@ from PIL import Image
 from featurecache.backbones import sha256_file
 from featurecache.cache import CacheError, FeatureCache, feature_fingerprint
 from featurecache.datasets import read_dataset
-from featurecache.extract import ExtractError, extract, load_rgb
+from featurecache.extract import ExtractError, extract
+from featurecache.images import load_rgb
 from featurecache.patches import LabelRule, PatchGrid
 
 from conftest import VOC_IDS, voc_subset
@@ -113,7 +114,9 @@ def test_reader_selection_chunks_and_torch_dataset(cache_path):
         assert max(len(ch.indices) for ch in chunks) == 7
         np.testing.assert_array_equal(np.concatenate([ch.features for ch in chunks]), all_feats)
         np.testing.assert_array_equal(np.concatenate([ch.labels for ch in chunks]), labels)
-        ds = full.torch_dataset()
+        from featurecache.heads.dataset import PatchDataset
+
+        ds = PatchDataset(full.path, full.indices)
         x, y, i = ds[5]
         assert x.dtype == torch.float32 and torch.equal(x, torch.from_numpy(all_feats[5])) and y == labels[5]
     with FeatureCache(cache_path, split="val") as val:

@@ -143,8 +143,7 @@ class FusionHead(BaseEstimator):
 
 def has_boxes(cache) -> bool:
     """Whether a cache's patch labels come from boxes (not from class folders or unlabelled images)."""
-    layout = (cache.attrs.get("dataset") or {}).get("layout") if isinstance(cache.attrs, dict) else None
-    return layout not in ("folders", "plain") and bool((cache.labels > BACKGROUND).any())
+    return cache.provenance.dataset.layout not in ("folders", "plain") and bool((cache.labels > BACKGROUND).any())
 
 
 def resolve_members(names: Sequence[str], boxes: bool) -> tuple:

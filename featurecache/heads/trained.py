@@ -27,7 +27,7 @@ HEAD_FORMAT_VERSION = 1
 
 #: The training cache's attributes a head keeps to extract new images the same way (the
 #: cache's ``extraction`` attribute holds the stored dtype and batching).
-_EXTRACTION = ("grid", "label_rule", "backbone", "extraction")
+
 
 #: Estimator parameters read back as tuples (JSON stores lists).
 _TUPLE_PARAMS = ("hidden", "pooling", "members")
@@ -125,8 +125,10 @@ class TrainedHead:
     @classmethod
     def from_cache(cls, estimator, kind: str, cache, summary: dict, objective: str) -> "TrainedHead":
         """A head trained on ``cache``: its classes, feature settings and extraction recorded."""
-        attrs = cache.attrs if isinstance(cache.attrs, dict) else {}
-        extraction = {k: attrs[k] for k in _EXTRACTION if k in attrs}
+        p = cache.provenance
+        record = {"grid": p.grid.to_dict() if p.grid else None, "label_rule": p.label_rule.to_dict() if p.label_rule
+                  else None, "backbone": p.backbone, "extraction": p.extraction or None}
+        extraction = {k: v for k, v in record.items() if v is not None}
         return cls(estimator, kind, tuple(cache.classes), dict(cache.feature_settings), cache.fingerprint, summary,
                    objective, extraction)
 
