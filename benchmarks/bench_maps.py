@@ -25,7 +25,7 @@ import torch
 from featurecache.cache import FeatureCache
 from featurecache.heads.registry import FitConfig
 from featurecache.heads.trained import TrainedHead
-from featurecache.localize import Localizer, MapConfig
+from featurecache.maps import Localizer, MapConfig
 from featurecache.predict import Predictor
 from featurecache.train import fit_objective
 

@@ -20,15 +20,17 @@ from featurecache.datasets import LAYOUTS, MAX_PIXELS, read_class_file, read_dat
 from featurecache.distributed import world_from_env
 from featurecache.errors import AblationError, FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
-from featurecache.outputs import check_not_inputs, check_output, printable, write_text
+from featurecache.outputs import check_not_inputs, check_output, printable, write_report
 from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, LabelRule, PatchGrid
 from featurecache.resources import (
     ASSEMBLE_MODES,
     BOX_THRESHOLD,
     DEFAULT_MAP_METHOD,
+    DEFAULT_MAX_SIDE,
     DEVICES,
     MAP_METHODS,
     MAX_STRIDE,
+    MIN_MAX_SIDE,
     POINTING_TOLERANCE,
     RUNTIMES,
 )
@@ -295,7 +297,7 @@ def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, 
               help="crop: every patch through the whole network (the paper's); dense: the trunk once per "
                    "image and scale, windows pooled from its feature map (about 8x faster on CPU, 0.2-1.6 mAP "
                    "lower on the VOC sample and BCCD: docs/results.md).")
-@click.option("--max-side", type=click.IntRange(min=64), default=2048,
+@click.option("--max-side", type=click.IntRange(min=MIN_MAX_SIDE), default=DEFAULT_MAX_SIDE,
               help="Dense mode: largest trunk input side; larger images run in overlapping tiles "
                    "(same features up to float rounding).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -341,7 +343,7 @@ def extract(dataset, out, layout, split, annotations, classes_file, backbone, la
         workers=workers,
         device=device, dtype=dtype, compression=compression, overwrite=overwrite, strict=strict,
         part_patches=part_size, max_pixels=max_pixels, max_patches=max_patches, runtime=runtime, threads=threads,
-        progress=False if ctx.obj.get("quiet") else None, assemble=assemble)
+        progress=False if ctx.obj.get("quiet") else None, assemble=assemble, world=world_from_env())
     if result.rank == 0:  # in a job of several processes the leader speaks for it
         click.echo(result.summary())
 
@@ -462,6 +464,29 @@ def _refuse_other_objectives(objective: str, accepted: tuple) -> None:
                                + (" (the default)" if default else "") + hint)
 
 
+def report_options(what: str) -> Callable:
+    """--out FILE.csv|.json (the report; JSON for a .json name, else CSV), with --json and --csv as aliases."""
+    def decorate(f: Callable) -> Callable:
+        f = click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
+                         help=f"{what}as CSV here (as --out FILE.csv).")(f)
+        f = click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
+                         help=f"{what}as JSON here (as --out FILE.json).")(f)
+        return f
+    return decorate
+
+
+def _out_option(what: str) -> Callable:
+    return click.option("--out", type=click.Path(dir_okay=False), default=None,
+                        help=f"{what}here: JSON for a .json name, else CSV.")
+
+
+def _write_reports(report, out, json_out, csv_out) -> None:
+    """Every report goes through the one writer (outputs.write_report)."""
+    for path, fmt in ((out, None), (json_out, "json"), (csv_out, "csv")):
+        if path:
+            write_report(report, path, fmt=fmt)
+
+
 @main.command("eval", context_settings=CONTEXT)
 @click.argument("head", type=click.Path(exists=True, dir_okay=False))
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
@@ -470,25 +495,23 @@ def _refuse_other_objectives(objective: str, accepted: tuple) -> None:
          help=EVAL_OPTIONS["pooling"].help + " [default: power]. Image-level heads score images themselves.")
 @_option(EVAL_OPTIONS["k"], default=None, show_default=False, help=EVAL_OPTIONS["k"].help + " [default: 5].")
 @_option(EVAL_OPTIONS["method"])
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write CSV here.")
+@_out_option("Also write the report (per-class AP) ")
+@report_options("Also write the report ")
 @click.option("--plots", type=click.Path(file_okay=False), default=None,
               help="Write summary.png (AP per class) and pr_curves.png (precision-recall per class) in this "
                    "folder; needs matplotlib: pip install \"featurecache[plots]\".")
 @threads_option
 @_command
-def eval_(head, cache, split, pooling, k, method, json_out, csv_out, plots, threads):
+def eval_(head, cache, split, pooling, k, method, out, json_out, csv_out, plots, threads):
     """Score the images of CACHE with HEAD and print per-class AP and mAP."""
     from featurecache.evaluate import evaluate
     from featurecache.plots import write_eval_plots
 
-    _check_outputs({"HEAD": head, "CACHE": cache}, folders=("plots",), json=json_out, csv=csv_out, plots=plots)
+    _check_outputs({"HEAD": head, "CACHE": cache}, folders=("plots",), out=out, json=json_out, csv=csv_out,
+                   plots=plots)
     report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method, threads=threads)
     click.echo(report.to_text())
-    if json_out:
-        write_text(json_out, report.to_json())
-    if csv_out:
-        write_text(csv_out, report.to_csv())
+    _write_reports(report, out, json_out, csv_out)
     if plots:
         click.echo("plots: " + ", ".join(str(p) for p in write_eval_plots(report, plots)))
 
@@ -511,7 +534,8 @@ def map_options(f: Callable) -> Callable:
 @click.option("--map-scales", callback=_parse_scales, default=None,
               help="λ of the cam maps, comma-separated [default: the head's grid].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
-              help="Write the maps (classes x rows x columns) as .npz here.")
+              help="Write the maps (classes x rows x columns) as .npz here; with --evaluate, the report (JSON for "
+                   "a .json name, else CSV).")
 @click.option("--png", type=click.Path(dir_okay=False), default=None,
               help="Draw one class's map over the image and write it as PNG here (the image's size, longer "
                    "side at most 2048 px).")
@@ -525,8 +549,7 @@ def map_options(f: Callable) -> Callable:
 @click.option("--box-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=BOX_THRESHOLD,
               help="A map's box: the cells connected to its peak scoring at least this fraction of the way from "
                    "the map's minimum to its peak.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="--evaluate: JSON report.")
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="--evaluate: per-class CSV.")
+@report_options("--evaluate: the report ")
 @click.option("--weights", default=None,
               help="cam maps: the backbone weights file, when not where the head's training found it.")
 @click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the backbone runs (cam maps).")
@@ -539,11 +562,12 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
 
     Prints each top class's peak and box. The default cam maps work with every head and need
     the image files; windows maps read the cache only."""
-    from featurecache.localize import MapConfig, evaluate_localization, localization_map
+    from featurecache.localize import evaluate_localization
+    from featurecache.maps import MapConfig, localization_map
 
     if evaluate == (image is not None):
         raise click.UsageError("give IMAGE, or --evaluate without IMAGE")
-    stray = [flag for flag, v in (("--out", out), ("--png", png), ("--class", cls)) if v] if evaluate else \
+    stray = [flag for flag, v in (("--png", png), ("--class", cls)) if v] if evaluate else \
         [flag for flag, v in (("--split", split), ("--json", json_out), ("--csv", csv_out)) if v]
     if stray:
         raise click.UsageError(f"{', '.join(stray)} {'do' if len(stray) > 1 else 'does'} not apply "
@@ -557,10 +581,7 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
         report = evaluate_localization(head, cache, split=split, config=config, tolerance=tolerance,
                                        progress=False if click.get_current_context().obj.get("quiet") else None)
         click.echo(report.to_text())
-        if json_out:
-            write_text(json_out, report.to_json())
-        if csv_out:
-            write_text(csv_out, report.to_csv())
+        _write_reports(report, out, json_out, csv_out)
         return
     m = localization_map(head, cache, image, config=config)
     check_not_inputs({"out": out, "png": png}, {"the image": m.image_file or None})
@@ -577,6 +598,7 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write one row per image here: CSV, or JSON for a .json name [default: print a short table].")
+@report_options("Also write the rows ")
 @click.option("--top", type=click.IntRange(min=1), default=5, help="Classes listed per image, best first.")
 @click.option("--threshold", type=float, default=None,
               help="Labels: classes scoring at least this [default: 0.5 for heads whose scores are probabilities "
@@ -607,8 +629,8 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
 @runtime_option
 @threads_option
 @_command
-def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, weights, layout, split, annotations,
-            batch_size, workers, device, strict, overwrite, download, runtime, threads):
+def predict(head, inputs, out, json_out, csv_out, top, threshold, maps, map_method, stride, cache, weights, layout,
+            split, annotations, batch_size, workers, device, strict, overwrite, download, runtime, threads):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -625,10 +647,12 @@ def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, 
                            strict=strict, overwrite=overwrite, runtime=runtime, threads=threads,
                            progress=False if ctx.obj.get("quiet") else None)
     _check_outputs({"HEAD": head, "--weights": weights, "--annotations": annotations}, folders=("maps",), out=out,
-                   cache=cache, maps=maps)
+                   json=json_out, csv=csv_out, cache=cache, maps=maps)
     result = run_predict(head, inputs, config, weights=weights, device=device, download=download)
-    if out:
-        click.echo(f"{result.summary()} -> {out}")
+    _write_reports(result, None, json_out, csv_out)
+    written = " and ".join(str(f) for f in (out, json_out, csv_out) if f)
+    if written:
+        click.echo(f"{result.summary()} -> {written}")
     else:
         click.echo(result.to_text())
     if maps:
@@ -652,8 +676,8 @@ def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, 
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Repetitions per configuration [default: 1].")
 @click.option("--folds", type=click.IntRange(min=2), default=None,
               help="K-fold cross-validation over images instead of a validation set.")
-@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Also write JSON here.")
-@click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None, help="Also write CSV here.")
+@_out_option("Also write the table ")
+@report_options("Also write the table ")
 @click.option("--whole-image", "whole_image", type=click.Path(exists=True, dir_okay=False), default=None,
               help="A --whole-image cache of the same images: image_pooling=whole is then the whole-image "
                    "one-vs-rest probe, on the same folds.")
@@ -666,8 +690,8 @@ def predict(head, inputs, out, top, threshold, maps, map_method, stride, cache, 
 @_memory_limit_option("above it each configuration streams its images from the file")
 @threads_option
 @_command
-def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, whole_image, json_out,
-           csv_out, save_best, device, n_boot, memory_limit, threads):
+def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, out, json_out, csv_out,
+           whole_image, save_best, device, n_boot, memory_limit, threads):
     """Compare many head settings on one cache; prints a table sorted by mAP."""
     from featurecache.ablate import ablate as run_ablate
     from featurecache.ablate import parse_grid, read_sweep_file
@@ -675,7 +699,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
     grid, options = read_sweep_file(config_file) if config_file else ({}, {})
     grid.update(parse_grid(grid_items))
     _check_outputs({"CACHE": cache, "--val": val_cache, "--whole-image": whole_image or options.get("whole_image"),
-                    "--config": config_file}, json=json_out, csv=csv_out, save_best=save_best)
+                    "--config": config_file}, out=out, json=json_out, csv=csv_out, save_best=save_best)
     ctx = click.get_current_context()
     try:
         result = run_ablate(
@@ -689,10 +713,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
             click.echo(e.result.to_text())
         raise
     click.echo(result.to_text())  # first: a failed file write below loses nothing of the sweep
-    if json_out:
-        write_text(json_out, result.to_json())
-    if csv_out:
-        write_text(csv_out, result.to_csv())
+    _write_reports(result, out, json_out, csv_out)
 
 
 @main.command(context_settings=CONTEXT)

@@ -43,12 +43,19 @@ from featurecache.cache import (
     now_iso,
 )
 from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
-from featurecache.distributed import Coordinator, World, share, world_from_env
+from featurecache.distributed import Coordinator, World, share
 from featurecache.errors import ExtractError, FeaturecacheError, integer_at_least
 from featurecache.images import DISPLAYED_LAYOUTS, failure, load_rgb, oriented, to_rgb
 from featurecache.outputs import check_not_inputs
 from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
-from featurecache.resources import ASSEMBLE_MODES, apply_threads, available_cpus, resolve_device
+from featurecache.resources import (
+    ASSEMBLE_MODES,
+    DEFAULT_MAX_SIDE,
+    MIN_MAX_SIDE,
+    apply_threads,
+    available_cpus,
+    resolve_device,
+)
 from featurecache.runtimes import RUNTIMES, Runtime, build_runtime
 
 logger = logging.getLogger(__name__)
@@ -415,7 +422,7 @@ class ExtractConfig:
     grid: PatchGrid = field(default_factory=PatchGrid)
     rule: LabelRule = field(default_factory=LabelRule)
     mode: str = "crop"
-    max_side: Optional[int] = 2048
+    max_side: Optional[int] = DEFAULT_MAX_SIDE
     batch_size: Optional[int] = None
     workers: Optional[int] = None
     device: Union[str, torch.device] = "auto"
@@ -440,7 +447,7 @@ class ExtractConfig:
                 raise ExtractError(f"must be one of {', '.join(allowed)}, got {value!r}", param=name)
         for name in ("batch_size", "part_patches", "max_pixels", "max_patches", "workers", "max_side", "threads"):
             value = getattr(self, name)
-            low = 0 if name == "workers" else 1
+            low = {"workers": 0, "max_side": MIN_MAX_SIDE}.get(name, 1)
             if value is not None and not integer_at_least(value, low):
                 raise ExtractError(f"must be an integer of at least {low}, got {value!r}", param=name)
         # None means the default, as for every other option.
@@ -449,7 +456,7 @@ class ExtractConfig:
 
 
 def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: Optional[ExtractConfig] = None,
-            **options) -> ExtractResult:
+            *, world: Optional[World] = None, **options) -> ExtractResult:
     """Extract and cache the backbone features of every patch of every image.
 
     Parameters
@@ -461,6 +468,11 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
         The HDF5 cache to write.
     config : ExtractConfig, optional
         All options at once; default ``ExtractConfig()``.
+    world : World, optional
+        This process's place in a job of several
+        (:func:`featurecache.distributed.world_from_env` under torchrun or srun): the processes
+        share the work and write one cache. Default one process, wherever it runs: a library
+        caller inside a torchrun job (``predict``, the demo) extracts alone.
     **options
         Fields of :class:`ExtractConfig` (``grid``, ``backbone``, ``mode``, ``workers`` ...)
         over those of ``config``.
@@ -477,7 +489,7 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
     """
     t0 = time.perf_counter()
     config = replace(config, **options) if config is not None else ExtractConfig(**options)
-    world = world_from_env()
+    world = world or World()
     with Coordinator(world, rendezvous=Path(out)) as job, _quiet_unless(world.leader):
         return _extract(dataset, Path(out), config, job, t0)
 

@@ -10,12 +10,12 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
 from featurecache.errors import FeaturecacheError
 
-__all__ = ["check_not_inputs", "check_output", "csv_text", "json_text", "os_reason", "printable", "same_file",
-           "write_text"]
+__all__ = ["REPORT_FORMATS", "Report", "check_not_inputs", "check_output", "csv_text", "json_text", "os_reason",
+           "printable", "report_format", "same_file", "write_report", "write_text"]
 
 
 #: A cell that starts with one of these is a formula to spreadsheet programs (OWASP's CSV
@@ -203,3 +203,39 @@ def write_text(path: Union[str, Path], text: str) -> Path:
             os.unlink(tmp)
         raise FeaturecacheError(f"{path}: cannot write ({os_reason(e)})") from None
     return path
+
+
+#: The formats a report is written in: JSON for a ``.json`` name, else CSV.
+REPORT_FORMATS = ("csv", "json")
+
+
+@runtime_checkable
+class Report(Protocol):
+    """What a command's report is: ``eval``'s, ``localize --evaluate``'s, ``ablate``'s and ``predict``'s."""
+
+    def to_csv(self) -> str: ...
+
+    def to_json(self) -> str: ...
+
+    def to_text(self) -> str: ...
+
+
+def report_format(path: Union[str, Path], fmt: Optional[str] = None) -> str:
+    """``fmt`` when given (``csv`` or ``json``), else the one rule: JSON for a ``.json`` name, else CSV."""
+    if fmt is not None and fmt not in REPORT_FORMATS:
+        raise FeaturecacheError(f"must be one of {', '.join(REPORT_FORMATS)}, got {fmt!r}", param="fmt")
+    return fmt or ("json" if Path(path).suffix.lower() == ".json" else "csv")
+
+
+def write_report(report: Report, path: Union[str, Path], *, fmt: Optional[str] = None) -> Path:
+    """The one writer of reports: ``report`` as JSON or CSV (:func:`report_format`), written whole.
+
+    Parameters
+    ----------
+    report : Report
+        Anything with ``to_json()`` and ``to_csv()``.
+    path : path
+    fmt : {"csv", "json"}, optional
+        Overrides the file name's suffix (the command line's ``--json`` and ``--csv``).
+    """
+    return write_text(path, report.to_json() if report_format(path, fmt) == "json" else report.to_csv())

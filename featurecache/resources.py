@@ -33,6 +33,12 @@ MAP_METHODS = ("cam", "cam*windows", "windows")
 #: (docs/results.md, "Localisation maps").
 DEFAULT_MAP_METHOD = "cam"
 
+#: Dense mode and cam maps: the default largest trunk input side (larger images run in overlapping
+#: tiles) and the least one allowed (two cells of the trunk's stride of 32), for extract, predict
+#: and maps alike.
+DEFAULT_MAX_SIDE = 2048
+MIN_MAX_SIDE = 64
+
 #: Largest map cell, in pixels (a picture of the map is drawn at cells × stride pixels).
 MAX_STRIDE = 1024
 

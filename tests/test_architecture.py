@@ -1,6 +1,8 @@
 """The code's shape, as docs/architecture.md states it: layers, no import circles, lint-clean."""
 
 import ast
+import fnmatch
+import re
 import shutil
 import subprocess
 import sys
@@ -10,33 +12,36 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "featurecache"
 
-#: docs/architecture.md: a module may import modules of its own or a lower layer only.
-LAYERS = [
-    {"errors", "distributed", "resources", "metrics", "overlay", "outputs", "prefetch"},
-    {"__init__", "images", "datasets", "patches", "summary", "plots"},
-    {"cache.format", "cache.files"},
-    {"cache.table", "cache.base"},
-    {"cache.reader", "cache.memory", "cache.assemble"},
-    {"cache.writer"},
-    {"cache.__init__", "backbones"},
-    {"runtimes"},
-    {"extract"},
-    {"heads.pooling", "heads.background"},
-    {"heads.registry"},
-    {"heads.trained"},
-    {"heads._sources", "heads._torch", "heads.dataset"},
-    {"heads.patch", "heads.mil"},
-    {"heads.image"},
-    {"heads.fusion"},
-    {"heads.auto"},
-    {"train"},
-    {"evaluate", "localize"},
-    {"ablate", "predict"},
-    {"demo"},
-    {"cli"},
-    {"__main__"},
-]
-ESTIMATOR_MODULES = {"heads.patch", "heads.image", "heads.mil", "heads._sources", "heads._torch"}
+DOC = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def _cells(line: str) -> list:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _names(cell: str) -> list:
+    return re.findall(r"`([^`]+)`", cell)
+
+
+def _documented_layers() -> dict:
+    """Module -> layer, from the module table of docs/architecture.md (``heads/trained.py`` -> ``heads.trained``)."""
+    layers = {}
+    for line in DOC.read_text().splitlines():
+        cells = _cells(line)
+        if len(cells) == 3 and cells[0].isdigit() and cells[1].startswith("`") and cells[1].endswith(".py`"):
+            layers[cells[1].strip("`")[:-3].replace("/", ".")] = int(cells[0])
+    return layers
+
+
+def _forbidden_edges() -> list:
+    """``(from patterns, to patterns)`` rows of the forbidden-edges table of docs/architecture.md."""
+    text = DOC.read_text().split("## Forbidden edges", 1)[1].split("\n## ", 1)[0]
+    rows = [_cells(line) for line in text.splitlines() if line.startswith("| `")]
+    return [(_names(r[0]), _names(r[1])) for r in rows]
+
+
+def _matches(module: str, patterns: list) -> bool:
+    return any(fnmatch.fnmatchcase(module, p) for p in patterns)
 
 
 def _name(path: Path) -> str:
@@ -63,7 +68,7 @@ def _imports() -> dict:
 
 
 def test_every_module_has_a_layer_and_imports_downwards():
-    layer = {m: i for i, group in enumerate(LAYERS) for m in group}
+    layer = _documented_layers()
     graph = _imports()
     assert set(graph) <= set(layer), f"modules without a layer in docs/architecture.md: {set(graph) - set(layer)}"
     upward = [(m, t) for m, targets in graph.items() for t in targets if layer[t] > layer[m]]
@@ -88,10 +93,30 @@ def test_no_import_circles():
             visit(m, [])
 
 
-def test_evaluation_and_ablation_know_no_estimator():
+def test_the_documented_layers_are_the_coarse_ones_and_name_only_real_modules():
+    layers = _documented_layers()
+    assert set(layers.values()) == set(range(1, 8))
+    assert set(layers) == set(_imports()) | {"heads.__init__"}
+
+
+def test_no_forbidden_edge():
     graph = _imports()
-    for m in ("evaluate", "ablate"):
-        assert not graph[m] & ESTIMATOR_MODULES, (m, graph[m] & ESTIMATOR_MODULES)
+    rules = _forbidden_edges()
+    assert len(rules) >= 4 and all(sources and targets for sources, targets in rules)
+    found = [(m, t) for sources, targets in rules for m, ts in graph.items() if _matches(m, sources)
+             for t in ts if _matches(t, targets)]
+    assert not found, found
+
+
+def test_every_forbidden_edge_names_real_modules():
+    """A misspelt module would make its rule vacuous: every pattern of the table matches a module."""
+    existing = set(_imports())
+    patterns = [p for sources, targets in _forbidden_edges() for p in sources + targets]
+    assert [p for p in patterns if not _matches_any(p, existing)] == []
+
+
+def _matches_any(pattern: str, modules: set) -> bool:
+    return any(fnmatch.fnmatchcase(m, pattern) for m in modules)
 
 
 def test_only_the_command_line_imports_click():
@@ -100,7 +125,7 @@ def test_only_the_command_line_imports_click():
 
 
 def test_the_registry_and_the_command_line_load_without_torch():
-    code = ("import sys, featurecache.cli, featurecache.heads.registry; "
+    code = ("import sys, featurecache.cli, featurecache.cache, featurecache.heads.registry; "
             "sys.exit(1 if 'torch' in sys.modules else 0)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 

@@ -314,3 +314,21 @@ def test_commands_other_than_extract_refuse_to_run_in_a_job_of_several_processes
     assert not (tmp_path / "b.head.pt").exists()
     r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg"])
     assert r.exit_code == 0, r.output
+
+
+def test_a_library_call_inside_a_torchrun_job_extracts_alone(tmp_path):
+    """Only the command line reads the launcher's world: extract() called by library code under torchrun
+    (predict, the demo) is one process, whatever RANK and WORLD_SIZE say; with the world given it is a rank."""
+    voc = make_voc(tmp_path / "voc", {"a": [("cat", 1, 1, 30, 30)], "b": [("dog", 10, 10, 60, 40)]})
+    code = ("import sys; from featurecache.extract import extract; from featurecache.patches import PatchGrid; "
+            "r = extract(sys.argv[1], sys.argv[2], grid=PatchGrid(scales=(1.0,), input_size=32), workers=0, "
+            "progress=False, runtime='torch'); "
+            "print(r.rank, r.images, r.ranks)")
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "TORCHELASTIC_RUN_ID": "x"}
+    r = subprocess.run([sys.executable, "-c", code, str(voc), str(tmp_path / "c.h5")], env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["0", "2", "None"]
+    with FeatureCache(tmp_path / "c.h5") as c:
+        assert c.num_images == 2 and c.provenance.extraction["processes"] == 1

@@ -397,3 +397,21 @@ def test_dense_bucketing_gives_the_same_features(subset, lite0):
     bucketed = runner.images(items, bucket=True)
     for a, b in zip(one_by_one, bucketed):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_dense_side_limit_is_one_rule_for_extract_maps_and_the_command_line():
+    from click.testing import CliRunner
+
+    from featurecache.cli import main
+    from featurecache.errors import EvalError
+    from featurecache.extract import ExtractConfig
+    from featurecache.maps import MapConfig
+    from featurecache.resources import MIN_MAX_SIDE
+
+    assert ExtractConfig(max_side=MIN_MAX_SIDE).max_side == MapConfig(max_side=MIN_MAX_SIDE).max_side == MIN_MAX_SIDE
+    with pytest.raises(ExtractError, match=f"at least {MIN_MAX_SIDE}"):
+        ExtractConfig(max_side=MIN_MAX_SIDE - 1)
+    with pytest.raises(EvalError, match=f"at least {MIN_MAX_SIDE}"):
+        MapConfig(max_side=MIN_MAX_SIDE - 1)
+    r = CliRunner().invoke(main, ["extract", "no-such-folder", "x.h5", "--max-side", str(MIN_MAX_SIDE - 1)])
+    assert r.exit_code == 2 and "--max-side" in r.output

@@ -42,9 +42,12 @@ def test_head_files_of_the_previous_release_load_with_their_objective(cache_file
     assert torch.load(path, weights_only=True)["objective"] == objective
     _as_written_by_0_1(path, drop_summary_objective=objective == "patch")
     old = TrainedHead.load(path, device="cpu")
-    assert old.objective == objective and old.kind == head.kind and old.extraction is None
+    assert old.objective == objective and old.kind == head.kind and old.recipe is None
     again = evaluate(old, cache_file, split="val")
     assert again.ap == report.ap and again.objective == objective
+    # The one rule for what such a head cannot do: extract new images (predict, cam maps).
+    with pytest.raises(HeadError, match="written before featurecache 0.2"):
+        old.new_images_recipe()
 
 
 def test_scores_through_the_head(cache_file):
@@ -80,8 +83,8 @@ def test_scores_through_the_head(cache_file):
 def test_a_head_records_how_its_cache_was_extracted(cache_file, tmp_path):
     head = fit_head(cache_file, head="logreg")
     with FeatureCache(cache_file) as c:
-        assert head.extraction == {"grid": c.attrs["grid"], "backbone": c.attrs["backbone"]}
-    assert TrainedHead.load(head.save(tmp_path / "h.pt")).extraction == head.extraction
+        assert head.recipe.to_record() == {"grid": c.attrs["grid"], "backbone": c.attrs["backbone"]}
+    assert TrainedHead.load(head.save(tmp_path / "h.pt")).recipe == head.recipe
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])

@@ -86,7 +86,7 @@ def squares(tmp_path_factory):
 @pytest.mark.parametrize("objective, method", [("patch", "cam"), ("patch", "windows"), ("patch", "cam*windows"),
                                                ("mil", "cam"), ("mil", "cam*windows"), ("image", "cam")])
 def test_maps_peak_on_the_object(squares, objective, method):
-    from featurecache.localize import localization_map
+    from featurecache.maps import localization_map
 
     for name in VAL:  # not trained on
         m = localization_map(squares["heads"][objective], squares["cache"], name, method=method, stride=4)
@@ -118,10 +118,10 @@ def test_cam_equals_a_brute_force_per_cell_computation(squares, objective):
     import torch
     from torch.nn import functional as F
 
-    from featurecache.localize import backbone_of, localization_map
+    from featurecache.maps import localization_map
 
     head = squares["heads"][objective]
-    net = backbone_of(head)
+    net = head.new_images_recipe().build_backbone()
     pixels = np.asarray(Image.open(squares["voc"] / "JPEGImages" / "sq25.jpg").convert("RGB"))
     h, w = pixels.shape[:2]
     stride = 12
@@ -154,7 +154,7 @@ def test_cam_equals_a_brute_force_per_cell_computation(squares, objective):
 def test_windows_map_is_the_per_pixel_mean_of_covering_patch_scores(tmp_path):
     import h5py
 
-    from featurecache.localize import localization_map
+    from featurecache.maps import localization_map
     from featurecache.train import fit_objective
 
     X = np.zeros((5, 4))
@@ -206,7 +206,7 @@ def test_cli_localize_a_windows_map(tmp_path):
 
 
 def test_a_maps_box_is_the_peaks_connected_component():
-    from featurecache.localize import LocalizationMap
+    from featurecache.maps import LocalizationMap
 
     scores = np.zeros((1, 6, 8), np.float32)
     scores[0, 1:3, 1:4] = 0.9  # the peak's blob: cells x 1..3, y 1..2
@@ -295,7 +295,7 @@ def test_evaluation_needs_boxes_and_the_images(squares, tmp_path):
 
 
 def test_map_config_checks_its_fields():
-    from featurecache.localize import MapConfig
+    from featurecache.maps import MapConfig
 
     for bad in ({"method": "grad-cam"}, {"stride": 0}, {"stride": 5000}, {"box_threshold": 1.0},
                 {"box_threshold": "abc"}, {"scales": (0.0,)}, {"scales": (0.5,)}, {"scales": (1, 1)}, {"scales": ()},
@@ -351,7 +351,7 @@ def test_digits_name_an_image_before_they_name_a_row(tmp_path):
     path = make_synthetic_cache(tmp_path / "c.h5", X, [0] * 3, [0, 1, 2], np.array([[True]] * 3), ["obj"])
     with h5py.File(path, "a") as f:  # COCO-like numeric file names
         f["images/path"][:] = ["0001.jpg", "3.jpg", "7.jpg"]
-    from featurecache.localize import localization_map
+    from featurecache.maps import localization_map
 
     head = _hand_made_mil_head(path, 4)
     assert localization_map(head, path, "3", method="windows").path == "3.jpg"

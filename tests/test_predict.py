@@ -1,5 +1,6 @@
 """Tests of `predict`: a trained head used on new images through the same extraction as `extract`."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -10,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from featurecache.cli import main
-from featurecache.errors import PredictError
+from featurecache.errors import CacheError, ExtractError, PredictError
 
 from conftest import tiny_trained_head
 
@@ -124,7 +125,7 @@ def test_plain_folder_recursive_with_unreadable_images_gives_error_rows(tiny, tm
     r = CliRunner().invoke(main, ["predict", str(tiny["patch"]), str(folder / "notes.jpg"), "--out", str(out)])
     assert r.exit_code == 1 and "no image could be scored" in r.output
     assert "cannot read image" in out.read_text()
-    with pytest.raises(Exception, match="cut.jpg.*--strict"):
+    with pytest.raises(ExtractError, match="cut.jpg.*--strict"):  # decoded at extraction, where it fails
         import featurecache
 
         featurecache.load_head(tiny["patch"]).predict(folder / "sub", strict=True, workers=0)
@@ -141,7 +142,7 @@ def test_threshold_labels_and_the_printed_table(tiny):
 
 
 def test_a_kept_cache_is_a_normal_cache_and_is_reused(tiny, tmp_path):
-    from featurecache.localize import localization_map
+    from featurecache.maps import localization_map
 
     kept = tmp_path / "new.h5"
     runner = CliRunner()
@@ -188,7 +189,7 @@ def test_a_new_images_map_equals_its_cached_map_for_files_and_arrays(tiny, tmp_p
     """cam maps of new images need no extraction and equal the map of the same image in a cache; window maps
     extract the image first and equal the cached image's window map."""
     import featurecache
-    from featurecache.localize import localization_map
+    from featurecache.maps import localization_map
 
     predictor = featurecache.load_head(tiny["mil"])
     file = _image_files(tiny["voc"])[4]
@@ -231,7 +232,7 @@ def _with_extraction(head_path, tmp_path, **backbone):
     from featurecache.heads import TrainedHead
 
     head = TrainedHead.load(head_path)
-    head.extraction = {**head.extraction, "backbone": {**head.extraction["backbone"], **backbone}}
+    head.recipe = dataclasses.replace(head.recipe, backbone={**head.recipe.backbone, **backbone})
     return head.save(tmp_path / "edited.head.pt")
 
 
@@ -270,7 +271,7 @@ def test_a_head_without_an_extraction_record_is_refused(tmp_path):
     from conftest import blob_cache
 
     head = fit_objective(blob_cache(tmp_path / "b.h5"), objective="patch", head="logreg")
-    head.extraction = None  # as in head files written before heads recorded it
+    head.recipe = None  # as in head files written before heads recorded it
     with pytest.raises(PredictError, match="does not record how its features were extracted"):
         featurecache.load_head(head.save(tmp_path / "h.pt"))
     r = CliRunner().invoke(main, ["predict", str(tmp_path / "b.h5"), "x.jpg"])
@@ -355,7 +356,7 @@ def test_hostile_inputs_get_error_rows_and_names_stay_local(tiny, tmp_path):
     kept, image = tmp_path / "kept.h5", tmp_path / "a" / "x.jpg"
     first = predictor.predict([image], cache=kept, workers=0).scores
     shutil.copy(src[3], image)
-    with pytest.raises(Exception, match="other settings.*--overwrite"):
+    with pytest.raises(CacheError, match="other settings.*--overwrite"):  # the kept cache's own error
         predictor.predict([image], cache=kept, workers=0)
     second = predictor.predict([image], cache=kept, overwrite=True, workers=0).scores
     assert not np.allclose(first, second)

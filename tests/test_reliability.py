@@ -705,7 +705,7 @@ def featurecache_predict(head, *inputs, **options):
 
 
 def test_a_full_temporary_folder_does_not_promise_a_resume(tmp_path, monkeypatch):
-    import featurecache.cache as cache_module
+    import featurecache.cache.writer as cache_module
 
     head = tiny_trained_head(tmp_path / "t", objective="image")
     folder = _images(tmp_path / "in", n=2)
@@ -713,7 +713,7 @@ def test_a_full_temporary_folder_does_not_promise_a_resume(tmp_path, monkeypatch
     def full(path, kept, write):
         raise CacheError(f"{path}: cannot write (No space left on device); {kept}")
 
-    monkeypatch.setattr(cache_module, "_write_isolated", full)
+    monkeypatch.setattr(cache_module, "write_isolated", full)
     with pytest.raises(FeaturecacheError) as e:
         featurecache_predict(head, folder)
     assert "resumes" not in str(e.value) and "the temporary cache in" in str(e.value) and "--cache" in str(e.value)

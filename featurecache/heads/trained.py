@@ -3,98 +3,27 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
 import numpy as np
-import torch
 
-from featurecache.cache import describe_fingerprint_difference, record_problem
+from featurecache.cache import describe_fingerprint_difference
 from featurecache.errors import HeadError
+from featurecache.heads.headfile import (
+    HEAD_FORMAT,
+    HEAD_FORMAT_VERSION,
+    read_head_file,
+    read_payload,
+    to_payload,
+    write_head_file,
+)
 from featurecache.heads.pooling import ScorePooler
-from featurecache.heads.registry import EVAL_OPTIONS, Objective, get_objective, make_head, objective_of_kind
-from featurecache.outputs import check_output, os_reason
+from featurecache.heads.recipe import Recipe, require
+from featurecache.heads.registry import EVAL_OPTIONS, Objective, get_objective, objective_of_kind
 
-__all__ = ["HEAD_FORMAT", "HEAD_FORMAT_VERSION", "TrainedHead"]
-
-HEAD_FORMAT = "featurecache-head"
-#: Version 1 files written before heads recorded their objective read as before: the
-#: objective comes from the summary, else from the head kind.
-HEAD_FORMAT_VERSION = 1
-
-#: The training cache's attributes a head keeps to extract new images the same way (the
-#: cache's ``extraction`` attribute holds the stored dtype and batching).
-
-
-#: Estimator parameters read back as tuples (JSON stores lists).
-_TUPLE_PARAMS = ("hidden", "pooling", "members")
-
-
-#: JSON fields of a head file and the type each must have (``extraction`` is absent from old files).
-_JSON_FIELDS = {"params": dict, "classes": list, "feature_settings": dict, "summary": dict, "extraction": (dict,
-                                                                                                        type(None))}
-
-
-def _read_fields(p: dict) -> dict:
-    """A head file's JSON fields, parsed and type-checked (KeyError/TypeError/ValueError name the bad one)."""
-    out = {}
-    for key, kind in _JSON_FIELDS.items():
-        try:
-            value = json.loads(p.get(key, "null") if key == "extraction" else p[key])
-        except json.JSONDecodeError:
-            raise ValueError(f"{key} is not valid JSON") from None
-        except RecursionError:  # a forged field nested thousands deep
-            raise ValueError(f"{key} is nested too deep") from None
-        if not isinstance(value, kind):
-            raise TypeError(f"{key} is a {type(value).__name__}")
-        out[key] = value
-    if not all(isinstance(c, str) for c in out["classes"]) or not out["classes"]:
-        raise TypeError("classes are not a list of names")
-    problem = record_problem({**(out["extraction"] or {}), "feature_settings": out["feature_settings"]})
-    if problem:
-        raise ValueError(problem.replace(" attribute", "").replace("the ", "the extraction record's ", 1))
-    for key in ("kind", "fingerprint", "state", "n_features", "n_outputs"):
-        if key not in p:
-            raise KeyError(key)
-    if not isinstance(p["kind"], str) or not isinstance(p["fingerprint"], str):
-        raise TypeError("kind or fingerprint is not text")
-    return out
-
-
-def _what(error: Exception) -> str:
-    return f"no {error.args[0]} field" if isinstance(error, KeyError) else str(error)
-
-
-def _non_finite(state, where: str = "state", depth: int = 0) -> Optional[str]:
-    """The first tensor or array of a head's state (members' states included) with a NaN, or an
-    infinity anywhere but in an intercept (where +-inf is how a linear head scores a class it saw
-    with one label only: exactly 1 or 0), by name; None when there is none."""
-    if depth > 32:
-        return f"{where} (nested too deep)"
-    allowed = torch.isnan if where.endswith("intercept") else (lambda t: ~torch.isfinite(t))
-    if isinstance(state, np.ndarray) and state.dtype.kind == "f":
-        state = torch.from_numpy(state)
-    if isinstance(state, torch.Tensor):
-        return None if not state.is_floating_point() or not bool(allowed(state).any()) else where
-    if isinstance(state, np.ndarray):
-        return None
-    if isinstance(state, float):
-        return None if np.isfinite(state) else where
-    items = state.items() if isinstance(state, dict) else enumerate(state) if isinstance(state, (list, tuple)) else ()
-    for key, value in items:
-        found = _non_finite(value, f"{where}.{key}", depth + 1)
-        if found:
-            return found
-    return None
-
-
-def _plain(value):
-    """JSON for numpy scalars and arrays in parameters and summaries."""
-    return value.tolist() if isinstance(value, (np.generic, np.ndarray)) else str(value)
-
+__all__ = ["HEAD_FORMAT", "HEAD_FORMAT_VERSION", "Recipe", "TrainedHead"]
 
 @dataclass
 class TrainedHead:
@@ -116,21 +45,17 @@ class TrainedHead:
     objective : str, optional
         What it learnt from (:data:`featurecache.heads.registry.OBJECTIVES`); default: the
         summary's ``objective``, else the one the kind implies.
-    extraction : dict, optional
-        How the training cache was extracted beyond the features themselves (``grid``,
-        ``label_rule``, ``backbone``): what it takes to extract new images the same way.
-        None for heads written before heads recorded it.
+    recipe : Recipe, optional
+        How the training cache was extracted beyond the features themselves (grid, label
+        rule, backbone, extraction record): what it takes to extract new images the same
+        way. None for heads written before featurecache 0.2 (:meth:`new_images_recipe`).
     """
 
     @classmethod
     def from_cache(cls, estimator, kind: str, cache, summary: dict, objective: str) -> "TrainedHead":
-        """A head trained on ``cache``: its classes, feature settings and extraction recorded."""
-        p = cache.provenance
-        record = {"grid": p.grid.to_dict() if p.grid else None, "label_rule": p.label_rule.to_dict() if p.label_rule
-                  else None, "backbone": p.backbone, "extraction": p.extraction or None}
-        extraction = {k: v for k, v in record.items() if v is not None}
+        """A head trained on ``cache``: its classes, feature settings and extraction recipe recorded."""
         return cls(estimator, kind, tuple(cache.classes), dict(cache.feature_settings), cache.fingerprint, summary,
-                   objective, extraction)
+                   objective, Recipe.from_provenance(cache.provenance))
 
     estimator: object
     kind: str
@@ -139,7 +64,7 @@ class TrainedHead:
     fingerprint: str
     summary: dict = field(default_factory=dict)
     objective: Optional[str] = None
-    extraction: Optional[dict] = None
+    recipe: Optional[Recipe] = None
 
     def __post_init__(self) -> None:
         if self.objective is None:
@@ -150,6 +75,11 @@ class TrainedHead:
     def spec(self) -> Objective:
         """The registry's description of its objective."""
         return get_objective(self.objective)
+
+    def new_images_recipe(self) -> Recipe:
+        """How to extract new images as the training cache was; ``HeadError`` for a head file written
+        before featurecache 0.2, which records none (the one rule for old head files)."""
+        return require(self.recipe)
 
     # -- use on caches
     def check_cache(self, cache) -> None:
@@ -273,91 +203,26 @@ class TrainedHead:
                          f"{r['seconds']:>7.1f}{mark}")
         return "\n".join(lines)
 
-    # -- the file
+    # -- the file (featurecache.heads.headfile)
     def to_payload(self) -> dict:
         """The head as plain tensors, numbers and JSON strings (what :meth:`save` writes)."""
-        params = {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.estimator.get_params().items()}
-        return {
-            "format": HEAD_FORMAT,
-            "format_version": HEAD_FORMAT_VERSION,
-            "kind": self.kind,
-            "objective": self.objective,
-            "params": json.dumps(params, default=_plain),
-            "classes": json.dumps(list(self.classes)),
-            "feature_settings": json.dumps(self.feature_settings, sort_keys=True),
-            "fingerprint": self.fingerprint,
-            "summary": json.dumps(self.summary, default=_plain),
-            "extraction": json.dumps(self.extraction, default=_plain),
-            "n_features": int(self.estimator.n_features_in_),
-            "n_outputs": int(self.estimator.n_outputs_),
-            "state": self.estimator._state(),
-        }
+        return to_payload(self)
 
     @classmethod
     def from_payload(cls, p: dict, *, device: str = "auto", source: str = "head") -> "TrainedHead":
         """The head of a :meth:`to_payload` dictionary (``source`` names it in errors)."""
-        if not isinstance(p, dict) or p.get("format") != HEAD_FORMAT:
-            raise HeadError(f"{source}: not a featurecache head file")
+        fields = read_payload(p, device=device, source=source)
         try:
-            if int(p["format_version"]) > HEAD_FORMAT_VERSION:
-                raise HeadError(f"{source}: head format {p['format_version']} is newer than this featurecache reads")
-            fields = _read_fields(p)
-        except HeadError:
-            raise
-        except (KeyError, TypeError, ValueError) as e:
-            raise HeadError(f"{source}: damaged featurecache head: {_what(e)}") from None
-        bad = _non_finite(p["state"])
-        if bad:
-            raise HeadError(f"{source}: damaged featurecache head: {bad} holds a NaN or an infinity (a training that "
-                            "diverged, or a forged file); train it again")
-        params = fields["params"]
-        for key in _TUPLE_PARAMS:
-            if isinstance(params.get(key), list):
-                params[key] = tuple(params[key])
-        if "device" in params:
-            params["device"] = device
-        try:
-            est = make_head(p["kind"], **params)
-            est._restore(p["state"], int(p["n_features"]), int(p["n_outputs"]), device=device)
-            head = cls(est, p["kind"], tuple(fields["classes"]), fields["feature_settings"], p["fingerprint"],
-                       fields["summary"], p.get("objective"), fields["extraction"])
+            return cls(**fields)
         except HeadError as e:
             raise HeadError(f"{source}: damaged featurecache head: {e}") from None
-        except Exception as e:  # a state that does not fit its estimator: torch and numpy raise many kinds
-            raise HeadError(f"{source}: damaged featurecache head: its {p['kind']} state does not load "
-                            f"({type(e).__name__})") from None
-        return head
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write one torch file of tensors and JSON strings (loadable with ``weights_only=True``); a head
-        whose weights are not all finite is refused, nothing written."""
-        path = Path(path)
-        check_output(path, param="path")
-        payload = self.to_payload()
-        bad = _non_finite(payload["state"])
-        if bad:
-            raise HeadError(f"{path}: not written: the head's {bad} holds a NaN or an infinity (its training "
-                            "diverged); train it again with a lower learning rate")
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)  # never written through a link planted there
-            torch.save(payload, tmp)
-            os.replace(tmp, path)
-        except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise HeadError(f"{path}: cannot write the head file ({os_reason(e)})") from None
-        return path
+        """Write one torch file (loadable with ``weights_only=True``); a head whose weights are not all
+        finite is refused, nothing written."""
+        return write_head_file(self.to_payload(), path)
 
     @classmethod
     def load(cls, path: Union[str, Path], *, device: str = "auto") -> "TrainedHead":
         """Read a head file; never executes code from it."""
-        path = Path(path)
-        if not path.is_file():
-            raise HeadError(f"{path}: no such head file")
-        try:
-            p = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise HeadError(f"{path}: not a readable head file ({type(e).__name__})") from None
-        return cls.from_payload(p, device=device, source=str(path))
+        return cls.from_payload(read_head_file(path), device=device, source=str(path))
