@@ -151,11 +151,11 @@ def main(argv=None):
 
 def crop_vs_dense(net, images, grid, batch_size):
     """Crop and dense mode on the same boxes (the dense grid's windows), one image per round."""
-    from featurecache.extract import _DenseRunner, _PatchRunner
+    from featurecache.runners import DenseRunner, PatchRunner
 
-    crop = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=torch.device("cpu"),
+    crop = PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=torch.device("cpu"),
                         out_dtype=np.dtype("float16"))
-    dense = _DenseRunner(net, grid, device=torch.device("cpu"), out_dtype=np.dtype("float16"))
+    dense = DenseRunner(net, grid, device=torch.device("cpu"), out_dtype=np.dtype("float16"))
     t_crop = t_dense = 0.0
     n = 0
     for i, r in enumerate(images):

@@ -9,46 +9,27 @@ from __future__ import annotations
 import functools
 import logging
 import re
-import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Mapping, Optional
 
 import click
 
 from featurecache import __version__
-from featurecache.datasets import LAYOUTS, MAX_PIXELS, read_class_file, read_dataset
+from featurecache.datasets import read_class_file, read_dataset
 from featurecache.distributed import world_from_env
 from featurecache.errors import AblationError, FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
+from featurecache.logs import log_to_stderr
 from featurecache.outputs import check_not_inputs, check_output, printable, write_report
-from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, LabelRule, PatchGrid
-from featurecache.resources import (
-    ASSEMBLE_MODES,
-    BOX_THRESHOLD,
-    DEFAULT_MAP_METHOD,
-    DEFAULT_MAX_SIDE,
-    DEVICES,
-    MAP_METHODS,
-    MAX_STRIDE,
-    MIN_MAX_SIDE,
-    POINTING_TOLERANCE,
-    RUNTIMES,
-)
+from featurecache.patches import LabelRule
+from featurecache.resources import DEVICES
+from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, Setting, grid_from
 from featurecache.summary import summarize
-
-logger = logging.getLogger("featurecache")
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
 
 
 # --------------------------------------------------------------------------- logging
-
-
-class _OneLine(logging.Formatter):
-    """Every log record one line: control characters in it (a file name's newline) shown escaped."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record))
 
 
 def _set_verbosity(ctx: click.Context, verbose: int, quiet: bool) -> None:
@@ -63,17 +44,7 @@ def _set_verbosity(ctx: click.Context, verbose: int, quiet: bool) -> None:
         level = logging.DEBUG
     elif obj.get("verbose", 0) == 1:
         level = logging.INFO
-    if not any(getattr(h, "_featurecache", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(_OneLine("featurecache: %(levelname)s: %(message)s"))
-        handler._featurecache = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(level)
-    # Handlers keep the stream of their creation; CliRunner swaps sys.stderr per invocation.
-    for h in logger.handlers:
-        if getattr(h, "_featurecache", False):
-            h.setStream(sys.stderr)
+    log_to_stderr(level)
 
 
 def _verbosity_options(f: Callable) -> Callable:
@@ -138,13 +109,9 @@ def _check_outputs(inputs: dict, *, folders: tuple = (), **paths) -> None:
     check_not_inputs(paths, inputs, folders=folders)
 
 
-#: Library parameters whose flag has another name (``MapConfig.method`` is ``--map-method``).
-_FLAG_NAMES = {"method": "map_method", "scales": "map_scales"}
-
-
 def _message(ctx: click.Context, error: FeaturecacheError) -> str:
     """A library error's message, with the flag of this command in place of the library parameter it names."""
-    names = {error.param, _FLAG_NAMES.get(error.param)} - {None}
+    names = {error.param} - {None}
     for p in ctx.command.params:
         if names and isinstance(p, click.Argument) and p.name in names:
             return error.for_option(p.human_readable_name)
@@ -169,65 +136,65 @@ def _parse_scales(ctx, param, value: Optional[str]):
     return scales
 
 
-def dataset_options(f: Callable) -> Callable:
-    """--layout, --split, --annotations, --classes."""
-    f = click.option("--classes", "classes_file", type=click.Path(exists=True, dir_okay=False),
-                     help="Class list file, one name a line (default: sorted names found).")(f)
-    f = click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
-                     help="COCO instances JSON; DATASET is then the image folder.")(f)
-    f = click.option("--split", default=None,
-                     help="VOC split: ImageSets/Main/<SPLIT>.txt (default: every annotation).")(f)
-    f = click.option("--layout", type=click.Choice(("auto",) + LAYOUTS), default="auto",
-                     help="Data set layout.")(f)
-    return f
+def _setting_type(s: Setting):
+    """The click type of a setting: its range and choices as the table defines them."""
+    if s.kind in ("choice", "device"):
+        return click.Choice(list(s.choices))
+    if s.kind == "path":
+        return click.Path(exists=True, dir_okay=False)
+    if s.kind in ("file", "folder"):
+        return click.Path(dir_okay=s.kind == "folder", file_okay=s.kind == "file")
+    if s.kind in ("int", "float"):
+        kind = click.IntRange if s.kind == "int" else click.FloatRange
+        if s.low is None and s.high is None:
+            return int if s.kind == "int" else float
+        opens = dict(min_open=s.low_open, max_open=s.high_open) if s.kind == "float" else {}
+        return kind(s.low, s.high, **opens)
+    return str
+
+
+def setting_option(s: Setting, **overrides) -> Callable:
+    """A click option made from a setting of :mod:`featurecache.settings` (its flag, type, default and help)."""
+    if s.kind == "flag":
+        return click.option(s.option, s.name, is_flag=True, default=s.default, help=s.help, **overrides)
+    kw = dict(type=_setting_type(s), default=s.default, help=s.help, show_default=s.default is not None)
+    if s.kind == "scales":
+        kw.update(type=str, callback=_parse_scales,
+                  default=None if s.default is None else ",".join(f"{v:g}" for v in s.default))
+    kw.update(overrides)
+    return click.option(s.option, s.name, **kw)
+
+
+def setting_options(table: Mapping[str, Setting], *, skip: tuple = ()) -> Callable:
+    """Every command-line setting of ``table`` but ``skip``, in the table's order."""
+    def decorate(f: Callable) -> Callable:
+        for s in reversed([s for s in table.values() if s.cli and s.name not in skip]):
+            f = setting_option(s)(f)
+        return f
+    return decorate
 
 
 def threads_option(f: Callable) -> Callable:
     """--threads: the one CPU thread policy (featurecache.resources.cpu_threads)."""
-    return click.option("--threads", type=click.IntRange(min=1), default=None,
-                        help="CPU threads [default: the CPUs this process may use (affinity, container quota)].")(f)
+    return setting_option(EXTRACT["threads"], show_default=False)(f)
 
 
-def download_option(f: Callable) -> Callable:
-    """--download: the one way to let a command open a network connection (default weights not cached)."""
-    return click.option("--download", is_flag=True,
-                        help="Download the backbone's default weights (timm, torchvision) when they are not in the "
-                             "local cache; without it featurecache makes no network connection.")(f)
+def _read_images(options: Mapping):
+    classes = read_class_file(options["classes_file"]) if options["classes_file"] else None
+    return read_dataset(options["dataset"], layout=options["layout"], split=options["split"],
+                        annotations=options["annotations"], classes=classes)
 
 
-def runtime_option(f: Callable) -> Callable:
-    """--runtime: what runs the backbone on the CPU."""
-    return click.option("--runtime", type=click.Choice(RUNTIMES), default="auto",
-                        help="CPU runtime of the backbone (crop mode): auto = the fastest installed whose features "
-                             "agree with torch's (openvino, onnxruntime, torch); torch on CUDA and in dense mode.")(f)
-
-
-def grid_options(f: Callable) -> Callable:
-    """--scales, --overlap, --input-size, --whole-image."""
-    f = click.option("--max-patches", type=click.IntRange(min=1), default=MAX_PATCHES,
-                     help="Most patches of one image: images beyond (thin strips) are skipped and recorded; a grid "
-                          "beyond it for most images is refused.")(f)
-    f = click.option("--whole-image", is_flag=True, help="One patch per image: the whole image (baseline).")(f)
-    f = click.option("--input-size", type=click.IntRange(min=8, max=MAX_INPUT_SIZE), default=224,
-                     help="Network input side in pixels; every patch is resized to it.")(f)
-    f = click.option("--overlap", type=click.FloatRange(0, 1, max_open=True), default=0.5,
-                     help="Minimum IoU between neighbouring patches.")(f)
-    f = click.option("--scales", callback=_parse_scales, default=",".join(f"{s:g}" for s in DEFAULT_SCALES),
-                     help="Scales λ (patch side = min(w, h)/λ), comma-separated.")(f)
-    return f
-
-
-def _read_images(dataset: str, layout: str, split: Optional[str], annotations: Optional[str],
-                 classes_file: Optional[str]):
-    classes = read_class_file(classes_file) if classes_file else None
-    return read_dataset(dataset, layout=layout, split=split, annotations=annotations, classes=classes)
-
-
-def _grid(scales, overlap: float, input_size: int, whole_image: bool):
+def _grid(options: Mapping):
     try:
-        return PatchGrid(scales=scales, min_overlap=overlap, input_size=input_size, whole=whole_image)
+        return grid_from(options)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--scales") from None
+
+
+def _quiet() -> Optional[bool]:
+    """The library's ``progress``: off with -q, else decided by the terminal."""
+    return False if click.get_current_context().obj.get("quiet") else None
 
 
 # --------------------------------------------------------------------------- commands
@@ -264,86 +231,38 @@ def _stop_on_sigterm() -> None:
 
 @main.command(context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path(exists=True))
-@dataset_options
-@grid_options
-@click.option("--min-patch-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.2,
-              help="A patch qualifies for an object when |P∩B| >= this × |P| ...")
-@click.option("--min-object-fraction", type=click.FloatRange(0, 1, min_open=True), default=0.6,
-              help="... and |P∩B| >= this × |B|.")
+@setting_options(INSPECT)
 @_command
-def inspect(dataset, layout, split, annotations, classes_file, scales, overlap, input_size, whole_image,
-            max_patches, min_patch_fraction, min_object_fraction):
+def inspect(dataset, **options):
     """Count images, boxes per class and the patch labels a patch grid would produce."""
-    images = _read_images(dataset, layout, split, annotations, classes_file)
-    rule = LabelRule(min_patch_fraction=min_patch_fraction, min_object_fraction=min_object_fraction)
-    summary = summarize(images, grid=_grid(scales, overlap, input_size, whole_image), rule=rule, name=dataset,
-                        max_patches=max_patches)
+    images = _read_images({"dataset": dataset, **options})
+    rule = LabelRule(min_patch_fraction=options["min_patch_fraction"],
+                     min_object_fraction=options["min_object_fraction"])
+    summary = summarize(images, grid=_grid(options), rule=rule, name=dataset, max_patches=options["max_patches"])
     click.echo(summary.to_text())
 
 
 @main.command(context_settings=CONTEXT)
 @click.argument("dataset", type=click.Path(exists=True))
 @click.argument("out", type=click.Path(dir_okay=False))
-@dataset_options
-@click.option("--backbone", default="efficientnet_lite0",
-              help="efficientnet_lite0, alexnet, vgg16, resnet50, another torchvision model (with --layer), "
-                   "or timm:<name>.")
-@click.option("--layer", default=None, help="Torchvision graph node to read (default: the backbone's own).")
-@click.option("--weights", default="default",
-              help="'default' (packaged or cached weights), a torchvision weights name, a state-dict file, "
-                   "or 'none' (random; for tests).")
-@grid_options
-@click.option("--mode", type=click.Choice(["crop", "dense"]), default="crop",
-              help="crop: every patch through the whole network (the paper's); dense: the trunk once per "
-                   "image and scale, windows pooled from its feature map (about 8x faster on CPU, 0.2-1.6 mAP "
-                   "lower on the VOC sample and BCCD: docs/results.md).")
-@click.option("--max-side", type=click.IntRange(min=MIN_MAX_SIDE), default=DEFAULT_MAX_SIDE,
-              help="Dense mode: largest trunk input side; larger images run in overlapping tiles "
-                   "(same features up to float rounding).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Patches per forward pass [default: 16 on CPU, 256 on CUDA].")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Image decoding processes [default: min(4, CPUs)].")
-@click.option("--device", type=click.Choice(DEVICES), default="auto",
-              help="auto = CUDA when present (mixed precision, channels-last).")
-@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored feature type.")
-@click.option("--compression", type=click.Choice(["none", "lzf", "gzip"]), default="none",
-              help="HDF5 compression of the features.")
-@click.option("--part-size", type=click.IntRange(min=1), default=2048,
-              help="Patches per committed part (the most a crash can lose).")
-@click.option("--max-pixels", type=click.IntRange(min=1), default=MAX_PIXELS,
-              help="Images with more pixels are skipped and recorded before decoding (3 bytes a pixel decoded, in "
-                   "each worker).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing cache or unfinished run with other settings.")
-@click.option("--strict", is_flag=True, help="Stop at an unreadable image instead of skipping and recording it.")
-@click.option("--assemble", type=click.Choice(ASSEMBLE_MODES), default="copy",
-              help="copy: one self-contained file; virtual: OUT maps its features onto the part files, kept in "
-                   "OUT.<run>.data/ beside it (no copy; move the two together).")
-@download_option
-@runtime_option
-@threads_option
+@setting_options(EXTRACT)
 @_command
-def extract(dataset, out, layout, split, annotations, classes_file, backbone, layer, weights, scales, overlap,
-            input_size, whole_image, max_patches, mode, max_side, batch_size, workers, device, dtype, compression,
-            part_size, max_pixels, overwrite, strict, assemble, download, runtime, threads):
+def extract(dataset, out, **options):
     """Run every patch of DATASET through a frozen backbone once; cache the features in OUT (HDF5).
 
     A killed run continues where it stopped when the same command is run again. Under torchrun
     (or srun) the processes share the work and write one cache: docs/distributed.md.
     """
+    from featurecache.extract import ExtractConfig
     from featurecache.extract import extract as run_extract
 
-    _check_outputs({"--classes": classes_file, "--annotations": annotations}, out=out)
-    ctx = click.get_current_context()
-    result = run_extract(
-        dataset, out, split=split, annotations=annotations, layout=layout,
-        classes=read_class_file(classes_file) if classes_file else None,
-        backbone=backbone, layer=layer, weights=None if weights == "none" else weights, download=download,
-        grid=_grid(scales, overlap, input_size, whole_image), mode=mode, max_side=max_side, batch_size=batch_size,
-        workers=workers,
-        device=device, dtype=dtype, compression=compression, overwrite=overwrite, strict=strict,
-        part_patches=part_size, max_pixels=max_pixels, max_patches=max_patches, runtime=runtime, threads=threads,
-        progress=False if ctx.obj.get("quiet") else None, assemble=assemble, world=world_from_env())
+    classes_file, weights = options.pop("classes_file"), options.pop("weights")
+    _check_outputs({"--classes": classes_file, "--annotations": options["annotations"]}, out=out)
+    grid = _grid(options)
+    config = ExtractConfig(**{k: v for k, v in options.items() if k not in GRID or k == "max_patches"}, grid=grid,
+                           classes=read_class_file(classes_file) if classes_file else None,
+                           weights=None if weights == "none" else weights, progress=_quiet())
+    result = run_extract(dataset, out, config, world=world_from_env())
     if result.rank == 0:  # in a job of several processes the leader speaks for it
         click.echo(result.summary())
 
@@ -516,23 +435,10 @@ def eval_(head, cache, split, pooling, k, method, out, json_out, csv_out, plots,
         click.echo("plots: " + ", ".join(str(p) for p in write_eval_plots(report, plots)))
 
 
-def map_options(f: Callable) -> Callable:
-    """--map-method, --stride: how localize and predict make maps."""
-    f = click.option("--stride", type=click.IntRange(1, MAX_STRIDE), default=8, help="Map cell size in pixels.")(f)
-    return click.option(
-        "--map-method", type=click.Choice(MAP_METHODS), default=DEFAULT_MAP_METHOD,
-        help="cam: the head scores every cell of the backbone's feature map at the head's scales, log-odds "
-             "averaged over scales; windows: the paper's per-pixel mean of the cached "
-             "patches' scores (patch, mil, hybrid heads); cam*windows: the geometric mean of the two.")(f)
-
-
 @main.command(context_settings=CONTEXT)
 @click.argument("head", type=click.Path(exists=True, dir_okay=False))
 @click.argument("cache", type=click.Path(exists=True, dir_okay=False))
 @click.argument("image", required=False)
-@map_options
-@click.option("--map-scales", callback=_parse_scales, default=None,
-              help="λ of the cam maps, comma-separated [default: the head's grid].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the maps (classes x rows x columns) as .npz here; with --evaluate, the report (JSON for "
                    "a .json name, else CSV).")
@@ -543,20 +449,10 @@ def map_options(f: Callable) -> Callable:
 @click.option("--evaluate", is_flag=True,
               help="Instead of one image's map: pointing accuracy and CorLoc of the maps of every image of CACHE "
                    "(or of --split) against its data set's boxes, beside the image centre and the whole image.")
-@click.option("--split", default=None, help="--evaluate: only the cache's images of this split (e.g. val).")
-@click.option("--tolerance", type=click.IntRange(min=0), default=POINTING_TOLERANCE,
-              help="--evaluate: pixels a map's peak may miss a box by (reported beside 0).")
-@click.option("--box-threshold", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=BOX_THRESHOLD,
-              help="A map's box: the cells connected to its peak scoring at least this fraction of the way from "
-                   "the map's minimum to its peak.")
 @report_options("--evaluate: the report ")
-@click.option("--weights", default=None,
-              help="cam maps: the backbone weights file, when not where the head's training found it.")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", help="Where the backbone runs (cam maps).")
-@download_option
+@setting_options(LOCALIZE)
 @_command
-def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, evaluate, split, tolerance,
-             box_threshold, json_out, csv_out, weights, device, download):
+def localize(head, cache, image, out, png, cls, evaluate, json_out, csv_out, split, tolerance, **options):
     """Localisation map of one cached IMAGE (row number, stored path, file name or stem), or with
     --evaluate how well the maps of a labelled cache point at and box its objects.
 
@@ -575,11 +471,10 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
     if cls and not png:
         raise click.UsageError("--class chooses the class --png draws; give --png too")
     _check_outputs({"HEAD": head, "CACHE": cache}, out=out, png=png, json=json_out, csv=csv_out)
-    config = MapConfig(method=map_method, stride=stride, scales=map_scales, box_threshold=box_threshold,
-                       device=device, weights=weights, download=download)
+    config = MapConfig(**options)
     if evaluate:
         report = evaluate_localization(head, cache, split=split, config=config, tolerance=tolerance,
-                                       progress=False if click.get_current_context().obj.get("quiet") else None)
+                                       progress=_quiet())
         click.echo(report.to_text())
         _write_reports(report, out, json_out, csv_out)
         return
@@ -599,38 +494,9 @@ def localize(head, cache, image, map_method, stride, map_scales, out, png, cls, 
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write one row per image here: CSV, or JSON for a .json name [default: print a short table].")
 @report_options("Also write the rows ")
-@click.option("--top", type=click.IntRange(min=1), default=5, help="Classes listed per image, best first.")
-@click.option("--threshold", type=float, default=None,
-              help="Labels: classes scoring at least this [default: 0.5 for heads whose scores are probabilities "
-                   "(image, mil, hybrid); none for pooled patch scores and fusion].")
-@click.option("--maps", type=click.Path(file_okay=False), default=None,
-              help="Write one PNG per image here: its top class's localisation map over the image; --out then "
-                   "gets each image's top classes' boxes from their maps (JSON).")
-@map_options
-@click.option("--cache", type=click.Path(dir_okay=False), default=None,
-              help="Keep the images' features in this cache (resumable; usable by eval, localize, predict) "
-                   "[default: a temporary file].")
-@click.option("--weights", default=None,
-              help="The backbone weights file, when not where the head's training found it (refused unless its "
-                   "SHA-256 is the recorded one).")
-@click.option("--layout", type=click.Choice(("auto",) + LAYOUTS), default="auto",
-              help="Layout of data-set folders among INPUTS; other folders are searched for images.")
-@click.option("--split", default=None, help="VOC split of a devkit folder among INPUTS.")
-@click.option("--annotations", type=click.Path(exists=True, dir_okay=False),
-              help="COCO instances JSON of an image folder among INPUTS.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None,
-              help="Patches per forward pass [default: 16 on CPU, 256 on CUDA].")
-@click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Image decoding processes [default: min(4, CPUs)].")
-@click.option("--device", type=click.Choice(DEVICES), default="auto", help="auto = CUDA when present.")
-@click.option("--strict", is_flag=True, help="Stop at the first image that cannot be read.")
-@click.option("--overwrite", is_flag=True, help="Replace a --cache made of other images (or of changed files).")
-@download_option
-@runtime_option
-@threads_option
+@setting_options(PREDICT)
 @_command
-def predict(head, inputs, out, json_out, csv_out, top, threshold, maps, map_method, stride, cache, weights, layout,
-            split, annotations, batch_size, workers, device, strict, overwrite, download, runtime, threads):
+def predict(head, inputs, out, json_out, csv_out, weights, device, download, **options):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -640,25 +506,17 @@ def predict(head, inputs, out, json_out, csv_out, top, threshold, maps, map_meth
     from featurecache.predict import PredictConfig
     from featurecache.predict import predict as run_predict
 
-    ctx = click.get_current_context()
-    config = PredictConfig(top=top, threshold=threshold, out=out, maps=maps, map_method=map_method, stride=stride,
-                           cache=cache, layout=layout,
-                           split=split, annotations=annotations, batch_size=batch_size, workers=workers,
-                           strict=strict, overwrite=overwrite, runtime=runtime, threads=threads,
-                           progress=False if ctx.obj.get("quiet") else None)
-    _check_outputs({"HEAD": head, "--weights": weights, "--annotations": annotations}, folders=("maps",), out=out,
-                   json=json_out, csv=csv_out, cache=cache, maps=maps)
+    config = PredictConfig(out=out, progress=_quiet(), **options)
+    _check_outputs({"HEAD": head, "--weights": weights, "--annotations": options["annotations"]}, folders=("maps",),
+                   out=out, json=json_out, csv=csv_out, cache=options["cache"], maps=options["maps"])
     result = run_predict(head, inputs, config, weights=weights, device=device, download=download)
     _write_reports(result, None, json_out, csv_out)
     written = " and ".join(str(f) for f in (out, json_out, csv_out) if f)
-    if written:
-        click.echo(f"{result.summary()} -> {written}")
-    else:
-        click.echo(result.to_text())
-    if maps:
+    click.echo(f"{result.summary()} -> {written}" if written else result.to_text())
+    if options["maps"]:
         drawn = sum(1 for m in result.maps if m)
         if drawn or not result.maps_note:
-            click.echo(f"maps: {drawn} PNG picture(s) in {maps}")
+            click.echo(f"maps: {drawn} PNG picture(s) in {options['maps']}")
         if result.maps_note:
             click.echo(result.maps_note)
     if not result.n_scored:

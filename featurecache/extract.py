@@ -19,15 +19,12 @@ import platform
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import h5py
 import numpy as np
 import torch
 import torchvision
-from PIL import Image
-from torch.nn import functional as F
-from torchvision.ops import roi_align
 from tqdm.auto import tqdm
 
 from featurecache import __version__
@@ -36,7 +33,6 @@ from featurecache.cache import (
     CacheWriter,
     DatasetSource,
     FeatureCache,
-    PartData,
     Provenance,
     data_folders,
     feature_fingerprint,
@@ -44,28 +40,24 @@ from featurecache.cache import (
 )
 from featurecache.datasets import MAX_PIXELS, ImageSet, read_dataset
 from featurecache.distributed import Coordinator, World, share
-from featurecache.errors import ExtractError, FeaturecacheError, integer_at_least
-from featurecache.images import DISPLAYED_LAYOUTS, failure, load_rgb, oriented, to_rgb
+from featurecache.errors import ExtractError, FeaturecacheError
+from featurecache.images import DISPLAYED_LAYOUTS, load_rgb, to_rgb
 from featurecache.outputs import check_not_inputs
-from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, image_patches, plan_patches
+from featurecache.patches import MAX_PATCHES, LabelRule, PatchGrid, plan_patches
 from featurecache.resources import (
-    ASSEMBLE_MODES,
     DEFAULT_MAX_SIDE,
-    MIN_MAX_SIDE,
     apply_threads,
     available_cpus,
     resolve_device,
 )
-from featurecache.runtimes import RUNTIMES, Runtime, build_runtime
+from featurecache.runners import Decoder, PartComputer, only
+from featurecache.runtimes import Runtime, build_runtime
+from featurecache.settings import EXTRACT, check_fields
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ExtractConfig", "ExtractError", "ExtractResult", "extract", "feature_settings", "load_rgb",
            "resolve_device", "to_rgb"]
-
-DTYPES = ("float16", "float32")
-COMPRESSIONS = ("none", "lzf", "gzip")
-MODES = ("crop", "dense")
 
 
 
@@ -123,49 +115,6 @@ class ExtractResult:
                 f"{self.seconds:.1f} s, {self.patches_per_second:.1f} patches/s, {size}{per_rank}")
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-class _Decoder(torch.utils.data.Dataset):
-    """Decodes images in DataLoader workers; a failure is returned, not raised.
-
-    An image whose header declares more than ``max_pixels`` pixels is refused before its
-    pixels are decoded (a small, highly compressed file can declare a huge canvas).
-    """
-
-    def __init__(self, items: Sequence[tuple], max_pixels: int, *, displayed: bool) -> None:
-        self.items = list(items)  # (data set index, path, width, height, reason to skip it or '')
-        self.max_pixels = max_pixels
-        self.displayed = displayed  # the records describe the images as displayed (their layout's)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        index, path, width, height, skip = self.items[i]
-        if skip:
-            return index, None, skip
-        try:
-            if not os.path.isfile(path):  # links followed: a FIFO or a device is never opened
-                return index, None, "not a regular file" if os.path.exists(path) else "file not found"
-            with Image.open(path) as im:
-                w, h = im.size
-                if w * h > self.max_pixels:
-                    return index, None, f"image is {w}x{h} = {w * h:,} pixels, above max_pixels {self.max_pixels:,}"
-                im.load()
-                a = to_rgb(oriented(im, size=(width, height), displayed=self.displayed))
-        except Exception as e:  # PIL raises many kinds for corrupt files
-            return index, None, failure(e, "cannot decode")
-        h, w = a.shape[:2]
-        if (w, h) != (width, height):
-            return index, None, f"image is {w}x{h}, its annotation says {width}x{height}"
-        return index, torch.from_numpy(a), ""
-
-
-def _only(batch):
-    return batch[0]
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -218,126 +167,6 @@ def _versions() -> dict:
     except ImportError:  # pragma: no cover
         pass
     return v
-
-
-# --------------------------------------------------------------------------- compute
-
-#: Decoded pixels a part holds (as float32, 12 bytes each) before its images are run: parts
-#: of many images (a whole-image grid puts up to --part-size images in one) stay bounded.
-_HELD_PIXELS = 32_000_000
-
-
-def _iter_batches(segments: list, batch_size: int) -> Iterator[list]:
-    """Fill batches of ``batch_size`` patches from consecutive images' boxes."""
-    buf, n = [], 0
-    for image, boxes in segments:
-        start = 0
-        while start < len(boxes):
-            take = min(batch_size - n, len(boxes) - start)
-            buf.append((image, boxes[start:start + take]))
-            n += take
-            start += take
-            if n == batch_size:
-                yield buf
-                buf, n = [], 0
-    if buf:
-        yield buf
-
-
-class _PatchRunner:
-    """Crops patches on the device with roi_align and runs the backbone on full batches."""
-
-    def __init__(self, backbone: FrozenBackbone, *, input_size: int, batch_size: int, device: torch.device,
-                 out_dtype: np.dtype, runtime: Optional[Runtime] = None) -> None:
-        self.backbone = backbone
-        self.runtime = runtime or Runtime(backbone)
-        self.size = input_size
-        self.batch_size = batch_size
-        self.device = device
-        self.out_dtype = out_dtype
-        self.cuda = device.type == "cuda"
-        # Channels-last is faster on CPU too (1.5-2x for EfficientNet-Lite0 with oneDNN).
-        self.backbone.to(memory_format=torch.channels_last)
-
-    def crops(self, pieces: list) -> torch.Tensor:
-        out = [roi_align(image, [boxes], output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-               for image, boxes in pieces]
-        return torch.cat(out) if len(out) > 1 else out[0]
-
-    @torch.inference_mode()
-    def run(self, segments: list, on_batch=None) -> np.ndarray:
-        feats = []
-        for pieces in _iter_batches(segments, self.batch_size):
-            x = self.crops(pieces).contiguous(memory_format=torch.channels_last)
-            if self.cuda:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    f = self.backbone(x)
-            else:
-                f = self.runtime(x)
-            feats.append(f.float().cpu().numpy().astype(self.out_dtype, copy=False))
-            if on_batch is not None:
-                on_batch(len(x))
-        dim = self.backbone.feature_dim
-        return np.concatenate(feats) if feats else np.zeros((0, dim), self.out_dtype)
-
-
-class _DenseRunner:
-    """Dense mode: the trunk runs once per image and scale; windows are pooled from its map."""
-
-    def __init__(self, backbone: FrozenBackbone, grid: PatchGrid, *, device: torch.device, out_dtype: np.dtype,
-                 max_side: Optional[int] = None) -> None:
-        self.backbone = backbone
-        self.grid = grid
-        self.max_side = max_side
-        self.device = device
-        self.cuda = device.type == "cuda"
-        self.out_dtype = out_dtype
-        self.backbone.to(memory_format=torch.channels_last)
-
-    @torch.inference_mode()
-    def images(self, items: list, *, bucket: Optional[bool] = None, max_batch: int = 16) -> list:
-        """Features of all dense windows of several images, each scale by scale, row-major.
-
-        Parameters
-        ----------
-        items : list of (tensor (1, 3, H, W), width, height)
-        bucket : bool, optional
-            Run the images whose resized size at a scale is the same as one trunk batch (up
-            to ``max_batch``), so that GPU batches stay full. Default: on CUDA only (on the CPU
-            one image at a time is as fast and keeps results independent of batching).
-        """
-        bucket = self.cuda if bucket is None else bucket
-        layouts = [self.grid.dense_layout(w, h, stride=DENSE_STRIDE) for _, w, h in items]
-        out = [[None] * len(self.grid.scales) for _ in items]
-        for si in range(len(self.grid.scales)):
-            groups: dict = {}
-            for i, lay in enumerate(layouts):
-                key = (lay[si][1], lay[si][2]) if bucket else i
-                groups.setdefault(key, []).append(i)
-            for idxs in groups.values():
-                for c in range(0, len(idxs), max_batch if bucket else 1):
-                    chunk = idxs[c:c + (max_batch if bucket else 1)]
-                    _, rw, rh, _, _ = layouts[chunk[0]][si]
-                    x = torch.cat([F.interpolate(items[i][0], size=(rh, rw), mode="bilinear", antialias=True,
-                                                 align_corners=False) for i in chunk])
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    if self.cuda:
-                        with torch.autocast("cuda", dtype=torch.float16):
-                            fmaps = self.backbone.dense_features_batch(x, self.grid.input_size,
-                                                                       max_side=self.max_side)
-                    else:
-                        fmaps = self.backbone.dense_features_batch(x, self.grid.input_size, max_side=self.max_side)
-                    for b, i in enumerate(chunk):
-                        _, _, _, xs, ys = layouts[i][si]
-                        fm = fmaps[b]
-                        rows, cols = torch.as_tensor(ys, device=fm.device), torch.as_tensor(xs, device=fm.device)
-                        picked = fm[:, rows][:, :, cols]
-                        out[i][si] = picked.flatten(1).T.float().cpu().numpy()
-        return [np.concatenate(o).astype(self.out_dtype, copy=False) for o in out]
-
-    def image(self, image: torch.Tensor, width: int, height: int) -> np.ndarray:
-        """Features of all dense windows of one image (1, 3, H, W), scale by scale, row-major."""
-        return self.images([(image, width, height)])[0]
 
 
 @dataclass(frozen=True)
@@ -439,17 +268,8 @@ class ExtractConfig:
     assemble: str = "copy"
 
     def __post_init__(self) -> None:
-        for name, value, allowed in (("mode", self.mode, MODES), ("dtype", self.dtype, DTYPES),
-                                     ("compression", self.compression, COMPRESSIONS), ("runtime", self.runtime,
-                                                                                        RUNTIMES),
-                                     ("assemble", self.assemble, ASSEMBLE_MODES)):
-            if value not in allowed:
-                raise ExtractError(f"must be one of {', '.join(allowed)}, got {value!r}", param=name)
-        for name in ("batch_size", "part_patches", "max_pixels", "max_patches", "workers", "max_side", "threads"):
-            value = getattr(self, name)
-            low = {"workers": 0, "max_side": MIN_MAX_SIDE}.get(name, 1)
-            if value is not None and not integer_at_least(value, low):
-                raise ExtractError(f"must be an integer of at least {low}, got {value!r}", param=name)
+        # A built backbone is taken as it is; a name is a setting like any other.
+        check_fields(self, EXTRACT, ExtractError, skip=() if isinstance(self.backbone, str) else ("backbone",))
         # None means the default, as for every other option.
         object.__setattr__(self, "grid", self.grid or PatchGrid())
         object.__setattr__(self, "rule", self.rule or LabelRule())
@@ -494,11 +314,23 @@ def extract(dataset: Union[str, Path, ImageSet], out: Union[str, Path], config: 
         return _extract(dataset, Path(out), config, job, t0)
 
 
-def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: float) -> ExtractResult:
-    """:func:`extract` in one process of a job (alone: a job of one): plan, take a share of the parts, assemble."""
-    world = job.world
+@dataclass(frozen=True)
+class _Run:
+    """One process's extraction run: what its steps share."""
+
+    images: ImageSet
+    net: FrozenBackbone
+    config: ExtractConfig
+    device: torch.device
+    batch_size: int
+    runtime: Runtime
+    threads: int
+    world: World
+
+
+def _prepare(dataset, out: Path, config: ExtractConfig, world: World) -> _Run:
+    """The data set read, the backbone built and placed, the runtime chosen."""
     dev = resolve_device(config.device)
-    batch_size = config.batch_size or (256 if dev.type == "cuda" else 16)
     images = dataset if isinstance(dataset, ImageSet) else read_dataset(
         dataset, layout=config.layout, split=config.split, annotations=config.annotations, classes=config.classes)
     _check_out_is_not_read(out, images, config)
@@ -510,15 +342,22 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
     threads = apply_threads(config.threads)
     runtime = build_runtime(net, config.runtime, input_size=config.grid.input_size, threads=threads, device=dev,
                             dense=config.mode == "dense")
-    settings = _settings(images, net, config, batch_size, runtime)
-    counts, skips = plan_patches(images.records, config.grid, mode=config.mode, stride=DENSE_STRIDE,
+    return _Run(images, net, config, dev, config.batch_size or (256 if dev.type == "cuda" else 16), runtime,
+                threads, world)
+
+
+def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: float) -> ExtractResult:
+    """:func:`extract` in one process of a job (alone: a job of one): plan, take a share of the parts, assemble."""
+    run = _prepare(dataset, out, config, job.world)
+    settings = _settings(run)
+    counts, skips = plan_patches(run.images.records, config.grid, mode=config.mode, stride=DENSE_STRIDE,
                                  max_patches=config.max_patches, max_pixels=config.max_pixels)
     parts = _plan_parts(counts, config.part_patches)
     # A resume must cut the same parts and compute them with the same runtime (bit-identical
     # parts); a complete file is not compared on these (they do not change its content). The
     # number of processes is neither: any rank computes a part to the same bits.
     plan = hashlib.sha256(json.dumps([counts, [bool(r) for r in skips]]).encode()).hexdigest()
-    resume = {"part_plan": plan, "runtime": runtime.name}
+    resume = {"part_plan": plan, "runtime": run.runtime.name}
     _same_everywhere(job, out, settings, resume)
     writer = CacheWriter(out, settings, overwrite=config.overwrite, resume=resume, lead=job.leader)
     with contextlib.ExitStack() as stack:
@@ -527,35 +366,40 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
         complete, done = _on_leader(job, lambda: (stack.enter_context(writer).complete, sorted(writer.done_parts)))
         if complete:
             logger.info("%s: already complete with the same settings", out)
-            return _result(out, t0, 0, already_complete=True, rank=world.rank)
+            return _result(out, t0, 0, already_complete=True, rank=job.world.rank)
         writer.follow(done)
-        todo = [p for p in range(len(parts)) if p not in writer.done_parts]
-        size = {p: sum(counts[i] for i in parts[p]) for p in todo}
-        mine = share(todo, [size[p] for p in todo], world)
-        progress = _JobProgress(size, mine, writer.parts_dir, leader=job.leader,
-                                quiet=None if config.progress is None else not config.progress)
-        t1 = time.perf_counter()
-        try:
-            computed = _run_parts(images, parts, mine, counts, skips, writer, net, config=config, device=dev,
-                                  batch_size=batch_size, runtime=runtime, progress=progress, world=world)
-            seconds = time.perf_counter() - t1
-            job.barrier(while_waiting=progress.look)  # every part is committed; the bar shows the others'
-        finally:
-            progress.close()
-        _on_leader(job, lambda: _assemble(writer, parts, net, config, images, settings, dev, batch_size, runtime,
-                                          threads, world))
+        computed, seconds = _compute_share(run, job, writer, parts, counts, skips)
+        _on_leader(job, lambda: _assemble(run, writer, len(parts), settings))
         ranks = job.gather((computed, seconds))
-    result = _result(out, t0, sum(n for n, _ in ranks), rank=world.rank, ranks=ranks if world.distributed else None)
+    distributed = job.world.distributed
+    result = _result(out, t0, sum(n for n, _ in ranks), rank=job.world.rank, ranks=ranks if distributed else None)
     logger.info("%s", result.summary())
     return result
 
 
-def _assemble(writer: CacheWriter, parts: list, net: FrozenBackbone, config: ExtractConfig, images: ImageSet,
-              settings: dict, dev: torch.device, batch_size: int, runtime: Runtime, threads: int, world: World) -> None:
+def _compute_share(run: _Run, job: Coordinator, writer: CacheWriter, parts: list, counts: list,
+                   skips: list) -> tuple:
+    """This rank's share of the parts not yet committed, computed and committed: ``(patches, seconds)``."""
+    todo = [p for p in range(len(parts)) if p not in writer.done_parts]
+    size = {p: sum(counts[i] for i in parts[p]) for p in todo}
+    mine = share(todo, [size[p] for p in todo], run.world)
+    progress = _JobProgress(size, mine, writer.parts_dir, leader=job.leader,
+                            quiet=None if run.config.progress is None else not run.config.progress)
+    t1 = time.perf_counter()
+    try:
+        computed = _run_parts(run, writer, parts, mine, counts, skips, progress)
+        seconds = time.perf_counter() - t1
+        job.barrier(while_waiting=progress.look)  # every part is committed; the bar shows the others'
+    finally:
+        progress.close()
+    return computed, seconds
+
+
+def _assemble(run: _Run, writer: CacheWriter, num_parts: int, settings: dict) -> None:
     writer.refresh()  # the parts every rank committed
-    writer.assemble(num_parts=len(parts), feature_dim=net.feature_dim, dtype=config.dtype,
-                    compression=config.compression, images=images.records,
-                    provenance=_provenance(images, net, config, settings, dev, batch_size, runtime, threads, world),
+    config = run.config
+    writer.assemble(num_parts=num_parts, feature_dim=run.net.feature_dim, dtype=config.dtype,
+                    compression=config.compression, images=run.images.records, provenance=_provenance(run, settings),
                     layout=config.assemble)
 
 
@@ -661,38 +505,39 @@ def _check_dense(net: FrozenBackbone, grid: PatchGrid) -> None:
                            + f", got {grid.input_size}")
 
 
-def _settings(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, batch_size: int,
-              runtime: Runtime) -> dict:
+def _settings(run: _Run) -> dict:
     """Everything that determines the file's content: a resume with other settings is refused."""
+    images, config = run.images, run.config
     settings = {
         "dataset": {"root": str(images.root), "layout": images.layout, "split": images.split,
                     "num_images": len(images), "sha256": _dataset_digest(images)},
         "classes": list(images.classes),
-        "features": feature_settings(net, config.grid, config.mode),
+        "features": feature_settings(run.net, config.grid, config.mode),
         "grid": config.grid.to_dict(),
         "label_rule": config.rule.to_dict(),
         "storage": {"dtype": config.dtype, "compression": config.compression},
-        "batching": {"batch_size": batch_size, "part_patches": config.part_patches},
+        "batching": {"batch_size": run.batch_size, "part_patches": config.part_patches},
     }
     if config.mode == "dense":
         settings["batching"]["max_side"] = config.max_side
     return settings
 
 
-def _provenance(images: ImageSet, net: FrozenBackbone, config: ExtractConfig, settings: dict, dev: torch.device,
-                batch_size: int, runtime: Runtime, threads: int, world: World) -> Provenance:
+def _provenance(run: _Run, settings: dict) -> Provenance:
     """The file's provenance (the schema's own attributes are the cache writer's)."""
+    config, dev, world = run.config, run.device, run.world
     crop = config.mode == "crop"
     extraction = {"mode": config.mode,
                   "resize": "roi_align bilinear, adaptive sampling, aligned" if crop
                   else "whole image per scale, bilinear with antialias; windows pooled from the trunk's map",
-                  "dtype": config.dtype, "compression": config.compression, "batch_size": batch_size,
+                  "dtype": config.dtype, "compression": config.compression, "batch_size": run.batch_size,
                   "part_patches": config.part_patches, "max_side": None if crop else config.max_side,
-                  "device": str(dev), "mixed_precision": dev.type == "cuda", "runtime": runtime.describe(),
-                  "threads": threads, "processes": world.size, "launcher": world.launcher, "assemble": config.assemble}
+                  "device": str(dev), "mixed_precision": dev.type == "cuda", "runtime": run.runtime.describe(),
+                  "threads": run.threads, "processes": world.size, "launcher": world.launcher,
+                  "assemble": config.assemble}
     dataset = DatasetSource(**settings["dataset"], annotations=str(config.annotations) if config.annotations else None)
-    return Provenance(tuple(images.classes), settings["features"], feature_fingerprint(settings["features"]),
-                      net.spec.to_dict(), config.grid, config.rule, dataset, extraction, _versions(), now_iso())
+    return Provenance(tuple(run.images.classes), settings["features"], feature_fingerprint(settings["features"]),
+                      run.net.spec.to_dict(), config.grid, config.rule, dataset, extraction, _versions(), now_iso())
 
 
 def _result(out: Path, t0: float, computed: int, *, already_complete: bool = False, rank: int = 0,
@@ -704,87 +549,33 @@ def _result(out: Path, t0: float, computed: int, *, already_complete: bool = Fal
                          already_complete=already_complete, rank=rank, ranks=ranks)
 
 
-def _run_parts(images: ImageSet, parts: list, todo: list, counts: list, skips: list, writer: CacheWriter,
-               net: FrozenBackbone, *, config: ExtractConfig, device: torch.device, batch_size: int,
-               runtime: Runtime, progress: "_JobProgress", world: World) -> int:
+
+
+def _run_parts(run: _Run, writer: CacheWriter, parts: list, todo: list, counts: list, skips: list,
+               progress: "_JobProgress") -> int:
     """Compute and commit the parts in ``todo``; return the number of patches computed."""
     if not todo:
         return 0
-    workers = config.workers if config.workers is not None else min(4, max(1, available_cpus() // world.local_size))
-    order = [i for p in todo for i in parts[p]]
-    items = [(i, str(images[i].path), images[i].width, images[i].height, skips[i]) for i in order]
+    images, config = run.images, run.config
+    workers = config.workers if config.workers is not None else min(4, max(1, available_cpus() // run.world.local_size))
+    items = [(i, str(images[i].path), images[i].width, images[i].height, skips[i]) for p in todo for i in parts[p]]
     # Two images in flight per worker: memory stays workers x 2 x max_pixels x 3 bytes at most.
     loader = torch.utils.data.DataLoader(
-        _Decoder(items, config.max_pixels, displayed=images.layout in DISPLAYED_LAYOUTS), batch_size=1,
-        collate_fn=_only, num_workers=workers,
-        pin_memory=device.type == "cuda", prefetch_factor=2 if workers else None)
-    grid, dtype = config.grid, config.dtype
-    runner = _PatchRunner(net, input_size=grid.input_size, batch_size=batch_size, device=device,
-                          out_dtype=np.dtype(dtype), runtime=runtime)
-    dense = (_DenseRunner(net, grid, device=device, out_dtype=np.dtype(dtype), max_side=config.max_side)
-             if config.mode == "dense" else None)
+        Decoder(items, config.max_pixels, displayed=images.layout in DISPLAYED_LAYOUTS), batch_size=1,
+        collate_fn=only, num_workers=workers, pin_memory=run.device.type == "cuda",
+        prefetch_factor=2 if workers else None)
+    computer = PartComputer(images, run.net, config, device=run.device, batch_size=run.batch_size,
+                            runtime=run.runtime, planned=counts)
     done_images = sum(len(parts[p]) for p in range(len(parts)) if p not in todo)
-    bar = progress
-    computed = 0
-    stream = iter(loader)
-
-    def flush(segments: list, done: list) -> None:
-        """Run the images gathered so far and keep only their features (bounded memory)."""
-        if not segments:
-            return
-        if dense is not None:
-            # All images gathered at once, so that same-size images can share GPU batches.
-            done.extend(dense.images(segments))
-            bar.update(sum(len(f) for f in done[-len(segments):]))
-        else:
-            done.append(runner.run(segments, on_batch=bar.update))
-        segments.clear()
-
+    computed, stream = 0, iter(loader)
     try:
         for p in todo:
-            segments, meta, skipped_idx, skipped_reason = [], [], [], []
-            done, held = [], 0
-            for _ in parts[p]:
-                index, pixels, reason = next(stream)
-                rec = images[index]
-                if pixels is None:
-                    if config.strict:
-                        raise ExtractError(f"{rec.path}: {reason} (--strict)")
-                    logger.warning("%s: %s; skipped", rec.path, reason)
-                    skipped_idx.append(index)
-                    skipped_reason.append(reason)
-                    bar.update(counts[index])
-                    continue
-                boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=grid, rule=config.rule,
-                                                     mode=config.mode)
-                image = pixels.to(device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
-                if dense is not None:
-                    segments.append((image, rec.width, rec.height))
-                else:
-                    segments.append((image, torch.from_numpy(boxes).to(device)))
-                meta.append((index, boxes, scales, labels))
-                held += rec.width * rec.height
-                if held > _HELD_PIXELS:  # a part of many images: run what is held (decided by the plan)
-                    flush(segments, done)
-                    held = 0
-            flush(segments, done)
-            feats = np.concatenate(done) if done else np.zeros((0, net.feature_dim), np.dtype(dtype))
-            computed += len(feats)
-            data = PartData(
-                features=feats,
-                label=np.concatenate([m[3] for m in meta]).astype(np.int16) if meta else np.zeros(0, np.int16),
-                image=np.concatenate([np.full(len(m[1]), m[0], np.int64) for m in meta]) if meta
-                else np.zeros(0, np.int64),
-                box=np.concatenate([m[1] for m in meta]) if meta else np.zeros((0, 4), np.float32),
-                scale=np.concatenate([m[2] for m in meta]) if meta else np.zeros(0, np.float32),
-                skipped_index=np.array(skipped_idx, dtype=np.int64),
-                skipped_reason=skipped_reason,
-            )
+            data = computer.part(stream, len(parts[p]), progress.update)
+            computed += len(data.features)
             writer.write_part(p, data)
             done_images += len(parts[p])
-            if not world.distributed:  # a job's bar counts every rank's patches; images are this rank's
-                bar.set_postfix_str(f"images {done_images}/{len(images)}")
+            if not run.world.distributed:  # a job's bar counts every rank's patches; images are this rank's
+                progress.set_postfix_str(f"images {done_images}/{len(images)}")
     finally:
         del stream  # its decoding workers end now, not at the next collection
     return computed
-

@@ -41,10 +41,9 @@ from featurecache.resources import (
     DEFAULT_MAP_METHOD,
     DEFAULT_MAX_SIDE,
     MAP_METHODS,
-    MAX_STRIDE,
-    MIN_MAX_SIDE,
     resolve_device,
 )
+from featurecache.settings import MAP, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -73,13 +72,6 @@ MAX_MAP_VALUES = 2**25
 # Scores are clipped away from 0 and 1 before their log-odds are taken (a class with no
 # training positives scores 0 everywhere).
 _EPS = 1e-6
-
-
-def _check_threshold(threshold) -> float:
-    ok = isinstance(threshold, (int, float, np.number)) and not isinstance(threshold, bool) and 0 < threshold < 1
-    if not ok:
-        raise EvalError(f"must be a number in (0, 1), got {threshold!r}", param="box_threshold")
-    return float(threshold)
 
 
 @dataclass(frozen=True)
@@ -117,27 +109,12 @@ class MapConfig:
     max_side: int = DEFAULT_MAX_SIDE
 
     def __post_init__(self) -> None:
-        if self.method not in MAP_METHODS:
-            raise EvalError(f"must be one of {', '.join(MAP_METHODS)}, got {self.method!r}", param="method")
-        if (not isinstance(self.stride, (int, np.integer)) or isinstance(self.stride, bool)
-                or not 1 <= self.stride <= MAX_STRIDE):
-            raise EvalError(f"must be a whole number of pixels in [1, {MAX_STRIDE}], got {self.stride!r}",
-                            param="stride")
-        _check_threshold(self.box_threshold)
+        check_fields(self, MAP, EvalError)
         if self.scales is not None:
-            scales = self.scales
-            ok = isinstance(scales, (tuple, list, np.ndarray)) and len(scales) > 0 and all(
-                isinstance(v, (int, float, np.number)) and not isinstance(v, bool) and np.isfinite(v) and 1 <= v <= 16
-                for v in scales) and len(set(float(v) for v in scales)) == len(scales)
-            if not ok:
-                raise EvalError(f"must be distinct numbers in [1, 16] (λ, as the grid's scales), got {scales!r}",
-                                param="scales")
             if self.method == "windows":  # silently ignored, it would look as if it had been honoured
                 raise EvalError("applies to cam maps only (a windows map averages the patches of every scale)",
                                 param="scales")
-            object.__setattr__(self, "scales", tuple(float(v) for v in scales))
-        if self.max_side < MIN_MAX_SIDE:
-            raise EvalError(f"must be at least {MIN_MAX_SIDE}, got {self.max_side}", param="max_side")
+            object.__setattr__(self, "scales", tuple(float(v) for v in self.scales))
 
     @property
     def uses_cells(self) -> bool:
@@ -218,7 +195,8 @@ class LocalizationMap:
         Log-odds, not scores: a confident map's scores crowd near 1 over a wide area, which
         a threshold on the scores would take in whole.
         """
-        threshold = _check_threshold(threshold)
+        MAP["box_threshold"].check(threshold, EvalError)
+        threshold = float(threshold)
         p = np.clip(self.scores[self.class_index(cls)].astype(np.float64), _EPS, 1 - _EPS)
         z = np.log(p) - np.log1p(-p)
         lo, hi = float(z.min()), float(z.max())

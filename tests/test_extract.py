@@ -385,9 +385,9 @@ def test_dense_mode_refuses_what_it_cannot_do(subset, lite0, tmp_path):
 
 def test_dense_bucketing_gives_the_same_features(subset, lite0):
     """Same-size images share one trunk batch on CUDA; here the path is forced on the CPU."""
-    from featurecache.extract import _DenseRunner
+    from featurecache.runners import DenseRunner
 
-    runner = _DenseRunner(lite0, DENSE_GRID, device=torch.device("cpu"), out_dtype=np.dtype("float32"))
+    runner = DenseRunner(lite0, DENSE_GRID, device=torch.device("cpu"), out_dtype=np.dtype("float32"))
     images = read_dataset(subset)
     items = [(torch.from_numpy(load_rgb(r.path)).permute(2, 0, 1)[None].float(), r.width, r.height) for r in images]
     # Different image sizes still often round to the same resized size at a scale.

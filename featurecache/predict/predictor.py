@@ -4,8 +4,6 @@
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import tempfile
 import time
@@ -26,7 +24,6 @@ from featurecache.errors import (
     FeaturecacheError,
     HeadError,
     PredictError,
-    integer_at_least,
 )
 from featurecache.extract import ExtractConfig, ExtractResult, extract
 from featurecache.heads.trained import TrainedHead
@@ -37,6 +34,7 @@ from featurecache.patches import PatchGrid
 from featurecache.predict.inputs import collect_inputs, image_set_of
 from featurecache.predict.pictures import draw_maps, one_map
 from featurecache.predict.results import Predictions
+from featurecache.settings import PREDICT, check_fields
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +105,7 @@ class PredictConfig:
     progress: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        for name in ("top", "stride", "max_side"):
-            value = getattr(self, name)
-            if not integer_at_least(value, 1):
-                raise PredictError(f"must be a positive integer, got {value!r}", param=name)
-        t = self.threshold
-        if t is not None and (not isinstance(t, numbers.Real) or isinstance(t, bool) or not math.isfinite(t)):
-            raise PredictError(f"must be a finite number, got {t!r}", param="threshold")
+        check_fields(self, PREDICT, PredictError)
         try:
             self.map_config()
         except EvalError as e:
