@@ -29,10 +29,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from featurecache.backbones import FrozenBackbone, sha256_file
+from featurecache.backbones import FrozenBackbone
 from featurecache.errors import BackboneError
 from featurecache.outputs import os_reason
 from featurecache.resources import RUNTIMES
+from featurecache.weights import sha256_file
 
 logger = logging.getLogger(__name__)
 
