@@ -162,8 +162,7 @@ def read_voc(path: Path, *, split: Optional[str], classes: Optional[tuple]) -> I
     Raises
     ------
     DatasetError
-        Not a VOC folder, no annotations, a missing split file or image id, malformed XML, or a
-        class outside the list.
+        Not a VOC folder, no annotations, a missing split or image, bad XML, an unlisted class.
     """
     root = voc_root(path)
     if root is None:
