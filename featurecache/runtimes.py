@@ -29,10 +29,11 @@ from typing import Optional
 import numpy as np
 import torch
 
-from featurecache.backbones import FrozenBackbone, sha256_file
+from featurecache.backbones import FrozenBackbone
 from featurecache.errors import BackboneError
 from featurecache.outputs import os_reason
 from featurecache.resources import RUNTIMES
+from featurecache.weights import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -286,6 +287,41 @@ def _agrees(runtime: Runtime, backbone: FrozenBackbone, input_size: int) -> floa
     return float((got - ref).abs().max()) / scale
 
 
+def _first_agreeing(backbone: FrozenBackbone, name: str, candidates: list, input_size: int, threads: int,
+                    reasons: list) -> Optional[Runtime]:
+    """The first candidate runtime whose features agree with torch's, or None with why in ``reasons``.
+
+    A named runtime (``name`` not ``auto``) that fails raises instead: the user asked for it.
+    """
+    model = None
+    for candidate in candidates:
+        try:
+            model = exported_model(backbone, input_size)
+            runtime = (_OpenVinoRuntime if candidate == "openvino" else _OnnxRuntime)(backbone, model, threads)
+            diff = _agrees(runtime, backbone, input_size)
+        except BackboneError as e:
+            if name != "auto":
+                raise
+            reasons.append(e.message.removesuffix("; use --runtime torch"))  # the export failed: no runtime can run it
+            break
+        except Exception as e:  # a runtime that cannot load the graph: auto moves on
+            why = _why(e)
+            if name != "auto":
+                advice = "" if why.startswith("out of memory") else "delete the file to export it again, or "
+                raise BackboneError(f"{candidate}: cannot run {backbone.spec.name} exported as {model} ({why}); "
+                                    f"{advice}use --runtime torch", param="runtime") from None
+            reasons.append(f"{candidate} cannot run the exported model ({why})")
+            continue
+        if diff <= TOLERANCE:
+            return runtime
+        message = (f"{candidate}: features differ from torch's by {diff:.1e} of their scale, above the tolerance "
+                   f"{TOLERANCE:g}")
+        if name != "auto":
+            raise BackboneError(message + "; use --runtime torch", param="runtime")
+        reasons.append(message)
+    return None
+
+
 def build_runtime(backbone: FrozenBackbone, name: str = "auto", *, input_size: int, threads: int,
                   device: Optional[torch.device] = None, dense: bool = False) -> Runtime:
     """The runtime that extraction runs the backbone with.
@@ -322,32 +358,9 @@ def build_runtime(backbone: FrozenBackbone, name: str = "auto", *, input_size: i
         raise BackboneError(f"{name} is not installed: pip install \"featurecache[{name}]\"", param="runtime")
     reasons = [] if candidates else ["neither OpenVINO nor ONNX Runtime is installed; pip install "
                                      "\"featurecache[openvino]\" runs crop mode about 3x faster on the CPU"]
-    model = None
-    for candidate in candidates:
-        try:
-            model = exported_model(backbone, input_size)
-            runtime = (_OpenVinoRuntime if candidate == "openvino" else _OnnxRuntime)(backbone, model, threads)
-            diff = _agrees(runtime, backbone, input_size)
-        except BackboneError as e:
-            if name != "auto":
-                raise
-            reasons.append(e.message.removesuffix("; use --runtime torch"))  # the export failed: no runtime can run it
-            break
-        except Exception as e:  # a runtime that cannot load the graph: auto moves on
-            why = _why(e)
-            if name != "auto":
-                advice = "" if why.startswith("out of memory") else "delete the file to export it again, or "
-                raise BackboneError(f"{candidate}: cannot run {backbone.spec.name} exported as {model} ({why}); "
-                                    f"{advice}use --runtime torch", param="runtime") from None
-            reasons.append(f"{candidate} cannot run the exported model ({why})")
-            continue
-        if diff <= TOLERANCE:
-            return runtime
-        message = (f"{candidate}: features differ from torch's by {diff:.1e} of their scale, above the tolerance "
-                   f"{TOLERANCE:g}")
-        if name != "auto":
-            raise BackboneError(message + "; use --runtime torch", param="runtime")
-        reasons.append(message)
+    runtime = _first_agreeing(backbone, name, candidates, input_size, threads, reasons)
+    if runtime is not None:
+        return runtime
     _warn_once(f"--runtime auto: torch runs the backbone ({'; '.join(reasons)})")
     return Runtime(backbone)
 

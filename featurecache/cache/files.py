@@ -15,7 +15,7 @@ import contextlib
 import errno
 import os
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, NoReturn, Optional, Union
 
 import h5py
 
@@ -84,6 +84,32 @@ def fresh(path: Path) -> Path:
 _IN_WRITER_CHILD = False
 
 
+def _run_child(read_end: int, write_end: int, write: Callable[[], None]) -> NoReturn:
+    """The forked child of :func:`write_isolated`: run ``write()``, send a failure's reason, exit at once."""
+    code = 1
+    try:
+        global _IN_WRITER_CHILD
+        _IN_WRITER_CHILD = True
+        import signal
+
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once; the parent reports
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so does a scheduler's SIGTERM
+        os.close(read_end)
+        # After a failed write HDF5 and h5py's object finalisers print tracebacks of their own
+        # ("Exception ignored in ... _dealloc") whenever garbage collection reaches them; the
+        # reason goes through the pipe, so the child's stderr is silenced to keep one line.
+        quiet = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(quiet, 2)
+        os.close(quiet)
+        try:
+            write()
+            code = 0
+        except BaseException as e:  # everything is reported to the parent
+            os.write(write_end, os_reason(e).encode("utf-8", "replace")[:1000])
+    finally:
+        os._exit(code)
+
+
 def write_isolated(path: Path, kept: str, write) -> None:
     """Run ``write()`` (which writes ``path`` with HDF5) in a forked child; a failure becomes one CacheError.
 
@@ -103,29 +129,8 @@ def write_isolated(path: Path, kept: str, write) -> None:
         os.close(read_end)
         os.close(write_end)
         raise CacheError(f"{path}: cannot start the writing process ({os_reason(e)}); {kept}") from None
-    if pid == 0:  # the child: whatever happens, it ends here, never returning into the parent's code
-        code = 1
-        try:
-            global _IN_WRITER_CHILD
-            _IN_WRITER_CHILD = True
-            import signal
-
-            signal.signal(signal.SIGINT, signal.SIG_DFL)  # Ctrl-C ends it at once; the parent reports
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # so does a scheduler's SIGTERM
-            os.close(read_end)
-            # After a failed write HDF5 and h5py's object finalisers print tracebacks of their own
-            # ("Exception ignored in ... _dealloc") whenever garbage collection reaches them; the
-            # reason goes through the pipe, so the child's stderr is silenced to keep one line.
-            quiet = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(quiet, 2)
-            os.close(quiet)
-            try:
-                write()
-                code = 0
-            except BaseException as e:  # everything is reported to the parent
-                os.write(write_end, os_reason(e).encode("utf-8", "replace")[:1000])
-        finally:
-            os._exit(code)
+    if pid == 0:  # the child: whatever happens, it ends there, never returning into the parent's code
+        _run_child(read_end, write_end, write)
     os.close(write_end)
     try:
         with os.fdopen(read_end, "rb") as f:

@@ -147,23 +147,8 @@ class CacheWriter:
         """Find the parts committed so far, by any process of the job (a part file exists only complete)."""
         self.done_parts = {int(m.group(1)) for f in self.parts_dir.iterdir() if (m := PART_PATTERN.match(f.name))}
 
-    def _recover(self) -> None:
-        """Killed between the renames of a virtual assembly: its parts, whole, are in a data folder that the
-        file at ``path`` (if any) does not read. Only a folder this run made (its settings) is taken back."""
-        if self.parts_dir.exists():
-            return
-        in_use = set(data_folders(self.path)) if self.path.exists() else set()
-        for d in sorted(self.path.parent.glob(glob.escape(self.path.name) + ".*.data")):
-            if d.is_symlink() or not d.is_dir() or d in in_use:
-                continue
-            with contextlib.suppress(OSError, ValueError):
-                if json.loads((d / "settings.json").read_text()) == self.run_settings:
-                    os.replace(d, self.parts_dir)
-                    logger.info("%s: recovered the parts of an interrupted assembly from %s", self.path, d)
-                    return
-
     def _prepare(self) -> None:
-        self._recover()
+        _recover_parts(self.path, self.parts_dir, self.run_settings)
         if self.path.exists() and not self.overwrite:
             theirs = _read_settings(self.path)
             diff = _settings_difference(theirs, self.settings)
@@ -196,16 +181,7 @@ class CacheWriter:
             fsync_file(tmp)
             os.replace(tmp, settings_file)
             fsync_dir(self.parts_dir)
-        for f in self.parts_dir.iterdir():
-            m = PART_PATTERN.match(f.name)
-            if m:
-                if _part_readable(f):
-                    self.done_parts.add(int(m.group(1)))
-                else:  # a damaged part (e.g. disk full after the rename): compute it again
-                    logger.warning("%s: unreadable part, it will be computed again", f)
-                    f.unlink()
-            elif f.name.endswith(".tmp"):
-                f.unlink()
+        self.done_parts |= _committed_parts(self.parts_dir)
         if self.done_parts:
             logger.info("%s: resuming, %d part(s) already done", self.path, len(self.done_parts))
 
@@ -278,6 +254,41 @@ class CacheWriter:
         if not virtual:
             shutil.rmtree(self.parts_dir, ignore_errors=True)
         self.complete = True
+
+
+def _recover_parts(path: Path, parts_dir: Path, run_settings: dict) -> None:
+    """Take back the parts of a virtual assembly killed between its renames.
+
+    Its parts, whole, are in a data folder that the file at ``path`` (if any) does not read.
+    Only a folder this run made (its settings) is taken back.
+    """
+    if parts_dir.exists():
+        return
+    in_use = set(data_folders(path)) if path.exists() else set()
+    for d in sorted(path.parent.glob(glob.escape(path.name) + ".*.data")):
+        if d.is_symlink() or not d.is_dir() or d in in_use:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((d / "settings.json").read_text()) == run_settings:
+                os.replace(d, parts_dir)
+                logger.info("%s: recovered the parts of an interrupted assembly from %s", path, d)
+                return
+
+
+def _committed_parts(parts_dir: Path) -> set:
+    """The parts committed in ``parts_dir``; damaged parts and temporary files left by a killed run are removed."""
+    done = set()
+    for f in parts_dir.iterdir():
+        m = PART_PATTERN.match(f.name)
+        if m:
+            if _part_readable(f):
+                done.add(int(m.group(1)))
+            else:  # a damaged part (e.g. disk full after the rename): compute it again
+                logger.warning("%s: unreadable part, it will be computed again", f)
+                f.unlink()
+        elif f.name.endswith(".tmp"):
+            f.unlink()
+    return done
 
 
 def _part_readable(path: Path) -> bool:
