@@ -104,7 +104,9 @@ def test_objectives_and_kinds():
     assert get_objective("patch").pools_patches and not get_objective("mil").pools_patches
     assert get_objective("hybrid").patch_scores and not get_objective("image").patch_scores
     assert "val_split" in options_of("patch") and "val_split" not in options_of("mil")
-    assert {objective_of_kind(k) for k in HEAD_KINDS} == {"patch", "image", "mil", "fusion"}
+    assert [objective_of_kind(k) for k in ("mlp", "linearsvm", "image-mlp", "mil", "fusion")] == [
+        "patch", "patch", "image", "mil", "fusion"]
+    assert all(any(h.name == k for h in get_objective(objective_of_kind(k)).heads) for k in HEAD_KINDS)
     with pytest.raises(HeadError, match="unknown head") as e:
         make_head("forest")
     assert e.value.param == "head"
