@@ -16,16 +16,9 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import featurecache.heads.objectives as table
 from featurecache.errors import HeadError
 from featurecache.heads.background import BackgroundPolicy
-from featurecache.heads.objectives import (
-    COMBINING_OBJECTIVES,
-    DEFAULT_OBJECTIVE,
-    MEMBER_OBJECTIVES,
-    OBJECTIVES,
-    SINGLE_OBJECTIVES,
-    get_objective,
-)
 from featurecache.heads.pooling import DEFAULT_POWER, SCORE_POOLINGS, check_image_pooling
 from featurecache.metrics import METHODS
 
@@ -75,7 +68,13 @@ FUSION_RULES = ("zscore", "rank")
 
 def is_fusion(name: str) -> bool:
     """Whether a member or candidate name is a fusion (of the ``members``)."""
-    return get_objective(parse_member(name)[0]).fuses
+    return table.get_objective(parse_member(name)[0]).fuses
+
+
+def _variant_form(objective: str) -> str:
+    """``[:POOLING]`` for ``image``, ``[:HIDDEN]`` for ``patch``, '' for an objective without a variant."""
+    option = table.get_objective(objective).variant
+    return f"[:{option.split('_')[-1].upper()}]" if option else ""
 
 
 def parse_member(text: str) -> tuple:
@@ -87,13 +86,12 @@ def parse_member(text: str) -> tuple:
     fusion does not fuse fusions).
     """
     name, _, variant = str(text).strip().partition(":")
-    if name not in MEMBER_OBJECTIVES:
-        forms = [n + (f"[:{get_objective(n).variant.split('_')[-1].upper()}]" if get_objective(n).variant else "")
-                 for n in MEMBER_OBJECTIVES]
+    if name not in table.MEMBER_OBJECTIVES:
+        forms = [n + _variant_form(n) for n in table.MEMBER_OBJECTIVES]
         raise HeadError(f"unknown member {text!r} ({', '.join(forms)})", param="members")
     if not variant:
         return name, {}
-    option = get_objective(name).variant
+    option = table.get_objective(name).variant
     if option is None:
         raise HeadError(f"{name} takes no ':' variant, got {text!r}", param="members")
     return name, {option: OPTIONS[option].parse(variant)}
@@ -246,14 +244,14 @@ class Option:
 
 
 
-_ALL, _SINGLE = frozenset(OBJECTIVES), frozenset(SINGLE_OBJECTIVES)
+_ALL, _SINGLE = frozenset(table.OBJECTIVES), frozenset(table.SINGLE_OBJECTIVES)
 # Members of a fusion and candidates of auto are trained with the options of their own objectives.
-_MEMBERS = frozenset(COMBINING_OBJECTIVES)
+_MEMBERS = frozenset(table.COMBINING_OBJECTIVES)
 _PATCH, _IMAGE, _MIL, _HYBRID = frozenset({"patch"}), frozenset({"image"}), frozenset({"mil"}), frozenset({"hybrid"})
 _FUSION, _AUTO = frozenset({"fusion"}), frozenset({"auto"})
 #: ``fit --objective``'s choices: the default first.
-_OBJECTIVE_CHOICES = (DEFAULT_OBJECTIVE, *(o for o in OBJECTIVES if o != DEFAULT_OBJECTIVE))
-_PATCH_HEADS, _IMAGE_HEADS = get_objective("patch").head_choices(), get_objective("image").head_choices()
+_OBJECTIVE_CHOICES = (table.DEFAULT_OBJECTIVE, *(o for o in table.OBJECTIVES if o != table.DEFAULT_OBJECTIVE))
+_PATCH_HEADS, _IMAGE_HEADS = table.get_objective("patch").head_choices(), table.get_objective("image").head_choices()
 
 
 def _member_options(options: Mapping) -> list:
@@ -284,11 +282,11 @@ def _c_applies(o: Mapping) -> bool:
 
 
 def _pools_patches(o: Mapping) -> bool:
-    return get_objective(o.get("objective", DEFAULT_OBJECTIVE)).pools_patches
+    return table.get_objective(o.get("objective", table.DEFAULT_OBJECTIVE)).pools_patches
 
 
 _OPTION_LIST = (
-    Option("objective", DEFAULT_OBJECTIVE,
+    Option("objective", table.DEFAULT_OBJECTIVE,
            "auto: cross-validate the candidates (--candidates) on the training images and keep the best; patch: "
            "a patch classifier on box-derived patch labels (the paper's); image: each image's pooled patch features "
            "-> a per-class image head on its labels; mil: a patch scorer trained through an image-level aggregation "
@@ -399,7 +397,7 @@ def relevant(options: Mapping) -> set:
 def check_options(options: Mapping) -> dict:
     """Every option that applies to the configuration, read and checked (a :class:`HeadError` names a bad one)."""
     full = {**defaults(), **options}
-    get_objective(full["objective"])
+    table.get_objective(full["objective"])
     for opt in OPTIONS.values():
         if opt.applies(full):
             full[opt.name] = opt.read(full[opt.name])
