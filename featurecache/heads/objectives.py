@@ -86,6 +86,8 @@ class Objective:
     image_features : bool
         Its heads score one pooled feature vector per image (so a whole-image feature can
         stand in: ``ablate``'s probe).
+    positive : tuple of str
+        Estimator parameters it needs positive (``hybrid``: the weight of its patch loss).
     variant : str, optional
         The option a member's or candidate's ``:variant`` sets (``image:coarse``, ``patch:0``).
     scores : str
@@ -107,6 +109,7 @@ class Objective:
     patch_scores: bool = False
     needs_boxes: bool = False
     fixed: Mapping = field(default_factory=dict)
+    positive: tuple = ()
     image_features: bool = False
     variant: Optional[str] = None
     scores: str = ""
@@ -152,7 +155,8 @@ _TABLE = (
               heads=(_MIL_HEAD,), patch_scores=True, fixed=MappingProxyType({"patch_weight": 0.0}),
               probabilities=True, scores=_MIL_SCORES),
     Objective("hybrid", "featurecache.heads.mil:fit_mil_objective", "featurecache.heads.mil:describe_mil",
-              heads=(_MIL_HEAD,), patch_scores=True, needs_boxes=True, probabilities=True, scores=_MIL_SCORES),
+              heads=(_MIL_HEAD,), patch_scores=True, needs_boxes=True, positive=("patch_weight",), probabilities=True,
+              scores=_MIL_SCORES),
     Objective("fusion", "featurecache.heads.fusion:fit_fusion_objective", "featurecache.heads.fusion:describe_fusion",
               heads=(HeadKind("fusion", "featurecache.heads.fusion:FusionHead"),), single=False, fuses=True,
               scores="the mean of the members' scores, each standardised on the training images (0 = their "

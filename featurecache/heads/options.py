@@ -22,9 +22,9 @@ from featurecache.heads.background import BackgroundPolicy
 from featurecache.heads.pooling import DEFAULT_POWER, SCORE_POOLINGS, check_image_pooling
 from featurecache.metrics import METHODS
 
-__all__ = ["AGGREGATIONS", "DEFAULT_CANDIDATES", "EVAL_OPTIONS", "FUSION_RULES", "MAX_AGGREGATION_PARAMETER",
-           "OPTIONS", "Option", "OptionScopeError", "check_options", "defaults", "is_fusion", "options_of",
-           "parse_aggregation", "parse_member", "read_defaults", "relevant", "scope_error"]
+__all__ = ["AGGREGATIONS", "DEFAULT_CANDIDATES", "DEFAULT_MEMBERS", "EVAL_OPTIONS", "FUSION_RULES",
+           "MAX_AGGREGATION_PARAMETER", "OPTIONS", "Option", "OptionScopeError", "check_options", "defaults",
+           "is_fusion", "options_of", "parse_aggregation", "parse_member", "read_defaults", "relevant", "scope_error"]
 
 #: MIL aggregations of patch logits into an image logit.
 AGGREGATIONS = ("lse", "max", "power")
@@ -61,6 +61,9 @@ def parse_aggregation(text: str) -> tuple:
 #: on both shared sets (VOC 5-fold 79.3 vs 78.2, BCCD 86.9 vs 87.1 at k = 5; docs/results.md)
 #: and 26x cheaper to train on BCCD (3.4 s vs 90.5 s).
 DEFAULT_CANDIDATES = ("image:coarse", "image:mean", "mil", "hybrid", "patch:0", "fusion")
+
+#: What ``fusion`` averages unless told otherwise: the coarsest-scale image probe and the box-aided patch scorer.
+DEFAULT_MEMBERS = ("image:coarse", "hybrid")
 
 #: Score fusions: standardised log-odds averaged (``zscore``), or ranks averaged (``rank``).
 FUSION_RULES = ("zscore", "rank")
@@ -256,16 +259,20 @@ _PATCH_HEADS, _IMAGE_HEADS = table.get_objective("patch").head_choices(), table.
 
 def _member_options(options: Mapping) -> list:
     """``(options, names the member fixes)`` of a fusion's members, or of auto's candidates (and fusion members)."""
-    names = list(_member_list(options.get("members", "image:coarse,hybrid")))
-    if options.get("objective") == "auto":
-        candidates = list(_member_list(options.get("candidates", ",".join(DEFAULT_CANDIDATES)), "candidates"))
-        names = candidates + (names if "fusion" in candidates else [])
+    names = list(_member_list(options.get("members", OPTIONS["members"].default)))
+    if table.get_objective(options.get("objective")).chooses:
+        candidates = _candidates(options)
+        names = list(candidates) + (names if any(map(is_fusion, candidates)) else [])
     out = []
     for name in names:
         objective, overrides = parse_member(name)
-        if objective != "fusion":
+        if not table.get_objective(objective).fuses:
             out.append(({**options, "objective": objective, **overrides}, set(overrides)))
     return out
+
+
+def _candidates(options: Mapping) -> tuple:
+    return _member_list(options.get("candidates", OPTIONS["candidates"].default), "candidates")
 
 
 def _mlp(o: Mapping) -> bool:
@@ -332,12 +339,11 @@ _OPTION_LIST = (
            _IMAGE | _MIL | _HYBRID, param="weight_decay", when=_trainer, minimum=0.0),
     Option("image_epochs", 200, "image (mlp head), mil, hybrid: epochs.",
            _IMAGE | _MIL | _HYBRID, param="max_epochs", when=_trainer, parse=int, kind="int", minimum=1),
-    Option("members", "image:coarse,hybrid",
+    Option("members", ",".join(DEFAULT_MEMBERS),
            "fusion (and auto's fusion candidate): the objectives whose image scores are averaged, comma-separated; "
            "image:POOLING picks the image objective's pooling. Members that need boxes are replaced by mil on data "
            "without boxes.", _MEMBERS, param=lambda v: {"members": tuple(v)}, parse=_member_list, kind="text",
-           when=lambda o: o.get("objective") == "fusion" or "fusion" in _member_list(
-               o.get("candidates", ",".join(DEFAULT_CANDIDATES)), "candidates")),
+           when=lambda o: table.get_objective(o["objective"]).fuses or any(map(is_fusion, _candidates(o)))),
     Option("fusion_rule", "zscore",
            "fusion: zscore (each member's per-class log-odds standardised on the training images) or rank "
            "(per-class ranks within the scored images); auto's fusion candidate uses zscore.", _FUSION, param="rule",

@@ -129,8 +129,9 @@ def estimator_for(options: Mapping, *, params_given: Optional[Mapping] = None, r
     params.update(objective.fixed)
     params_override = dict(params_given or {})
     params.update(params_override)
-    if objective.name == "hybrid" and float(params["patch_weight"]) <= 0:
-        raise HeadError("objective hybrid needs a positive patch weight", param="patch_weight")
+    for name in objective.positive:
+        if float(params[name]) <= 0:
+            raise HeadError(f"objective {objective.name} needs a positive {name.replace('_', ' ')}", param=name)
     kind = objective.kind(full)
     estimator = load(HEAD_KINDS[kind])
     accepted = estimator._get_param_names()
