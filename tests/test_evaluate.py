@@ -70,3 +70,23 @@ def test_patch_report_counts_true_labels_by_predicted_outputs():
     scores = image_scores(probs, np.array([0, 0, 0, 1, 1, 1]), 2, pooling="mean")
     np.testing.assert_allclose(scores, [[(0.1 + 0.8 + 0.1) / 3, (0.1 + 0.1 + 0.8) / 3],
                                         [(0.8 + 0.8 + 0.05) / 3, (0.1 + 0.1 + 0.05) / 3]])
+
+
+def test_report_settings_default_to_pooled_patch_scores_and_fields_override_them():
+    from featurecache.evaluate import POOLED, ReportSettings, report_from_arrays, report_from_image_scores
+
+    probs = np.array([[0.2, 0.8], [0.9, 0.1], [0.3, 0.7], [0.6, 0.4]])
+    index, labels = np.array([0, 0, 1, 1]), np.array([[True], [False]])
+    r = report_from_arrays(probs, index, labels, np.zeros_like(labels), ["c"], patch_labels=np.array([1, 0, 0, 0]))
+    assert (r.pooling, r.k, r.method) == ("power", 5.0, "voc07") and POOLED.k == 5.0
+    np.testing.assert_allclose(r.scores[:, 0], [(0.8 ** 5 + 0.1 ** 5) / 2, (0.7 ** 5 + 0.4 ** 5) / 2])
+    assert r.labelled_patches == 4 and r.patch_accuracy == pytest.approx(3 / 4)
+    m = report_from_arrays(probs, index, labels, np.zeros_like(labels), ["c"], settings=POOLED, pooling="max",
+                           head="mlp")
+    np.testing.assert_allclose(m.scores[:, 0], [0.8, 0.7])
+    assert (m.pooling, m.head) == ("max", "mlp")
+    image = report_from_image_scores(np.array([[0.9], [0.2]]), labels, np.zeros_like(labels), ["c"],
+                                     settings=ReportSettings(objective="image", method="all"))
+    assert (image.pooling, image.k, image.objective, image.method, image.mean_ap) == ("", 0.0, "image", "all", 1.0)
+    with pytest.raises(TypeError, match="depth"):
+        report_from_image_scores(np.array([[0.9], [0.2]]), labels, np.zeros_like(labels), ["c"], depth=3)
