@@ -24,44 +24,44 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
-import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from types import MappingProxyType
+from typing import Mapping, Optional, Union
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from featurecache.cache import AnyCache, FeatureCache, MemoryCache
-from featurecache.errors import AblationError, FeaturecacheError, HeadError, integer_at_least
+from featurecache.cache import FeatureCache, MemoryCache
+from featurecache.errors import AblationError, FeaturecacheError, integer_at_least
 from featurecache.evaluate import pooled_scores, report_from_image_scores
-from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, defaults, get_objective, relevant
+from featurecache.heads.crossval import Fold, cv_folds
+from featurecache.heads.registry import FitConfig, get_objective, options_of, relevant
 from featurecache.heads.trained import TrainedHead
-from featurecache.metrics import bootstrap_map, bootstrap_weights, image_folds, interval
+from featurecache.metrics import bootstrap_map, bootstrap_weights, interval
 from featurecache.outputs import check_not_inputs, csv_text, json_text
 from featurecache.resources import apply_threads, features_bytes, memory_budget
+from featurecache.sweep import (
+    DEFAULTS,
+    EVAL_KEYS,
+    TRAIN_KEYS,
+    canonical,
+    check_grid,
+    configurations,
+    grid_settings,
+    is_probe,
+    parse_grid,
+    read_sweep_file,
+    show,
+)
 from featurecache.train import fit_objective
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AblationError", "AblationResult", "AblationRow", "DEFAULTS", "EVAL_KEYS", "TRAIN_KEYS", "ablate",
-           "parse_grid", "read_sweep_file"]
-
-_GRID_OPTIONS = {n: o for n, o in {**OPTIONS, **EVAL_OPTIONS}.items() if o.grid}
-
-#: Defaults of every setting a grid may vary: the registry's, except that ablations compare
-#: against the paper's objective unless told otherwise.
-DEFAULTS = {**{n: v for n, v in defaults().items() if n in _GRID_OPTIONS}, "objective": "patch"}
-EVAL_KEYS = tuple(EVAL_OPTIONS)
-TRAIN_KEYS = tuple(k for k in DEFAULTS if k not in EVAL_KEYS)
-_WHOLE = "whole"
-
-#: Most combinations a grid may have (counted before any is built); a larger sweep is a mistake
-#: or a job for several runs.
-MAX_CONFIGURATIONS = 10_000
+__all__ = ["AblateConfig", "AblationError", "AblationResult", "AblationRow", "DEFAULTS", "EVAL_KEYS", "TRAIN_KEYS",
+           "ablate", "parse_grid", "read_sweep_file"]
 
 #: Most bootstrap values an ablation holds (rows x evaluation settings x resamples, float64:
 #: 400 MB); ``--resamples`` beyond what fits is refused before any training.
@@ -71,96 +71,6 @@ MAX_BOOTSTRAP_VALUES = 50_000_000
 _BOOT_CHUNK_VALUES = 8_000_000
 
 
-def _read(key: str, text: str):
-    """A grid value: ``image_pooling=whole`` is ablate's own (the probe); the rest are the registry's."""
-    text = text.strip()
-    if key == "image_pooling" and text == _WHOLE:
-        return text
-    try:
-        return _GRID_OPTIONS[key].read(text)
-    except HeadError as e:
-        raise AblationError(f"{key}: {e.message}", param="grid") from None
-
-
-def _probe(cfg: dict) -> bool:
-    """Whether a configuration is the whole-image probe (an image head on a ``--whole-image`` cache)."""
-    return cfg.get("image_pooling") == _WHOLE and get_objective(cfg["objective"]).image_features
-
-
-def _check_grid(grid: dict) -> dict:
-    """A grid given as data: known settings, values read as :func:`parse_grid` reads them."""
-    out = {}
-    for key, values in grid.items():
-        if key not in DEFAULTS:
-            raise AblationError(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}", param="grid")
-        out[key] = [v if isinstance(v, tuple) else _read(key, str(v)) for v in values]
-    return out
-
-
-def parse_grid(items: Sequence[str]) -> dict:
-    """``["hidden=0,512,2048+2048", "background=weight,sample:0.1"]`` -> ``{"hidden": [0, 512, (2048, 2048)], ...}``."""
-    grid: dict = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip().replace("-", "_")
-        if not sep or not values.strip():
-            raise AblationError(f"expects KEY=V1,V2,..., got {item!r}", param="grid")
-        if key not in DEFAULTS:
-            raise AblationError(f"unknown setting {key!r}; known: {', '.join(DEFAULTS)}", param="grid")
-        grid[key] = [_read(key, v) for v in values.split(",")]
-    return grid
-
-
-#: The ``[options]`` a sweep file may set, with their types (ranges are :func:`ablate`'s).
-_SWEEP_OPTIONS = {"seeds": int, "folds": int, "val_split": str, "train_split": str, "whole_image": str}
-
-
-def read_sweep_file(path: Union[str, Path]) -> tuple:
-    """Read a TOML sweep: ``[grid]`` (setting = list of values) and optional ``[options]``.
-
-    Returns
-    -------
-    grid : dict
-    options : dict
-        ``seeds``, ``folds``, ``val_split``, ``train_split``, ``whole_image`` if given.
-    """
-    try:
-        import tomllib
-    except ImportError:  # pragma: no cover - Python < 3.11
-        import tomli as tomllib  # type: ignore[no-redef]
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise AblationError(f"{path}: cannot read ({e.strerror or e})") from None
-    except UnicodeDecodeError:
-        raise AblationError(f"{path}: not UTF-8 text (TOML is UTF-8)") from None
-    except (tomllib.TOMLDecodeError, RecursionError) as e:
-        raise AblationError(f"{path}: invalid TOML ({str(e)[:160] or 'nested too deep'})") from None
-    raw = data.get("grid", {})
-    if not isinstance(raw, dict) or not raw:
-        raise AblationError(f"{path}: needs a [grid] table of setting = [values]")
-    grid = {}
-    for key, values in raw.items():
-        if key not in DEFAULTS:
-            raise AblationError(f"{path}: unknown setting {key!r}; known: {', '.join(DEFAULTS)}")
-        values = values if isinstance(values, list) else [values]
-        if not values:
-            raise AblationError(f"{path}: {key} = [] gives no value to try; give at least one")
-        # A list value (hidden = [[2048, 2048]]) is read as the command line reads 2048+2048.
-        grid[key] = [_read(key, "+".join(map(str, v)) if isinstance(v, list) else str(v)) for v in values]
-    options = data.get("options", {})
-    if not isinstance(options, dict):
-        raise AblationError(f"{path}: [options] must be a table")
-    unknown = set(options) - set(_SWEEP_OPTIONS)
-    if unknown:
-        raise AblationError(f"{path}: unknown option(s) {', '.join(sorted(unknown))}")
-    for key, value in options.items():
-        kind = _SWEEP_OPTIONS[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise AblationError(f"{path}: option {key} must be {'an integer' if kind is int else 'a string'}, "
-                                f"got {value!r}")
-    return grid, options
 
 
 @dataclass
@@ -214,9 +124,9 @@ class AblationResult:
     def to_dict(self) -> dict:
         return {
             "cache": self.cache, "protocol": self.protocol, "seeds": self.seeds, "varied": self.varied,
-            "fixed": {k: _show(v) for k, v in self.fixed.items()}, "seconds": self.seconds,
+            "fixed": {k: show(v) for k, v in self.fixed.items()}, "seconds": self.seconds,
             "trainings": self.trainings, "best_head": self.best_head_path,
-            "rows": [{"config": {k: _show(v) for k, v in r.config.items()}, "map_mean": r.mean, "map_std": r.std,
+            "rows": [{"config": {k: show(v) for k, v in r.config.items()}, "map_mean": r.mean, "map_std": r.std,
                       "maps": r.maps, "train_seconds": float(np.mean(r.train_seconds)),
                       "patch_accuracy": float(np.mean(r.patch_accuracy)) if r.patch_accuracy else None,
                       **r.interval_dict()}
@@ -246,7 +156,7 @@ class AblationResult:
         if self.extra.get("data"):
             head.append(self.extra["data"])
         used = set().union(*(relevant(r.config) for r in self.rows)) if self.rows else set()
-        fixed = ", ".join(f"{k}={_show(v)}" for k, v in self.fixed.items() if k in _RELEVANT_FIXED and k in used)
+        fixed = ", ".join(f"{k}={show(v)}" for k, v in self.fixed.items() if k in _RELEVANT_FIXED and k in used)
         if fixed:
             head.append(f"fixed: {fixed}")
         probe = any(r.vs_probe for r in self.rows)
@@ -280,15 +190,9 @@ def _difference_text(d: Optional[tuple]) -> str:
 
 def _cell(cfg: dict, key: str) -> str:
     """A table cell; '-' for a setting that does not apply to the row's objective or head."""
-    return _show(cfg[key]) if key in relevant(cfg) else "-"
+    return show(cfg[key]) if key in relevant(cfg) else "-"
 
 
-def _show(v) -> str:
-    if isinstance(v, tuple):
-        return "+".join(str(x) for x in v)
-    if isinstance(v, float) and v.is_integer():
-        return str(int(v))
-    return "balanced" if v is None else str(v)
 
 
 class _WholeImage:
@@ -317,183 +221,21 @@ class _WholeImage:
 
 
 @dataclass(frozen=True)
-class _Fold:
-    """One training/evaluation run: views of the training and evaluation images."""
+class AblateConfig:
+    """Everything an ablation needs besides the cache.
 
-    train: AnyCache
-    test: AnyCache
-
-
-def _fit(cfg: dict, fold: _Fold, seed: int, device: str, whole: Optional[_WholeImage],
-         memory_limit: Optional[int] = None) -> TrainedHead:
-    """Train one configuration on a fold's training images."""
-    options = {k: v for k, v in cfg.items() if k in OPTIONS and k != "objective"}
-    train = fold.train
-    if _probe(cfg):
-        train, options["image_pooling"] = whole.view(train)[0], "mean"
-    config = FitConfig(cfg["objective"], options, device=device, random_state=seed, memory_limit=memory_limit)
-    return fit_objective(train, config)
-
-
-def _reports(cfg: dict, head: TrainedHead, fold: _Fold, eval_cfgs: list, whole: Optional[_WholeImage]) -> list:
-    """``(evaluation settings, report, image scores)`` of a trained head on a fold's evaluation images."""
-    te = fold.test
-    t = te.images
-    # Evaluation settings score the patch heads the grid trains; a head auto chose is scored as it was chosen.
-    pooled = head.spec.pools_patches and get_objective(cfg["objective"]).pools_patches
-    if pooled:  # the patch report does not depend on the pooling: made once for every evaluation setting
-        by_pooling, patch = pooled_scores(head, te, [(e["pooling"], e["k"]) for e in eval_cfgs])
-    elif _probe(cfg):
-        view, order = whole.view(te)
-        scores = head.image_scores(view)[order]
-    else:
-        scores = head.image_scores(te)
-    out, done = [], set()
-    for ecfg in eval_cfgs:
-        key = _canonical({**cfg, **ecfg})
-        if key in done:  # evaluation settings that do not apply to this objective
-            continue
-        done.add(key)
-        if pooled:
-            scores = by_pooling[(ecfg["pooling"], ecfg["k"])]
-        rep = report_from_image_scores(scores, t.labels, t.difficult, te.classes, method=ecfg["method"])
-        if pooled:
-            rep.confusion, rep.labelled_patches, rep.patch_accuracy = patch
-        out.append((ecfg, rep, scores))
-    return out
-
-
-def _check_protocol(folds: Optional[int], val, val_split: Optional[str]) -> None:
-    if folds is None and val is None and val_split is None:
-        raise AblationError("say what to evaluate on: --val FILE, --val-split NAME, or --folds K")
-    if folds is not None and (val is not None or val_split is not None):
-        raise AblationError("--folds replaces --val/--val-split; give one or the other")
-    if folds is not None and not integer_at_least(folds, 2):
-        raise AblationError(f"must be an integer of at least 2, got {folds!r}", param="folds")
-
-
-def _training_cache(cache, train_split: Optional[str], val, val_split: Optional[str], memory_limit: Optional[int],
-                    stack: contextlib.ExitStack) -> tuple:
-    """``(training images, held in memory?)``: ``train_split``, or the images outside ``val_split`` of the same
-    file; read into memory when their features fit ``memory_limit``, else a reader (closed with ``stack``)."""
-    c = stack.enter_context(FeatureCache(cache, split=train_split))
-    if val is None and val_split is not None:  # an evaluation image never trains (train_split may hold it too)
-        keep = np.flatnonzero([val_split not in sp.split(",") for sp in c.images.split])
-        c = stack.enter_context(c.select(keep))
-    if features_bytes(c.num_patches, c.feature_dim) > memory_budget(memory_limit):
-        return c, False
-    return c.to_memory(), True
-
-
-def _folds(train, cache, folds: Optional[int], val, val_split: Optional[str], memory_limit: Optional[int],
-           stack: contextlib.ExitStack) -> tuple:
-    """``(folds, protocol text)``; views of readers on disk are closed with ``stack``."""
-    n = train.num_images
-    if folds is not None:
-        if folds > n:
-            raise AblationError(f"{cache}: --folds {folds} is more than its {n} images")
-        return ([_Fold(stack.enter_context(train.select(tr)), stack.enter_context(train.select(ev)))
-                 for tr, ev in image_folds(n, folds, 0)], f"{folds}-fold cross-validation over {n} images")
-    v = stack.enter_context(FeatureCache(val if val is not None else cache, split=val_split))
-    if v.fingerprint != train.fingerprint:
-        raise AblationError(f"{v.path}: validation features differ from the training cache's")
-    test = v.to_memory() if features_bytes(v.num_patches, v.feature_dim) <= memory_budget(memory_limit) else v
-    protocol = f"train {n} images, evaluate {test.num_images} images ({test.path.name}" + (
-        f", split {val_split})" if val_split else ")")
-    return [_Fold(train, test)], protocol
-
-
-def _data_mode(train, in_memory: bool, memory_limit: Optional[int]) -> str:
-    """How the features were used, for the table's header."""
-    size = features_bytes(train.num_patches, train.feature_dim) / 2**30
-    if in_memory:
-        return f"features in memory ({size:.1f} GiB as float32)"
-    return (f"features streamed from the file for each configuration ({size:.1f} GiB as float32 > memory limit "
-            f"{memory_budget(memory_limit) / 2**30:.1f} GiB)")
-
-
-def _configurations(settings: dict) -> tuple:
-    """``(training configurations, evaluation settings)``: the grid's combinations, each once."""
-    eval_cfgs = []
-    for c in itertools.product(*(settings[k] for k in EVAL_KEYS)):
-        e = dict(zip(EVAL_KEYS, c))
-        if e["pooling"] != "power":  # k only shapes the power mean
-            e["k"] = settings["k"][0]
-        if e not in eval_cfgs:
-            eval_cfgs.append(e)
-    # Settings that do not apply to a configuration (hidden for logreg, C for the MLP, patch
-    # settings for image objectives) would repeat runs.
-    unique, seen = [], set()
-    for c in itertools.product(*(settings[k] for k in TRAIN_KEYS)):
-        cfg = dict(zip(TRAIN_KEYS, c))
-        if cfg["image_pooling"] == _WHOLE and not _probe(cfg):  # the whole-image probe is an image head only
-            cfg["image_pooling"] = DEFAULTS["image_pooling"]
-        key = _canonical({**cfg, **eval_cfgs[0]})
-        if key not in seen:
-            seen.add(key)
-            unique.append(cfg)
-    return unique, eval_cfgs
-
-
-def _run(configs: list, eval_cfgs: list, folds: list, seeds: int, device: str, whole, progress,
-         memory_limit: Optional[int] = None) -> dict:
-    """Train and score every configuration for every seed and fold; rows by canonical configuration."""
-    results: dict = {}
-    bar = tqdm(total=len(configs) * seeds * len(folds), unit="fit", desc="ablate",
-               disable=(None if progress is None else not progress))
-    try:
-        for cfg, seed, (f, fold) in itertools.product(configs, range(seeds), enumerate(folds)):
-            t = time.perf_counter()
-            head = _fit(cfg, fold, seed, device, whole, memory_limit)
-            reports = _reports(cfg, head, fold, eval_cfgs, whole)
-            dt = time.perf_counter() - t
-            for ecfg, rep, scores in reports:
-                full = {**cfg, **ecfg}
-                row = results.setdefault(_canonical(full), AblationRow(full, [], []))
-                row.runs.append((f, scores))
-                row.maps.append(rep.mean_ap)
-                row.train_seconds.append(dt)
-                if rep.patch_accuracy is not None:
-                    row.patch_accuracy.append(rep.patch_accuracy)
-            bar.update(1)
-    finally:
-        bar.close()
-    return results
-
-
-def ablate(
-    cache: Union[str, Path],
-    *,
-    grid: dict,
-    val: Optional[Union[str, Path]] = None,
-    val_split: Optional[str] = None,
-    train_split: Optional[str] = None,
-    folds: Optional[int] = None,
-    seeds: int = 1,
-    whole_image: Optional[Union[str, Path]] = None,
-    save_best: Optional[Union[str, Path]] = None,
-    device: str = "auto",
-    progress: Optional[bool] = None,
-    n_boot: int = 1000,
-    threads: Optional[int] = None,
-    memory_limit: Optional[int] = None,
-) -> AblationResult:
-    """Run every combination of a grid of head settings and objectives on one cache.
-
-    Parameters
+    Attributes
     ----------
-    cache : path
-        The training cache (all its features are loaded into memory once).
-    grid : dict
-        Setting -> list of values (see :func:`parse_grid`); unset settings take
-        :data:`DEFAULTS`.
+    grid : mapping
+        Setting -> list of values (see :func:`featurecache.sweep.parse_grid`); unset settings
+        take :data:`featurecache.sweep.DEFAULTS`.
     val : path, optional
         A validation cache to evaluate on.
     val_split : str, optional
-        Evaluate on this split (of ``val``, or of ``cache``; then training uses the other
+        Evaluate on this split (of ``val``, or of the cache; then training uses the other
         images, or ``train_split``).
     train_split : str, optional
-        Train on this split of ``cache``.
+        Train on this split of the cache.
     folds : int, optional
         K-fold cross-validation over the images instead of a validation set.
     seeds : int
@@ -518,69 +260,203 @@ def ablate(
         fold (folds index them, no copy); above it each configuration streams its fold's
         images from the file (reading only their rows), its trainer deciding by the same
         limit what it holds. The table says which.
+    """
+
+    grid: Mapping = field(default_factory=dict)
+    val: Optional[Union[str, Path]] = None
+    val_split: Optional[str] = None
+    train_split: Optional[str] = None
+    folds: Optional[int] = None
+    seeds: int = 1
+    whole_image: Optional[Union[str, Path]] = None
+    save_best: Optional[Union[str, Path]] = None
+    device: str = "auto"
+    progress: Optional[bool] = None
+    n_boot: int = 1000
+    threads: Optional[int] = None
+    memory_limit: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "grid", MappingProxyType(check_grid(dict(self.grid))))
+        for name, low in (("seeds", 1), ("n_boot", 0)):
+            value = getattr(self, name)
+            if not integer_at_least(value, low):
+                raise AblationError(f"must be an integer of at least {low}, got {value!r}", param=name)
+        if self.folds is None and self.val is None and self.val_split is None:
+            raise AblationError("say what to evaluate on: --val FILE, --val-split NAME, or --folds K")
+        if self.folds is not None and (self.val is not None or self.val_split is not None):
+            raise AblationError("--folds replaces --val/--val-split; give one or the other")
+        if self.folds is not None and not integer_at_least(self.folds, 2):
+            raise AblationError(f"must be an integer of at least 2, got {self.folds!r}", param="folds")
+
+
+def _fit(cfg: dict, fold: Fold, seed: int, config: AblateConfig, whole: Optional[_WholeImage]) -> TrainedHead:
+    """Train one configuration on a fold's training images (with the options of its objective)."""
+    options = {k: v for k, v in cfg.items() if k in options_of(cfg["objective"])}
+    train = fold.train
+    if is_probe(cfg):
+        train, options["image_pooling"] = whole.view(train)[0], "mean"
+    fit = FitConfig(cfg["objective"], options, device=config.device, random_state=seed,
+                    memory_limit=config.memory_limit)
+    return fit_objective(train, fit)
+
+
+def _reports(cfg: dict, head: TrainedHead, fold: Fold, eval_cfgs: list, whole: Optional[_WholeImage]) -> list:
+    """``(evaluation settings, report, image scores)`` of a trained head on a fold's evaluation images."""
+    te = fold.test
+    t = te.images
+    # Evaluation settings score the patch heads the grid trains; a head auto chose is scored as it was chosen.
+    pooled = head.spec.pools_patches and get_objective(cfg["objective"]).pools_patches
+    if pooled:  # the patch report does not depend on the pooling: made once for every evaluation setting
+        by_pooling, patch = pooled_scores(head, te, [(e["pooling"], e["k"]) for e in eval_cfgs])
+    elif is_probe(cfg):
+        view, order = whole.view(te)
+        scores = head.image_scores(view)[order]
+    else:
+        scores = head.image_scores(te)
+    out, done = [], set()
+    for ecfg in eval_cfgs:
+        key = canonical({**cfg, **ecfg})
+        if key in done:  # evaluation settings that do not apply to this objective
+            continue
+        done.add(key)
+        if pooled:
+            scores = by_pooling[(ecfg["pooling"], ecfg["k"])]
+        rep = report_from_image_scores(scores, t.labels, t.difficult, te.classes, method=ecfg["method"])
+        if pooled:
+            rep.confusion, rep.labelled_patches, rep.patch_accuracy = patch
+        out.append((ecfg, rep, scores))
+    return out
+
+
+def _training_cache(cache, config: AblateConfig, stack: contextlib.ExitStack) -> tuple:
+    """``(training images, held in memory?)``: ``train_split``, or the images outside ``val_split`` of the same
+    file; read into memory when their features fit ``memory_limit``, else a reader (closed with ``stack``)."""
+    c = stack.enter_context(FeatureCache(cache, split=config.train_split))
+    if config.val is None and config.val_split is not None:  # an evaluation image never trains
+        keep = np.flatnonzero([config.val_split not in sp.split(",") for sp in c.images.split])
+        c = stack.enter_context(c.select(keep))
+    if features_bytes(c.num_patches, c.feature_dim) > memory_budget(config.memory_limit):
+        return c, False
+    return c.to_memory(), True
+
+
+def _folds(train, cache, config: AblateConfig, stack: contextlib.ExitStack) -> tuple:
+    """``(folds, protocol text)``; views of readers on disk are closed with ``stack``."""
+    n, folds, val_split = train.num_images, config.folds, config.val_split
+    if folds is not None:
+        if folds > n:
+            raise AblationError(f"{cache}: --folds {folds} is more than its {n} images")
+        return cv_folds(train, folds, 0, stack), f"{folds}-fold cross-validation over {n} images"
+    v = stack.enter_context(FeatureCache(config.val if config.val is not None else cache, split=val_split))
+    if v.fingerprint != train.fingerprint:
+        raise AblationError(f"{v.path}: validation features differ from the training cache's")
+    in_memory = features_bytes(v.num_patches, v.feature_dim) <= memory_budget(config.memory_limit)
+    test = v.to_memory() if in_memory else v
+    protocol = f"train {n} images, evaluate {test.num_images} images ({test.path.name}" + (
+        f", split {val_split})" if val_split else ")")
+    return [Fold(train, test)], protocol
+
+
+def _data_mode(train, in_memory: bool, memory_limit: Optional[int]) -> str:
+    """How the features were used, for the table's header."""
+    size = features_bytes(train.num_patches, train.feature_dim) / 2**30
+    if in_memory:
+        return f"features in memory ({size:.1f} GiB as float32)"
+    return (f"features streamed from the file for each configuration ({size:.1f} GiB as float32 > memory limit "
+            f"{memory_budget(memory_limit) / 2**30:.1f} GiB)")
+
+
+def _run(configs: list, eval_cfgs: list, folds: list, config: AblateConfig, whole) -> dict:
+    """Train and score every configuration for every seed and fold; rows by canonical configuration."""
+    results: dict = {}
+    bar = tqdm(total=len(configs) * config.seeds * len(folds), unit="fit", desc="ablate",
+               disable=(None if config.progress is None else not config.progress))
+    try:
+        for cfg, seed, (f, fold) in itertools.product(configs, range(config.seeds), enumerate(folds)):
+            t = time.perf_counter()
+            head = _fit(cfg, fold, seed, config, whole)
+            reports = _reports(cfg, head, fold, eval_cfgs, whole)
+            dt = time.perf_counter() - t
+            for ecfg, rep, scores in reports:
+                full = {**cfg, **ecfg}
+                row = results.setdefault(canonical(full), AblationRow(full, [], []))
+                row.runs.append((f, scores))
+                row.maps.append(rep.mean_ap)
+                row.train_seconds.append(dt)
+                if rep.patch_accuracy is not None:
+                    row.patch_accuracy.append(rep.patch_accuracy)
+            bar.update(1)
+    finally:
+        bar.close()
+    return results
+
+
+def _check_bootstrap(rows: int, n_boot: int) -> None:
+    if rows * n_boot > MAX_BOOTSTRAP_VALUES:
+        raise AblationError(f"{rows:,} rows x {n_boot:,} resamples are more bootstrap values than the "
+                            f"{MAX_BOOTSTRAP_VALUES:,} an ablation holds; use at most "
+                            f"{MAX_BOOTSTRAP_VALUES // rows:,} resamples", param="n_boot")
+
+
+def ablate(cache: Union[str, Path], config: Optional[AblateConfig] = None, **settings) -> AblationResult:
+    """Run every combination of a grid of head settings and objectives on one cache.
+
+    Parameters
+    ----------
+    cache : path
+        The training cache (its features are loaded into memory once when they fit).
+    config : AblateConfig, optional
+        The whole configuration (it needs an evaluation protocol: ``folds``, ``val`` or ``val_split``).
+    **settings
+        Fields of :class:`AblateConfig` (``grid``, ``folds``, ``seeds`` ...), over those of ``config``.
 
     Returns
     -------
     AblationResult
     """
     t0 = time.perf_counter()
-    apply_threads(threads)
-    grid = _check_grid(grid)
-    for name, value, low in (("seeds", seeds, 1), ("n_boot", n_boot, 0)):
-        if not integer_at_least(value, low):
-            raise AblationError(f"must be an integer of at least {low}, got {value!r}", param=name)
-    _check_protocol(folds, val, val_split)
+    config = replace(config, **settings) if config is not None else AblateConfig(**settings)
+    apply_threads(config.threads)
     try:
-        check_not_inputs({"save_best": save_best}, {"the cache": cache, "the validation cache": val,
-                                                    "the whole-image cache": whole_image})
+        check_not_inputs({"save_best": config.save_best}, {"the cache": cache, "the validation cache": config.val,
+                                                           "the whole-image cache": config.whole_image})
     except FeaturecacheError as e:
         raise AblationError(e.message, param=e.param) from None
-    settings = {k: grid.get(k, [DEFAULTS[k]]) for k in DEFAULTS}
-    if _WHOLE in settings["image_pooling"] and whole_image is None:
-        raise AblationError("image_pooling=whole needs a whole-image cache of the same images (--whole-image FILE)")
-    combinations = math.prod(len(v) for v in settings.values())
-    if combinations > MAX_CONFIGURATIONS:
-        raise AblationError(f"the grid has {combinations:,} combinations, more than the {MAX_CONFIGURATIONS:,} one "
-                            "ablation runs; split the sweep", param="grid")
+    settings = grid_settings(config.grid, whole_image=config.whole_image is not None)
     with contextlib.ExitStack() as stack:
-        train, in_memory = _training_cache(cache, train_split, val, val_split, memory_limit, stack)
-        evaluations, protocol = _folds(train, cache, folds, val, val_split, memory_limit, stack)
-        whole = _WholeImage(whole_image, train) if whole_image is not None else None
-        configs, eval_cfgs = _configurations(settings)
-        if len(configs) * len(eval_cfgs) * n_boot > MAX_BOOTSTRAP_VALUES:
-            raise AblationError(f"{len(configs) * len(eval_cfgs):,} rows x {n_boot:,} resamples are more bootstrap "
-                                f"values than the {MAX_BOOTSTRAP_VALUES:,} an ablation holds; use at most "
-                                f"{MAX_BOOTSTRAP_VALUES // (len(configs) * len(eval_cfgs)):,} resamples",
-                                param="n_boot")
-        results = _run(configs, eval_cfgs, evaluations, seeds, device, whole, progress, memory_limit)
-        rows = sorted(results.values(), key=lambda r: (-np.nan_to_num(r.mean, nan=-1.0), _canonical(r.config)))
-        varied = [k for k in DEFAULTS if len(settings[k]) > 1]
-        fixed = {k: settings[k][0] for k in DEFAULTS if len(settings[k]) == 1}
-        result = AblationResult(rows, varied, fixed, protocol, seeds, str(train.path), seconds=0.0,
-                                trainings=len(configs) * seeds * len(evaluations))
-        result.extra["data"] = _data_mode(train, in_memory, memory_limit)
-        result.extra["bootstrap"] = _bootstrap(rows, [f.test.images for f in evaluations], n_boot=n_boot)
-        if save_best is not None:
+        train, in_memory = _training_cache(cache, config, stack)
+        evaluations, protocol = _folds(train, cache, config, stack)
+        whole = _WholeImage(config.whole_image, train) if config.whole_image is not None else None
+        configs, eval_cfgs = configurations(settings)
+        _check_bootstrap(len(configs) * len(eval_cfgs), config.n_boot)
+        results = _run(configs, eval_cfgs, evaluations, config, whole)
+        rows = sorted(results.values(), key=lambda r: (-np.nan_to_num(r.mean, nan=-1.0), canonical(r.config)))
+        result = AblationResult(rows, [k for k in DEFAULTS if len(settings[k]) > 1],
+                                {k: settings[k][0] for k in DEFAULTS if len(settings[k]) == 1}, protocol, config.seeds,
+                                str(train.path), seconds=0.0, trainings=len(configs) * config.seeds * len(evaluations))
+        result.extra["data"] = _data_mode(train, in_memory, config.memory_limit)
+        result.extra["bootstrap"] = _bootstrap(rows, [f.test.images for f in evaluations], n_boot=config.n_boot)
+        if config.save_best is not None:
             try:
-                _save_best(rows[0].config, train, device, whole, save_best, memory_limit)
+                _save_best(rows[0].config, train, config, whole)
             except FeaturecacheError as e:  # the sweep's table is not lost with the head
                 result.seconds = time.perf_counter() - t0
                 raise AblationError(e.message, param=e.param or "save_best", result=result) from None
-            result.best_head_path = str(save_best)
+            result.best_head_path = str(config.save_best)
     result.seconds = time.perf_counter() - t0
     return result
 
 
-def _save_best(cfg: dict, train, device: str, whole: Optional[_WholeImage], path,
-               memory_limit: Optional[int] = None) -> None:
+def _save_best(cfg: dict, train, config: AblateConfig, whole: Optional[_WholeImage]) -> None:
     """Retrain a configuration on all training images (seed 0) and save the head, its configuration recorded."""
-    head = _fit(cfg, _Fold(train, train), 0, device, whole, memory_limit)
-    head.summary["ablation_config"] = {k: _show(v) for k, v in cfg.items() if k in relevant(cfg)}
+    head = _fit(cfg, Fold(train, train), 0, config, whole)
+    head.summary["ablation_config"] = {k: show(v) for k, v in cfg.items() if k in relevant(cfg)}
     if head.spec.pools_patches:
         head.summary.update(pooling=cfg["pooling"], k=cfg["k"])
-    if _probe(cfg):
+    if is_probe(cfg):
         head.summary["note"] = f"trained on whole-image features ({whole.path}); evaluate it on that cache"
-    head.save(path)
+    head.save(config.save_best)
 
 
 def _bootstrap(rows: list, tables: list, *, n_boot: int, seed: int = 0) -> dict:
@@ -610,7 +486,7 @@ def _bootstrap(rows: list, tables: list, *, n_boot: int, seed: int = 0) -> dict:
     for r in rows:
         r.ci = interval(r.boot, center=r.mean)
     best = rows[0]
-    probe = next((r for r in rows if _probe(r.config)), None)
+    probe = next((r for r in rows if is_probe(r.config)), None)
     for r in rows:
         if r is not best:
             r.vs_best = (r.mean - best.mean, *interval(r.boot - best.boot, center=r.mean - best.mean))
@@ -619,7 +495,3 @@ def _bootstrap(rows: list, tables: list, *, n_boot: int, seed: int = 0) -> dict:
     return {"resamples": n_boot, "seed": seed, "unit": "image, within each evaluation fold, paired across rows",
             "interval": "2.5th-97.5th percentile spread, centred on the measured value"}
 
-
-def _canonical(cfg: dict) -> str:
-    keep = relevant(cfg)
-    return json.dumps({k: _show(v) for k, v in sorted(cfg.items()) if k in keep})

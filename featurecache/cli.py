@@ -18,7 +18,7 @@ from featurecache import __version__
 from featurecache.datasets import read_class_file, read_dataset
 from featurecache.distributed import world_from_env
 from featurecache.errors import AblationError, FeaturecacheError
-from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, get_objective
+from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, OptionScopeError
 from featurecache.logs import log_to_stderr
 from featurecache.outputs import check_not_inputs, check_output, printable, write_report
 from featurecache.patches import LabelRule
@@ -353,13 +353,15 @@ def fit(cache, train_split, objective, memory_limit, device, seed, out, threads,
     """Train a head on a feature cache; by default the objective that cross-validates best on its images."""
     from featurecache.train import fit_objective
 
-    spec = get_objective(objective)
-    _refuse_other_objectives(objective, spec.options)
     val, val_split = options.pop("val"), options.pop("val_split")
     ctx = click.get_current_context()
-    config = FitConfig(objective, {k: v for k, v in options.items() if k in spec.options}, train_split=train_split,
-                       val=val, val_split=val_split, memory_limit=memory_limit, device=device, random_state=seed,
-                       progress=False if ctx.obj.get("quiet") else None, threads=threads)
+    given = {k: v for k, v in options.items() if ctx.get_parameter_source(k) is not click.core.ParameterSource.DEFAULT}
+    try:
+        config = FitConfig(objective, given, train_split=train_split, val=val, val_split=val_split,
+                           memory_limit=memory_limit, device=device, random_state=seed,
+                           progress=False if ctx.obj.get("quiet") else None, threads=threads)
+    except OptionScopeError as e:
+        raise _scope_usage_error(ctx, e) from None
     path = Path(out) if out else Path(cache).with_suffix(".head.pt")
     _check_outputs({"CACHE": cache, "--val": val}, out=path)
     trained = fit_objective(cache, config)
@@ -369,18 +371,13 @@ def fit(cache, train_split, objective, memory_limit, device, seed, out, threads,
         click.echo(trained.selection_table())
 
 
-def _refuse_other_objectives(objective: str, accepted: tuple) -> None:
-    """An option given explicitly for another objective is an error rather than silently ignored."""
-    ctx = click.get_current_context()
-    given = [p for p in ctx.command.params if p.name in OPTIONS and p.name != "objective"
-             and ctx.get_parameter_source(p.name) is not click.core.ParameterSource.DEFAULT]
-    stray = [p for p in given if p.name not in accepted]
-    if stray:
-        default = ctx.get_parameter_source("objective") is click.core.ParameterSource.DEFAULT
-        owners = [o for o in OPTIONS["objective"].choices if all(p.name in get_objective(o).options for p in stray)]
-        hint = f"; add --objective {' or '.join(owners)}" if default and owners else ""
-        raise click.UsageError(f"{', '.join(p.opts[0] for p in stray)} do(es) not apply to objective {objective}"
-                               + (" (the default)" if default else "") + hint)
+def _scope_usage_error(ctx: click.Context, error: OptionScopeError) -> click.UsageError:
+    """The library's refusal of options of another objective, in flags (a usage error, as click's own)."""
+    default = ctx.get_parameter_source("objective") is click.core.ParameterSource.DEFAULT
+    flags = [p.opts[0] for name in error.options for p in ctx.command.params if p.name == name]
+    hint = f"; add --objective {' or '.join(error.owners)}" if default and error.owners else ""
+    return click.UsageError(f"{', '.join(flags)} do(es) not apply to objective {error.objective}"
+                            + (" (the default)" if default else "") + hint)
 
 
 def report_options(what: str) -> Callable:

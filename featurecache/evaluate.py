@@ -10,8 +10,7 @@ uninterpolated). Localisation maps and their evaluation are :mod:`featurecache.l
 
 from __future__ import annotations
 
-import contextlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -19,7 +18,7 @@ import numpy as np
 
 from featurecache.cache import FeatureCache, open_cache
 from featurecache.errors import EvalError, HeadError
-from featurecache.heads.pooling import SCORE_POOLINGS, ScorePooler, pool_scores
+from featurecache.heads.pooling import DEFAULT_POWER, SCORE_POOLINGS, pool_scores, pooling_key
 from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import METHODS, average_precision, per_class_ap
 from featurecache.outputs import csv_text, json_text, printable
@@ -29,7 +28,9 @@ from featurecache.resources import apply_threads
 __all__ = [
     "METHODS",
     "POOLINGS",
+    "POOLED",
     "EvalReport",
+    "ReportSettings",
     "average_precision",
     "evaluate",
     "image_scores",
@@ -112,20 +113,41 @@ def patch_probabilities(head: TrainedHead, cache, *, chunk_size: int = 65536) ->
     return head.patch_probabilities(cache, chunk_size=chunk_size)
 
 
-def report_from_probabilities(probs: np.ndarray, cache, *, pooling: str = "power", k: float = 5.0,
-                              method: str = "voc07", head: str = "", objective: str = "patch") -> EvalReport:
-    """An :class:`EvalReport` from patch probabilities of a cache's selected patches."""
+@dataclass(frozen=True)
+class ReportSettings:
+    """How image scores were made and are measured, as an :class:`EvalReport` records them."""
+
+    method: str = "voc07"
+    pooling: str = ""
+    k: float = 0.0
+    head: str = ""
+    objective: str = "patch"
+    cache: str = ""
+
+
+#: A patch head's report unless told otherwise: power pooling at the default k.
+POOLED = ReportSettings(pooling="power", k=DEFAULT_POWER)
+
+
+def _settings(settings: Optional[ReportSettings], default: ReportSettings, fields: dict) -> ReportSettings:
+    """``settings`` (default ``default``) with ``fields`` (:class:`ReportSettings` fields by name) over it."""
+    return replace(settings or default, **fields)
+
+
+def report_from_probabilities(probs: np.ndarray, cache, settings: Optional[ReportSettings] = None,
+                              **fields) -> EvalReport:
+    """An :class:`EvalReport` from patch probabilities of a cache's selected patches (``settings``:
+    default :data:`POOLED`, with ``fields`` over it)."""
     t = cache.images
     local = np.searchsorted(t.row, cache.image_index)
+    settings = _settings(settings, POOLED, {"cache": str(cache.path), **fields})
     return report_from_arrays(probs, local, t.labels, t.difficult, cache.classes, patch_labels=cache.labels,
-                              pooling=pooling, k=k, method=method, head=head, objective=objective,
-                              cache=str(cache.path))
+                              settings=settings)
 
 
 def report_from_arrays(probs: np.ndarray, image_index: np.ndarray, image_labels: np.ndarray,
                        image_difficult: np.ndarray, classes, *, patch_labels: Optional[np.ndarray] = None,
-                       pooling: str = "power", k: float = 5.0, method: str = "voc07", head: str = "",
-                       objective: str = "patch", cache: str = "") -> EvalReport:
+                       settings: Optional[ReportSettings] = None, **fields) -> EvalReport:
     """An :class:`EvalReport` from in-memory arrays.
 
     Parameters
@@ -138,10 +160,12 @@ def report_from_arrays(probs: np.ndarray, image_index: np.ndarray, image_labels:
     classes : sequence of str
     patch_labels : ndarray (N,), optional
         For the patch-level accuracy and confusion matrix.
+    settings : ReportSettings, optional
+        Default :data:`POOLED`; ``fields`` (``pooling``, ``k``, ``method`` ...) over it.
     """
-    scores = pool_scores(probs, image_index, len(image_labels), pooling=pooling, k=k)
-    report = report_from_image_scores(scores, image_labels, image_difficult, classes, method=method,
-                                      pooling=pooling, k=k, head=head, objective=objective, cache=cache)
+    settings = _settings(settings, POOLED, fields)
+    scores = pool_scores(probs, image_index, len(image_labels), pooling=settings.pooling, k=settings.k)
+    report = report_from_image_scores(scores, image_labels, image_difficult, classes, settings=settings)
     report.n_patches = len(probs)
     if patch_labels is not None:
         report.confusion, report.labelled_patches, report.patch_accuracy = patch_report(probs, patch_labels)
@@ -169,15 +193,16 @@ def confusion_report(conf: np.ndarray) -> tuple:
 
 
 def report_from_image_scores(scores: np.ndarray, image_labels: np.ndarray, image_difficult: np.ndarray, classes, *,
-                             method: str = "voc07", pooling: str = "", k: float = 0.0, head: str = "",
-                             objective: str = "patch", cache: str = "") -> EvalReport:
-    """An :class:`EvalReport` from image scores ``(M, C)`` (any objective's)."""
-    ap, npos = per_class_ap(scores, image_labels, image_difficult, method=method)
+                             settings: Optional[ReportSettings] = None, **fields) -> EvalReport:
+    """An :class:`EvalReport` from image scores ``(M, C)`` (any objective's); ``settings`` (default
+    :class:`ReportSettings`) with ``fields`` over it."""
+    s = _settings(settings, ReportSettings(), fields)
+    ap, npos = per_class_ap(scores, image_labels, image_difficult, method=s.method)
     valid = ~np.isnan(ap)
     return EvalReport(
         classes=tuple(classes), ap=[float(a) for a in ap], positives=[int(n) for n in npos],
-        mean_ap=float(ap[valid].mean()) if valid.any() else float("nan"), method=method, pooling=pooling,
-        k=float(k), n_images=len(image_labels), n_patches=0, head=head, objective=objective, cache=cache,
+        mean_ap=float(ap[valid].mean()) if valid.any() else float("nan"), method=s.method, pooling=s.pooling,
+        k=float(s.k), n_images=len(image_labels), n_patches=0, head=s.head, objective=s.objective, cache=s.cache,
         scores=np.asarray(scores), labels=np.asarray(image_labels, bool), difficult=np.asarray(image_difficult, bool))
 
 
@@ -198,7 +223,8 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
         Patch heads: how patch scores become image scores (default ``power``). Refused for
         image-level heads (``image``, ``mil``, ``hybrid``), which score images themselves.
     k : float, optional
-        Exponent of ``power`` (default 5); refused for image-level heads, as ``pooling``.
+        Exponent of ``power`` (default 5, :data:`~featurecache.heads.pooling.DEFAULT_POWER`); refused for
+        image-level heads, as ``pooling``.
     method : {"voc07", "all", "raw"}
     threads : int, optional
         CPU threads (:func:`featurecache.resources.cpu_threads`).
@@ -218,7 +244,7 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
         try:
             label, text = head.scoring(pooling=pooling, k=k)
             if head.spec.pools_patches:
-                report = _pooled_report(head, c, pooling=label, k=5.0 if k is None else k, method=method)
+                report = _pooled_report(head, c, pooling_key(label, k), method=method)
             else:
                 t = c.images
                 report = report_from_image_scores(head.image_scores(c, pooling=pooling, k=k), t.labels, t.difficult,
@@ -234,7 +260,8 @@ def evaluate(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str
 
 def pooled_scores(head: TrainedHead, cache, poolings) -> tuple:
     """A patch head's image scores for each ``(pooling, k)`` in ``poolings`` and its patch report, from one
-    pass over the cache: probabilities aggregated chunk by chunk, none kept.
+    pass over the cache (:meth:`TrainedHead.pooled_scores`, the route of its image scores too):
+    probabilities aggregated chunk by chunk, none kept.
 
     Returns
     -------
@@ -243,23 +270,21 @@ def pooled_scores(head: TrainedHead, cache, poolings) -> tuple:
     report : tuple
         :func:`patch_report`'s ``(confusion, labelled patches, accuracy)``.
     """
-    n_classes = len(cache.classes)
-    poolers = {key: ScorePooler(cache.num_images, n_classes, pooling=key[0], k=key[1]) for key in set(poolings)}
-    conf = np.zeros((n_classes + 1,) * 2, np.int64)
-    with contextlib.closing(head.probability_chunks(cache)) as chunks:
-        for probs, local, labels in chunks:
-            for pooler in poolers.values():
-                pooler.add(probs, local)
-            conf += confusion(probs, labels)
-    return {key: p.result() for key, p in poolers.items()}, confusion_report(conf)
+    conf = np.zeros((len(cache.classes) + 1,) * 2, np.int64)
+
+    def count(probs, labels):
+        conf[...] += confusion(probs, labels)
+
+    scores = head.pooled_scores(cache, poolings, each=count)
+    return scores, confusion_report(conf)
 
 
-def _pooled_report(head: TrainedHead, cache, *, pooling: str, k: float, method: str) -> EvalReport:
-    """A patch head's report (:func:`pooled_scores` at one pooling)."""
+def _pooled_report(head: TrainedHead, cache, key: tuple, *, method: str) -> EvalReport:
+    """A patch head's report (:func:`pooled_scores` at one ``(pooling, k)``)."""
     t = cache.images
-    scores, patch = pooled_scores(head, cache, [(pooling, k)])
-    report = report_from_image_scores(scores[(pooling, k)], t.labels, t.difficult, cache.classes, method=method,
-                                      pooling=pooling, k=k)
+    scores, patch = pooled_scores(head, cache, [key])
+    report = report_from_image_scores(scores[key], t.labels, t.difficult, cache.classes, method=method,
+                                      pooling=key[0], k=key[1])
     report.n_patches = cache.num_patches
     report.confusion, report.labelled_patches, report.patch_accuracy = patch
     return report

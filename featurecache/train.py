@@ -17,7 +17,7 @@ import numpy as np
 from featurecache.cache import FeatureCache, MemoryCache, open_cache
 from featurecache.errors import HeadError
 from featurecache.heads.background import BackgroundPolicy, background_weights
-from featurecache.heads.registry import FitConfig, get_objective, option_of_param
+from featurecache.heads.registry import FitConfig, option_of_param, train_objective
 from featurecache.heads.trained import TrainedHead
 from featurecache.resources import apply_threads
 
@@ -63,7 +63,7 @@ def fit_objective(cache: CacheLike, config: Optional[FitConfig] = None, **settin
     apply_threads(config.threads)
     _warn_one_sided_classes(cache, config.train_split)
     try:
-        return get_objective(config.objective).train(cache, config)
+        return train_objective(cache, config)
     except HeadError as e:  # an estimator names its own parameter; the user set an option
         option = option_of_param(config.objective, e.param)
         if option is None or option == e.param:
@@ -96,8 +96,7 @@ def _merge(config: FitConfig, settings: dict) -> FitConfig:
 
 def fit_head(cache: CacheLike, *, head: str = "mlp", params: Optional[dict] = None,
              background: Union[str, BackgroundPolicy] = "weight", background_weight: Optional[float] = None,
-             train_split: Optional[str] = None, val=None, val_split: Optional[str] = None,
-             memory_limit: Optional[int] = None, random_state: int = 0) -> TrainedHead:
+             **settings) -> TrainedHead:
     """Train a patch head (the paper's objective) on a cache.
 
     Parameters
@@ -110,15 +109,13 @@ def fit_head(cache: CacheLike, *, head: str = "mlp", params: Optional[dict] = No
         ``"weight"`` (default, balanced), ``"sample:0.1"``, ``"none"``.
     background_weight : float, optional
         The weight of a background patch under ``weight`` (default: balanced).
-    train_split : str, optional
-    val : path or cache, optional
-        Validation cache (MLP: early stopping and learning-rate schedule on its loss).
-    val_split : str, optional
-        Split of ``val`` (or of ``cache``) to validate on.
-    memory_limit : int, optional
-        Bytes of float32 training features to hold in memory; above it the MLP streams
-        from HDF5 (same model). Default half of the available memory.
-    random_state : int
+    **settings
+        Fields of :class:`FitConfig` other than ``objective``, ``options`` and ``params``:
+        ``train_split``; ``val``, a validation cache (MLP: early stopping and learning-rate
+        schedule on its loss); ``val_split``, the split of ``val`` (or of ``cache``) to validate
+        on; ``memory_limit``, bytes of float32 training features to hold in memory (above it
+        the MLP streams from HDF5, same model; default half of the available memory);
+        ``random_state``; ``device``; ``threads``.
 
     Returns
     -------
@@ -127,8 +124,7 @@ def fit_head(cache: CacheLike, *, head: str = "mlp", params: Optional[dict] = No
     if isinstance(background, BackgroundPolicy):
         background, background_weight = _policy_text(background)
     config = FitConfig("patch", {"head": head, "background": background, "background_weight": background_weight},
-                       train_split=train_split, val=val, val_split=val_split, memory_limit=memory_limit,
-                       random_state=random_state, params=dict(params or {}))
+                       params=dict(params or {}), **settings)
     return fit_objective(cache, config)
 
 

@@ -71,6 +71,38 @@ def test_folds_keep_each_image_on_one_side(cache_file):
     assert all(len(row.maps) == 8 for row in r.rows) and all(row.std >= 0 for row in r.rows)
 
 
+def test_cv_folds_are_views_of_the_image_folds(cache_file):
+    """auto and ablate share one routine: its folds are metrics.image_folds' images, as cache views."""
+    import contextlib
+
+    from featurecache.cache import FeatureCache
+    from featurecache.heads.crossval import cv_folds
+
+    with FeatureCache(cache_file) as c, contextlib.ExitStack() as stack:
+        folds = cv_folds(c, 3, 7, stack)
+        for fold, (train, test) in zip(folds, image_folds(48, 3, 7)):
+            np.testing.assert_array_equal(fold.test.images.row, c.images.row[np.sort(test)])
+            np.testing.assert_array_equal(fold.train.images.row, c.images.row[np.sort(train)])
+        assert sum(f.test.num_images for f in folds) == 48
+
+
+def test_ablate_config_is_frozen_and_settings_override_it(cache_file):
+    from dataclasses import FrozenInstanceError
+
+    from featurecache.ablate import AblateConfig
+
+    config = AblateConfig(grid=parse_grid(["head=logreg", "k=1,5"]), val_split="val", n_boot=0, progress=False)
+    with pytest.raises(FrozenInstanceError):
+        config.seeds = 2
+    r = ablate(cache_file, config, train_split="train")
+    assert r.protocol.startswith("train 36 images, evaluate 12") and len(r.rows) == 2 and r.trainings == 1
+    with pytest.raises(AblationError, match="at least 1") as e:
+        AblateConfig(folds=3, seeds=0)
+    assert e.value.param == "seeds"
+    with pytest.raises(AblationError, match="unknown setting 'depth'"):
+        AblateConfig(grid={"depth": [1]}, folds=3)
+
+
 def test_setup_errors(cache_file):
     with pytest.raises(AblationError, match="say what to evaluate on"):
         ablate(cache_file, grid={})

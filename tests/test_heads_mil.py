@@ -9,6 +9,7 @@ from featurecache.cache import FeatureCache
 from featurecache.cli import main
 from featurecache.evaluate import evaluate
 from featurecache.heads import BagSource, MILHead, TrainedHead
+from featurecache.heads.bags import aggregate
 from featurecache.train import fit_objective
 
 from conftest import make_synthetic_cache
@@ -146,7 +147,7 @@ def test_power_aggregation_is_the_papers_power_mean():
 
     z = torch.tensor([[[0.3], [-2.0], [1.5]], [[-40.0], [-60.0], [0.0]]])
     mask = torch.tensor([[True, True, True], [True, True, False]])
-    got = MILHead(aggregation="power", k=5.0)._image_logits(z, mask)
+    got = aggregate(z, mask, "power", k=5.0)
     p = torch.sigmoid(z)
     want0 = (p[0, :, 0] ** 5).mean() ** 0.2
     assert torch.allclose(got[0, 0], want0)
@@ -154,7 +155,7 @@ def test_power_aggregation_is_the_papers_power_mean():
     # float64 the power mean is ~ (e^-200 / 2)^(1/5) = e^-40 / 2^0.2.
     want1 = ((torch.sigmoid(z[1, :2, 0].double()) ** 5).mean() ** 0.2).float()
     assert (p[1, :2, 0] ** 5).mean() == 0 and torch.allclose(got[1, 0], want1, rtol=1e-4)
-    lse = MILHead(aggregation="lse", temperature=1e-4)._image_logits(z, mask)
+    lse = aggregate(z, mask, "lse", temperature=1e-4)
     assert torch.allclose(lse[0, 0], z[0, :, 0].mean(), atol=1e-3)  # r -> 0: the mean
 
 
@@ -180,13 +181,14 @@ def test_mil_early_stopping_keeps_the_best_held_out_epoch(tmp_path):
     assert all(v is not None for v in vals) and est.n_epochs_ < 200
     best = int(np.argmin(vals))
     assert est.n_epochs_ == best + 1 + 3  # stopped after `patience` epochs without a better held-out loss
-    # The kept parameters are the best epoch's: their held-out loss equals the minimum.
-    source_ids = np.random.RandomState(0).permutation(40)[:10]
-
-
-    again = est._losses(est.net_, BagSource(X, img, 40), np.sort(source_ids), Y.astype(np.float32),
-                        np.ones((40, 2), np.float32), torch.device("cpu"))
-    assert float(again.detach()) == pytest.approx(vals[best], rel=1e-4)
+    # The kept parameters are the best epoch's: the held-out images' loss, from the head's own image
+    # scores (power aggregation: probabilities), equals the minimum.
+    held_out = np.random.RandomState(0).permutation(40)[:10]
+    p = np.clip(est.image_scores_from_patches(X, img, 40)[held_out].astype(np.float64), 1e-6, 1 - 1e-6)
+    y = Y[held_out]
+    again = -np.mean(np.where(y, np.log(p), np.log1p(-p)))
+    assert again == pytest.approx(vals[best], rel=1e-4)
+    assert again < vals[-1]  # not the last epoch's
 
 
 @pytest.mark.slow

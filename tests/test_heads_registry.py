@@ -5,14 +5,20 @@ from click.testing import CliRunner
 
 from featurecache.cli import main
 from featurecache.errors import HeadError
+from featurecache.heads.objectives import COMBINING_OBJECTIVES, MEMBER_OBJECTIVES, SINGLE_OBJECTIVES
 from featurecache.heads.registry import (
     EVAL_OPTIONS,
     HEAD_KINDS,
+    OBJECTIVES,
     OPTIONS,
+    FitConfig,
+    HeadEstimator,
+    OptionScopeError,
     estimator_for,
     get_objective,
     make_head,
     objective_of_kind,
+    options_of,
     parse_aggregation,
     relevant,
 )
@@ -97,8 +103,10 @@ def test_relevance_follows_the_objective_and_head():
 def test_objectives_and_kinds():
     assert get_objective("patch").pools_patches and not get_objective("mil").pools_patches
     assert get_objective("hybrid").patch_scores and not get_objective("image").patch_scores
-    assert "val_split" in get_objective("patch").options and "val_split" not in get_objective("mil").options
-    assert {objective_of_kind(k) for k in HEAD_KINDS} == {"patch", "image", "mil", "fusion"}
+    assert "val_split" in options_of("patch") and "val_split" not in options_of("mil")
+    assert [objective_of_kind(k) for k in ("mlp", "linearsvm", "image-mlp", "mil", "fusion")] == [
+        "patch", "patch", "image", "mil", "fusion"]
+    assert all(any(h.name == k for h in get_objective(objective_of_kind(k)).heads) for k in HEAD_KINDS)
     with pytest.raises(HeadError, match="unknown head") as e:
         make_head("forest")
     assert e.value.param == "head"
@@ -128,3 +136,52 @@ def test_aggregation_parameters_are_finite_and_bounded(text):
         parse_aggregation(text)
     assert e.value.param == "aggregation"
     assert parse_aggregation("power:1000") == ("power", 1000.0)
+
+
+@pytest.mark.parametrize("kind", sorted(HEAD_KINDS))
+def test_every_head_kind_satisfies_the_head_estimator_protocol(kind):
+    """Every head kind of the objectives table, bare and as its objective's defaults build it."""
+    assert isinstance(make_head(kind), HeadEstimator), kind
+    objective = get_objective(objective_of_kind(kind))
+    if objective.head_option is not None:
+        options = {"objective": objective.name, objective.head_option: next(
+            h.choice for h in objective.heads if h.name == kind)}
+        built, params = estimator_for(options, device="cpu")
+        assert built == kind and isinstance(make_head(built, **params), HeadEstimator)
+    assert not isinstance(object(), HeadEstimator)
+
+
+def test_objective_lists_are_derived_from_the_one_table():
+    assert set(SINGLE_OBJECTIVES) | set(COMBINING_OBJECTIVES) == set(OBJECTIVES)
+    assert not set(SINGLE_OBJECTIVES) & set(COMBINING_OBJECTIVES)
+    assert all(get_objective(o).fuses or get_objective(o).chooses for o in COMBINING_OBJECTIVES)
+    assert set(MEMBER_OBJECTIVES) == {o for o in OBJECTIVES if not get_objective(o).chooses}
+    assert set(OPTIONS["objective"].choices) == set(OBJECTIVES)
+    assert OPTIONS["objective"].choices[0] == OPTIONS["objective"].default
+    kinds = {h.name for o in OBJECTIVES for h in get_objective(o).heads}
+    assert kinds == set(HEAD_KINDS)
+    assert OPTIONS["head"].choices == get_objective("patch").head_choices()
+
+
+@pytest.mark.parametrize("objective,options,stray", [
+    ("image", {"hidden": 512}, ("hidden",)),
+    ("image", {"hidden": 512, "dropout": 0.2, "C": 0.5}, ("hidden", "dropout")),
+    ("mil", {"head": "logreg"}, ("head",)),
+    ("patch", {"fusion_rule": "rank"}, ("fusion_rule",)),
+])
+def test_fit_config_refuses_options_of_another_objective(objective, options, stray):
+    with pytest.raises(OptionScopeError, match=f"does not apply to objective {objective}") as e:
+        FitConfig(objective, options)
+    assert e.value.param == stray[0] and e.value.options == stray and e.value.objective == objective
+    assert isinstance(e.value, HeadError)
+    assert all(all(n in options_of(o) for n in stray) for o in e.value.owners) and e.value.owners
+    FitConfig(objective, {k: v for k, v in options.items() if k not in stray})  # the rest are accepted
+
+
+def test_fit_config_refuses_validation_data_for_objectives_without_it():
+    with pytest.raises(OptionScopeError, match="only used by the patch objective") as e:
+        FitConfig("mil", val_split="val")
+    assert e.value.param == "val_split" and e.value.owners == ("patch",)
+    assert FitConfig("patch", val_split="val").val_split == "val"
+    # fusion and auto train members with the options of theirs: a member's option is accepted.
+    assert FitConfig("auto", {"hidden": 512}).option("hidden") == 512

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from featurecache.errors import HeadError
-from featurecache.heads import BackgroundPolicy
+from featurecache.heads import BackgroundPolicy, TrainedHead
+from featurecache.heads.registry import OptionScopeError
 from featurecache.train import FitConfig, fit_head, fit_objective
 
 from conftest import blob_cache
@@ -57,15 +58,33 @@ def test_a_failed_training_leaves_no_file_open(cache_file):
 
 
 def test_option_ranges_are_refused_in_the_library(cache_file):
-    for name, value in (("C", 0), ("lr", -1), ("image_lr", 0), ("weight_decay", -1e-4), ("background_weight", -1)):
-        with pytest.raises(HeadError) as e:
-            FitConfig("patch", {name: value})
-        assert e.value.param == name
+    for objective, name, value in (("patch", "C", 0), ("patch", "lr", -1), ("mil", "image_lr", 0),
+                                   ("patch", "weight_decay", -1e-4), ("hybrid", "background_weight", -1)):
+        with pytest.raises(HeadError, match="must be") as e:
+            FitConfig(objective, {name: value})
+        assert e.value.param == name and not isinstance(e.value, OptionScopeError)
+
+
+def test_an_option_of_another_objective_is_refused_not_dropped(cache_file):
+    with pytest.raises(OptionScopeError, match="does not apply to objective image") as e:
+        fit_objective(cache_file, objective="image", hidden=512)
+    assert e.value.param == "hidden" and "patch" in e.value.owners
+    with pytest.raises(OptionScopeError) as e:
+        FitConfig("patch", {"head": "logreg", "image_pooling": "max"})
+    assert e.value.param == "image_pooling" and "image" in e.value.owners and "patch" not in e.value.owners
+    # fit_head's settings are FitConfig's fields; an unknown one is refused.
+    head = fit_head(cache_file, head="logreg", params={"C": 0.5}, train_split=None, random_state=0, device="cpu")
+    assert head.kind == "logreg" and head.estimator.C == 0.5
+    with pytest.raises(TypeError, match="depth"):
+        fit_head(cache_file, head="logreg", depth=3)
 
 
 def test_numpy_numbers_in_settings_save(cache_file, tmp_path):
     head = fit_objective(cache_file, objective="patch", head="logreg", random_state=np.int64(1), C=np.float64(0.5))
-    head.save(tmp_path / "h.pt")
+    back = TrainedHead.load(head.save(tmp_path / "h.pt"))
+    params = back.estimator.get_params()
+    assert params["C"] == 0.5 and params["random_state"] == 1
+    np.testing.assert_array_equal(back.estimator.coef_, head.estimator.coef_)
 
 
 @pytest.mark.parametrize("objective,options,flag", [

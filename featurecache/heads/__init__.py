@@ -1,9 +1,12 @@
 """Stage two: heads trained on cached features, one registry of objectives, and the head file.
 
-Submodules: :mod:`~featurecache.heads.registry` (objectives, options, defaults, head kinds;
-no torch), :mod:`~featurecache.heads.pooling` (patches to images; numpy only),
-:mod:`~featurecache.heads.background`, the estimators in :mod:`~featurecache.heads.patch`,
-:mod:`~featurecache.heads.image` and :mod:`~featurecache.heads.mil`, and
+Submodules: :mod:`~featurecache.heads.objectives` (the objectives table, head kinds) and
+:mod:`~featurecache.heads.options` (the options table, defaults), both read by
+:mod:`~featurecache.heads.registry` (estimators from options, ``FitConfig``; no torch),
+:mod:`~featurecache.heads.pooling` (patches to images; numpy only),
+:mod:`~featurecache.heads.background`, :mod:`~featurecache.heads.crossval`, the estimators in
+:mod:`~featurecache.heads.patch`, :mod:`~featurecache.heads.image` and
+:mod:`~featurecache.heads.mil` (the last two trained by :mod:`~featurecache.heads.bags`), and
 :mod:`~featurecache.heads.trained` (:class:`TrainedHead`). Names are imported on first
 use, so that reading the registry does not import torch.
 """
@@ -23,6 +26,7 @@ _EXPORTS = {
     "pool_image_features": "pooling", "pool_scores": "pooling",
     "DEFAULT_OBJECTIVE": "registry", "FitConfig": "registry", "HEAD_KINDS": "registry", "OBJECTIVES": "registry",
     "OPTIONS": "registry", "get_objective": "registry", "make_head": "registry", "parse_aggregation": "registry",
+    "HeadEstimator": "registry", "OptionScopeError": "registry", "BagTrainer": "bags", "cv_folds": "crossval",
     "TrainedHead": "trained",
 }
 

@@ -1,6 +1,6 @@
 """The ``auto`` objective: the user's own training images choose the objective, by cross-validation.
 
-Each candidate (:data:`featurecache.heads.registry.DEFAULT_CANDIDATES` unless told) is
+Each candidate (:data:`featurecache.heads.options.DEFAULT_CANDIDATES` unless told) is
 trained on K−1 folds of the training images and scored on the held-out fold, folds grouped
 by image and seeded; the candidate with the highest mean AP over the folds is retrained on
 all training images and returned, with the cross-validation table in its summary. The
@@ -18,10 +18,13 @@ from tqdm.auto import tqdm
 
 from featurecache.cache import open_cache
 from featurecache.errors import HeadError
+from featurecache.heads.crossval import cv_folds
 from featurecache.heads.fusion import FusionHead, has_boxes, resolve_members, train_member
-from featurecache.heads.registry import OPTIONS, FitConfig, get_objective, is_fusion, parse_member
+from featurecache.heads.objectives import get_objective
+from featurecache.heads.options import OPTIONS, is_fusion, parse_member
+from featurecache.heads.registry import FitConfig
 from featurecache.heads.trained import TrainedHead
-from featurecache.metrics import image_folds, mean_ap
+from featurecache.metrics import mean_ap
 from featurecache.resources import features_bytes, memory_budget
 
 __all__ = ["choose_folds", "cross_validate", "fit_auto_objective"]
@@ -57,25 +60,18 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
     seconds = {c: [] for c in trained}
     bar = tqdm(total=len(trained) * k, unit="fit", desc="auto", disable=None if progress is None else not progress)
     try:
-        for train_pos, test_pos in image_folds(data.num_images, k, config.random_state):
-            with ExitStack() as stack:
-                train = stack.enter_context(data.select(train_pos))
-                test = stack.enter_context(data.select(test_pos))
-                t = test.images
+        with ExitStack() as stack:
+            for fold in cv_folds(data, k, config.random_state, stack):
                 held_out, fitted = {}, {}
                 for name in trained:
                     t0 = time.perf_counter()
-                    fitted[name] = train_member(train, config, name)
+                    fitted[name] = train_member(fold.train, config, name)
                     seconds[name].append(time.perf_counter() - t0)
-                    held_out[name] = fitted[name].image_scores(test)
+                    held_out[name] = fitted[name].image_scores(fold.test)
                     bar.update(1)
+                t = fold.test.images
                 for name in candidates:
-                    if is_fusion(name):
-                        fusion = FusionHead(members, OPTIONS["fusion_rule"].default)
-                        fusion.fit_scores([fitted[m].image_scores(train) for m in members], train.images.labels)
-                        scores = fusion.fuse([held_out[m] for m in members])
-                    else:
-                        scores = held_out[name]
+                    scores = _fused(fold.train, fitted, held_out, members) if is_fusion(name) else held_out[name]
                     maps[name].append(mean_ap(scores, t.labels, t.difficult))
     finally:
         bar.close()
@@ -83,6 +79,14 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
              "map_std": float(np.nanstd(maps[c])),
              "seconds": float(sum(np.mean(seconds[m]) for m in (members if is_fusion(c) else (c,))))}
             for c in candidates]
+
+
+def _fused(train, fitted: dict, held_out: dict, members: tuple) -> np.ndarray:
+    """The fusion candidate's held-out scores: its members' (trained on the fold), standardised on the fold's
+    training images."""
+    fusion = FusionHead(members, OPTIONS["fusion_rule"].default)
+    fusion.fit_scores([fitted[m].image_scores(train) for m in members], train.images.labels)
+    return fusion.fuse([held_out[m] for m in members])
 
 
 def fit_auto_objective(cache, config: FitConfig, *, kind=None, params=None) -> TrainedHead:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -12,19 +12,14 @@ from sklearn.base import BaseEstimator
 from featurecache.cache import open_cache
 from featurecache.errors import HeadError
 from featurecache.heads.mil import image_level_summary
-from featurecache.heads.registry import (
-    FUSION_RULES,
-    OPTIONS,
-    FitConfig,
-    get_objective,
-    is_fusion,
-    make_head,
-    parse_member,
-)
+from featurecache.heads.objectives import SINGLE_OBJECTIVES, get_objective
+from featurecache.heads.options import FUSION_RULES, OPTIONS, is_fusion, options_of, parse_member
+from featurecache.heads.registry import FitConfig, make_head, train_objective
 from featurecache.heads.trained import TrainedHead
 from featurecache.patches import BACKGROUND
 
-__all__ = ["FusionHead", "fit_fusion_objective", "has_boxes", "member_config", "resolve_members", "train_member"]
+__all__ = ["FusionHead", "describe_fusion", "fit_fusion_objective", "has_boxes", "member_config", "resolve_members",
+           "train_member"]
 
 _MEMBERS = OPTIONS["members"].read(OPTIONS["members"].default)
 #: What stands in for a member that needs boxes on data without them: the image-label patch scorer.
@@ -158,14 +153,12 @@ def resolve_members(names: Sequence[str], boxes: bool) -> tuple:
     return tuple(out)
 
 
-#: Options of fusion and auto themselves, not passed on to their members.
-_OWN = ("members", "fusion_rule", "candidates", "cv_folds")
-
-
 def member_config(config: FitConfig, name: str) -> FitConfig:
-    """The configuration a member (or an auto candidate) trains with: its objective, the same options."""
+    """The configuration a member (or an auto candidate) trains with: its objective, the options of
+    ``config`` that are its objective's (not those of fusion and auto themselves)."""
     objective, overrides = parse_member(name)
-    options = {k: v for k, v in config.options.items() if k not in _OWN}
+    own = set(options_of(objective)) - {n for n in OPTIONS if not OPTIONS[n].objectives & set(SINGLE_OBJECTIVES)}
+    options = {k: v for k, v in config.options.items() if k in own}
     return FitConfig(objective, {**options, **overrides}, memory_limit=config.memory_limit, device=config.device,
                      random_state=config.random_state, progress=False)
 
@@ -175,7 +168,7 @@ def train_member(cache, config: FitConfig, name: str) -> TrainedHead:
     sub = member_config(config, name)
     if is_fusion(name):
         return fit_fusion_objective(cache, sub, kind="fusion", params={"members": config.option("members")})
-    return get_objective(sub.objective).train(cache, sub)
+    return train_objective(cache, sub)
 
 
 def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
@@ -204,3 +197,9 @@ def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict) -
         est.fit_members(heads, [h.image_scores(c) for h in heads], c.images.labels)
         summary = image_level_summary(c, config, t0, {"members": list(est.members), "fusion_rule": est.rule})
         return TrainedHead.from_cache(est, kind, c, summary, config.objective)
+
+
+def describe_fusion(s: Mapping, kind: str) -> str:
+    """One line on what training did (the objectives table names it)."""
+    return (f"fusion head ({' + '.join(s.get('members', []))}, {s.get('fusion_rule')}): {s.get('train_images', 0)} "
+            f"training images; {s.get('seconds', 0):.1f} s")

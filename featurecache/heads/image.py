@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
+from torch import nn
 
 from featurecache.cache import open_cache
 from featurecache.heads._sources import BagSource
-from featurecache.heads.mil import _AGG_VALUE, MILHead, image_level_summary
+from featurecache.heads._torch import TorchState
+from featurecache.heads.bags import BagTrainer, scorer
+from featurecache.heads.mil import image_level_summary
+from featurecache.heads.options import OPTIONS
 from featurecache.heads.patch import CoefficientState
 from featurecache.heads.pooling import image_features
-from featurecache.heads.registry import OPTIONS, FitConfig, make_head
+from featurecache.heads.registry import FitConfig, make_head
 from featurecache.heads.trained import TrainedHead
 
-__all__ = ["ImageLogRegHead", "ImageMLPHead", "fit_image_objective"]
+__all__ = ["ImageLogRegHead", "ImageMLPHead", "describe_image", "fit_image_objective"]
 
 _POOLING = tuple(OPTIONS["image_pooling"].read(OPTIONS["image_pooling"].default).split("+"))
 
@@ -161,23 +166,21 @@ class ImageLogRegHead(_ImageScorer, CoefficientState, BaseEstimator):
         return p.astype(np.float32)
 
 
-class ImageMLPHead(_ImageScorer, MILHead):
+class ImageMLPHead(_ImageScorer, TorchState, BaseEstimator):
     """Per-class sigmoid head (linear or one hidden layer) on pooled image features.
 
     The ``image`` objective's trainable alternative to :class:`ImageLogRegHead`: binary
     cross-entropy on multi-hot image labels, Adam, weight decay, optional early stopping on
-    held-out images. (Internally an image is a bag of one vector.)
+    held-out images, trained by the bag trainer of :class:`~featurecache.heads.mil.MILHead`
+    (:class:`~featurecache.heads.bags.BagTrainer`; an image is a bag of one vector).
 
     Parameters
     ----------
     hidden, lr, weight_decay, max_epochs, patience, batch_images, validation_fraction, device, random_state
-        As :class:`MILHead`.
+        As :class:`~featurecache.heads.mil.MILHead`.
     pooling : tuple of str
         Which :func:`image_features` the head was trained on (kept with the head).
     """
-
-    # MILHead settings that mean nothing for a bag of one vector: fixed, not parameters.
-    aggregation, temperature, k, patch_weight, warmup_epochs = "max", 2.0, _AGG_VALUE or 5.0, 0.0, 10
 
     def __init__(self, hidden: int = OPTIONS["image_hidden"].default, lr: float = OPTIONS["image_lr"].default,
                  weight_decay: float = OPTIONS["image_weight_decay"].default,
@@ -195,17 +198,23 @@ class ImageMLPHead(_ImageScorer, MILHead):
         self.device = device
         self.random_state = random_state
 
+    def _build(self, d: int, c: int) -> nn.Module:
+        return scorer(d, c, self.hidden)
+
     def fit(self, X: np.ndarray, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> "ImageMLPHead":
         """Train on image features ``X`` (M, D) and labels ``Y`` (M, C)."""
         X, Y, ignore = self._fit_data(X, Y, ignore)
         X = np.asarray(X, np.float32)
-        self.fit_source(BagSource(X, np.arange(len(X)), len(X)), Y, ignore)
-        self.n_iter_ = self.n_epochs_
+        # A bag of one vector: its maximum is its score (and there is nothing to warm up).
+        trainer = BagTrainer.of(self, aggregation="max", warmup_epochs=0)
+        self.net_, self.history_ = trainer.fit(BagSource(X, np.arange(len(X)), len(X)), Y, ignore)
+        self.n_epochs_ = self.n_iter_ = len(self.history_)
+        self.n_features_in_, self.n_outputs_ = X.shape[1], Y.shape[1]
         return self
 
     def image_scores(self, X: np.ndarray) -> np.ndarray:
         """Per-class probabilities ``(M, C)``."""
-        return self.patch_scores(X)
+        return torch.sigmoid(self._forward(X)).numpy()
 
 
 def fit_image_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
@@ -228,6 +237,13 @@ def fit_image_objective(cache, config: FitConfig, *, kind: str, params: dict) ->
         est, t = make_head(kind, **params), c.images
         est.fit(image_features(c, pooling=est.pooling), t.labels, ignore=t.difficult & ~t.labels)
         extra = {"image_pooling": list(est.pooling)}
-        if isinstance(est, MILHead):
+        if hasattr(est, "n_epochs_"):  # the trained MLP
             extra["epochs"] = est.n_epochs_
         return TrainedHead.from_cache(est, kind, c, image_level_summary(c, config, t0, extra), config.objective)
+
+
+def describe_image(s: Mapping, kind: str) -> str:
+    """One line on what training did (the objectives table names it)."""
+    per_class = ", ".join(f"{k} {v}" for k, v in s.get("images_per_class", {}).items())
+    return (f"{kind} head (objective image, pooling {'+'.join(s.get('image_pooling', []))}): "
+            f"{s.get('train_images', 0)} training images; {s.get('seconds', 0):.1f} s; positive images: {per_class}")

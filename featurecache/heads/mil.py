@@ -9,27 +9,27 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from torch import nn
-from torch.nn import functional as F
 
 from featurecache.cache import open_cache
-from featurecache.errors import HeadError
 from featurecache.heads._sources import BagSource
-from featurecache.heads._torch import PatienceSchedule, TorchState, diverged, train_torch
+from featurecache.heads._torch import TorchState
 from featurecache.heads.background import as_policy, background_weights
-from featurecache.heads.registry import AGGREGATIONS, OPTIONS, FitConfig, make_head, parse_aggregation
+from featurecache.heads.bags import BagTrainer, scorer
+from featurecache.heads.options import OPTIONS, parse_aggregation
+from featurecache.heads.pooling import DEFAULT_POWER
+from featurecache.heads.registry import FitConfig, make_head
 from featurecache.heads.trained import TrainedHead
-from featurecache.patches import AMBIGUOUS, BACKGROUND
-from featurecache.resources import resolve_device
+from featurecache.patches import AMBIGUOUS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MILHead", "fit_mil_objective", "image_level_summary"]
+__all__ = ["MILHead", "describe_mil", "fit_mil_objective", "image_level_summary"]
 
 _AGG_NAME, _AGG_VALUE = parse_aggregation(OPTIONS["aggregation"].default)
 
@@ -93,7 +93,7 @@ class MILHead(TorchState, BaseEstimator):
     """
 
     def __init__(self, hidden: int = OPTIONS["image_hidden"].default, aggregation: str = _AGG_NAME,
-                 temperature: float = 2.0, k: float = _AGG_VALUE or 5.0, patch_weight: float = 0.0,
+                 temperature: float = 2.0, k: float = _AGG_VALUE or DEFAULT_POWER, patch_weight: float = 0.0,
                  lr: float = OPTIONS["image_lr"].default, weight_decay: float = OPTIONS["image_weight_decay"].default,
                  max_epochs: int = OPTIONS["image_epochs"].default, patience: int = 10, batch_images: int = 16,
                  validation_fraction: float = 0.0, warmup_epochs: int = 10, device: str = "auto",
@@ -114,66 +114,10 @@ class MILHead(TorchState, BaseEstimator):
         self.random_state = random_state
 
     def _build(self, d: int, c: int) -> nn.Module:
-        if int(self.hidden) > 0:
-            h = int(self.hidden)
-            return nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Dropout(0.5), nn.Linear(h, c))
-        return nn.Linear(d, c)
+        return scorer(d, c, self.hidden)
 
-    def _image_logits(self, z: "torch.Tensor", mask: "torch.Tensor", *, warm: bool = False) -> "torch.Tensor":
-        """z: (B, P, C) patch logits, mask: (B, P) valid patches -> (B, C) image logits (probabilities for power).
-
-        ``warm``: log-sum-exp at r = 1 instead of a sharp aggregation (the warm-up epochs).
-        """
-        neg = torch.finfo(z.dtype).min / 4
-        m = mask[:, :, None]
-        n = mask.sum(1, keepdim=True).clamp_min(1).to(z.dtype)
-        if warm and self.aggregation != "power":
-            return (torch.logsumexp(z.masked_fill(~m, neg), dim=1) - torch.log(n))
-        if self.aggregation == "max":
-            return z.masked_fill(~m, neg).amax(1)
-        if self.aggregation == "lse":
-            r = float(self.temperature)
-            return (torch.logsumexp((r * z).masked_fill(~m, neg), dim=1) - torch.log(n)) / r
-        k = float(self.k)
-        # log-domain power mean: stable where sigma(z)^k underflows.
-        logp = torch.nn.functional.logsigmoid(z) * k
-        log_mean = torch.logsumexp(logp.masked_fill(~m, neg), dim=1) - torch.log(n)
-        return torch.exp(log_mean / k)
-
-    def _image_loss(self, out, y, w):
-        if self.aggregation == "power":
-            losses = F.binary_cross_entropy(out.clamp(1e-6, 1 - 1e-6), y, reduction="none")
-        else:
-            losses = F.binary_cross_entropy_with_logits(out, y, reduction="none")
-        return (losses * w).sum() / w.sum().clamp_min(1e-12)
-
-    def _patch_loss(self, z, lab, pw):
-        """Per-class BCE of labelled patches against their one-hot label (background: all zeros)."""
-        use = pw > 0
-        if not bool(use.any()):
-            return z.sum() * 0.0
-        zs, ls, ws = z[use], lab[use], pw[use]
-        target = torch.zeros_like(zs)
-        obj = ls > BACKGROUND
-        target[obj, ls[obj] - 1] = 1.0
-        per = F.binary_cross_entropy_with_logits(zs, target, reduction="none").mean(1)
-        return (per * ws).sum() / ws.sum()
-
-    def _losses(self, net, source: BagSource, ids, Y, W, dev, warm: bool = False):
-        return self._batch_loss(net, source.batch(ids), ids, Y, W, dev, warm)
-
-    def _batch_loss(self, net, batch: tuple, ids, Y, W, dev, warm: bool = False):
-        xb, mb, lab, pw = batch
-        z = net(torch.from_numpy(xb).to(dev))
-        if not bool(torch.isfinite(z).all()):  # before the loss: BCE refuses NaN with a traceback of its own
-            raise diverged("the patch scores are not finite", float(self.lr))
-        mask = torch.from_numpy(mb).to(dev)
-        loss = self._image_loss(self._image_logits(z, mask, warm=warm), torch.from_numpy(Y[ids]).to(dev),
-                                torch.from_numpy(W[ids]).to(dev))
-        if float(self.patch_weight) > 0 and lab is not None:
-            loss = loss + float(self.patch_weight) * self._patch_loss(
-                z, torch.from_numpy(lab).to(dev), torch.from_numpy(pw).to(dev))
-        return loss
+    def _trainer(self) -> BagTrainer:
+        return BagTrainer.of(self)
 
     def fit(self, X: np.ndarray, image_index: np.ndarray, Y: np.ndarray, ignore: Optional[np.ndarray] = None, *,
             patch_labels: Optional[np.ndarray] = None, patch_weights: Optional[np.ndarray] = None) -> "MILHead":
@@ -190,50 +134,9 @@ class MILHead(TorchState, BaseEstimator):
 
     def fit_source(self, source: BagSource, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> "MILHead":
         """Train on a :class:`BagSource` (in memory or streamed) with image labels ``Y`` (M, C)."""
-        if self.aggregation not in AGGREGATIONS:
-            raise HeadError(f"must be lse, max or power, got {self.aggregation!r}", param="aggregation")
-        if float(self.patch_weight) > 0 and source.patch_labels is None:
-            raise HeadError("> 0 (hybrid objective) needs patch labels", param="patch_weight")
-        Y = np.asarray(Y, np.float32)
-        W = np.ones_like(Y) if ignore is None else (~np.asarray(ignore, bool)).astype(np.float32)
-        seed = 0 if self.random_state is None else int(self.random_state)
-        rng = np.random.RandomState(seed)
-        ids = rng.permutation(np.flatnonzero(source.sizes() > 0))
-        n_val = int(round(float(self.validation_fraction) * len(ids))) if self.validation_fraction else 0
-        val_ids, order = ids[:n_val], [ids[n_val:]]
-        if len(order[0]) == 0:
-            raise HeadError("no training image has patches")
-        dev = resolve_device(self.device)
-        bs = int(self.batch_images)
-
-        def make():
-            net = self._build(source.n_features, Y.shape[1]).to(dev)
-            return net, torch.optim.Adam(net.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
-
-        def run_epoch(net, opt, epoch):
-            train_ids, total = order[0], 0.0
-            id_batches = [train_ids[s:s + bs] for s in range(0, len(train_ids), bs)]
-            for b, batch in zip(id_batches, source.batches(id_batches)):
-                loss = self._batch_loss(net, batch, b, Y, W, dev, warm=epoch < int(self.warmup_epochs))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(b)
-            order[0] = train_ids[rng.permutation(len(train_ids))]
-            return total / len(train_ids)
-
-        def validate(net):
-            net.eval()
-            id_batches = np.array_split(val_ids, range(bs, len(val_ids), bs))
-            with torch.inference_mode():
-                return sum(float(self._batch_loss(net, batch, v, Y, W, dev)) * len(v)
-                           for v, batch in zip(id_batches, source.batches(id_batches))) / len(val_ids)
-
-        net, history = train_torch(make, seed=seed, device=dev, max_epochs=int(self.max_epochs), run_epoch=run_epoch,
-                                   validate=validate if len(val_ids) else None,
-                                   schedule=PatienceSchedule(self.patience))
+        net, history = self._trainer().fit(source, Y, ignore)
         self.net_, self.history_, self.n_epochs_ = net, history, len(history)
-        self.n_features_in_, self.n_outputs_ = source.n_features, Y.shape[1]
+        self.n_features_in_, self.n_outputs_ = source.n_features, np.shape(Y)[1]
         return self
 
     def patch_scores(self, X: np.ndarray) -> np.ndarray:
@@ -248,7 +151,7 @@ class MILHead(TorchState, BaseEstimator):
         id_batches = [usable[s:s + batch_images] for s in range(0, len(usable), batch_images)]
         with torch.inference_mode():
             for ids, (xb, mb, _, _) in zip(id_batches, source.batches(id_batches)):
-                o = self._image_logits(self.net_(torch.from_numpy(xb).to(dev)), torch.from_numpy(mb).to(dev))
+                o = self._trainer().image_outputs(self.net_(torch.from_numpy(xb).to(dev)), torch.from_numpy(mb).to(dev))
                 out[ids] = (o if self.aggregation == "power" else torch.sigmoid(o)).cpu().numpy()
         return out
 
@@ -320,3 +223,13 @@ def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict) -> T
         extra.update(aggregation=est.describe_aggregation(), epochs=est.n_epochs_,
                      training_data="stream" if source.streaming else "memory")
         return TrainedHead.from_cache(est, kind, c, image_level_summary(c, config, t0, extra), config.objective)
+
+
+def describe_mil(s: Mapping, kind: str) -> str:
+    """One line on what training did (the objectives table names it)."""
+    line = (f"{s['objective']} head ({s.get('aggregation')} aggregation): {s.get('train_images', 0)} "
+            f"training images, {s.get('epochs', 0)} epochs; {s.get('seconds', 0):.1f} s")
+    if s.get("patch_weight"):
+        line += (f"; patch loss weight {s.get('patch_weight', 0):g} on {s.get('train_patches', 0):,} "
+                 f"patches (background {s.get('background', '')})")
+    return line

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 import torch
@@ -42,7 +42,7 @@ from featurecache.heads.trained import TrainedHead
 from featurecache.patches import BACKGROUND
 from featurecache.resources import features_bytes, memory_budget, resolve_device
 
-__all__ = ["CoefficientState", "LinearSVMHead", "LogRegHead", "MLPHead", "fit_patch_objective"]
+__all__ = ["CoefficientState", "LinearSVMHead", "LogRegHead", "MLPHead", "describe_patch", "fit_patch_objective"]
 
 
 def _hidden_tuple(hidden) -> tuple:
@@ -456,3 +456,18 @@ def fit_patch_objective(cache, config: FitConfig, *, kind: str, params: dict) ->
             summary.update(epochs=est.n_epochs_, final_loss=est.history_[-1]["train_loss"] if est.history_ else None,
                            val_loss=min(vals) if vals else None)
         return TrainedHead.from_cache(est, kind, train, summary, "patch")
+
+
+def describe_patch(s: Mapping, kind: str) -> str:
+    """One line on what training did (the objectives table names it)."""
+    per_class = ", ".join(f"{k} {v}" for k, v in s.get("patches_per_class", {}).items() if v)
+    parts = [f"{kind} head: {s.get('train_patches', 0):,} training patches "
+             f"({s.get('background_patches', 0):,} background, weight {s.get('background_weight', 1):.3g})"]
+    if "epochs" in s:
+        parts.append(f"{s['epochs']} epochs")
+    parts.append(f"{s.get('seconds', 0):.1f} s")
+    if s.get("final_loss") is not None:
+        parts.append(f"final loss {s['final_loss']:.4f}")
+    if s.get("val_loss") is not None:
+        parts.append(f"best val loss {s['val_loss']:.4f}")
+    return "; ".join(parts) + (f"; objects: {per_class}" if per_class else "")

@@ -1,7 +1,8 @@
 """From patches to images: pooling patch scores into image scores, and patch features into image features.
 
 Image score of class C over the M patches of an image (ambiguous ones included), as in
-Oquab et al. (2014): ``pooling="power"``: (1/M) Σ_i y(C|P_i)^k (default k = 5);
+Oquab et al. (2014): ``pooling="power"``: (1/M) Σ_i y(C|P_i)^k (default k = 5,
+:data:`DEFAULT_POWER`);
 ``"max"``: max_i y(C|P_i); ``"mean"``: the power mean with k = 1.
 
 Image features (the ``image`` objective): ``mean``/``max`` over all patches of an image;
@@ -14,13 +15,17 @@ Numpy only: the command line reads the names defined here without importing torc
 from __future__ import annotations
 
 import contextlib
-from typing import Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
 from featurecache.errors import HeadError
 
-__all__ = ["IMAGE_POOLINGS", "SCORE_POOLINGS", "ScorePooler", "image_features", "pool_image_features", "pool_scores"]
+__all__ = ["DEFAULT_POWER", "IMAGE_POOLINGS", "SCORE_POOLINGS", "ScorePooler", "image_features", "pool_chunks",
+           "pool_image_features", "pool_scores", "pooling_key"]
+
+#: The exponent k of the power pooling unless told otherwise (``eval --k``, the mil aggregation ``power``).
+DEFAULT_POWER = 5.0
 
 #: How patch scores become image scores (``eval --pooling``).
 SCORE_POOLINGS = ("power", "max", "mean")
@@ -30,7 +35,7 @@ IMAGE_POOLINGS = ("mean", "max", "scales", "coarse")
 
 
 def pool_scores(probs: np.ndarray, image_index: np.ndarray, n_images: int, *, pooling: str = "power",
-                k: float = 5.0) -> np.ndarray:
+                k: float = DEFAULT_POWER) -> np.ndarray:
     """Aggregate patch class probabilities into image scores.
 
     Parameters
@@ -54,6 +59,39 @@ def pool_scores(probs: np.ndarray, image_index: np.ndarray, n_images: int, *, po
     return pooler.result()
 
 
+def pooling_key(pooling: Optional[str] = None, k: Optional[float] = None) -> tuple:
+    """``(pooling, k)`` with the defaults filled in: ``power`` and :data:`DEFAULT_POWER`."""
+    return pooling or "power", DEFAULT_POWER if k is None else k
+
+
+def pool_chunks(chunks: Iterator[tuple], n_images: int, n_classes: int, keys: Iterable[tuple], *,
+                each: Optional[Callable] = None) -> dict:
+    """Image scores for every ``(pooling, k)`` of ``keys`` from one pass over chunks, none of them kept.
+
+    Parameters
+    ----------
+    chunks : iterator of tuple
+        ``(probabilities (n, 1 + C), image of each patch, patch labels)``; closed at the end.
+    n_images, n_classes : int
+    keys : iterable of (str, float)
+    each : callable, optional
+        ``each(probabilities, labels)`` sees every chunk (a patch report's counts).
+
+    Returns
+    -------
+    dict
+        ``(pooling, k)`` -> image scores ``(n_images, C)``.
+    """
+    poolers = {key: ScorePooler(n_images, n_classes, pooling=key[0], k=key[1]) for key in set(keys)}
+    with contextlib.closing(chunks):
+        for probs, local, labels in chunks:
+            for pooler in poolers.values():
+                pooler.add(probs, local)
+            if each is not None:
+                each(probs, labels)
+    return {key: p.result() for key, p in poolers.items()}
+
+
 class ScorePooler:
     """Image scores from patch probabilities fed chunk by chunk (memory: one number per image and class).
 
@@ -65,7 +103,7 @@ class ScorePooler:
         Exponent of the power mean.
     """
 
-    def __init__(self, n_images: int, n_classes: int, *, pooling: str = "power", k: float = 5.0) -> None:
+    def __init__(self, n_images: int, n_classes: int, *, pooling: str = "power", k: float = DEFAULT_POWER) -> None:
         if pooling not in SCORE_POOLINGS:
             raise HeadError(f"must be one of {', '.join(SCORE_POOLINGS)}, got {pooling!r}", param="pooling")
         self.pooling, self.power = pooling, 1.0 if pooling == "mean" else float(k)

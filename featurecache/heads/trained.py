@@ -19,9 +19,10 @@ from featurecache.heads.headfile import (
     to_payload,
     write_head_file,
 )
-from featurecache.heads.pooling import ScorePooler
+from featurecache.heads.objectives import Objective, get_objective, objective_of_kind
+from featurecache.heads.options import EVAL_OPTIONS
+from featurecache.heads.pooling import pool_chunks, pooling_key
 from featurecache.heads.recipe import Recipe, require
-from featurecache.heads.registry import EVAL_OPTIONS, Objective, get_objective, objective_of_kind
 
 __all__ = ["HEAD_FORMAT", "HEAD_FORMAT_VERSION", "Recipe", "TrainedHead"]
 
@@ -127,22 +128,23 @@ class TrainedHead:
         """Per-class scores ``(M, C)`` of a cache's selected images.
 
         Patch heads pool their patch probabilities (``pooling``, default ``power`` with
-        ``k = 5``); the image-level heads score images themselves and refuse ``pooling``
-        and ``k``.
+        ``k = 5``, :func:`~featurecache.heads.pooling.pooling_key`); the image-level heads score
+        images themselves and refuse ``pooling`` and ``k``.
         """
         self.check_cache(cache)
         k = None if k is None else EVAL_OPTIONS["k"].read(k)
         if self.spec.pools_patches:
-            pooler = ScorePooler(cache.num_images, len(self.classes), pooling=pooling or "power",
-                                 k=5.0 if k is None else k)
-            with contextlib.closing(self.probability_chunks(cache)) as chunks:
-                for probs, local, _ in chunks:
-                    pooler.add(probs, local)
-            return pooler.result()
+            key = pooling_key(pooling, k)
+            return self.pooled_scores(cache, [key])[key]
         if pooling is not None or k is not None:
             raise HeadError(f"applies to patch heads; this {self.objective} head scores images itself",
                             param="pooling" if pooling is not None else "k")
         return self.estimator.score_images(cache)
+
+    def pooled_scores(self, cache, keys, *, each=None) -> dict:
+        """Patch heads: image scores for every ``(pooling, k)`` of ``keys`` from one pass over the cache
+        (:func:`~featurecache.heads.pooling.pool_chunks`; ``each(probabilities, labels)`` sees every chunk)."""
+        return pool_chunks(self.probability_chunks(cache), cache.num_images, len(self.classes), keys, each=each)
 
     def patch_scores(self, X) -> np.ndarray:
         """Per-class scores ``(N, C)`` of single patches (localisation), for heads that have them."""
@@ -163,8 +165,7 @@ class TrainedHead:
         """``(label, text)`` of how images are scored: ``("power", "power k=5")``, ``("mil:max", "trained max")``."""
         k = None if k is None else EVAL_OPTIONS["k"].read(k)
         if self.spec.pools_patches:
-            pooling = pooling or "power"
-            k = 5.0 if k is None else k
+            pooling, k = pooling_key(pooling, k)
             return pooling, (f"power k={k:g}" if pooling == "power" else pooling)
         return self.estimator.scoring_label(), self.estimator.scoring_text()
 
