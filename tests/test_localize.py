@@ -74,7 +74,7 @@ def squares(tmp_path_factory):
     cache = extract(voc, base / "sq.h5", grid=PatchGrid(**GRID), workers=0, progress=False).path
     heads = {
         "patch": fit_objective(cache, objective="patch", head="logreg", train_split="train", progress=False),
-        "mil": fit_objective(cache, objective="mil", train_split="train", epochs=30, progress=False),
+        "mil": fit_objective(cache, objective="mil", train_split="train", progress=False),
         "image": fit_objective(cache, objective="image", train_split="train", progress=False),
     }
     return {"voc": voc, "cache": cache, "boxes": boxes, "heads": heads,

@@ -32,7 +32,7 @@ def tiny(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny")
     patch = tiny_trained_head(root, head="logreg")
-    mil = fit_objective(root / "tiny.h5", objective="mil", train_split="train", epochs=5, progress=False)
+    mil = fit_objective(root / "tiny.h5", objective="mil", train_split="train", progress=False)
     return {"root": root, "voc": root / "voc", "cache": root / "tiny.h5", "patch": patch,
             "mil": mil.save(root / "mil.head.pt")}
 

@@ -50,21 +50,17 @@ def fault(point: str) -> None:
 fault.hits = {}  # type: ignore[attr-defined]
 
 
-def fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):  # not possible on every platform; rename is still atomic
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):  # not possible on every platform; rename is still atomic
+        fsync_file(path)
 
 
 def fresh(path: Path) -> Path:
