@@ -23,13 +23,24 @@ def _names(cell: str) -> list:
     return re.findall(r"`([^`]+)`", cell)
 
 
-def _documented_layers() -> dict:
-    """Module -> layer, from the module table of docs/architecture.md (``heads/trained.py`` -> ``heads.trained``)."""
+def _documented_rows() -> dict:
+    """Module or pattern -> layer, from the module table of docs/architecture.md (``heads/trained.py`` ->
+    ``heads.trained``; ``heads/*.py`` -> ``heads.*``, the layer of a package's modules without a row)."""
     layers = {}
     for line in DOC.read_text().splitlines():
         cells = _cells(line)
         if len(cells) == 3 and cells[0].isdigit() and cells[1].startswith("`") and cells[1].endswith(".py`"):
             layers[cells[1].strip("`")[:-3].replace("/", ".")] = int(cells[0])
+    return layers
+
+
+def _documented_layers() -> dict:
+    """Module -> layer: its own row, else the first pattern row that matches it."""
+    rows = _documented_rows()
+    layers = {m: n for m, n in rows.items() if "*" not in m}
+    patterns = [(p, n) for p, n in rows.items() if "*" in p]
+    for m in set(_imports()) - set(layers):
+        layers.update(next(({m: n} for p, n in patterns if fnmatch.fnmatchcase(m, p)), {}))
     return layers
 
 
@@ -94,9 +105,11 @@ def test_no_import_circles():
 
 
 def test_the_documented_layers_are_the_coarse_ones_and_name_only_real_modules():
-    layers = _documented_layers()
-    assert set(layers.values()) == set(range(1, 8))
-    assert set(layers) == set(_imports()) | {"heads.__init__"}
+    rows = _documented_rows()
+    assert set(rows.values()) == set(range(1, 8))
+    named = {m for m in rows if "*" not in m}
+    assert named <= set(_imports()) | {"heads.__init__"}, f"rows naming no module: {named - set(_imports())}"
+    assert set(_documented_layers()) == set(_imports()) | {"heads.__init__"}
 
 
 def test_no_forbidden_edge():
