@@ -17,8 +17,8 @@ probe compares feature maps at two shapes. Only average-pooled trunks (Efficient
 CNNs, ResNet) are exported; AlexNet/VGG's (FC6/FC7 as 4096-channel convolutions) stay torch's.
 
 ``auto`` takes the fastest installed runtime whose probe agrees, as measured in
-docs/performance.md: in crop mode OpenVINO, then ONNX Runtime, then torch; in dense mode ONNX
-Runtime, then OpenVINO, then torch. On CUDA it is torch. When it
+docs/performance.md for both modes: OpenVINO, then ONNX Runtime, then torch. On CUDA it is
+torch. When it
 falls back to torch on the CPU (no runtime installed, the export failed, a runtime could not
 run it or disagreed) it says so once per process, with the reasons, as a warning.
 """
@@ -55,10 +55,10 @@ TOLERANCE = 1e-4
 #: docs/performance.md).
 _AUTO_ORDER = ("openvino", "onnxruntime")
 
-#: ``auto``'s preference in dense mode (the trunk on whole images of many sizes): ONNX Runtime's
-#: ``extract --mode dense`` was the fastest end to end (docs/performance.md; OpenVINO's dynamic-shape
-#: model was about as fast on a warm trunk and slower on the first image of each size).
-_DENSE_AUTO_ORDER = ("onnxruntime", "openvino")
+#: ``auto``'s preference in dense mode (the trunk on whole images of many sizes): as in crop mode.
+#: OpenVINO's trunk was the fastest bare in 3 runs of 3 and ``extract --mode dense`` end to end in 2
+#: (ONNX Runtime in the other; docs/performance.md).
+_DENSE_AUTO_ORDER = ("openvino", "onnxruntime")
 
 _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
