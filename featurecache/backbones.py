@@ -31,7 +31,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -187,7 +187,12 @@ class FrozenBackbone(nn.Module):
                 jump *= m.stride[0]
         return int(math.ceil((rf / 2 + DENSE_STRIDE / 2) / DENSE_STRIDE)) * DENSE_STRIDE
 
-    def _tiled_trunk(self, x: torch.Tensor, max_side: int) -> torch.Tensor:
+    def run_trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense trunk (torch) on normalised images: its feature map ``(N, C, rows, columns)``."""
+        f = self.dense_trunk(x)
+        return f["features"] if isinstance(f, dict) else f
+
+    def _tiled_trunk(self, x: torch.Tensor, max_side: int, trunk) -> torch.Tensor:
         """The trunk's feature map computed on overlapping tiles no larger than ``max_side``."""
         s = DENSE_STRIDE
         margin = self.dense_margin
@@ -203,21 +208,20 @@ class FrozenBackbone(nn.Module):
             for x0 in range(0, w, core):
                 x1 = min(x0 + core, w)
                 tx0, tx1 = max(0, x0 - margin), min(w, x1 + margin)
-                f = self.dense_trunk(x[..., ty0:ty1, tx0:tx1])
-                if isinstance(f, dict):
-                    f = f["features"]
+                f = trunk(x[..., ty0:ty1, tx0:tx1])
                 if out is None:
                     out = f.new_zeros(f.shape[0], f.shape[1], h // s, w // s)
                 out[..., y0 // s:y1 // s, x0 // s:x1 // s] = \
                     f[..., (y0 - ty0) // s:(y1 - ty0) // s, (x0 - tx0) // s:(x1 - tx0) // s]
         return out
 
-    def dense_features(self, images: torch.Tensor, input_size: int, *, max_side: Optional[int] = None) -> torch.Tensor:
+    def dense_features(self, images: torch.Tensor, input_size: int, *, max_side: Optional[int] = None,
+                       trunk: Optional[Callable] = None) -> torch.Tensor:
         """:meth:`dense_features_batch` of one image: a tensor (C, P_h, P_w)."""
-        return self.dense_features_batch(images, input_size, max_side=max_side)[0]
+        return self.dense_features_batch(images, input_size, max_side=max_side, trunk=trunk)[0]
 
-    def dense_features_batch(self, images: torch.Tensor, input_size: int, *,
-                             max_side: Optional[int] = None) -> torch.Tensor:
+    def dense_features_batch(self, images: torch.Tensor, input_size: int, *, max_side: Optional[int] = None,
+                             trunk: Optional[Callable] = None) -> torch.Tensor:
         """Features of every window of ``input_size`` pixels at every cell offset.
 
         Parameters
@@ -229,6 +233,8 @@ class FrozenBackbone(nn.Module):
             Largest trunk input side: a larger image is run in overlapping tiles with a margin
             of half the receptive field (:attr:`dense_margin`), which gives the same feature
             map up to float rounding. Only for average-pooled trunks (not AlexNet/VGG).
+        trunk : callable, optional
+            What runs the trunk, as for :meth:`cell_features`.
 
         Returns
         -------
@@ -237,13 +243,14 @@ class FrozenBackbone(nn.Module):
         if self.dense_kind == "fc" and input_size != 224:
             raise BackboneError(f"{self.spec.name}: dense mode reads FC7 as a convolution over 224-pixel "
                                 f"windows; use --input-size 224")
-        fmap = self.cell_features(images, max_side=max_side)
+        fmap = self.cell_features(images, max_side=max_side, trunk=trunk)
         if self.dense_kind == "fc":
             return fmap
         k = input_size // DENSE_STRIDE
         return F.avg_pool2d(fmap, kernel_size=k, stride=1)
 
-    def cell_features(self, images: torch.Tensor, *, max_side: Optional[int] = None) -> torch.Tensor:
+    def cell_features(self, images: torch.Tensor, *, max_side: Optional[int] = None,
+                      trunk: Optional[Callable] = None) -> torch.Tensor:
         """The dense trunk's feature map: one feature vector per :data:`DENSE_STRIDE`-pixel cell.
 
         For average-pooled trunks a cell is one position of the last convolutional map (what
@@ -256,6 +263,10 @@ class FrozenBackbone(nn.Module):
             RGB 0–255.
         max_side : int, optional
             As for :meth:`dense_features_batch`.
+        trunk : callable, optional
+            What runs the trunk on normalised images (each tile when tiled), returning its
+            feature map: a :class:`featurecache.runtimes.Runtime`'s ``trunk`` (OpenVINO, ONNX
+            Runtime). Default: :meth:`run_trunk` (torch).
 
         Returns
         -------
@@ -264,16 +275,15 @@ class FrozenBackbone(nn.Module):
         if self.dense_trunk is None:
             raise BackboneError(f"{self.spec.name}: dense mode is not available for this backbone "
                                 f"(available: efficientnet_lite0, timm CNNs, resnet50, alexnet, vgg16)")
+        trunk = trunk or self.run_trunk
         x = self.normalize(images)
         if max_side is not None and max(x.shape[-2:]) > max_side:
             if self.dense_kind != "avg":
                 raise BackboneError(f"{self.spec.name}: a {x.shape[-1]}x{x.shape[-2]} trunk input exceeds "
                                     f"--max-side {max_side} and tiling is only available for average-pooled "
                                     f"trunks; raise --max-side or use fewer scales")
-            fmap = self._tiled_trunk(x, max_side)
-        else:
-            fmap = self.dense_trunk(x)
-        return fmap["features"] if isinstance(fmap, dict) else fmap
+            return self._tiled_trunk(x, max_side, trunk)
+        return trunk(x)
 
     @property
     def cell_centre(self) -> float:

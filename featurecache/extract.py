@@ -226,9 +226,10 @@ class ExtractConfig:
         Images whose grid has more patches (very thin strips) are skipped and recorded; a
         grid that gives most images more is refused before anything runs.
     runtime : {"auto", "torch", "openvino", "onnxruntime"}
-        What runs the backbone on the CPU in crop mode (:mod:`featurecache.runtimes`): ``auto``
-        the fastest installed one whose features agree with torch's; torch on CUDA and in
-        dense mode. Part of the resume settings, not of the feature fingerprint.
+        What runs the backbone (crop mode) or its dense trunk (dense mode; AlexNet/VGG's stays
+        torch's) on the CPU (:mod:`featurecache.runtimes`): ``auto`` the fastest installed one
+        whose features agree with torch's; torch on CUDA. Part of the resume settings, not of
+        the feature fingerprint.
     threads : int, optional
         Intra-op threads (:func:`featurecache.resources.cpu_threads`: default the CPUs this
         process may use).

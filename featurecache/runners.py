@@ -132,11 +132,13 @@ class PatchRunner:
 
 
 class DenseRunner:
-    """Dense mode: the trunk runs once per image and scale; windows are pooled from its map."""
+    """Dense mode: the trunk runs once per image and scale (through ``runtime``'s :meth:`Runtime.trunk`
+    on the CPU, torch by default); windows are pooled from its map."""
 
     def __init__(self, backbone: FrozenBackbone, grid: PatchGrid, *, device: torch.device, out_dtype: np.dtype,
-                 max_side: Optional[int] = None) -> None:
+                 max_side: Optional[int] = None, runtime: Optional[Runtime] = None) -> None:
         self.backbone = backbone
+        self.runtime = runtime or Runtime(backbone, dense=True)
         self.grid = grid
         self.max_side = max_side
         self.device = device
@@ -176,7 +178,8 @@ class DenseRunner:
                             fmaps = self.backbone.dense_features_batch(x, self.grid.input_size,
                                                                        max_side=self.max_side)
                     else:
-                        fmaps = self.backbone.dense_features_batch(x, self.grid.input_size, max_side=self.max_side)
+                        fmaps = self.backbone.dense_features_batch(x, self.grid.input_size, max_side=self.max_side,
+                                                                   trunk=self.runtime.trunk)
                     for b, i in enumerate(chunk):
                         _, _, _, xs, ys = layouts[i][si]
                         fm = fmaps[b]
@@ -216,7 +219,7 @@ class PartComputer:
     batch_size : int
         Patches per forward pass in crop mode.
     runtime : Runtime
-        What runs the backbone on the CPU in crop mode.
+        What runs the backbone (crop mode) or its dense trunk (dense mode) on the CPU.
     planned : sequence of int
         Each image's planned patch count (what progress counts for an image that is skipped).
     """
@@ -227,8 +230,8 @@ class PartComputer:
         self.dtype = np.dtype(config.dtype)
         self.patches = PatchRunner(net, input_size=config.grid.input_size, batch_size=batch_size, device=device,
                                    out_dtype=self.dtype, runtime=runtime)
-        self.dense = (DenseRunner(net, config.grid, device=device, out_dtype=self.dtype, max_side=config.max_side)
-                      if config.mode == "dense" else None)
+        self.dense = (DenseRunner(net, config.grid, device=device, out_dtype=self.dtype, max_side=config.max_side,
+                                  runtime=runtime) if config.mode == "dense" else None)
 
     def part(self, decoded: Iterator[tuple], size: int, progress: Callable[[int], None]) -> PartData:
         """The next ``size`` images of ``decoded`` (``(index, pixels or None, reason)`` from a

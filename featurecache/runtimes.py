@@ -9,10 +9,18 @@ of :func:`featurecache.resources.cpu_threads`. Their features agree with torch's
 real images by the tests), so the runtime is provenance, not part of the feature
 fingerprint. Reduced precision is not offered.
 
-``auto`` takes the fastest installed runtime whose probe agrees (OpenVINO, then ONNX Runtime,
-then torch); on CUDA and in dense mode it is torch. When it falls back to torch on the CPU
-(no runtime installed, the export failed, a runtime could not run it or disagreed) it says
-so once per process, with the reasons, as a warning.
+Dense mode exports the backbone's dense trunk instead (normalised images to feature map; the
+normalisation stays in torch), with dynamic batch, height and width axes, as
+``...-dense.onnx``: one compiled model or session serves every image size and tile
+(:meth:`Runtime.trunk`, which :meth:`FrozenBackbone.cell_features` calls, tiles included). Its
+probe compares feature maps at two shapes. Only average-pooled trunks (EfficientNet-Lite0, timm
+CNNs, ResNet) are exported; AlexNet/VGG's (FC6/FC7 as 4096-channel convolutions) stay torch's.
+
+``auto`` takes the fastest installed runtime whose probe agrees, as measured in
+docs/performance.md for both modes: OpenVINO, then ONNX Runtime, then torch. On CUDA it is
+torch. When it
+falls back to torch on the CPU (no runtime installed, the export failed, a runtime could not
+run it or disagreed) it says so once per process, with the reasons, as a warning.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from featurecache.backbones import FrozenBackbone
+from featurecache.backbones import DENSE_STRIDE, FrozenBackbone
 from featurecache.errors import BackboneError
 from featurecache.outputs import os_reason
 from featurecache.resources import RUNTIMES
@@ -47,6 +55,11 @@ TOLERANCE = 1e-4
 #: docs/performance.md).
 _AUTO_ORDER = ("openvino", "onnxruntime")
 
+#: ``auto``'s preference in dense mode (the trunk on whole images of many sizes): as in crop mode.
+#: OpenVINO's trunk was the fastest bare in 3 runs of 3 and ``extract --mode dense`` end to end in 2
+#: (ONNX Runtime in the other; docs/performance.md).
+_DENSE_AUTO_ORDER = ("openvino", "onnxruntime")
+
 _MODULES = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
 
 _OPSET = 17
@@ -63,7 +76,9 @@ def installed_runtimes() -> tuple:
 
 
 class Runtime:
-    """Runs a frozen backbone on batches of patches ``(N, 3, S, S)`` (0-255 RGB floats) on the CPU.
+    """Runs a frozen backbone on the CPU: on batches of patches ``(N, 3, S, S)`` (0-255 RGB floats,
+    crop mode, :meth:`__call__`), or its dense trunk on normalised images of any size (dense mode,
+    :meth:`trunk`, which :meth:`FrozenBackbone.cell_features` calls on each image or tile).
 
     Attributes
     ----------
@@ -71,28 +86,57 @@ class Runtime:
         ``torch``, ``openvino`` or ``onnxruntime``.
     version : str
         The runtime package's version (provenance).
+    dense : bool
+        Whether it runs the dense trunk (else the whole backbone at a fixed patch size); the
+        torch runtime runs both.
     """
 
     name = "torch"
 
-    def __init__(self, backbone: FrozenBackbone) -> None:
+    def __init__(self, backbone: FrozenBackbone, *, dense: bool = False) -> None:
         self.backbone = backbone
         self.version = torch.__version__
+        self.dense = dense
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense trunk's feature map ``(N, C, rows, columns)`` of normalised images ``(N, 3, H, W)``."""
+        return self.backbone.run_trunk(x)
+
     def describe(self) -> str:
-        return f"{self.name} {self.version}"
+        return f"{self.name} {self.version}" + (" (dense trunk)" if self.dense and self.name != "torch" else "")
 
 
-class _OnnxRuntime(Runtime):
+class _Exported(Runtime):
+    """A runtime of an exported ONNX graph: the backbone (crop mode) or the dense trunk (dense mode)."""
+
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        try:
+            out = self._infer(x.contiguous().numpy())
+        except Exception as e:  # the runtimes' own exception types (OpenVINO: RuntimeError with C++ text)
+            raise BackboneError(f"{self.name} failed on a batch ({_why(e)}); use --runtime torch",
+                                param="runtime") from None
+        return torch.from_numpy(out)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return super().__call__(x) if self.dense else self._run(x)
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x) if self.dense else super().trunk(x)
+
+
+class _OnnxRuntime(_Exported):
     name = "onnxruntime"
 
-    def __init__(self, backbone: FrozenBackbone, model: Path, threads: int) -> None:
+    def __init__(self, backbone: FrozenBackbone, model: Path, threads: int, *, dense: bool = False) -> None:
         import onnxruntime as ort
 
-        super().__init__(backbone)
+        super().__init__(backbone, dense=dense)
         self.version = ort.__version__
         if hasattr(ort, "disable_telemetry_events"):  # its usage events (Windows); nothing to send elsewhere
             ort.disable_telemetry_events()
@@ -107,21 +151,16 @@ class _OnnxRuntime(Runtime):
             _COMPILED[key] = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.session = _COMPILED[key]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            out = self.session.run(None, {"images": x.contiguous().numpy()})[0]
-        except Exception as e:  # onnxruntime's own exception types
-            raise BackboneError(f"onnxruntime failed on a batch ({_why(e)}); use --runtime torch",
-                                param="runtime") from None
-        return torch.from_numpy(out)
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": x})[0]
 
 
-class _OpenVinoRuntime(Runtime):
+class _OpenVinoRuntime(_Exported):
     name = "openvino"
 
-    def __init__(self, backbone: FrozenBackbone, model: Path, threads: int) -> None:
+    def __init__(self, backbone: FrozenBackbone, model: Path, threads: int, *, dense: bool = False) -> None:
         ov = _import_openvino()
-        super().__init__(backbone)
+        super().__init__(backbone, dense=dense)
         self.version = ov.__version__
         key = ("openvino", str(model), threads)
         if key not in _COMPILED:
@@ -133,13 +172,8 @@ class _OpenVinoRuntime(Runtime):
             _COMPILED[key] = core.compile_model(core.read_model(str(model)), "CPU", config)
         self.request = _COMPILED[key].create_infer_request()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        try:
-            out = self.request.infer({0: x.contiguous().numpy()})
-        except Exception as e:  # OpenVINO raises RuntimeError with its C++ exception's text
-            raise BackboneError(f"openvino failed on a batch ({_why(e)}); use --runtime torch",
-                                param="runtime") from None
-        return torch.from_numpy(np.array(next(iter(out.values()))))
+    def _infer(self, x: np.ndarray) -> np.ndarray:
+        return np.array(next(iter(self.request.infer({0: x}).values())))
 
 
 #: How runtimes say they ran out of memory (an address-space limit, ``ulimit -v``, shows as these).
@@ -187,8 +221,10 @@ def _export_dir() -> Path:
     return Path(torch.hub.get_dir()) / "featurecache"
 
 
-def exported_model(backbone: FrozenBackbone, input_size: int) -> Path:
-    """The backbone as ONNX (dynamic batch, fixed ``input_size``), exported once and kept on disk.
+def exported_model(backbone: FrozenBackbone, input_size: int, *, dense: bool = False) -> Path:
+    """The backbone as ONNX (dynamic batch, fixed ``input_size``), exported once and kept on disk;
+    with ``dense``, its dense trunk (normalised images to feature map, dynamic batch, height and
+    width; ``input_size`` unused).
 
     Beside the model, ``MODEL.sha256`` records the SHA-256 of the file featurecache wrote: a
     file whose bytes are not those (planted, damaged, or left without its record by a crash)
@@ -199,7 +235,7 @@ def exported_model(backbone: FrozenBackbone, input_size: int) -> Path:
     layer = s.layer.replace("/", "-")
     # Everything the graph bakes in: weights, normalisation, exporter and opset.
     baked = hashlib.sha256(f"{s.weights_sha256}|{s.preprocessing.to_dict()}|{torch.__version__}|{_OPSET}".encode())
-    path = _export_dir() / f"{arch}-{layer}-{baked.hexdigest()[:16]}-{input_size}px.onnx"
+    path = _export_dir() / f"{arch}-{layer}-{baked.hexdigest()[:16]}-{'dense' if dense else f'{input_size}px'}.onnx"
     record = path.with_name(path.name + ".sha256")
     if path.is_file():
         recorded = _read_record(record)
@@ -209,11 +245,11 @@ def exported_model(backbone: FrozenBackbone, input_size: int) -> Path:
                        "its SHA-256 differs from the one recorded" if recorded else "no SHA-256 recorded beside it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _export(backbone, input_size, path, record)
+        _export(backbone, input_size if not dense else None, path, record)
     except OSError as e:
         raise BackboneError(f"{path.parent}: cannot write the ONNX export there ({os_reason(e)}); set TORCH_HOME to "
                             "a writable folder, or use --runtime torch", param="runtime") from None
-    logger.info("exported %s at %d px to %s", s.name, input_size, path)
+    logger.info("exported %s to %s", f"{s.name}'s dense trunk" if dense else f"{s.name} at {input_size} px", path)
     return path
 
 
@@ -225,17 +261,36 @@ def _read_record(record: Path):
     return None
 
 
-def _export(backbone: FrozenBackbone, input_size: int, path: Path, record: Path) -> None:
-    """Export to a temporary file, record its hash, then rename both into place (model last but one, record last)."""
+class _DenseTrunk(torch.nn.Module):
+    """The dense trunk as a module whose output is the feature map itself (what is exported)."""
+
+    def __init__(self, backbone: FrozenBackbone) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.run_trunk(x)
+
+
+def _export(backbone: FrozenBackbone, input_size: Optional[int], path: Path, record: Path) -> None:
+    """Export to a temporary file, record its hash, then rename both into place (model last but one, record last).
+
+    ``input_size`` None: the dense trunk, with dynamic height and width (exported on a
+    non-square multiple of the stride; its probe checks other sizes).
+    """
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    example = torch.rand(2, 3, input_size, input_size) * 255
-    net = backbone.to("cpu").to(memory_format=torch.contiguous_format)
+    backbone.to("cpu").to(memory_format=torch.contiguous_format)
+    if input_size is None:
+        net, example = _DenseTrunk(backbone).eval(), torch.randn(1, 3, 128, 160)
+        axes = {"images": {0: "n", 2: "h", 3: "w"}, "features": {0: "n", 2: "rows", 3: "columns"}}
+    else:
+        net, example = backbone, torch.rand(2, 3, input_size, input_size) * 255
+        axes = {"images": {0: "n"}, "features": {0: "n"}}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(net, (example,), str(tmp), input_names=["images"], output_names=["features"],
-                              dynamic_axes={"images": {0: "n"}, "features": {0: "n"}}, dynamo=False,
-                              opset_version=_OPSET)
+                              dynamic_axes=axes, dynamo=False, opset_version=_OPSET)
         digest = sha256_file(tmp)
         with contextlib.suppress(FileNotFoundError):
             record.unlink()  # no moment where an old record vouches for the new file
@@ -278,17 +333,29 @@ def _probe_images(input_size: int) -> torch.Tensor:
 
 
 def _agrees(runtime: Runtime, backbone: FrozenBackbone, input_size: int) -> float:
-    """Largest difference to torch's features on the probe images, relative to their largest magnitude."""
-    probe = _probe_images(input_size)
+    """Largest difference to torch's features on the probe images, relative to their largest magnitude.
+
+    A dense runtime's trunk is compared with torch's on the probe images (normalised) and on them
+    side by side with their mirror images (another shape, as dense inputs vary).
+    """
+    # Dense inputs are multiples of the stride (timm's "same" padding is exported for such sizes).
+    probe = _probe_images(max(2 * DENSE_STRIDE, input_size // DENSE_STRIDE * DENSE_STRIDE) if runtime.dense
+                          else input_size)
+    worst = 0.0
     with torch.inference_mode():
-        ref = backbone(probe).float()
-        got = runtime(probe).float()
-    scale = float(ref.abs().max()) or 1.0
-    return float((got - ref).abs().max()) / scale
+        if runtime.dense:
+            x = backbone.normalize(probe)
+            pairs = [(backbone.run_trunk(v), runtime.trunk(v)) for v in (x, torch.cat([x, x.flip(-1)], -1))]
+        else:
+            pairs = [(backbone(probe), runtime(probe))]
+    for ref, got in pairs:
+        scale = float(ref.abs().max()) or 1.0
+        worst = max(worst, float((got.float() - ref.float()).abs().max()) / scale)
+    return worst
 
 
 def _first_agreeing(backbone: FrozenBackbone, name: str, candidates: list, input_size: int, threads: int,
-                    reasons: list) -> Optional[Runtime]:
+                    reasons: list, dense: bool = False) -> Optional[Runtime]:
     """The first candidate runtime whose features agree with torch's, or None with why in ``reasons``.
 
     A named runtime (``name`` not ``auto``) that fails raises instead: the user asked for it.
@@ -296,8 +363,9 @@ def _first_agreeing(backbone: FrozenBackbone, name: str, candidates: list, input
     model = None
     for candidate in candidates:
         try:
-            model = exported_model(backbone, input_size)
-            runtime = (_OpenVinoRuntime if candidate == "openvino" else _OnnxRuntime)(backbone, model, threads)
+            model = exported_model(backbone, input_size, dense=dense)
+            runtime = (_OpenVinoRuntime if candidate == "openvino" else _OnnxRuntime)(backbone, model, threads,
+                                                                                      dense=dense)
             diff = _agrees(runtime, backbone, input_size)
         except BackboneError as e:
             if name != "auto":
@@ -331,38 +399,52 @@ def build_runtime(backbone: FrozenBackbone, name: str = "auto", *, input_size: i
     backbone : FrozenBackbone
     name : {"auto", "torch", "openvino", "onnxruntime"}
     input_size : int
-        Patch side (the exported graph's fixed spatial size).
+        Patch side (the exported graph's fixed spatial size in crop mode).
     threads : int
         Intra-op threads.
     device : torch.device, optional
         Other runtimes are CPU only: ``auto`` is torch on CUDA, a named one is refused.
     dense : bool
-        Dense mode runs the trunk on whole resized images (no fixed size): torch only.
+        Dense mode: the runtime runs the dense trunk (exported with dynamic height and width)
+        on whole resized images or tiles. Only average-pooled trunks are exported; AlexNet/VGG's
+        (FC6/FC7 as convolutions, 4096 channels of 224-pixel windows) stay torch's.
 
     Raises
     ------
     BackboneError
-        Naming ``runtime``: not installed, not for this device or mode, or features that
+        Naming ``runtime``: not installed, not for this device or backbone, or features that
         disagree with torch's beyond :data:`TOLERANCE`.
     """
     if name not in RUNTIMES:
         raise BackboneError(f"must be one of {', '.join(RUNTIMES)}, got {name!r}", param="runtime")
-    torch_only = (device is not None and device.type != "cpu") or dense
-    if name == "torch" or (name == "auto" and torch_only):
-        return Runtime(backbone)
-    if torch_only:
-        why = "dense mode runs the trunk on whole images of varying size" if dense else "it runs on the CPU only"
-        raise BackboneError(f"{name}: not available here ({why}); use --runtime torch or auto", param="runtime")
-    candidates = [name] if name != "auto" else [n for n in _AUTO_ORDER if n in installed_runtimes()]
+    why_torch = _torch_only(backbone, device, dense)
+    if name == "torch" or (name == "auto" and why_torch):
+        return Runtime(backbone, dense=dense)
+    if why_torch:
+        raise BackboneError(f"{name}: not available here ({why_torch}); use --runtime torch or auto", param="runtime")
+    order = _DENSE_AUTO_ORDER if dense else _AUTO_ORDER
+    candidates = [name] if name != "auto" else [n for n in order if n in installed_runtimes()]
     if name != "auto" and name not in installed_runtimes():
         raise BackboneError(f"{name} is not installed: pip install \"featurecache[{name}]\"", param="runtime")
+    if name == "auto" and not order:
+        return Runtime(backbone, dense=dense)  # torch measured fastest: nothing to fall back from
     reasons = [] if candidates else ["neither OpenVINO nor ONNX Runtime is installed; pip install "
-                                     "\"featurecache[openvino]\" runs crop mode about 3x faster on the CPU"]
-    runtime = _first_agreeing(backbone, name, candidates, input_size, threads, reasons)
+                                     "\"featurecache[openvino]\" runs the backbone faster on the CPU"]
+    runtime = _first_agreeing(backbone, name, candidates, input_size, threads, reasons, dense)
     if runtime is not None:
         return runtime
-    _warn_once(f"--runtime auto: torch runs the backbone ({'; '.join(reasons)})")
-    return Runtime(backbone)
+    _warn_once(f"--runtime auto: torch runs the {'dense trunk' if dense else 'backbone'} ({'; '.join(reasons)})")
+    return Runtime(backbone, dense=dense)
+
+
+def _torch_only(backbone: FrozenBackbone, device: Optional[torch.device], dense: bool) -> str:
+    """Why only torch can run here ('' when another runtime can)."""
+    if device is not None and device.type != "cpu":
+        return "it runs on the CPU only"
+    if dense and backbone.dense_kind != "avg":
+        return (f"dense mode with {backbone.spec.name} runs FC6/FC7 as convolutions; only average-pooled trunks "
+                "are exported")
+    return ""
 
 
 #: The fallback messages this process has given (each is said once, not once per image batch or head).

@@ -199,8 +199,9 @@ _BACKEND = _table(
     Setting("overwrite", False, "Replace an existing cache or unfinished run with other settings.", "flag"),
     Setting("download", False, "Download the backbone's default weights (timm, torchvision) when they are not in "
             "the local cache; without it featurecache makes no network connection.", "flag"),
-    Setting("runtime", "auto", "CPU runtime of the backbone (crop mode): auto = the fastest installed whose features "
-            "agree with torch's (openvino, onnxruntime, torch); torch on CUDA and in dense mode.", "choice", RUNTIMES),
+    Setting("runtime", "auto", "CPU runtime of the backbone, or of the dense trunk in dense mode (not AlexNet/VGG's): "
+            "auto = the fastest installed whose features agree with torch's (openvino, onnxruntime, torch); torch on "
+            "CUDA.", "choice", RUNTIMES),
     Setting("threads", None, f"CPU threads {_CPU_NOTE}.", low=1),
 )
 

@@ -41,13 +41,17 @@ def test_each_runtime_agrees_with_torch_on_real_images(lite0, voc_sample, name):
 
 
 def test_auto_picks_an_installed_runtime_and_torch_where_only_torch_can(lite0):
+    import featurecache.runtimes as rt
+
     auto = build_runtime(lite0, "auto", input_size=64, threads=1)
     assert auto.name == (OTHERS[0] if OTHERS else "torch")
-    assert build_runtime(lite0, "auto", input_size=64, threads=1, dense=True).name == "torch"
+    # Dense mode on the CPU: the fastest measured installed runtime (torch if none is).
+    dense = build_runtime(lite0, "auto", input_size=64, threads=1, dense=True)
+    dense_order = [n for n in rt._DENSE_AUTO_ORDER if n in OTHERS]
+    assert dense.name == (dense_order[0] if dense_order else "torch") and dense.dense
     assert build_runtime(lite0, "auto", input_size=64, threads=1, device=torch.device("meta")).name == "torch"
-    if OTHERS:
-        with pytest.raises(BackboneError, match="dense mode runs the trunk on whole images"):
-            build_runtime(lite0, OTHERS[0], input_size=64, threads=1, dense=True)
+    assert build_runtime(lite0, "auto", input_size=64, threads=1, device=torch.device("meta"), dense=True).name \
+        == "torch"
 
 
 def test_a_runtime_that_is_not_installed_names_its_extra(lite0, monkeypatch):
@@ -75,9 +79,9 @@ def test_auto_says_once_why_it_falls_back_to_torch(lite0, monkeypatch, caplog):
     said = _fallback_warnings(caplog)
     assert len(said) == 1 and 'neither OpenVINO nor ONNX Runtime is installed; pip install "featurecache[openvino]"' \
         in said[0]
-    # Where only torch can run (dense mode, CUDA) auto is torch by design: nothing to say.
+    # Where only torch can run (CUDA) auto is torch by design: nothing to say.
     caplog.clear()
-    build_runtime(lite0, "auto", input_size=64, threads=1, dense=True)
+    build_runtime(lite0, "auto", input_size=64, threads=1, device=torch.device("meta"), dense=True)
     assert _fallback_warnings(caplog) == []
 
 
@@ -144,6 +148,132 @@ def test_extract_records_the_runtime_and_a_resume_with_another_is_refused(tmp_pa
     with pytest.raises(CacheError, match="unfinished run with other settings.*runtime"):
         extract(voc, tmp_path / "k.h5", backbone=lite0, grid=grid, workers=0, progress=False, runtime="torch",
                 part_patches=3)
+
+
+def _real_images(voc_sample, sizes) -> list:
+    """Real VOC images resized to (width, height) pairs (multiples of the stride), as (1, 3, H, W) 0-255."""
+    from PIL import Image
+
+    out = []
+    for image_id, size in zip(VOC_IDS, sizes):
+        with Image.open(voc_sample / "JPEGImages" / f"{image_id}.jpg") as im:
+            a = np.asarray(im.convert("RGB").resize(size, Image.BILINEAR), np.float32)
+        out.append(torch.from_numpy(a).permute(2, 0, 1)[None].contiguous())
+    return out
+
+
+def _close(got, ref):
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) <= TOLERANCE * float(ref.abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", OTHERS)
+def test_each_runtime_gives_torchs_dense_features_on_real_images_tiled_or_not(lite0, voc_sample, name, monkeypatch):
+    from featurecache.backbones import FrozenBackbone
+
+    runtime = build_runtime(lite0, name, input_size=64, threads=2, dense=True)
+    assert runtime.name == name and runtime.dense and runtime.describe().endswith("(dense trunk)")
+    calls = []
+    trunk = runtime.trunk
+
+    def counted(x):
+        calls.append(tuple(x.shape[-2:]))
+        return trunk(x)
+
+    with torch.inference_mode():
+        for x in _real_images(voc_sample, [(96, 64), (160, 224), (320, 96)]):
+            _close(lite0.dense_features_batch(x, 64, trunk=counted), lite0.dense_features_batch(x, 64))
+            _close(lite0.cell_features(x, trunk=counted), lite0.cell_features(x))
+        assert len(set(calls)) == 3  # one graph, three input shapes
+        # Tiled: a smaller margin than Lite0's (448 px) keeps the tiles small; each tile goes through the runtime.
+        monkeypatch.setattr(FrozenBackbone, "dense_margin", property(lambda self: 64))
+        calls.clear()
+        x = _real_images(voc_sample, [(320, 256)])[0]
+        _close(lite0.dense_features_batch(x, 64, max_side=192, trunk=counted),
+               lite0.dense_features_batch(x, 64, max_side=192))
+        assert len(calls) == 4 * 5 and len(set(calls)) > 1 and max(max(c) for c in calls) <= 192
+
+
+def test_dense_mode_of_alexnet_and_vgg_stays_torch(monkeypatch):
+    from featurecache.backbones import build_backbone
+
+    net = build_backbone("alexnet", weights=None)
+    assert net.dense_kind == "fc"
+    assert build_runtime(net, "auto", input_size=224, threads=1, dense=True).name == "torch"
+    if OTHERS:
+        with pytest.raises(BackboneError, match="runs FC6/FC7 as convolutions"):
+            build_runtime(net, OTHERS[0], input_size=224, threads=1, dense=True)
+
+
+@pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
+def test_dense_auto_says_once_why_it_falls_back_to_torch(lite0, monkeypatch, caplog, tmp_path):
+    import featurecache.runtimes as rt
+
+    monkeypatch.setattr(rt, "_SAID", set())
+    monkeypatch.setattr(rt, "_DENSE_AUTO_ORDER", tuple(OTHERS))
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    caplog.set_level("WARNING", logger="featurecache")
+    monkeypatch.setattr(rt, "_agrees", lambda *args: 1.0)  # every runtime disagrees
+    for _ in range(2):
+        assert build_runtime(lite0, "auto", input_size=64, threads=1, dense=True).name == "torch"
+    said = _fallback_warnings(caplog)
+    assert len(said) == 1 and "torch runs the dense trunk" in said[0] and "features differ" in said[0], said
+    with pytest.raises(BackboneError, match=f"{OTHERS[0]}: features differ from torch's"):
+        build_runtime(lite0, OTHERS[0], input_size=64, threads=1, dense=True)
+
+
+@pytest.fixture(scope="module")
+def dense_subset(voc_sample, tmp_path_factory):
+    from conftest import voc_subset
+
+    return voc_subset(voc_sample, tmp_path_factory.mktemp("voc") / "VOC", VOC_IDS[:3])
+
+
+def _dense_extract(voc, out, lite0, runtime, **options):
+    from featurecache.extract import extract
+    from featurecache.patches import PatchGrid
+
+    return extract(voc, out, backbone=lite0, mode="dense", grid=PatchGrid(scales=(1.0, 2.0), input_size=64),
+                   workers=0, progress=False, runtime=runtime, dtype="float32", **options)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not OTHERS, reason="needs openvino or onnxruntime")
+def test_a_dense_cache_of_each_runtime_is_torchs_and_resumes_with_its_runtime(dense_subset, lite0, tmp_path):
+    import subprocess
+    import sys
+
+    from featurecache.cache import CacheError, FeatureCache
+
+    t = _dense_extract(dense_subset, tmp_path / "t.h5", lite0, "torch")
+    with FeatureCache(t.path) as ct:
+        want, boxes, fingerprint = ct.read_features(), ct.boxes, ct.fingerprint
+        assert ct.attrs["extraction"]["runtime"].startswith("torch ")
+    for name in OTHERS:
+        a = _dense_extract(dense_subset, tmp_path / f"{name}.h5", lite0, name)
+        with FeatureCache(a.path) as ca:
+            assert ca.attrs["extraction"]["runtime"].startswith(f"{name} ") and ca.fingerprint == fingerprint
+            assert ca.attrs["extraction"]["runtime"].endswith("(dense trunk)")
+            np.testing.assert_array_equal(ca.boxes, boxes)
+            assert np.abs(ca.read_features() - want).max() <= TOLERANCE * np.abs(want).max()
+    # Interrupted after its first part, resumed with the same runtime: the cache an uninterrupted run makes.
+    name, out = OTHERS[0], tmp_path / "k.h5"
+    env = dict(os.environ, FEATURECACHE_KILL_AT="part-committed:1")
+    cmd = [sys.executable, "-m", "featurecache", "-q", "extract", str(dense_subset), str(out), "--mode", "dense",
+           "--scales", "1,2", "--input-size", "64", "--workers", "0", "--part-size", "1", "--dtype", "float32",
+           "--runtime", name]
+    assert subprocess.run(cmd, env=env, capture_output=True, timeout=300).returncode != 0
+    assert not out.exists()
+    with pytest.raises(CacheError, match="unfinished run with other settings.*runtime"):
+        _dense_extract(dense_subset, out, lite0, "torch", part_patches=1)
+    resumed = _dense_extract(dense_subset, out, lite0, name, part_patches=1)
+    assert resumed.images == 3 and 0 < resumed.computed_patches < resumed.patches  # the first part was kept
+    with FeatureCache(out) as ck, FeatureCache(tmp_path / f"{name}.h5") as ca:
+        assert ck.fingerprint == fingerprint
+        np.testing.assert_array_equal(ck.boxes, boxes)
+        # Same runtime, one image at a time: bit-identical to the uninterrupted run.
+        np.testing.assert_array_equal(ck.read_features(), ca.read_features())
 
 
 def test_the_thread_policy(monkeypatch):
