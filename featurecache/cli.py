@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional
@@ -68,6 +69,12 @@ def _command(f: Callable) -> Callable:
             return f(*args, **kwargs)
         except FeaturecacheError as e:
             raise click.ClickException(printable(_message(ctx, e))) from None
+        except ValueError as e:
+            # scikit-learn's input check on features read from a file: a damaged or forged cache.
+            if not _NOT_FINITE.search(str(e)):
+                raise
+            raise click.ClickException(f"the features hold NaN or infinity ({str(e).splitlines()[0][:120]}): the "
+                                       "cache is damaged; extract it again") from None
         except OSError as e:
             # Permission denied, disk full, a folder that vanished: name the file, no traceback.
             where = e.filename or "featurecache"
@@ -85,6 +92,8 @@ def _command(f: Callable) -> Callable:
 
 #: Commands that share their work among the processes of a torchrun/srun job.
 _SHARED_COMMANDS = ("extract",)
+
+_NOT_FINITE = re.compile(r"Input \w* ?contains (NaN|infinity)")
 
 _MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memory|Unable to allocate|bad_alloc|"
                            r"cannot allocate memory|failed to allocate", re.I)
@@ -136,12 +145,25 @@ def _parse_scales(ctx, param, value: Optional[str]):
     return scales
 
 
+class _InputFile(click.Path):
+    """An existing regular file to read (a FIFO would block the command, a device never end)."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        path = super().convert(value, param, ctx)
+        if not os.path.isfile(path):
+            self.fail(f"{value!r} is not a regular file (a FIFO, device or socket)", param, ctx)
+        return path
+
+
 def _setting_type(s: Setting):
     """The click type of a setting: its range and choices as the table defines them."""
     if s.kind in ("choice", "device"):
         return click.Choice(list(s.choices))
     if s.kind == "path":
-        return click.Path(exists=True, dir_okay=False)
+        return _InputFile()
     if s.kind in ("file", "folder"):
         return click.Path(dir_okay=s.kind == "folder", file_okay=s.kind == "file")
     if s.kind in ("int", "float"):
@@ -284,7 +306,7 @@ def _click_type(opt: Option):
     if opt.kind == "choice":
         return click.Choice(list(opt.choices))
     if opt.kind == "path":
-        return click.Path(exists=True, dir_okay=False)
+        return _InputFile()
     if opt.kind in ("float", "int"):
         return _RegistryValue(opt)
     return str
@@ -340,7 +362,7 @@ def _memory_limit_option(above: str):
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.argument("cache", type=_InputFile())
 @click.option("--train-split", default=None, help="Train on this split of CACHE only.")
 @objective_options
 @_memory_limit_option("above it torch heads stream their training (and --val) patches from the file")
@@ -366,9 +388,9 @@ def fit(cache, train_split, objective, memory_limit, device, seed, out, threads,
     _check_outputs({"CACHE": cache, "--val": val}, out=path)
     trained = fit_objective(cache, config)
     trained.save(path)
-    click.echo(f"{trained.summary_line()} -> {path}")
+    click.echo(printable(f"{trained.summary_line()} -> {path}"))  # class names are data: shown escaped
     if trained.selection_table():
-        click.echo(trained.selection_table())
+        click.echo("\n".join(printable(line) for line in trained.selection_table().splitlines()))
 
 
 def _scope_usage_error(ctx: click.Context, error: OptionScopeError) -> click.UsageError:
@@ -404,8 +426,8 @@ def _write_reports(report, out, json_out, csv_out) -> None:
 
 
 @main.command("eval", context_settings=CONTEXT)
-@click.argument("head", type=click.Path(exists=True, dir_okay=False))
-@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.argument("head", type=_InputFile())
+@click.argument("cache", type=_InputFile())
 @click.option("--split", default=None, help="Evaluate on this split of CACHE only.")
 @_option(EVAL_OPTIONS["pooling"], default=None, show_default=False,
          help=EVAL_OPTIONS["pooling"].help + " [default: power]. Image-level heads score images themselves.")
@@ -421,10 +443,12 @@ def _write_reports(report, out, json_out, csv_out) -> None:
 def eval_(head, cache, split, pooling, k, method, out, json_out, csv_out, plots, threads):
     """Score the images of CACHE with HEAD and print per-class AP and mAP."""
     from featurecache.evaluate import evaluate
-    from featurecache.plots import write_eval_plots
+    from featurecache.plots import PLOT_FILES, write_eval_plots
 
     _check_outputs({"HEAD": head, "CACHE": cache}, folders=("plots",), out=out, json=json_out, csv=csv_out,
                    plots=plots)
+    for name in PLOT_FILES if plots else ():  # written into the folder: none of them may be an input
+        check_not_inputs({"plots": Path(plots) / name}, {"HEAD": head, "CACHE": cache})
     report = evaluate(head, cache, split=split, pooling=pooling, k=k, method=method, threads=threads)
     click.echo(report.to_text())
     _write_reports(report, out, json_out, csv_out)
@@ -433,8 +457,8 @@ def eval_(head, cache, split, pooling, k, method, out, json_out, csv_out, plots,
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("head", type=click.Path(exists=True, dir_okay=False))
-@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
+@click.argument("head", type=_InputFile())
+@click.argument("cache", type=_InputFile())
 @click.argument("image", required=False)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the maps (classes x rows x columns) as .npz here; with --evaluate, the report (JSON for "
@@ -473,6 +497,7 @@ def localize(head, cache, image, out, png, cls, evaluate, json_out, csv_out, spl
         report = evaluate_localization(head, cache, split=split, config=config, tolerance=tolerance,
                                        progress=_quiet())
         click.echo(report.to_text())
+        check_not_inputs({"out": out, "json": json_out, "csv": csv_out}, {"a file of the data set": report.files_read})
         _write_reports(report, out, json_out, csv_out)
         return
     m = localization_map(head, cache, image, config=config)
@@ -486,7 +511,7 @@ def localize(head, cache, image, out, png, cls, evaluate, json_out, csv_out, spl
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("head", type=click.Path(exists=True, dir_okay=False))
+@click.argument("head", type=_InputFile())
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write one row per image here: CSV, or JSON for a .json name [default: print a short table].")
@@ -503,7 +528,7 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
     from featurecache.predict import PredictConfig
     from featurecache.predict import predict as run_predict
 
-    config = PredictConfig(out=out, progress=_quiet(), **options)
+    config = PredictConfig(out=out, progress=_quiet(), reports={"json": json_out, "csv": csv_out}, **options)
     _check_outputs({"HEAD": head, "--weights": weights, "--annotations": options["annotations"]}, folders=("maps",),
                    out=out, json=json_out, csv=csv_out, cache=options["cache"], maps=options["maps"])
     result = run_predict(head, inputs, config, weights=weights, device=device, download=download)
@@ -521,19 +546,19 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
 
 
 @main.command(context_settings=CONTEXT)
-@click.argument("cache", type=click.Path(exists=True, dir_okay=False))
-@click.option("--val", "val_cache", type=click.Path(exists=True, dir_okay=False), help="Validation cache.")
+@click.argument("cache", type=_InputFile())
+@click.option("--val", "val_cache", type=_InputFile(), help="Validation cache.")
 @click.option("--val-split", default=None, help="Evaluate on this split (of --val, or of CACHE).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE.")
 @click.option("--grid", "grid_items", multiple=True, help=_grid_help())
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
+@click.option("--config", "config_file", type=_InputFile(),
               help="TOML sweep: [grid] setting = [values], optional [options] seeds/folds/val_split/train_split.")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Repetitions per configuration [default: 1].")
 @click.option("--folds", type=click.IntRange(min=2), default=None,
               help="K-fold cross-validation over images instead of a validation set.")
 @_out_option("Also write the table ")
 @report_options("Also write the table ")
-@click.option("--whole-image", "whole_image", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--whole-image", "whole_image", type=_InputFile(), default=None,
               help="A --whole-image cache of the same images: image_pooling=whole is then the whole-image "
                    "one-vs-rest probe, on the same folds.")
 @click.option("--save-best", type=click.Path(dir_okay=False), default=None,

@@ -409,7 +409,8 @@ def _check_out_is_not_read(out: Path, images: ImageSet, config: ExtractConfig) -
     try:
         check_not_inputs({"out": out}, {"an image of the data set": [r.path for r in images.records],
                                         "an annotation file": {r.source for r in images.records if r.source},
-                                        "the annotations file": config.annotations})
+                                        "the annotations file": config.annotations,
+                                        "a file of the data set": images.files_read()})
     except FeaturecacheError as e:
         raise ExtractError(e.message, param=e.param) from None
 

@@ -96,6 +96,8 @@ class ImageSet:
         The split that was read, if any.
     box_problems : list of (str, str)
         ``(annotation file, what was done)`` for every clipped or dropped box.
+    also_read : tuple of path
+        Other files the reader read (a VOC devkit's split lists and all its annotation files).
     """
 
     root: Path
@@ -104,6 +106,14 @@ class ImageSet:
     records: list
     split: Optional[str] = None
     box_problems: list = field(default_factory=list)
+    also_read: tuple = ()
+
+    def files_read(self) -> set:
+        """Every file this set was read from: its images, their annotation files, and the other files its
+        reader read (``also_read``: a VOC devkit's split lists and every annotation file): what no
+        output may replace."""
+        return ({str(r.path) for r in self.records} | {r.source for r in self.records if r.source}
+                | {str(f) for f in self.also_read})
 
     def __len__(self) -> int:
         return len(self.records)

@@ -71,6 +71,9 @@ class LocalizationReport:
     skipped : list of str
         ``"path: reason"`` of images whose map could not be made (a missing or changed file);
         their pairs are not counted.
+    files_read : frozenset of str
+        The data set's files the evaluation read (images, annotation files, split lists): what
+        no output of it may replace.
     """
 
     classes: tuple
@@ -84,6 +87,7 @@ class LocalizationReport:
     stride: int = 8
     box_threshold: float = BOX_THRESHOLD
     skipped: list = field(default_factory=list)
+    files_read: frozenset = frozenset()
 
     COLUMNS = ("pointing", "pointing_tol", "corloc", "centre", "centre_tol", "whole_image")
 
@@ -149,8 +153,8 @@ def _iou(box: tuple, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def _ground_truth(cache: FeatureCache) -> dict:
-    """Image path -> its record, from the data set the cache was extracted from."""
+def _ground_truth(cache: FeatureCache):
+    """The data set the cache was extracted from (its boxes), as an ``ImageSet``."""
     ds = cache.provenance.dataset
     root, layout = ds.root, ds.layout
     if not root:
@@ -159,11 +163,9 @@ def _ground_truth(cache: FeatureCache) -> dict:
         raise EvalError(f"{cache.path}: extracted from a {layout} layout, which has no object boxes; pointing "
                         "and CorLoc need boxes (VOC or COCO)")
     try:
-        records = read_dataset(root, layout=layout or "auto", annotations=ds.annotations,
-                               classes=tuple(cache.classes))
+        return read_dataset(root, layout=layout or "auto", annotations=ds.annotations, classes=tuple(cache.classes))
     except (DatasetError, OSError) as e:
         raise EvalError(f"{root}: cannot read the boxes of the data set the cache was extracted from ({e})") from None
-    return {r.relpath: r for r in records}
 
 
 def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None,
@@ -200,7 +202,8 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     seconds, mapped, skipped = 0.0, 0, []
     with open_cache(cache, split=split) as data:
         maker.head.check_cache(data)
-        truth = _ground_truth(data)
+        dataset = _ground_truth(data)
+        truth = {r.relpath: r for r in dataset}
         paths = data.images.path
         if not paths:
             raise EvalError(f"{data.path}: no images" + (f" in split {split!r}" if split else ""), param="split")
@@ -225,7 +228,8 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     if not mapped and skipped:
         raise EvalError(f"no image could be mapped: {skipped[0]}")
     return LocalizationReport(classes, pairs, hits, config.method, maker.head.objective, int(tolerance),
-                              len(paths), seconds / max(mapped, 1), config.stride, config.box_threshold, skipped)
+                              len(paths), seconds / max(mapped, 1), config.stride, config.box_threshold, skipped,
+                              frozenset(dataset.files_read()))
 
 
 def _score_pairs(m: LocalizationMap, rec, present: Sequence[int], tolerance: int, threshold: float,

@@ -9,6 +9,7 @@ import json
 import math
 import os
 import re
+import stat
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Protocol, Sequence, Union, runtime_checkable
 
@@ -105,6 +106,8 @@ def check_output(path: Union[str, Path], *, param: Optional[str] = None, folder:
         raise FeaturecacheError(f"{path}: exists and is not a folder", param=param)
     if not folder and path.is_dir():
         raise FeaturecacheError(f"{path}: is a folder, not a file", param=param)
+    if not folder:
+        check_replaceable(path, param=param)
     target = path if folder and path.is_dir() else path.parent if str(path.parent) else Path(".")
     existing = target
     while folder and not existing.exists() and existing != existing.parent:
@@ -114,6 +117,25 @@ def check_output(path: Union[str, Path], *, param: Optional[str] = None, folder:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FeaturecacheError(f"{path}: the folder {existing} is not writable", param=param)
     return path
+
+
+#: Folders of special files: a name there (``/dev/stdout``, ``/proc/self/fd/1``) is never replaced by a file.
+_SPECIAL_FOLDERS = ("/dev", "/proc")
+
+
+def check_replaceable(path: Union[str, Path], *, param: Optional[str] = None) -> None:
+    """Refuse to write a file where a device, FIFO or socket is, or a name in ``/dev`` or ``/proc``
+    (``/dev/stdout`` is a link to the process's output): outputs are written beside and renamed
+    into place, which would replace the node or link itself, for every process of the machine."""
+    names = {os.path.abspath(path), os.path.realpath(path)}
+    special = any(n == d or n.startswith(d + os.sep) for n in names for d in _SPECIAL_FOLDERS)
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError):
+        mode = stat.S_IFREG  # nothing there (or a dangling link, replaced as a file would be)
+    if special or not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise FeaturecacheError(f"{path}: is not a regular file (a device, FIFO, socket or a name in /dev or /proc); "
+                                "featurecache writes its outputs as files: give a file name", param=param)
 
 
 def _identity(path: Union[str, Path]) -> tuple:
@@ -190,6 +212,7 @@ def _check_folder_outside_inputs(name: str, folder: Path, inputs: dict) -> None:
 def write_text(path: Union[str, Path], text: str) -> Path:
     """Write a text file whole: a temporary file beside it, renamed into place; removed if the write fails."""
     path = Path(path)
+    check_replaceable(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         with contextlib.suppress(FileNotFoundError):

@@ -7,7 +7,9 @@ when a plot is drawn, and its absence is one line naming the extra. Figures are 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 from pathlib import Path
 from typing import Union
 
@@ -15,8 +17,12 @@ import numpy as np
 
 from featurecache.errors import EvalError
 from featurecache.metrics import precision_recall
+from featurecache.outputs import check_replaceable, os_reason
 
-__all__ = ["write_eval_plots"]
+__all__ = ["PLOT_FILES", "write_eval_plots"]
+
+#: The files ``write_eval_plots`` writes in its folder.
+PLOT_FILES = ("summary.png", "pr_curves.png")
 
 
 def _figure_class():
@@ -47,7 +53,24 @@ def write_eval_plots(report, out_dir: Union[str, Path]) -> list:
         raise EvalError("the report carries no image scores to plot (it was not made by evaluate)", param="plots")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [_summary(Figure, report, out / "summary.png"), _curves(Figure, report, out / "pr_curves.png")]
+    for name in PLOT_FILES:
+        check_replaceable(out / name, param="plots")
+    return [_summary(Figure, report, out / PLOT_FILES[0]), _curves(Figure, report, out / PLOT_FILES[1])]
+
+
+def _save(fig, path: Path) -> Path:
+    """Written beside and renamed into place: a link planted at ``path`` is replaced, never written through."""
+    tmp = path.with_name(path.name + ".tmp")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    try:
+        fig.savefig(tmp, dpi=100, format="png")
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise EvalError(f"{path}: cannot write ({os_reason(e)})", param="plots") from None
+    return path
 
 
 def _title(report) -> str:
@@ -72,8 +95,7 @@ def _summary(Figure, report, path: Path) -> Path:
     ax.set_xlabel("average precision (%); positives in brackets")
     ax.legend(loc="lower right")
     ax.set_title(_title(report), fontsize=10)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path)
 
 
 def _curves(Figure, report, path: Path) -> Path:
@@ -99,5 +121,4 @@ def _curves(Figure, report, path: Path) -> Path:
     fig.supxlabel("recall")
     fig.supylabel("precision")
     fig.suptitle(_title(report), fontsize=10)
-    fig.savefig(path, dpi=100)
-    return path
+    return _save(fig, path)

@@ -61,7 +61,7 @@ def fit_objective(cache: CacheLike, config: Optional[FitConfig] = None, **settin
     """
     config = _merge(config or FitConfig(), settings)
     apply_threads(config.threads)
-    _warn_one_sided_classes(cache, config.train_split)
+    _check_classes(cache, config.train_split)
     try:
         return train_objective(cache, config)
     except HeadError as e:  # an estimator names its own parameter; the user set an option
@@ -71,11 +71,15 @@ def fit_objective(cache: CacheLike, config: Optional[FitConfig] = None, **settin
         raise HeadError(e.message, param=option) from None
 
 
-def _warn_one_sided_classes(cache: CacheLike, split: Optional[str]) -> None:
-    """Say which classes the training images cannot teach: without a positive image a class's scores
-    are near 0 everywhere; without a negative one they cannot tell images apart."""
+def _check_classes(cache: CacheLike, split: Optional[str]) -> None:
+    """Refuse a cache without classes (nothing to learn); say which classes the training images cannot
+    teach: without a positive image a class's scores are near 0 everywhere; without a negative one they
+    cannot tell images apart."""
     with open_cache(cache, split) as c:
-        labels, classes = np.asarray(c.images.labels, bool), list(c.classes)
+        labels, classes, where = np.asarray(c.images.labels, bool), list(c.classes), c.path
+    if not classes:
+        raise HeadError(f"{where}: the cache has no classes (a plain layout has no labels); a head learns "
+                        "classes: extract a labelled data set (VOC, COCO or class folders)")
     if not len(labels):
         return
     for what, which in (("positive", ~labels.any(axis=0)), ("negative", labels.all(axis=0))):

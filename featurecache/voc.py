@@ -201,4 +201,6 @@ def read_voc(path: Path, *, split: Optional[str], classes: Optional[tuple]) -> I
                 error=p["error"],
             )
         )
-    return ImageSet(root, "voc", classes, records, split=split, box_problems=cleaner.problems)
+    read = tuple(sorted(split_dir.glob("*.txt")) if split_dir.is_dir() else ()) + tuple(ann_dir / f"{i}.xml"
+                                                                                      for i in all_ids)
+    return ImageSet(root, "voc", classes, records, split=split, box_problems=cleaner.problems, also_read=read)

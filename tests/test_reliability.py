@@ -3,9 +3,12 @@
 Everything here runs on tiny generated inputs; docs/reliability.md maps each row to its test.
 """
 
+import hashlib
 import json
 import os
+import shutil
 import signal
+import stat
 import subprocess
 import sys
 import zlib
@@ -24,9 +27,10 @@ from featurecache.cli import main
 from featurecache.datasets import read_dataset
 from featurecache.errors import CacheError, DatasetError, FeaturecacheError, HeadError
 from featurecache.extract import extract
+from featurecache.outputs import check_output
 from featurecache.patches import PatchGrid
 
-from conftest import blob_cache, make_voc, tiny_trained_head, write_voc_xml
+from conftest import blob_cache, make_synthetic_cache, make_voc, tiny_trained_head, write_voc_xml
 
 GRID = PatchGrid(scales=(1.0, 2.0), input_size=64)
 OPTS = dict(grid=GRID, workers=0, progress=False)
@@ -740,3 +744,138 @@ def test_an_unwritable_torch_hub_folder_is_one_line_naming_it(tmp_path, monkeypa
     with pytest.raises(BackboneError) as e:
         build_runtime(lite0, others[0], input_size=64, threads=1)
     assert "cannot write the ONNX export there" in str(e.value) and "None" not in str(e.value)
+
+
+# --------------------------------------------------------------------------- 16. a red team's second look (#26 re-run)
+
+
+@pytest.fixture(scope="module")
+def voc_head(tmp_path_factory):
+    """A tiny VOC devkit with split lists, its cache and a patch head (real Lite0 at 64 px)."""
+    root = tmp_path_factory.mktemp("rt")
+    head = tiny_trained_head(root)
+    return root / "voc", root / "tiny.h5", head
+
+
+def _digests(*paths) -> list:
+    return [hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in paths]
+
+
+def _one_line_refusal(result, flag: str) -> None:
+    assert result.exit_code != 0, result.output
+    assert "Traceback" not in result.output and flag in result.output, result.output
+
+
+def test_no_report_replaces_a_file_of_the_data_set_a_command_read(voc_head, tmp_path):
+    voc, cache, head = voc_head
+    image, xml, split = voc / "JPEGImages" / "im0.jpg", voc / "Annotations" / "im0.xml", \
+        voc / "ImageSets" / "Main" / "train.txt"
+    before = _digests(image, xml, split, cache, head)
+    run = CliRunner().invoke
+    cases = [
+        (["predict", str(head), str(image), "--csv", str(image), "--workers", "0"], "--csv"),
+        (["predict", str(head), str(image), "--json", str(image), "--workers", "0"], "--json"),
+        (["predict", str(head), str(voc), "--out", str(xml), "--workers", "0"], "--out"),
+        (["predict", str(head), str(voc), "--out", str(split), "--workers", "0"], "--out"),
+        (["predict", str(head), str(voc), "--cache", str(xml), "--overwrite", "--workers", "0"], "--cache"),
+        (["extract", str(voc), str(split), "--overwrite", "--scales", "1", "--input-size", "64", "--workers", "0"],
+         "OUT"),
+        (["localize", str(head), str(cache), "--evaluate", "--map-method", "windows", "--out", str(image)], "--out"),
+        (["localize", str(head), str(cache), "--evaluate", "--map-method", "windows", "--csv", str(xml)], "--csv"),
+    ]
+    for args, flag in cases:
+        _one_line_refusal(run(main, args), flag)
+        assert _digests(image, xml, split, cache, head) == before, args
+
+
+def test_eval_plots_are_written_beside_links_planted_in_their_folder_never_through_them(voc_head, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, cache, head = voc_head
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (plots / "summary.png").symlink_to(head)
+    before = _digests(head, cache)
+    r = CliRunner().invoke(main, ["eval", str(head), str(cache), "--plots", str(plots)])
+    _one_line_refusal(r, "--plots")
+    (plots / "summary.png").unlink()
+    os.link(cache, plots / "pr_curves.png")
+    _one_line_refusal(CliRunner().invoke(main, ["eval", str(head), str(cache), "--plots", str(plots)]), "--plots")
+    assert _digests(head, cache) == before
+
+
+def test_outputs_never_replace_devices_fifos_or_names_in_dev(blob_head, tmp_path):
+    cache, head = blob_head
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "null"
+    link.symlink_to(os.devnull)
+    for out in (fifo, link):
+        r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "patch", "--head", "logreg", "--out", str(out)])
+        _one_line_refusal(r, "not a regular file")
+        assert out.is_symlink() or stat.S_ISFIFO(os.lstat(out).st_mode)
+    with pytest.raises(FeaturecacheError, match="not a regular file"):
+        check_output("/dev/stdout")  # a link to this process's output: replacing it would break every process
+
+
+@pytest.fixture
+def blob_head(tmp_path):
+    from featurecache.train import fit_objective
+
+    cache = blob_cache(tmp_path / "b.h5", n_images=12, patches=4)
+    head = fit_objective(cache, objective="patch", head="logreg").save(tmp_path / "b.head.pt")
+    return cache, head
+
+
+def test_option_files_that_are_fifos_or_devices_are_refused_not_read(blob_head, tmp_path):
+    cache, _ = blob_head
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for args, flag in ((["ablate", str(cache), "--config", str(fifo)], "--config"),
+                       (["ablate", str(cache), "--config", os.devnull], "--config"),
+                       (["extract", str(tmp_path), str(tmp_path / "o.h5"), "--classes", str(fifo)], "--classes"),
+                       (["extract", str(tmp_path), str(tmp_path / "o.h5"), "--annotations", str(fifo)],
+                        "--annotations")):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2 and "not a regular file" in r.output and flag in r.output, r.output
+
+
+def test_non_finite_features_and_caches_without_classes_are_one_line(blob_head, tmp_path):
+    cache, head = blob_head
+    broken = tmp_path / "nan.h5"
+    shutil.copy(cache, broken)
+    with h5py.File(broken, "r+") as f:
+        f["features"][0, 0] = np.nan
+    r = CliRunner().invoke(main, ["eval", str(head), str(broken)])
+    assert r.exit_code == 1 and "NaN or infinity" in r.output and "Traceback" not in r.output, r.output
+    empty = make_synthetic_cache(tmp_path / "empty.h5", np.zeros((4, 8)), [0] * 4, [0, 0, 1, 1],
+                                 np.zeros((2, 0), bool), [])
+    for objective in ("patch", "image"):
+        r = CliRunner().invoke(main, ["fit", str(empty), "--objective", objective, "--out", str(tmp_path / "h.pt")])
+        assert r.exit_code == 1 and "no classes" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "h.pt").exists()
+
+
+def test_a_cache_naming_a_class_twice_is_damaged(blob_head, tmp_path):
+    cache, _ = blob_head
+    forged = tmp_path / "dup.h5"
+    shutil.copy(cache, forged)
+    with h5py.File(forged, "r+") as f:
+        f.attrs["classes"] = json.dumps(["c0", "c0", "c2"])
+    with pytest.raises(CacheError, match="twice"):
+        with FeatureCache(forged) as c:
+            _ = c.provenance
+
+
+def test_a_class_name_with_a_newline_is_printed_escaped_by_fit(tmp_path):
+    root = tmp_path / "folders"
+    for name in ("evil\nmAP 99.9", "ok"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.random.default_rng(i).integers(0, 255, (40, 40, 3), np.uint8)).save(
+                root / name / f"{i}.png")
+    cache = tmp_path / "f.h5"
+    r = CliRunner().invoke(main, ["extract", str(root), str(cache), "--scales", "1", "--input-size", "32",
+                                  "--weights", "none", "--workers", "0", "--runtime", "torch", "-q"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["fit", str(cache), "--objective", "image", "--out", str(tmp_path / "h.pt")])
+    assert r.exit_code == 0 and "evil\\nmAP 99.9" in r.output and "\nmAP 99.9" not in r.output, r.output

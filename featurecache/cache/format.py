@@ -152,6 +152,8 @@ class Provenance:
         classes = attrs.get("classes")
         if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
             raise ValueError("the classes attribute is not a list of names")
+        if len(set(classes)) != len(classes):
+            raise ValueError("the classes attribute names a class twice")
         if not isinstance(attrs.get("feature_settings"), dict):
             raise ValueError("the feature_settings attribute is not a JSON object")
         if not isinstance(attrs.get("fingerprint"), str):

@@ -35,6 +35,7 @@ class Item:
     height: int = 0
     error: str = ""
     folder: Optional[Path] = None  # the input folder it was found in
+    reads: frozenset = frozenset()  # other files read with it (its data set's annotations and split lists)
 
 
 def _is_voc(folder: Path) -> bool:
@@ -76,7 +77,8 @@ def _expand(item, position: int, layout: str, split: Optional[str], annotations)
         return [Item(text, path.name, path)]
     if annotations is not None or layout in ("voc", "coco") or (layout == "auto" and _is_voc(path)):
         ds = read_dataset(path, layout=layout, split=split, annotations=annotations)
-        return [Item(str(path / r.relpath), r.relpath, r.path, folder=path) for r in ds]
+        read = frozenset(ds.files_read())
+        return [Item(str(path / r.relpath), r.relpath, r.path, folder=path, reads=read) for r in ds]
     if split is not None:
         raise PredictError(f"{path}: --split needs a VOC devkit folder", param="split")
     files = folder_images(path)

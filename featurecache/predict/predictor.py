@@ -7,9 +7,9 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -83,6 +83,9 @@ class PredictConfig:
     runtime, threads
         As for ``extract``: what runs the backbone on the CPU, and its threads.
     progress : bool, optional
+    reports : mapping, optional
+        Other files the caller will write the results to (parameter -> path; the command
+        line's ``--json``/``--csv``), refused with ``out`` when they are files the prediction reads.
     """
 
     top: int = 5
@@ -103,6 +106,7 @@ class PredictConfig:
     runtime: str = "auto"
     threads: Optional[int] = None
     progress: Optional[bool] = None
+    reports: Mapping = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_fields(self, PREDICT, PredictError)
@@ -253,8 +257,9 @@ class Predictor:
     def _check_outputs(self, config: PredictConfig, items: list) -> None:
         """Refuse outputs that would overwrite what this prediction reads, before anything runs."""
         try:
-            check_not_inputs({"out": config.out, "cache": config.cache, "maps": config.maps},
+            check_not_inputs({"out": config.out, "cache": config.cache, "maps": config.maps, **config.reports},
                              {"an input image": [it.path for it in items if it.path is not None],
+                              "a file of an input data set": set().union(*(it.reads for it in items)),
                               "an input folder": [p for p in self._folders(items)],
                               "the head file": self.source if Path(self.source).is_file() else None,
                               "the weights file": self.weights, "the annotations file": config.annotations},
