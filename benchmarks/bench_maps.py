@@ -11,7 +11,9 @@ nine-scale grid by examples/localization.py), measured in one run on the same he
   image file, every cell scored;
 - ``cam, new image``: ``Predictor.localization_map`` on the image file (no extraction);
 - ``windows, new image``: ``Predictor.localization_map(method="windows")``, which extracts the
-  image's crop patches first — what every map of a new image cost before cam maps.
+  image's crop patches first — what every map of a new image cost before cam maps;
+- ``cam, cached image, runtime R``: the cam map with its trunk run by each installed CPU
+  runtime (``--runtime`` of ``localize``; ``auto`` picks the first that agrees with torch).
 
 Prints seconds per image and each row's ratio to the last one.
 """
@@ -27,6 +29,7 @@ from featurecache.heads.registry import FitConfig
 from featurecache.heads.trained import TrainedHead
 from featurecache.maps import Localizer, MapConfig
 from featurecache.predict import Predictor
+from featurecache.runtimes import installed_runtimes
 from featurecache.train import fit_objective
 
 
@@ -61,6 +64,10 @@ def main():
             "windows, new image (crop extraction)": timed(lambda f: predictor.localization_map(f, method="windows"),
                                                           files),
         }
+        for name in installed_runtimes():
+            by = Localizer(head, MapConfig(method="cam", runtime=name), backbone=predictor.backbone())
+            by.file_map(files[0])  # warm-up: the runtime built (exported, compiled, probed) once
+            rows[f"cam, cached image, runtime {name}"] = timed(lambda p, by=by: by.cache_map(cache, p), positions)
     base = rows["windows, new image (crop extraction)"]
     print(f"{len(files)} images of {args.cache} ({n_patches / len(files):.0f} patches per image, grid scales "
           f"{predictor.grid.scales}), {head.objective} head, torch {torch.__version__}, "

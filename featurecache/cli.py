@@ -17,14 +17,14 @@ import click
 
 from featurecache import __version__
 from featurecache.datasets import read_class_file, read_dataset
-from featurecache.distributed import world_from_env
+from featurecache.distributed import stop_on_sigterm, world_from_env
 from featurecache.errors import AblationError, FeaturecacheError
 from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, OptionScopeError
 from featurecache.logs import log_to_stderr
 from featurecache.outputs import check_not_inputs, check_output, printable, write_report
 from featurecache.patches import LabelRule
-from featurecache.resources import DEVICES
-from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, Setting, grid_from
+from featurecache.resources import DEVICES, parse_size
+from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, Setting, grid_from, parse_scales
 from featurecache.summary import summarize
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -134,15 +134,10 @@ def _message(ctx: click.Context, error: FeaturecacheError) -> str:
 
 
 def _parse_scales(ctx, param, value: Optional[str]):
-    if value is None:
-        return None
     try:
-        scales = tuple(float(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers like 1,1.3,2, got {value!r}") from None
-    if not scales:
-        raise click.BadParameter("no scales given")
-    return scales
+        return None if value is None else parse_scales(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 class _InputFile(click.Path):
@@ -234,21 +229,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
     once and caches the features; stage two trains and compares heads on the cache.
     """
     _set_verbosity(ctx, verbose, quiet)
-    _stop_on_sigterm()
-
-
-def _interrupted(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _stop_on_sigterm() -> None:
-    """A scheduler's SIGTERM (a time limit, ``scancel``) stops a command as Ctrl-C does: committed work
-    kept, temporary files removed, one line. Only the command line sets it, in its main thread."""
-    import signal
-    import threading
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupted)
+    stop_on_sigterm()
 
 
 @main.command(context_settings=CONTEXT)
@@ -341,17 +322,10 @@ def _grid_help() -> str:
 
 
 def _parse_size(ctx, param, value: Optional[str]):
-    if value is None:
-        return None
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    v = value.strip().upper().rstrip("B").rstrip("I")
     try:
-        number = float(v[:-1]) * units[v[-1]] if v and v[-1] in units else float(v)
-    except ValueError:
-        raise click.BadParameter(f"expected a size like 4G or 512M, got {value!r}") from None
-    if not (number >= 1 and number < 2**63):  # also refuses nan
-        raise click.BadParameter(f"must be a positive size like 4G or 512M, got {value!r}")
-    return int(number)
+        return None if value is None else parse_size(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 def _memory_limit_option(above: str):

@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from featurecache.errors import FeaturecacheError
 
-__all__ = ["Coordinator", "World", "share", "world_from_env"]
+__all__ = ["Coordinator", "World", "share", "stop_on_sigterm", "world_from_env"]
 
 #: How long the processes wait for each other to start, and for a small exchange.
 RENDEZVOUS_TIMEOUT = datetime.timedelta(minutes=10)
@@ -243,3 +243,17 @@ def _peers_alive(world: World):
     except RuntimeError as e:
         raise FeaturecacheError(f"process {world.rank} of {world.size}: another process of the job stopped or "
                                 f"stopped answering ({_first_line(e)}); its own output says why") from None
+
+
+def _interrupted(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_on_sigterm() -> None:
+    """A scheduler's SIGTERM (a time limit, ``scancel``) stops a command as Ctrl-C does: committed work
+    kept, temporary files removed, one line. Only the command line sets it, in its main thread."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)

@@ -33,6 +33,7 @@ from featurecache.maps import (
 )
 from featurecache.outputs import csv_text, json_text, printable
 from featurecache.resources import BOX_THRESHOLD, POINTING_TOLERANCE
+from featurecache.settings import LOCALIZE
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +154,10 @@ def _iou(box: tuple, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def _ground_truth(cache: FeatureCache):
-    """The data set the cache was extracted from (its boxes), as an ``ImageSet``."""
+def _ground_truth(cache: FeatureCache, head):
+    """The data set the cache was extracted from (its boxes), as an ``ImageSet``, once the head is checked
+    against the cache."""
+    head.check_cache(cache)
     ds = cache.provenance.dataset
     root, layout = ds.root, ds.layout
     if not root:
@@ -192,8 +195,7 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     -------
     LocalizationReport
     """
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, np.integer)) or tolerance < 0:
-        raise EvalError(f"must be a whole number of pixels >= 0, got {tolerance!r}", param="tolerance")
+    LOCALIZE["tolerance"].check(tolerance, EvalError)
     config = replace(config or MapConfig(), **options)
     maker = Localizer(as_head(head), config)
     classes = tuple(maker.head.classes)
@@ -201,9 +203,8 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     hits = {c: np.zeros(len(classes), np.int64) for c in LocalizationReport.COLUMNS}
     seconds, mapped, skipped = 0.0, 0, []
     with open_cache(cache, split=split) as data:
-        maker.head.check_cache(data)
-        dataset = _ground_truth(data)
-        truth = {r.relpath: r for r in dataset}
+        dataset = _ground_truth(data, maker.head)
+        truth = {r.relpath: r for r in dataset.records}
         paths = data.images.path
         if not paths:
             raise EvalError(f"{data.path}: no images" + (f" in split {split!r}" if split else ""), param="split")

@@ -41,8 +41,10 @@ from featurecache.resources import (
     DEFAULT_MAP_METHOD,
     DEFAULT_MAX_SIDE,
     MAP_METHODS,
+    apply_threads,
     resolve_device,
 )
+from featurecache.runtimes import Runtime, build_runtime
 from featurecache.settings import MAP, check_fields
 
 logger = logging.getLogger(__name__)
@@ -97,6 +99,9 @@ class MapConfig:
         (:meth:`featurecache.heads.recipe.Recipe.build_backbone`).
     max_side : int
         Largest trunk input side; larger inputs are tiled (:meth:`FrozenBackbone.cell_features`).
+    runtime : {"auto", "torch", "openvino", "onnxruntime"}
+        What runs the trunk of cam maps on the CPU (:func:`featurecache.runtimes.build_runtime`,
+        dense): ``auto`` the fastest installed one whose features agree with torch's.
     """
 
     method: str = DEFAULT_MAP_METHOD
@@ -107,6 +112,7 @@ class MapConfig:
     weights: Optional[str] = None
     download: bool = False
     max_side: int = DEFAULT_MAX_SIDE
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, MAP, EvalError)
@@ -306,6 +312,7 @@ class Localizer:
                             f"{head.objective} head does not have; use the cam method", param="method")
         self._net = _with_dense_trunk(backbone) if backbone is not None and self.config.uses_cells else backbone
         self._device: Optional[torch.device] = None
+        self._runtime: Optional[Runtime] = None
 
     @property
     def grid(self) -> PatchGrid:
@@ -325,6 +332,14 @@ class Localizer:
             self._device = resolve_device(self.config.device)
             self._net.to(self._device).to(memory_format=torch.channels_last)
         return self._net
+
+    def runtime(self) -> Runtime:
+        """What runs the dense trunk of the cam maps (built once; ``describe()`` says which)."""
+        if self._runtime is None:
+            net = self.backbone()
+            self._runtime = build_runtime(net, self.config.runtime, input_size=self.grid.input_size,
+                                          threads=apply_threads(), device=self._device, dense=True)
+        return self._runtime
 
     def cache_map(self, cache: FeatureCache, position: int, *, image_file: str = "") -> LocalizationMap:
         """The map of the image at ``position`` in an open cache's image table (checked against the head)."""
@@ -395,7 +410,8 @@ class Localizer:
                 raise EvalError(f"{name}: the {w}x{h} image resized to {rw}x{rh} at λ={lam:g} is more than "
                                 f"{MAX_CELLS} feature cells; use smaller scales", param="scales")
             x = F.interpolate(image, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-            fmap = net.cell_features(x.contiguous(memory_format=torch.channels_last), max_side=self.config.max_side)
+            fmap = net.cell_features(x.contiguous(memory_format=torch.channels_last), max_side=self.config.max_side,
+                                     trunk=self.runtime().trunk)
             d, ch, cw = fmap.shape[1:]
             probs = self.head.region_scores(fmap[0].reshape(d, -1).T.float().cpu().numpy())
             probs = np.clip(np.asarray(probs, np.float64), _EPS, 1 - _EPS)

@@ -12,7 +12,7 @@ from featurecache.errors import FeaturecacheError, integer_at_least
 
 __all__ = ["ASSEMBLE_MODES", "BOX_THRESHOLD", "DEFAULT_MAP_METHOD", "DEVICES", "MAP_METHODS",
            "MAX_STRIDE", "POINTING_TOLERANCE", "RUNTIMES", "apply_threads", "available_cpus", "available_memory",
-           "cpu_threads", "features_bytes", "memory_budget", "resolve_device"]
+           "cpu_threads", "features_bytes", "memory_budget", "parse_size", "resolve_device"]
 
 #: What every ``device`` option accepts.
 DEVICES = ("auto", "cpu", "cuda")
@@ -50,6 +50,19 @@ POINTING_TOLERANCE = 15
 #: way from the map's minimum to its peak (chosen on the VOC sample's train images: 0.3-0.8
 #: were tried; docs/results.md).
 BOX_THRESHOLD = 0.5
+
+
+def parse_size(text: str) -> int:
+    """``"4G"``, ``"512M"``, ``"1.5GiB"``, ``"1000000"`` -> bytes (else a ``ValueError`` saying what is expected)."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    v = text.strip().upper().rstrip("B").rstrip("I")
+    try:
+        number = float(v[:-1]) * units[v[-1]] if v and v[-1] in units else float(v)
+    except ValueError:
+        raise ValueError(f"expected a size like 4G or 512M, got {text!r}") from None
+    if not (number >= 1 and number < 2**63):  # also refuses nan
+        raise ValueError(f"must be a positive size like 4G or 512M, got {text!r}")
+    return int(number)
 
 
 def resolve_device(device: Union[str, "torch.device"] = "auto") -> "torch.device":  # noqa: F821

@@ -34,7 +34,7 @@ from featurecache.resources import (
 )
 
 __all__ = ["COMPRESSIONS", "DTYPES", "EXTRACT", "GRID", "INSPECT", "LOCALIZE", "MAP", "MAX_MAP_SCALE", "MODES",
-           "PREDICT", "Setting", "check_fields", "grid_from"]
+           "PREDICT", "Setting", "check_fields", "grid_from", "parse_scales"]
 
 #: Stored feature types, HDF5 compressions and extraction modes (``extract``).
 DTYPES = ("float16", "float32")
@@ -163,6 +163,17 @@ def _table(*settings: Setting) -> dict:
     return {s.name: s for s in settings}
 
 
+def parse_scales(text: str) -> tuple:
+    """``"1,1.3,2"`` -> ``(1.0, 1.3, 2.0)`` (a ``ValueError`` saying what is expected otherwise)."""
+    try:
+        scales = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers like 1,1.3,2, got {text!r}") from None
+    if not scales:
+        raise ValueError("no scales given")
+    return scales
+
+
 def grid_from(options: Mapping[str, Any]) -> PatchGrid:
     """The :class:`PatchGrid` of the :data:`GRID` settings in ``options`` (a ``ValueError`` if it is not one)."""
     return PatchGrid(scales=options["scales"], min_overlap=options["overlap"], input_size=options["input_size"],
@@ -260,6 +271,8 @@ MAP = _table(
     _BACKEND["download"],
     Setting("max_side", DEFAULT_MAX_SIDE, "Largest trunk input side; larger inputs run in overlapping tiles.",
             low=MIN_MAX_SIDE),
+    replace(_BACKEND["runtime"], help="What runs the backbone's trunk for cam maps on the CPU: auto = the fastest "
+            "installed whose features agree with torch's (openvino, onnxruntime, torch); torch on CUDA."),
 )
 
 #: ``localize``: maps, and their evaluation.
@@ -268,7 +281,7 @@ LOCALIZE = _table(
     Setting("split", None, "--evaluate: only the cache's images of this split (e.g. val).", "text"),
     Setting("tolerance", POINTING_TOLERANCE, "--evaluate: pixels a map's peak may miss a box by (reported beside "
             "0).", low=0),
-    *(MAP[n] for n in ("weights", "device", "download")),
+    *(MAP[n] for n in ("weights", "device", "download", "runtime")),
 )
 
 #: ``predict`` (:class:`~featurecache.predict.PredictConfig`; the backbone's device, weights and

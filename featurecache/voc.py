@@ -187,20 +187,15 @@ def read_voc(path: Path, *, split: Optional[str], classes: Optional[tuple]) -> I
             boxes, names, difficult = np.zeros((0, 4), np.float32), (), np.zeros(0, bool)
         else:
             boxes, names, difficult = cleaner.clean(p["source"], p["objects"], p["width"], p["height"])
-        records.append(
-            ImageRecord(
-                path=p["image"],
-                relpath=p["image"].relative_to(root).as_posix(),
-                width=p["width"],
-                height=p["height"],
-                boxes=boxes,
-                classes=names,
-                difficult=difficult,
-                splits=tuple(membership.get(image_id, ())),
-                source=p["source"],
-                error=p["error"],
-            )
-        )
-    read = tuple(sorted(split_dir.glob("*.txt")) if split_dir.is_dir() else ()) + tuple(ann_dir / f"{i}.xml"
-                                                                                      for i in all_ids)
-    return ImageSet(root, "voc", classes, records, split=split, box_problems=cleaner.problems, also_read=read)
+        records.append(ImageRecord(path=p["image"], relpath=p["image"].relative_to(root).as_posix(),
+                                   width=p["width"], height=p["height"], boxes=boxes, classes=names,
+                                   difficult=difficult, splits=tuple(membership.get(image_id, ())),
+                                   source=p["source"], error=p["error"]))
+    return ImageSet(root, "voc", classes, records, split=split, box_problems=cleaner.problems,
+                    also_read=_files_read(split_dir, ann_dir, all_ids))
+
+
+def _files_read(split_dir: Path, ann_dir: Path, ids: list) -> tuple:
+    """The split lists and every annotation file a devkit was read from (none may be overwritten)."""
+    lists = tuple(sorted(split_dir.glob("*.txt"))) if split_dir.is_dir() else ()
+    return lists + tuple(ann_dir / f"{i}.xml" for i in ids)

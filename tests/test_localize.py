@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from featurecache.cache import FeatureCache
 from featurecache.cli import main
 from featurecache.errors import EvalError
 
@@ -147,8 +148,24 @@ def test_cam_equals_a_brute_force_per_cell_computation(squares, objective):
         ys = (np.array(cy) * rh / h - 16) / 32
         total = total + _bilinear(cells, ys, xs)
     expected = 1 / (1 + np.exp(-total / len(GRID["scales"])))
-    m = localization_map(head, squares["cache"], "sq25", method="cam", stride=stride)
+    m = localization_map(head, squares["cache"], "sq25", method="cam", stride=stride, runtime="torch")
     np.testing.assert_allclose(m.scores, expected, atol=2e-4)
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "onnxruntime"])
+def test_cam_maps_through_a_cpu_runtime_equal_torchs(squares, runtime):
+    pytest.importorskip(runtime)
+    from featurecache.maps import Localizer, MapConfig
+
+    head = squares["heads"]["mil"]
+    with FeatureCache(squares["cache"]) as cache:
+        maps = {}
+        for name in ("torch", runtime):
+            maker = Localizer(head, MapConfig(runtime=name, stride=12))
+            maps[name] = maker.cache_map(cache, 0).scores
+            assert maker.runtime().name == name
+    assert np.abs(maps["torch"] - maps[runtime]).max() < 1e-3
+    assert not np.array_equal(maps["torch"], np.full_like(maps["torch"], maps["torch"].flat[0]))  # not flat
 
 
 def test_windows_map_is_the_per_pixel_mean_of_covering_patch_scores(tmp_path):

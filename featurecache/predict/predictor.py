@@ -117,7 +117,7 @@ class PredictConfig:
 
     def map_config(self, **options) -> MapConfig:
         """The :class:`MapConfig` of the maps (``options`` over this config's)."""
-        return MapConfig(**{"method": self.map_method, "stride": self.stride, **options})
+        return MapConfig(**{"method": self.map_method, "stride": self.stride, "runtime": self.runtime, **options})
 
 
 class Predictor:
@@ -260,16 +260,12 @@ class Predictor:
             check_not_inputs({"out": config.out, "cache": config.cache, "maps": config.maps, **config.reports},
                              {"an input image": [it.path for it in items if it.path is not None],
                               "a file of an input data set": set().union(*(it.reads for it in items)),
-                              "an input folder": [p for p in self._folders(items)],
+                              "an input folder": {it.folder for it in items if it.folder is not None},
                               "the head file": self.source if Path(self.source).is_file() else None,
                               "the weights file": self.weights, "the annotations file": config.annotations},
                              folders=("maps",))
         except FeaturecacheError as e:
             raise PredictError(e.message, param=e.param) from None
-
-    @staticmethod
-    def _folders(items: list) -> set:
-        return {it.folder for it in items if it.folder is not None}
 
     def _score(self, cache: FeatureCache, items: list, where: dict, scores: np.ndarray) -> dict:
         """Fill ``scores`` and the errors of images skipped at extraction; returns item -> cache image row."""
