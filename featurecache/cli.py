@@ -469,9 +469,8 @@ def localize(head, cache, image, out, png, cls, evaluate, json_out, csv_out, spl
     config = MapConfig(**options)
     if evaluate:
         report = evaluate_localization(head, cache, split=split, config=config, tolerance=tolerance,
-                                       progress=_quiet())
+                                       progress=_quiet(), reports={"out": out, "json": json_out, "csv": csv_out})
         click.echo(report.to_text())
-        check_not_inputs({"out": out, "json": json_out, "csv": csv_out}, {"a file of the data set": report.files_read})
         _write_reports(report, out, json_out, csv_out)
         return
     m = localization_map(head, cache, image, config=config)

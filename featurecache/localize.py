@@ -11,14 +11,14 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from featurecache.cache import FeatureCache, open_cache
 from featurecache.datasets import read_dataset
-from featurecache.errors import DatasetError, EvalError
+from featurecache.errors import DatasetError, EvalError, FeaturecacheError
 from featurecache.maps import (
     CORLOC_IOU,
     DEFAULT_MAP_METHOD,
@@ -31,7 +31,7 @@ from featurecache.maps import (
     as_head,
     localization_map,
 )
-from featurecache.outputs import csv_text, json_text, printable
+from featurecache.outputs import check_not_inputs, csv_text, json_text, printable
 from featurecache.resources import BOX_THRESHOLD, POINTING_TOLERANCE
 from featurecache.settings import LOCALIZE
 
@@ -72,9 +72,6 @@ class LocalizationReport:
     skipped : list of str
         ``"path: reason"`` of images whose map could not be made (a missing or changed file);
         their pairs are not counted.
-    files_read : frozenset of str
-        The data set's files the evaluation read (images, annotation files, split lists): what
-        no output of it may replace.
     """
 
     classes: tuple
@@ -88,7 +85,6 @@ class LocalizationReport:
     stride: int = 8
     box_threshold: float = BOX_THRESHOLD
     skipped: list = field(default_factory=list)
-    files_read: frozenset = frozenset()
 
     COLUMNS = ("pointing", "pointing_tol", "corloc", "centre", "centre_tol", "whole_image")
 
@@ -154,9 +150,9 @@ def _iou(box: tuple, boxes: np.ndarray) -> np.ndarray:
     return inter / np.maximum(union, 1e-12)
 
 
-def _ground_truth(cache: FeatureCache, head):
+def _ground_truth(cache: FeatureCache, head, reports: Mapping):
     """The data set the cache was extracted from (its boxes), as an ``ImageSet``, once the head is checked
-    against the cache."""
+    against the cache and the ``reports`` to write against the data set's files (before any map is made)."""
     head.check_cache(cache)
     ds = cache.provenance.dataset
     root, layout = ds.root, ds.layout
@@ -166,14 +162,21 @@ def _ground_truth(cache: FeatureCache, head):
         raise EvalError(f"{cache.path}: extracted from a {layout} layout, which has no object boxes; pointing "
                         "and CorLoc need boxes (VOC or COCO)")
     try:
-        return read_dataset(root, layout=layout or "auto", annotations=ds.annotations, classes=tuple(cache.classes))
+        dataset = read_dataset(root, layout=layout or "auto", annotations=ds.annotations,
+                               classes=tuple(cache.classes))
     except (DatasetError, OSError) as e:
         raise EvalError(f"{root}: cannot read the boxes of the data set the cache was extracted from ({e})") from None
+    try:
+        check_not_inputs(reports, {"a file of the data set": dataset.files_read()})
+    except FeaturecacheError as e:
+        raise EvalError(e.message, param=e.param) from None
+    return dataset
 
 
 def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split: Optional[str] = None,
                           config: Optional[MapConfig] = None, tolerance: int = POINTING_TOLERANCE,
-                          progress: Optional[bool] = None, **options) -> LocalizationReport:
+                          progress: Optional[bool] = None, reports: Optional[Mapping] = None,
+                          **options) -> LocalizationReport:
     """Pointing accuracy and CorLoc of a head's maps on a cache's labelled images.
 
     Parameters
@@ -188,6 +191,8 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
         Pixels the peak may miss a box by for ``pointing_tol``.
     progress : bool, optional
         A progress bar (default: when the output is a terminal).
+    reports : mapping, optional
+        Files the report will be written to (parameter -> path): refused first if one is read.
     **options
         Fields of :class:`MapConfig` over those of ``config``.
 
@@ -196,15 +201,13 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     LocalizationReport
     """
     LOCALIZE["tolerance"].check(tolerance, EvalError)
-    config = replace(config or MapConfig(), **options)
-    maker = Localizer(as_head(head), config)
+    config = (maker := Localizer(as_head(head), replace(config or MapConfig(), **options))).config
     classes = tuple(maker.head.classes)
     pairs = np.zeros(len(classes), np.int64)
     hits = {c: np.zeros(len(classes), np.int64) for c in LocalizationReport.COLUMNS}
     seconds, mapped, skipped = 0.0, 0, []
     with open_cache(cache, split=split) as data:
-        dataset = _ground_truth(data, maker.head)
-        truth = {r.relpath: r for r in dataset.records}
+        truth = {r.relpath: r for r in _ground_truth(data, maker.head, reports or {}).records}
         paths = data.images.path
         if not paths:
             raise EvalError(f"{data.path}: no images" + (f" in split {split!r}" if split else ""), param="split")
@@ -228,9 +231,8 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
             _score_pairs(m, rec, present, tolerance, config.box_threshold, pairs, hits)
     if not mapped and skipped:
         raise EvalError(f"no image could be mapped: {skipped[0]}")
-    return LocalizationReport(classes, pairs, hits, config.method, maker.head.objective, int(tolerance),
-                              len(paths), seconds / max(mapped, 1), config.stride, config.box_threshold, skipped,
-                              frozenset(dataset.files_read()))
+    return LocalizationReport(classes, pairs, hits, config.method, maker.head.objective, int(tolerance), len(paths),
+                              seconds / max(mapped, 1), config.stride, config.box_threshold, skipped)
 
 
 def _score_pairs(m: LocalizationMap, rec, present: Sequence[int], tolerance: int, threshold: float,
