@@ -50,7 +50,7 @@ from featurecache.resources import (
     available_cpus,
     resolve_device,
 )
-from featurecache.runners import Decoder, PartComputer, only
+from featurecache.runners import Decoder, PartComputer, StageClock, only
 from featurecache.runtimes import Runtime, build_runtime
 from featurecache.settings import EXTRACT, check_fields
 
@@ -83,6 +83,11 @@ class ExtractResult:
         This process's rank in its job (0 alone).
     ranks : list of (patches, seconds), optional
         In a job of several processes: what each rank computed, in rank order.
+    stages : dict, optional
+        Seconds this process spent per step: ``setup`` (data set read, backbone built,
+        runtime compiled and checked), ``decode wait`` (waiting for the decoding workers),
+        ``prepare``, ``crop`` or ``resize``, ``forward``, ``pool`` (dense), ``write``; see
+        :class:`~featurecache.runners.StageClock`.
     """
 
     path: Path
@@ -95,6 +100,7 @@ class ExtractResult:
     already_complete: bool = False
     rank: int = 0
     ranks: Optional[list] = None
+    stages: Optional[dict] = None
 
     @property
     def patches_per_second(self) -> float:
@@ -369,17 +375,21 @@ def _extract(dataset, out: Path, config: ExtractConfig, job: Coordinator, t0: fl
             logger.info("%s: already complete with the same settings", out)
             return _result(out, t0, 0, already_complete=True, rank=job.world.rank)
         writer.follow(done)
-        computed, seconds = _compute_share(run, job, writer, parts, counts, skips)
-        _on_leader(job, lambda: _assemble(run, writer, len(parts), settings))
+        clock = StageClock()
+        clock.seconds["setup"] = time.perf_counter() - t0
+        computed, seconds = _compute_share(run, job, writer, parts, counts, skips, clock)
+        with clock("write"):
+            _on_leader(job, lambda: _assemble(run, writer, len(parts), settings))
         ranks = job.gather((computed, seconds))
     distributed = job.world.distributed
-    result = _result(out, t0, sum(n for n, _ in ranks), rank=job.world.rank, ranks=ranks if distributed else None)
+    result = _result(out, t0, sum(n for n, _ in ranks), rank=job.world.rank, ranks=ranks if distributed else None,
+                     stages=dict(clock.seconds))
     logger.info("%s", result.summary())
     return result
 
 
 def _compute_share(run: _Run, job: Coordinator, writer: CacheWriter, parts: list, counts: list,
-                   skips: list) -> tuple:
+                   skips: list, clock: StageClock) -> tuple:
     """This rank's share of the parts not yet committed, computed and committed: ``(patches, seconds)``."""
     todo = [p for p in range(len(parts)) if p not in writer.done_parts]
     size = {p: sum(counts[i] for i in parts[p]) for p in todo}
@@ -388,7 +398,7 @@ def _compute_share(run: _Run, job: Coordinator, writer: CacheWriter, parts: list
                             quiet=None if run.config.progress is None else not run.config.progress)
     t1 = time.perf_counter()
     try:
-        computed = _run_parts(run, writer, parts, mine, counts, skips, progress)
+        computed = _run_parts(run, writer, parts, mine, counts, skips, progress, clock)
         seconds = time.perf_counter() - t1
         job.barrier(while_waiting=progress.look)  # every part is committed; the bar shows the others'
     finally:
@@ -470,7 +480,8 @@ class _JobProgress:
     def __init__(self, size: dict, mine: list, parts_dir: Path, *, leader: bool, quiet: Optional[bool]) -> None:
         self.others = {p: n for p, n in size.items() if p not in set(mine)}
         self.parts_dir, self.seen, self.checked = parts_dir, set(), 0.0
-        self.bar = tqdm(total=sum(size.values()), unit="patch", disable=quiet or not leader, smoothing=0.1,
+        # disable=None: tqdm's own rule, shown only on a terminal (a log file gets no bar).
+        self.bar = tqdm(total=sum(size.values()), unit="patch", disable=(not leader) or quiet, smoothing=0.1,
                         dynamic_ncols=True, desc="extract")
 
     def update(self, n: int) -> None:
@@ -543,18 +554,18 @@ def _provenance(run: _Run, settings: dict) -> Provenance:
 
 
 def _result(out: Path, t0: float, computed: int, *, already_complete: bool = False, rank: int = 0,
-            ranks: Optional[list] = None) -> ExtractResult:
+            ranks: Optional[list] = None, stages: Optional[dict] = None) -> ExtractResult:
     with FeatureCache(out) as c:
         n_img, n_patch, n_skip = c.num_images, c.num_patches, len(c.skipped)
     size = out.stat().st_size + sum(f.stat().st_size for d in data_folders(out) for f in d.glob("part-*.h5"))
     return ExtractResult(out, n_img, n_patch, n_skip, time.perf_counter() - t0, computed, size,
-                         already_complete=already_complete, rank=rank, ranks=ranks)
+                         already_complete=already_complete, rank=rank, ranks=ranks, stages=stages)
 
 
 
 
 def _run_parts(run: _Run, writer: CacheWriter, parts: list, todo: list, counts: list, skips: list,
-               progress: "_JobProgress") -> int:
+               progress: "_JobProgress", clock: StageClock) -> int:
     """Compute and commit the parts in ``todo``; return the number of patches computed."""
     if not todo:
         return 0
@@ -567,14 +578,15 @@ def _run_parts(run: _Run, writer: CacheWriter, parts: list, todo: list, counts: 
         collate_fn=only, num_workers=workers, pin_memory=run.device.type == "cuda",
         prefetch_factor=2 if workers else None)
     computer = PartComputer(images, run.net, config, device=run.device, batch_size=run.batch_size,
-                            runtime=run.runtime, planned=counts)
+                            runtime=run.runtime, planned=counts, clock=clock)
     done_images = sum(len(parts[p]) for p in range(len(parts)) if p not in todo)
     computed, stream = 0, iter(loader)
     try:
         for p in todo:
             data = computer.part(stream, len(parts[p]), progress.update)
             computed += len(data.features)
-            writer.write_part(p, data)
+            with clock("write"):
+                writer.write_part(p, data)
             done_images += len(parts[p])
             if not run.world.distributed:  # a job's bar counts every rank's patches; images are this rank's
                 progress.set_postfix_str(f"images {done_images}/{len(images)}")

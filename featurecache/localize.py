@@ -72,6 +72,9 @@ class LocalizationReport:
     skipped : list of str
         ``"path: reason"`` of images whose map could not be made (a missing or changed file);
         their pairs are not counted.
+    runtime : str
+        What ran the dense trunk of the maps (cam and combined methods; '' for window maps,
+        which read cached features).
     """
 
     classes: tuple
@@ -85,6 +88,7 @@ class LocalizationReport:
     stride: int = 8
     box_threshold: float = BOX_THRESHOLD
     skipped: list = field(default_factory=list)
+    runtime: str = ""
 
     COLUMNS = ("pointing", "pointing_tol", "corloc", "centre", "centre_tol", "whole_image")
 
@@ -100,7 +104,7 @@ class LocalizationReport:
                      for i, name in enumerate(self.classes) if self.pairs[i]}
         return {"method": self.method, "objective": self.objective, "tolerance": self.tolerance,
                 "stride": self.stride, "box_threshold": self.box_threshold, "images": self.n_images,
-                "pairs": int(self.pairs.sum()), "seconds_per_image": self.seconds_per_image,
+                "pairs": int(self.pairs.sum()), "seconds_per_image": self.seconds_per_image, "runtime": self.runtime,
                 "overall": overall, "per_class": per_class, "skipped": list(self.skipped)}
 
     def to_json(self) -> str:
@@ -116,7 +120,8 @@ class LocalizationReport:
     def to_text(self) -> str:
         t = self.tolerance
         head = (f"{self.method} maps of {article(self.objective)} {self.objective} head: {self.n_images} images, "
-                f"{int(self.pairs.sum())} image-class pairs, {self.seconds_per_image:.2f} s per image")
+                f"{int(self.pairs.sum())} image-class pairs, {self.seconds_per_image:.2f} s per image"
+                + (f" ({self.runtime})" if self.runtime else ""))
         names = [printable(c) for c in self.classes]
         width = max([len(c) for c in names] + [5])
         lines = [head, f"{'class':<{width}} {'pairs':>5}  {'point':>6} {f'±{t}px':>6} {'CorLoc':>6}  "
@@ -232,7 +237,8 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     if not mapped and skipped:
         raise EvalError(f"no image could be mapped: {skipped[0]}")
     return LocalizationReport(classes, pairs, hits, config.method, maker.head.objective, int(tolerance), len(paths),
-                              seconds / max(mapped, 1), config.stride, config.box_threshold, skipped)
+                              seconds / max(mapped, 1), config.stride, config.box_threshold, skipped,
+                              maker.runtime_used())
 
 
 def _score_pairs(m: LocalizationMap, rec, present: Sequence[int], tolerance: int, threshold: float,

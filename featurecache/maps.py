@@ -341,6 +341,11 @@ class Localizer:
                                           threads=apply_threads(), device=self._device, dense=True)
         return self._runtime
 
+    def runtime_used(self) -> str:
+        """What ran the maps' dense trunk (:meth:`Runtime.describe`), '' when none has run (window maps
+        read cached features only)."""
+        return self._runtime.describe() if self._runtime is not None else ""
+
     def cache_map(self, cache: FeatureCache, position: int, *, image_file: str = "") -> LocalizationMap:
         """The map of the image at ``position`` in an open cache's image table (checked against the head)."""
         t = cache.images

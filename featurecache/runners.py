@@ -9,8 +9,11 @@ patch shrinks, so anti-aliased) and fills batches with patches of several images
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import logging
 import os
+import time
 from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
@@ -29,7 +32,24 @@ from featurecache.runtimes import Runtime
 
 logger = logging.getLogger("featurecache.extract")
 
-__all__ = ["Decoder", "DenseRunner", "PartComputer", "PartSettings", "PatchRunner", "iter_batches"]
+__all__ = ["Decoder", "DenseRunner", "PartComputer", "PartSettings", "PatchRunner", "StageClock", "iter_batches"]
+
+
+class StageClock:
+    """Seconds this process spent in each step of stage one (``decode wait``, ``prepare``, ``crop``,
+    ``resize``, ``forward``, ``pool``, ``write``): where the time goes, so that a step that is not hidden
+    behind the network shows (``benchmarks/bench_thousand.py`` prints the shares)."""
+
+    def __init__(self) -> None:
+        self.seconds: collections.Counter = collections.Counter()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - t
 
 
 class Decoder(torch.utils.data.Dataset):
@@ -98,9 +118,10 @@ class PatchRunner:
     """Crops patches on the device with roi_align and runs the backbone on full batches."""
 
     def __init__(self, backbone: FrozenBackbone, *, input_size: int, batch_size: int, device: torch.device,
-                 out_dtype: np.dtype, runtime: Optional[Runtime] = None) -> None:
+                 out_dtype: np.dtype, runtime: Optional[Runtime] = None, clock: Optional[StageClock] = None) -> None:
         self.backbone = backbone
         self.runtime = runtime or Runtime(backbone)
+        self.clock = clock or StageClock()
         self.size = input_size
         self.batch_size = batch_size
         self.device = device
@@ -118,13 +139,15 @@ class PatchRunner:
     def run(self, segments: list, on_batch=None) -> np.ndarray:
         feats = []
         for pieces in iter_batches(segments, self.batch_size):
-            x = self.crops(pieces).contiguous(memory_format=torch.channels_last)
-            if self.cuda:
-                with torch.autocast("cuda", dtype=torch.float16):
-                    f = self.backbone(x)
-            else:
-                f = self.runtime(x)
-            feats.append(f.float().cpu().numpy().astype(self.out_dtype, copy=False))
+            with self.clock("crop"):
+                x = self.crops(pieces).contiguous(memory_format=torch.channels_last)
+            with self.clock("forward"):
+                if self.cuda:
+                    with torch.autocast("cuda", dtype=torch.float16):
+                        f = self.backbone(x)
+                else:
+                    f = self.runtime(x)
+                feats.append(f.float().cpu().numpy().astype(self.out_dtype, copy=False))
             if on_batch is not None:
                 on_batch(len(x))
         dim = self.backbone.feature_dim
@@ -136,9 +159,11 @@ class DenseRunner:
     on the CPU, torch by default); windows are pooled from its map."""
 
     def __init__(self, backbone: FrozenBackbone, grid: PatchGrid, *, device: torch.device, out_dtype: np.dtype,
-                 max_side: Optional[int] = None, runtime: Optional[Runtime] = None) -> None:
+                 max_side: Optional[int] = None, runtime: Optional[Runtime] = None,
+                 clock: Optional[StageClock] = None) -> None:
         self.backbone = backbone
         self.runtime = runtime or Runtime(backbone, dense=True)
+        self.clock = clock or StageClock()
         self.grid = grid
         self.max_side = max_side
         self.device = device
@@ -170,29 +195,31 @@ class DenseRunner:
                 for c in range(0, len(idxs), max_batch if bucket else 1):
                     chunk = idxs[c:c + (max_batch if bucket else 1)]
                     _, rw, rh, _, _ = layouts[chunk[0]][si]
-                    x = torch.cat([F.interpolate(items[i][0], size=(rh, rw), mode="bilinear", antialias=True,
-                                                 align_corners=False) for i in chunk])
-                    x = x.contiguous(memory_format=torch.channels_last)
-                    if self.cuda:
-                        with torch.autocast("cuda", dtype=torch.float16):
-                            fmaps = self.backbone.dense_features_batch(x, self.grid.input_size,
-                                                                       max_side=self.max_side)
-                    else:
-                        fmaps = self.backbone.dense_features_batch(x, self.grid.input_size, max_side=self.max_side,
-                                                                   trunk=self.runtime.trunk)
-                    for b, i in enumerate(chunk):
-                        _, _, _, xs, ys = layouts[i][si]
-                        fm = fmaps[b]
-                        rows, cols = torch.as_tensor(ys, device=fm.device), torch.as_tensor(xs, device=fm.device)
-                        picked = fm[:, rows][:, :, cols]
-                        out[i][si] = picked.flatten(1).T.float().cpu().numpy()
+                    with self.clock("resize"):
+                        x = torch.cat([F.interpolate(items[i][0], size=(rh, rw), mode="bilinear", antialias=True,
+                                                     align_corners=False) for i in chunk])
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    with self.clock("forward"):
+                        fmaps = self._trunk(x)
+                    with self.clock("pool"):
+                        for b, i in enumerate(chunk):
+                            _, _, _, xs, ys = layouts[i][si]
+                            fm = fmaps[b]
+                            rows, cols = torch.as_tensor(ys, device=fm.device), torch.as_tensor(xs, device=fm.device)
+                            picked = fm[:, rows][:, :, cols]
+                            out[i][si] = picked.flatten(1).T.float().cpu().numpy()
         return [np.concatenate(o).astype(self.out_dtype, copy=False) for o in out]
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cuda:
+            with torch.autocast("cuda", dtype=torch.float16):
+                return self.backbone.dense_features_batch(x, self.grid.input_size, max_side=self.max_side)
+        return self.backbone.dense_features_batch(x, self.grid.input_size, max_side=self.max_side,
+                                                  trunk=self.runtime.trunk)
 
     def image(self, image: torch.Tensor, width: int, height: int) -> np.ndarray:
         """Features of all dense windows of one image (1, 3, H, W), scale by scale, row-major."""
         return self.images([(image, width, height)])[0]
-
-
 
 
 class PartSettings(Protocol):
@@ -222,16 +249,19 @@ class PartComputer:
         What runs the backbone (crop mode) or its dense trunk (dense mode) on the CPU.
     planned : sequence of int
         Each image's planned patch count (what progress counts for an image that is skipped).
+    clock : StageClock, optional
+        Where the seconds of each step are added.
     """
 
     def __init__(self, images: ImageSet, net: FrozenBackbone, config: PartSettings, *, device: torch.device,
-                 batch_size: int, runtime: Runtime, planned: Sequence[int]) -> None:
+                 batch_size: int, runtime: Runtime, planned: Sequence[int], clock: Optional[StageClock] = None) -> None:
         self.images, self.net, self.config, self.device, self.planned = images, net, config, device, planned
         self.dtype = np.dtype(config.dtype)
+        self.clock = clock or StageClock()
         self.patches = PatchRunner(net, input_size=config.grid.input_size, batch_size=batch_size, device=device,
-                                   out_dtype=self.dtype, runtime=runtime)
+                                   out_dtype=self.dtype, runtime=runtime, clock=self.clock)
         self.dense = (DenseRunner(net, config.grid, device=device, out_dtype=self.dtype, max_side=config.max_side,
-                                  runtime=runtime) if config.mode == "dense" else None)
+                                  runtime=runtime, clock=self.clock) if config.mode == "dense" else None)
 
     def part(self, decoded: Iterator[tuple], size: int, progress: Callable[[int], None]) -> PartData:
         """The next ``size`` images of ``decoded`` (``(index, pixels or None, reason)`` from a
@@ -239,7 +269,8 @@ class PartComputer:
         images, segments, meta, done, held = self.images, [], [], [], 0
         skipped = []  # (index, reason)
         for _ in range(size):
-            index, pixels, reason = next(decoded)
+            with self.clock("decode wait"):  # what decoding costs beyond what the workers hide
+                index, pixels, reason = next(decoded)
             rec = images[index]
             if pixels is None:
                 if self.config.strict:
@@ -248,9 +279,10 @@ class PartComputer:
                 skipped.append((index, reason))
                 progress(self.planned[index])
                 continue
-            boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=self.config.grid,
-                                                 rule=self.config.rule, mode=self.config.mode)
-            image = pixels.to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
+            with self.clock("prepare"):  # the image's patches and labels, its pixels as float
+                boxes, scales, labels = image_patches(rec, images.class_ids(rec), grid=self.config.grid,
+                                                     rule=self.config.rule, mode=self.config.mode)
+                image = pixels.to(self.device, non_blocking=True).permute(2, 0, 1).unsqueeze(0).float()
             segments.append((image, rec.width, rec.height) if self.dense is not None
                             else (image, torch.from_numpy(boxes).to(self.device)))
             meta.append((np.full(len(boxes), index, np.int64), boxes, scales, labels))

@@ -39,6 +39,18 @@ def cache_path(subset, lite0, tmp_path_factory):
     return out
 
 
+def test_the_result_says_where_the_time_went_and_no_bar_goes_to_a_log(subset, lite0, tmp_path, capsys):
+    crop = extract(subset, tmp_path / "c.h5", backbone=lite0, **{**OPTS, "progress": None})
+    dense = extract(subset, tmp_path / "d.h5", backbone=lite0, mode="dense", **{**OPTS, "progress": None})
+    for r, step in ((crop, "crop"), (dense, "resize")):
+        assert {"setup", "decode wait", "prepare", step, "forward", "write"} <= set(r.stages)
+        assert all(v >= 0 for v in r.stages.values()) and r.stages["forward"] > 0
+        assert sum(r.stages.values()) <= r.seconds  # steps of one run, none counted twice
+    assert "pool" in dense.stages and "crop" not in dense.stages and "resize" not in crop.stages
+    # progress=None: a bar only on a terminal (pytest's captured stderr is not one).
+    assert "extract:" not in capsys.readouterr().err
+
+
 def test_schema_and_labels_match_the_labeller(cache_path, subset):
     images = read_dataset(subset)
     with h5py.File(cache_path, "r") as f:

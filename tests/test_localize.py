@@ -264,6 +264,10 @@ def test_pointing_and_corloc_count_what_the_maps_and_boxes_say(squares):
     assert d["overall"]["pointing_tol"] >= d["overall"]["pointing"]
     assert report.to_csv().splitlines()[0] == "class,pairs,pointing,pointing_tol,corloc,centre,centre_tol,whole_image"
     assert "red" in report.to_text() and report.seconds_per_image > 0
+    # What ran the cam maps' trunk is recorded; window maps read cached features and name none.
+    assert d["runtime"].split()[0] in ("torch", "openvino", "onnxruntime") and f"({d['runtime']})" in report.to_text()
+    windows = evaluate_localization(head, squares["cache"], split="val", stride=8, method="windows", progress=False)
+    assert windows.runtime == "" and windows.to_dict()["runtime"] == ""
 
 
 def test_cli_localize_evaluate_and_its_usage_errors(squares, tmp_path):

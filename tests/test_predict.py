@@ -344,6 +344,10 @@ def test_hostile_inputs_get_error_rows_and_names_stay_local(tiny, tmp_path):
                                maps=tmp_path / "maps", workers=0)
     assert result.errors[:2] == ["", ""] and "not valid UTF-8" in result.errors[2]
     assert "non-empty" in result.errors[3]
+    # What ran the network is recorded: the features' runtime (the cache's) and the cam maps' trunk.
+    assert result.runtimes["features"].split()[0] in ("torch", "openvino", "onnxruntime")
+    assert "dense trunk" in result.runtimes["maps"] or result.runtimes["maps"].startswith("torch")
+    assert json.loads(result.to_json())["runtimes"] == result.runtimes
     # Map names come from the image's place in its input folder, not from a common parent.
     assert sorted(Path(m).relative_to(tmp_path / "maps").as_posix().split(".")[0] for m in result.maps[:2]) == [
         "x", "x-2"]

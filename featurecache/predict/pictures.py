@@ -25,14 +25,15 @@ def draw_maps(localizer: Callable, cache: FeatureCache, rows: dict, items: list,
     ``config.top`` classes.
 
     ``localizer(map_config)`` makes the map maker; ``rows`` maps item positions to cache rows.
-    Returns ``(picture paths, boxes, note)``: per item, the PNG written ('' when none) and
-    ``{class: box}``; the note says why maps are missing ('' when none is).
+    Returns ``(picture paths, boxes, note, runtime)``: per item, the PNG written ('' when none) and
+    ``{class: box}``; the note says why maps are missing ('' when none is); what ran the maps' trunk
+    (:meth:`~featurecache.maps.Localizer.runtime_used`).
     """
     maps, boxes = [""] * len(items), [{} for _ in items]
     try:
         maker = localizer(config.map_config())
     except EvalError as e:  # a method this head cannot make: predictions without maps
-        return maps, boxes, f"no maps: {e.message}"
+        return maps, boxes, f"no maps: {e.message}", ""
     out, used, failed = Path(config.maps), set(), []
     for i, row in sorted(rows.items()):
         order = np.argsort(-scores[i], kind="stable")[:config.top]
@@ -46,7 +47,8 @@ def draw_maps(localizer: Callable, cache: FeatureCache, rows: dict, items: list,
             failed.append(f"{items[i].display}: {e.message if isinstance(e, EvalError) else os_reason(e)}")
             continue
         boxes[i] = {classes[k]: [round(v, 1) for v in m.box(int(k))] for k in order}
-    return maps, boxes, (f"{len(failed)} map(s) not drawn, e.g. {failed[0]}" if failed else "")
+    note = f"{len(failed)} map(s) not drawn, e.g. {failed[0]}" if failed else ""
+    return maps, boxes, note, maker.runtime_used()
 
 
 def _mapped(make, *args, **kwargs):

@@ -220,24 +220,25 @@ class Predictor:
         self._check_outputs(config, items)
         scores = np.full((len(items), len(self.classes)), np.nan, np.float32)
         maps, boxes = [""] * len(items), [{} for _ in items]
-        note, result = "", None
+        note, result, runtimes = "", None, {}
         with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
             images_set, where = image_set_of(items, Path(tmp), self.classes, kept=config.cache is not None)
             if images_set is not None:
                 cache_path = Path(config.cache) if config.cache else Path(tmp) / "features.h5"
                 result = self._extract(images_set, cache_path, config, tmp)
                 with FeatureCache(cache_path) as cache:
+                    runtimes["features"] = cache.provenance.extraction.get("runtime", "")
                     rows = self._score(cache, items, where, scores)
                     if config.maps is not None:
-                        maps, boxes, note = draw_maps(self._localizer, cache, rows, items, scores, self.classes,
-                                                      config)
+                        maps, boxes, note, runtimes["maps"] = draw_maps(self._localizer, cache, rows, items, scores,
+                                                                        self.classes, config)
         label, text = self.head.scoring()
         predictions = Predictions(
             self.classes, [it.display for it in items], np.array([it.width for it in items]),
             np.array([it.height for it in items]), scores, [it.error for it in items], top=config.top,
             threshold=threshold, objective=self.head.objective, scoring=text, meaning=self.head.spec.scores,
             maps=maps, maps_note=note, boxes=boxes, cache=Path(config.cache) if config.cache else None,
-            extraction=result, seconds=time.perf_counter() - t0)
+            extraction=result, runtimes={k: v for k, v in runtimes.items() if v}, seconds=time.perf_counter() - t0)
         if config.out is not None:
             predictions.save(config.out)
         return predictions

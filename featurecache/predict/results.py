@@ -47,6 +47,9 @@ class Predictions:
     cache : Path, optional
         The kept feature cache.
     extraction : ExtractResult, optional
+    runtimes : dict
+        What ran the network: ``features`` (the extraction's runtime, as the cache records it)
+        and ``maps`` (the dense trunk of cam maps, when they were drawn).
     seconds : float
     """
 
@@ -66,6 +69,7 @@ class Predictions:
     boxes: list = field(default_factory=list)
     cache: Optional[Path] = None
     extraction: Optional[ExtractResult] = None
+    runtimes: dict = field(default_factory=dict)
     seconds: float = 0.0
 
     def __len__(self) -> int:
@@ -112,7 +116,8 @@ class Predictions:
     def to_json(self) -> str:
         """The records with what the scores mean."""
         return json_text({"objective": self.objective, "scoring": self.scoring, "scores_are": self.meaning,
-                          "threshold": self.threshold, "classes": list(self.classes), "images": self.records()})
+                          "threshold": self.threshold, "classes": list(self.classes), "runtimes": self.runtimes,
+                          "images": self.records()})
 
     def _class_columns(self, fixed: list) -> list:
         return [f"score:{c}" if c in fixed else c for c in self.classes]
