@@ -10,6 +10,7 @@ patch shrinks, so anti-aliased) and fills batches with patches of several images
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -127,13 +128,32 @@ class PatchRunner:
         self.device = device
         self.out_dtype = out_dtype
         self.cuda = device.type == "cuda"
+        self._pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
         # Channels-last is faster on CPU too (1.5-2x for EfficientNet-Lite0 with oneDNN).
         self.backbone.to(memory_format=torch.channels_last)
 
     def crops(self, pieces: list) -> torch.Tensor:
-        out = [roi_align(image, [boxes], output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-               for image, boxes in pieces]
+        """The batch's patches ``(N, 3, size, size)``, cut out by ``roi_align``.
+
+        On the CPU each piece's boxes are split over the intra-op threads and cut at once:
+        torchvision's CPU ``roi_align`` runs on one core, and each crop is computed alone, so
+        the split changes no value.
+        """
+        threads = 1 if self.cuda else torch.get_num_threads()
+        jobs = [(image, part) for image, boxes in pieces for part in boxes.tensor_split(threads) if len(part)]
+        if len(jobs) > 1 and threads > 1:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="featurecache-crop")
+            out = list(self._pool.map(self._cut, jobs))
+        else:
+            out = [self._cut(job) for job in jobs]
         return torch.cat(out) if len(out) > 1 else out[0]
+
+    def _cut(self, job: tuple) -> torch.Tensor:
+        image, boxes = job
+        with torch.inference_mode():  # the pool's threads do not inherit the caller's mode
+            return roi_align(image, [boxes], output_size=self.size, spatial_scale=1.0, sampling_ratio=-1,
+                             aligned=True)
 
     @torch.inference_mode()
     def run(self, segments: list, on_batch=None) -> np.ndarray:
