@@ -131,6 +131,24 @@ def test_resume_is_independent_of_the_number_of_processes(voc, reference, tmp_pa
 
 
 @pytest.mark.slow
+def test_a_dense_cache_through_a_cpu_runtime_is_the_same_from_one_or_two_processes(voc, tmp_path):
+    from featurecache.runtimes import installed_runtimes
+
+    fast = [r for r in ("openvino", "onnxruntime") if r in installed_runtimes()]
+    if not fast:
+        pytest.skip("needs openvino or onnxruntime")
+    extra = ["--mode", "dense", "--runtime", fast[0]]  # the last --runtime given wins
+    one, two = tmp_path / "one.h5", tmp_path / "two.h5"
+    for n, out in ((1, one), (2, two)):
+        p = _run(n, voc, out, extra)
+        assert p.returncode == 0, p.stderr[-3000:]
+    _assert_same_cache(one, two)
+    with FeatureCache(two) as c:
+        assert c.attrs["extraction"]["runtime"].startswith(fast[0]) and c.attrs["extraction"]["processes"] == 2
+        assert c.attrs["feature_settings"]["mode"] == "dense"
+
+
+@pytest.mark.slow
 def test_a_second_job_on_the_same_output_is_refused(voc, tmp_path):
     out = tmp_path / "c.h5"
     with CacheWriter(out, {"some": "run"}):  # another job holds the output
