@@ -237,8 +237,7 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     if not mapped and skipped:
         raise EvalError(f"no image could be mapped: {skipped[0]}")
     return LocalizationReport(classes, pairs, hits, config.method, maker.head.objective, int(tolerance), len(paths),
-                              seconds / max(mapped, 1), config.stride, config.box_threshold, skipped,
-                              maker.runtime_used())
+                              seconds / max(mapped, 1), config.stride, config.box_threshold, skipped, maker.runtime_used())
 
 
 def _score_pairs(m: LocalizationMap, rec, present: Sequence[int], tolerance: int, threshold: float,
