@@ -49,6 +49,11 @@ __all__ = [
     "localization_map",
 ]
 
+#: The report's hit counts: the map's peak in a box, within the tolerance, its box at IoU >= 0.5; the same for
+#: the image centre and the whole image (the baselines).
+REPORT_COLUMNS = ("pointing", "pointing_tol", "corloc", "centre", "centre_tol", "whole_image")
+
+
 @dataclass
 class LocalizationReport:
     """Pointing accuracy and CorLoc of one head's maps on labelled images, beside the baselines.
@@ -90,7 +95,7 @@ class LocalizationReport:
     skipped: list = field(default_factory=list)
     runtime: str = ""
 
-    COLUMNS = ("pointing", "pointing_tol", "corloc", "centre", "centre_tol", "whole_image")
+    COLUMNS = REPORT_COLUMNS
 
     def rate(self, column: str, cls: Optional[int] = None) -> float:
         """Share of pairs (of one class, or of all) that ``column`` gets right (nan without pairs)."""
@@ -208,8 +213,7 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     LOCALIZE["tolerance"].check(tolerance, EvalError)
     config = (maker := Localizer(as_head(head), replace(config or MapConfig(), **options))).config
     classes = tuple(maker.head.classes)
-    pairs = np.zeros(len(classes), np.int64)
-    hits = {c: np.zeros(len(classes), np.int64) for c in LocalizationReport.COLUMNS}
+    pairs, hits = np.zeros(len(classes), np.int64), {c: np.zeros(len(classes), np.int64) for c in REPORT_COLUMNS}
     seconds, mapped, skipped = 0.0, 0, []
     with open_cache(cache, split=split) as data:
         truth = {r.relpath: r for r in _ground_truth(data, maker.head, reports or {}).records}
@@ -237,7 +241,8 @@ def evaluate_localization(head, cache: Union[str, Path, FeatureCache], *, split:
     if not mapped and skipped:
         raise EvalError(f"no image could be mapped: {skipped[0]}")
     return LocalizationReport(classes, pairs, hits, config.method, maker.head.objective, int(tolerance), len(paths),
-                              seconds / max(mapped, 1), config.stride, config.box_threshold, skipped, maker.runtime_used())
+                              seconds / max(mapped, 1), config.stride, config.box_threshold, skipped,
+                              maker.runtime_used())
 
 
 def _score_pairs(m: LocalizationMap, rec, present: Sequence[int], tolerance: int, threshold: float,
