@@ -24,7 +24,7 @@ from featurecache.logs import log_to_stderr
 from featurecache.outputs import check_not_inputs, check_output, printable, write_report
 from featurecache.patches import LabelRule
 from featurecache.resources import DEVICES, parse_size
-from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, Setting, grid_from, parse_scales
+from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, REPORT, Setting, grid_from, parse_scales
 from featurecache.summary import summarize
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -38,20 +38,14 @@ def _set_verbosity(ctx: click.Context, verbose: int, quiet: bool) -> None:
     obj = ctx.ensure_object(dict)
     if verbose or quiet:
         obj["verbose"], obj["quiet"] = verbose, quiet
-    level = logging.WARNING
-    if obj.get("quiet"):
-        level = logging.ERROR
-    elif obj.get("verbose", 0) >= 2:
-        level = logging.DEBUG
-    elif obj.get("verbose", 0) == 1:
-        level = logging.INFO
-    log_to_stderr(level)
+    verbose = obj.get("verbose", 0)
+    log_to_stderr(logging.ERROR if obj.get("quiet") else logging.DEBUG if verbose >= 2 else logging.INFO if verbose
+                  else logging.WARNING)
 
 
 def _verbosity_options(f: Callable) -> Callable:
     f = click.option("-q", "--quiet", is_flag=True, help="Print errors only; no progress bar.")(f)
-    f = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(f)
-    return f
+    return click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(f)
 
 
 def _command(f: Callable) -> Callable:
@@ -106,6 +100,7 @@ _MEMORY_HINTS = {
     "extract": "lower --batch-size or --max-pixels",
     "predict": "lower --batch-size, or predict fewer or smaller images at a time",
     "localize": "use a larger --stride",
+    "report": "report on one split at a time (--split)",
 }
 
 
@@ -570,6 +565,23 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
 
 
 @main.command(context_settings=CONTEXT)
+@click.argument("head", type=_InputFile())
+@click.argument("cache", type=_InputFile())
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="The page [default: HEAD.html].")
+@setting_options(REPORT)
+@_command
+def report(head, cache, out, **options):
+    """One self-contained HTML page on HEAD scored on CACHE: AP, curves, each class's images and mistakes, maps."""
+    from featurecache.pages import report as make_report
+
+    out = out or str(Path(head).with_suffix(".html"))
+    _check_outputs({"HEAD": head, "CACHE": cache}, out=out)
+    page = make_report(head, cache, progress=_quiet(), **options)
+    page.save(out)
+    click.echo(printable(f"{page.summary()} -> {out}"))
+
+
+@main.command(context_settings=CONTEXT)
 @click.argument("workdir", type=click.Path(file_okay=False), default="featurecache-demo")
 @_command
 def demo(workdir):
@@ -580,8 +592,7 @@ def demo(workdir):
     """
     from featurecache.demo import run_demo
 
-    ctx = click.get_current_context()
-    result = run_demo(workdir, progress=False if ctx.obj.get("quiet") else None)
+    result = run_demo(workdir, progress=_quiet())
     click.echo(result.to_text())
 
 
