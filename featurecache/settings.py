@@ -329,8 +329,9 @@ REPORT = _table(
             "text"),
     Setting("method", "voc07", "AP: 11-point VOC 2007, VOC 2010+ interpolated area, or uninterpolated area (as "
             "eval --method).", "choice", METHODS),
-    Setting("resamples", 1000, "Bootstrap resamples of the images for the 95% intervals of mAP and of each AP "
-            "(0: none).", low=0, high=100000),
+    Setting("resamples", None, "Bootstrap resamples of the images for the 95% intervals of mAP and of each AP "
+            "(0: none) [default: 1000, fewer past 1,000 images: 1,000,000 / images, at least 200].", low=0,
+            high=100000),
     Setting("seed", 0, "Seed of the bootstrap.", low=0),
     Setting("images", IMAGES_PER_GROUP, "Images shown per class and kind: top-scoring, highest-scoring negatives, "
             "lowest-scoring positives.", low=0, high=100),

@@ -20,8 +20,9 @@ import featurecache
 from featurecache.cli import main
 from featurecache.errors import ReportError
 from featurecache.evaluate import report_from_image_scores
+from featurecache.metrics import bootstrap_map, bootstrap_weights, interval
 from featurecache.pages import IMAGES_PER_GROUP, ReportConfig, report
-from featurecache.pages.content import break_even, coscore, galleries, thin
+from featurecache.pages.content import bootstrap_intervals, break_even, coscore, default_resamples, galleries, thin
 from featurecache.pages.page import script_json
 
 from conftest import blob_cache, tiny_trained_head
@@ -68,7 +69,7 @@ def tiny(tmp_path_factory):
     """A patch head on real Lite0 features of a tiny VOC set (boxes, image files), and its report."""
     root = tmp_path_factory.mktemp("tiny")
     head = tiny_trained_head(root)
-    page = report(head, root / "tiny.h5", resamples=200)
+    page = report(head, root / "tiny.h5")
     path = page.save(root / "report.html")
     return {"root": root, "head": head, "cache": root / "tiny.h5", "page": page, "path": path}
 
@@ -119,7 +120,7 @@ def test_intervals_contain_the_measured_values_and_are_seeded(tiny):
     assert lo <= c.evaluation.mean_ap <= hi
     for ap, (lo, hi) in zip(c.evaluation.ap, c.ap_intervals):
         assert lo <= ap <= hi
-    again = report(tiny["head"], tiny["cache"], resamples=200, map_method="none", localization="off")
+    again = report(tiny["head"], tiny["cache"], map_method="none", localization="off")
     assert again.content.ap_intervals == c.ap_intervals and not again.content.maps
     assert "<g class=\"map\">" not in again.html and again.content.localization is None
 
@@ -139,6 +140,19 @@ def test_galleries_break_even_and_coscore_on_known_scores():
     assert len(p) == 50 and p[0] == 1 and r[-1] == 1
 
 
+def test_the_map_interval_is_metrics_bootstrap_and_large_sets_draw_fewer_resamples():
+    rng = np.random.default_rng(1)
+    labels = rng.random((120, 4)) < 0.2
+    scores = rng.random((120, 4)) + 0.4 * labels
+    ev = report_from_image_scores(scores, labels, np.zeros_like(labels), tuple("abcd"))
+    overall, per_class = bootstrap_intervals(ev, 100, 3)
+    weights = bootstrap_weights(120, 100, np.random.RandomState(3))
+    assert overall == interval(bootstrap_map(scores, labels, None, weights), center=ev.mean_ap)
+    one = bootstrap_map(scores[:, [2]], labels[:, [2]], None, weights)
+    assert per_class[2] == tuple(np.clip(interval(one, center=ev.ap[2]), 0, 1))
+    assert default_resamples(33) == 1000 and default_resamples(5000) == 200 and default_resamples(10**6) == 200
+
+
 # --------------------------------------------------------------------------- the page
 
 
@@ -150,10 +164,14 @@ def test_page_has_every_class_capped_galleries_and_loads_nothing(tiny):
     tiles = page.find("figure")
     assert 0 < len(tiles) <= 3 * IMAGES_PER_GROUP * len(classes)
     assert {a["data-kind"] for a in tiles} == {"top", "fp", "miss"}
-    # Each image's thumbnail is stored once however many tiles show it; maps and boxes are drawn.
-    images = [a for t, a in page.tags if t == "image" and a.get("id")]
-    assert len(images) == len({a["id"] for a in images}) == len(tiny["page"].content.images)
+    # Each image's thumbnail, and each class's map of it, is stored once however many tiles show it.
+    stored = [a for t, a in page.tags if t == "image" and a.get("id")]
+    images = [a for a in stored if a["id"].startswith("im")]
+    maps = [a for a in stored if a["id"].startswith("m") and "-" in a["id"]]
+    assert len(stored) == len({a["id"] for a in stored}) == len(images) + len(maps)
+    assert len(images) == len(tiny["page"].content.images) and len(maps) == len(tiny["page"].content.maps)
     assert all(a["href"].startswith("data:image/jpeg;base64,") for a in images)
+    assert all(a["href"].startswith("data:image/png;base64,") for a in maps)
     assert text.count('<g class="map">') == len(tiles) and 'class="gt"' in text
     # Nothing is loaded from anywhere: every reference is in the page, and the policy says so.
     refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href") and v]

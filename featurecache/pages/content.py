@@ -50,12 +50,13 @@ class ReportConfig:
     ``map_method`` ``auto`` draws windows maps for heads with patch scores (the cache only) and
     cam maps for the others when the image files are there; ``localization`` ``auto`` measures
     pointing and CorLoc when the data set has boxes and the maps read the cache only.
-    ``progress``: a progress bar while the localisation maps are made (default: on a terminal).
+    ``resamples`` ``None``: :func:`default_resamples` (1000, fewer past 1,000 images). ``progress``: a
+    progress bar while the localisation maps are made (default: on a terminal).
     """
 
     split: Optional[str] = None
     method: str = "voc07"
-    resamples: int = 1000
+    resamples: Optional[int] = None
     seed: int = 0
     images: int = IMAGES_PER_GROUP
     map_method: str = "auto"
@@ -110,12 +111,17 @@ class ReportContent:
     ----------
     head : TrainedHead
     head_file, cache_file : str
+    config : ReportConfig
+        As used (``resamples``: the number drawn).
+    provenance : Provenance
+        The cache's.
     evaluation : EvalReport
         :func:`featurecache.evaluate.evaluate`'s report; ``scores``, ``labels``, ``difficult`` are its arrays.
     map_interval : tuple
         95% bootstrap interval of the mAP (NaNs without resamples).
     ap_intervals : list of tuple
-        Each class's.
+        Each class's. Both within [0, 1] (:func:`featurecache.metrics.interval` places the spread of the
+        resamples around the measured value, which can cross 0 or 1).
     curves : list of (precision, recall)
     thresholds : ndarray (C,)
         Each class's break-even score: that of its ``n``-th best image, ``n`` its positives (``inf``
@@ -166,23 +172,47 @@ class ReportContent:
         return tuple(self.evaluation.classes)
 
 
+#: Bootstrap draws (resamples x images) by default: 1000 resamples up to 1,000 images, fewer beyond (at least
+#: :data:`MIN_RESAMPLES`), so that the intervals of a 5,000-image report take seconds, not minutes.
+DEFAULT_DRAWS = 1_000_000
+MIN_RESAMPLES = 200
+
+
+def default_resamples(n_images: int) -> int:
+    """The resamples of a report whose ``resamples`` is not given: 1000, fewer past 1,000 images."""
+    return int(min(1000, max(MIN_RESAMPLES, DEFAULT_DRAWS // max(n_images, 1))))
+
+
 def bootstrap_intervals(ev: EvalReport, resamples: int, seed: int) -> tuple:
     """``(mAP interval, [each class's AP interval])``: 95% bootstrap intervals over images, placed around the
-    measured values (:func:`featurecache.metrics.interval`); NaNs with no resamples."""
+    measured values (:func:`featurecache.metrics.interval`); NaNs with no resamples.
+
+    Each class's resampled APs are :func:`~featurecache.metrics.bootstrap_map` of its column; a resample's mAP
+    is their mean over the classes with a positive drawn, as :func:`~featurecache.metrics.bootstrap_map`
+    computes it for all columns at once (one pass instead of two).
+    """
     n_classes = len(ev.classes)
     if not resamples or not ev.n_images:
         return (float("nan"),) * 2, [(float("nan"),) * 2] * n_classes
     weights = bootstrap_weights(ev.n_images, resamples, np.random.RandomState(seed))
-    overall = interval(bootstrap_map(ev.scores, ev.labels, ev.difficult, weights, method=ev.method),
-                       center=ev.mean_ap)
+    samples = np.full((resamples, n_classes), np.nan)
     per_class = []
     for c in range(n_classes):
         if np.isnan(ev.ap[c]):
             per_class.append((float("nan"),) * 2)
             continue
-        one = bootstrap_map(ev.scores[:, [c]], ev.labels[:, [c]], ev.difficult[:, [c]], weights, method=ev.method)
-        per_class.append(interval(one, center=ev.ap[c]))
-    return overall, per_class
+        samples[:, c] = bootstrap_map(ev.scores[:, [c]], ev.labels[:, [c]], ev.difficult[:, [c]], weights,
+                                      method=ev.method)
+        per_class.append(_clip(interval(samples[:, c], center=ev.ap[c])))
+    counted = ~np.isnan(samples)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counted.any(1), np.where(counted, samples, 0.0).sum(1) / counted.sum(1), np.nan)
+    return _clip(interval(means, center=ev.mean_ap)), per_class
+
+
+def _clip(bounds: tuple) -> tuple:
+    """An interval of AP kept within [0, 1] (placed around the measured value, its spread can cross either)."""
+    return tuple(float(np.clip(v, 0.0, 1.0)) if np.isfinite(v) else v for v in bounds)
 
 
 def thin(precision: np.ndarray, recall: np.ndarray, points: int = CURVE_POINTS) -> tuple:
@@ -331,7 +361,8 @@ def gather(head, cache, config: Optional[ReportConfig] = None) -> ReportContent:
     head = as_head(head)
     ev = evaluate(head, cache, split=config.split, method=config.method, threads=config.threads)
     seconds = {"scoring": time.perf_counter() - t0}
-    ap_interval, intervals = bootstrap_intervals(ev, config.resamples, config.seed)
+    resamples = default_resamples(ev.n_images) if config.resamples is None else config.resamples
+    ap_interval, intervals = bootstrap_intervals(ev, resamples, config.seed)
     thresholds, errors = break_even(ev)
     shown = galleries(ev, config.images)
     notes: list = []
@@ -339,9 +370,10 @@ def gather(head, cache, config: Optional[ReportConfig] = None) -> ReportContent:
         records, dataset_files = _dataset_boxes(data.provenance, tuple(data.classes), notes)
         images = image_entries(data, [p for g in shown for ps in g.values() for p in ps], records)
         method = choose_map_method(head, config, images)
-        content = ReportContent(head, head_file, str(data.path), config, data.provenance, ev, ap_interval, intervals,
-                                curves(ev), thresholds, errors, shown, images, map_method=method,
-                                coscore=coscore(ev, thresholds), notes=notes, seconds=seconds)
+        content = ReportContent(head, head_file, str(data.path), replace(config, resamples=resamples),
+                                data.provenance, ev, ap_interval, intervals, curves(ev), thresholds, errors, shown,
+                                images, map_method=method, coscore=coscore(ev, thresholds), notes=notes,
+                                seconds=seconds)
         t1 = time.perf_counter()
         if method:
             try:

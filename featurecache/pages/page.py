@@ -51,9 +51,9 @@ def _table(header: list, rows: list, *, attrs: str = "") -> str:
 
 
 def _facts(pairs: list) -> str:
-    """A two-column table of ``(name, value)``; values that are not strings are shown as JSON."""
-    rows = [[esc(k), esc(v if isinstance(v, str) else json_text(v, indent=None))] for k, v in pairs
-            if v not in (None, "", {}, [])]
+    """A two-column table of ``(name, value)``; floats to 4 digits, other values that are not strings as JSON."""
+    rows = [[esc(k), esc(v if isinstance(v, str) else f"{v:.4g}" if isinstance(v, float) else
+                         json_text(v, indent=None))] for k, v in pairs if v not in (None, "", {}, [])]
     return _table(["", ""], rows, attrs=' class="facts"').replace("<thead><tr><th></th><th></th></tr></thead>", "")
 
 
@@ -64,7 +64,7 @@ def _interval(low: float, high: float) -> str:
 def head_section(c: ReportContent) -> str:
     """The head: what it is, how it was trained, and how ``auto`` chose it."""
     head, s = c.head, c.head.summary
-    scalars = [(k, v) for k, v in s.items() if k != "selection" and not isinstance(v, (dict, list))]
+    scalars = [(k, v) for k, v in s.items() if k not in ("selection", "objective") and not isinstance(v, (dict, list))]
     parts = ['<section id="head"><h2>Head</h2>',
              _facts([("file", c.head_file or "(in memory)"), ("objective", head.objective), ("head", head.kind),
                      ("classes", ", ".join(head.classes)), ("training", head.summary_line()), *scalars])]
@@ -106,7 +106,7 @@ def ap_section(c: ReportContent) -> str:
         rows.append((f' data-name="{esc(name)}" data-rank="{i}" data-ap="{num(ev.ap[i], 6)}" '
                      f'data-positives="{ev.positives[i]}"',
                      [link, pct(ev.ap[i]), _interval(lo, hi), str(ev.positives[i]), str(n_err),
-                      pr_svg(*c.curves[i], label=name, size=(120, 90))]))
+                      pr_svg(*c.curves[i], label=name, size=(64, 40), axes=False)]))
     buttons = [f'<button type="button" data-sort="{key}">{label}</button>'
                for key, label in (("name", "class"), ("ap-desc", "AP"), ("positives", "positives"))]
     table = _table([buttons[0], buttons[1], "95% interval", buttons[2], "errors", "precision–recall"], rows,
@@ -118,7 +118,7 @@ def ap_section(c: ReportContent) -> str:
             f"{_interval(lo, hi)} ({esc(ev.method)} AP; {esc(ev.scoring or ev.pooling)}; {ev.n_images} images; "
             f"95% intervals: {c.config.resamples} bootstrap resamples of the images, seed {c.config.seed}). "
             "Errors: negatives scoring at least, and positives below, the class's break-even score (that of its "
-            "n-th best image, n its positives).</p>" + table + forest + "</section>")
+            "n-th best image, n its positives).</p>" + f'<div class="row">{table}{forest}</div></section>')
 
 
 def localization_section(c: ReportContent) -> str:
@@ -157,8 +157,9 @@ def coscore_section(c: ReportContent) -> str:
     return ('<section id="coscore"><h2>Co-scoring</h2><p>Row: positives of a class; column: the share of them '
             "(not labelled with the column's class) that score at least the column's break-even score (%). The "
             "diagonal: the row's positives that reach their own class's.</p>"
+            + '<div class="scroll">'
             + _table(["positives of", "n", *(esc(n) for n in names)], rows, attrs=' id="coscore-table"')
-            + "</section>")
+            + "</div></section>")
 
 
 def _tile(c: ReportContent, cls: int, kind: str, rank: int, pos: int, image_ids: dict) -> str:
@@ -168,11 +169,8 @@ def _tile(c: ReportContent, cls: int, kind: str, rank: int, pos: int, image_ids:
     score = float(ev.scores[pos, cls])
     positive, error = bool(ev.labels[pos, cls]), bool(c.errors[pos, cls])
     boxes = [(b[0], *b[1:5], b[5], b[0] == name) for b in entry.boxes]
-    overlay = None
     m = c.maps.get((pos, cls))
-    if m is not None:
-        rows, cols = m.cells.shape
-        overlay = map_svg(map_uri(m.cells), (cols, rows), m.stride, m.box, m.peak, (entry.width, entry.height))
+    overlay = map_svg(f"m{pos}-{cls}", m.box, m.peak, (entry.width, entry.height)) if m is not None else None
     svg = tile_svg((entry.width, entry.height), image_ref=image_ids.get(pos), boxes=boxes, label=entry.path,
                    overlay=overlay)
     labels = [n for j, n in enumerate(c.classes) if ev.labels[pos, j]]
@@ -202,7 +200,8 @@ def class_section(c: ReportContent, cls: int, image_ids: dict) -> str:
 
 
 def thumbnails(c: ReportContent) -> tuple:
-    """``(position -> image id, the <svg> of <image> definitions)``: each image shown stored once."""
+    """``(position -> image id, the <svg> of <image> definitions)``: each image shown, and each class's map of
+    it (``m<position>-<class>``), stored once however many tiles show it."""
     displayed = c.provenance.dataset.layout in DISPLAYED_LAYOUTS
     ids, defs = {}, []
     for pos, e in sorted(c.images.items()):
@@ -212,6 +211,10 @@ def thumbnails(c: ReportContent) -> tuple:
         ids[pos] = f"im{pos}"
         defs.append(f'<image id="im{pos}" href="{esc(uri)}" width="{e.width}" height="{e.height}" '
                     'preserveAspectRatio="none"/>')
+    for (pos, cls), m in sorted(c.maps.items()):
+        rows, cols = m.cells.shape
+        defs.append(f'<image id="m{pos}-{cls}" href="{esc(map_uri(m.cells))}" width="{cols * m.stride}" '
+                    f'height="{rows * m.stride}" preserveAspectRatio="none"/>')
     return ids, ('<svg width="0" height="0" style="position:absolute" aria-hidden="true"><defs>'
                  + "".join(defs) + "</defs></svg>")
 
@@ -240,8 +243,9 @@ def render(c: ReportContent) -> str:
     """The whole page."""
     ids, defs = thumbnails(c)
     title = f"featurecache report: {c.head_file or c.head.objective} on {c.cache_file}"
-    toggle = ('<input type="checkbox" id="show-maps" checked><label class="maptoggle" for="show-maps">show '
-              f"{esc(c.map_method)} maps and their boxes (blue; ground truth green)</label>") if c.maps else ""
+    toggle = ('<p class="maptoggle"><label><input type="checkbox" id="show-maps" checked> show '
+              f"{esc(c.map_method)} maps, their boxes and peaks (blue; ground truth green, dashed: other classes'"
+              ")</label></p>") if c.maps else ""
     notes = "".join(f'<li class="note">{esc(n)}</li>' for n in c.notes)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     body = [ap_section(c), localization_section(c), coscore_section(c), head_section(c), cache_section(c),

@@ -31,7 +31,7 @@ td.l,th.l{text-align:left}tr.chosen td{font-weight:600}
 #controls{position:sticky;top:0;z-index:2;background:#fff;border-bottom:1px solid #ddd;padding:6px 16px}
 #controls label{margin-right:14px}#status{color:#555}
 .maptoggle{display:block;max-width:1280px;margin:8px auto;padding:0 16px}
-#show-maps:not(:checked)~main .map{display:none}
+body:has(#show-maps:not(:checked)) .map{display:none}
 .gallery{display:flex;flex-wrap:wrap;gap:8px;margin:4px 0 10px}
 figure.tile{margin:0;width:200px;background:#fff;border:1px solid #ddd;padding:4px}
 figure.tile svg{width:100%;height:auto;display:block;max-height:200px}
@@ -41,7 +41,8 @@ figcaption{font-size:12px;word-break:break-all}figcaption .s{font-weight:600}
 .badge.err{background:#ffcdd2}.badge.pos{background:#c8e6c9}
 svg text{font-size:10px;fill:#444}svg.forest text{font-size:11px}
 .pr-row svg{vertical-align:middle}
-td.cell0{color:#bbb}
+.cell0{color:#bbb}.scroll{overflow-x:auto}.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+tr.picked td{background:#fff8e1}
 [hidden]{display:none!important}
 """
 

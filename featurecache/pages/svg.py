@@ -36,10 +36,12 @@ def pct(value: Optional[float], digits: int = 1) -> str:
     return f"{100 * float(value):.{digits}f}"
 
 
-def pr_svg(precision: Sequence[float], recall: Sequence[float], *, label: str, size: tuple = (240, 170)) -> str:
-    """A precision-recall curve (recall across, precision up, both 0-1) with its axes; empty frame without a curve."""
+def pr_svg(precision: Sequence[float], recall: Sequence[float], *, label: str, size: tuple = (240, 170),
+           axes: bool = True) -> str:
+    """A precision-recall curve (recall across, precision up, both 0-1) with its axes (``axes=False``: a frame
+    only, for a table cell); an empty frame without a curve."""
     w, h = size
-    left, bottom, top, right = 30, 22, 6, 8
+    left, bottom, top, right = (30, 22, 6, 8) if axes else (1, 1, 1, 1)
     pw, ph = w - left - right, h - top - bottom
 
     def x(r: float) -> float:
@@ -54,15 +56,16 @@ def pr_svg(precision: Sequence[float], recall: Sequence[float], *, label: str, s
     for v in (0.5,):
         parts.append(f'<line x1="{x(v):.1f}" y1="{top}" x2="{x(v):.1f}" y2="{top + ph}" stroke="#eee"/>'
                      f'<line x1="{left}" y1="{y(v):.1f}" x2="{left + pw}" y2="{y(v):.1f}" stroke="#eee"/>')
-    for v in (0, 0.5, 1):
+    for v in (0, 0.5, 1) if axes else ():
         parts.append(f'<text x="{x(v):.1f}" y="{h - 8}" text-anchor="middle">{v:g}</text>'
                      f'<text x="{left - 4}" y="{y(v) + 3:.1f}" text-anchor="end">{v:g}</text>')
-    parts.append(f'<text x="{left + pw / 2:.1f}" y="{h - 0.5}" text-anchor="middle">recall</text>')
+    if axes:
+        parts.append(f'<text x="{left + pw / 2:.1f}" y="{h - 0.5}" text-anchor="middle">recall</text>')
     if len(precision):
         pts = [(0.0, float(precision[0]))] + list(zip(map(float, recall), map(float, precision)))
         path = " ".join(f"{x(r):.1f},{y(p):.1f}" for r, p in pts)
         parts.append(f'<polyline points="{path}" fill="none" stroke="{COLOURS["curve"]}" stroke-width="1.5"/>')
-    else:
+    elif axes:
         parts.append(f'<text x="{left + pw / 2:.1f}" y="{top + ph / 2:.1f}" text-anchor="middle">no positive</text>')
     parts.append("</svg>")
     return "".join(parts)
@@ -128,15 +131,13 @@ def tile_svg(size: tuple, *, image_ref: Optional[str], boxes: Sequence[tuple], l
     return "".join(parts)
 
 
-def map_svg(uri: str, cells_size: tuple, stride: int, box: tuple, peak: tuple, image_size: tuple) -> str:
-    """A map overlay (class ``map``, shown or hidden by the page's toggle): the coloured cells (``uri``)
-    stretched over the image, the predicted box and the peak."""
-    cols, rows = cells_size
+def map_svg(ref: str, box: tuple, peak: tuple, image_size: tuple) -> str:
+    """A map overlay (class ``map``, shown or hidden by the page's toggle): the coloured cells (``ref``: the id
+    of a shared ``<image>`` in image pixels) over the image, the predicted box and the peak."""
     w, h = image_size
     stroke = max(w, h) / 110
     x0, y0, x1, y1 = box
-    return (f'<g class="map"><image href="{esc(uri)}" width="{cols * stride}" height="{rows * stride}" '
-            f'preserveAspectRatio="none" opacity="0.6"/>'
+    return (f'<g class="map"><use href="#{ref}" opacity="0.5"/>'
             f'<rect x="{x0:.1f}" y="{y0:.1f}" width="{x1 - x0:.1f}" height="{y1 - y0:.1f}" fill="none" '
             f'stroke="{COLOURS["predicted"]}" stroke-width="{1.6 * stroke:.1f}"><title>predicted box</title></rect>'
             f'<circle cx="{peak[1]:.1f}" cy="{peak[2]:.1f}" r="{2.5 * stroke:.1f}" fill="{COLOURS["predicted"]}" '

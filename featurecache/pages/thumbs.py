@@ -54,9 +54,16 @@ def thumbnail_uri(file: str, size: tuple, *, displayed: bool, side: int = THUMBN
     return data_uri(im, "jpeg")
 
 
+#: The colour ramp as a 256-colour palette: a map is stored as ramp indices (a palette PNG, a third of RGB's size).
+_PALETTE = colorize(np.linspace(0.0, 1.0, 256)).astype(np.uint8)
+
+
 def map_uri(cells: np.ndarray) -> str:
-    """One class's map cells coloured from their minimum to their maximum, one pixel a cell, as a PNG URI."""
+    """One class's map cells coloured from their minimum to their maximum, one pixel a cell, as a PNG URI
+    (the colours of :func:`featurecache.overlay.colorize`)."""
     v = np.asarray(cells, np.float64)
     lo, hi = float(v.min()), float(v.max())
     norm = (v - lo) / (hi - lo) if hi > lo else np.zeros_like(v)
-    return data_uri(Image.fromarray(colorize(norm)), "png")
+    image = Image.fromarray(np.clip(np.rint(norm * 255), 0, 255).astype(np.uint8), mode="L").convert("P")
+    image.putpalette(_PALETTE.reshape(-1).tolist())
+    return data_uri(image, "png")
