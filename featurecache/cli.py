@@ -128,11 +128,14 @@ def _message(ctx: click.Context, error: FeaturecacheError) -> str:
 # --------------------------------------------------------------------------- shared options
 
 
-def _parse_scales(ctx, param, value: Optional[str]):
-    try:
-        return None if value is None else parse_scales(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+def _parsed(parse: Callable) -> Callable:
+    """A click callback reading a value with ``parse`` (its ValueError as click's bad-parameter error)."""
+    def callback(ctx, param, value: Optional[str]):
+        try:
+            return None if value is None else parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return callback
 
 
 class _InputFile(click.Path):
@@ -171,7 +174,7 @@ def setting_option(s: Setting, **overrides) -> Callable:
         return click.option(s.option, s.name, is_flag=True, default=s.default, help=s.help, **overrides)
     kw = dict(type=_setting_type(s), default=s.default, help=s.help, show_default=s.default is not None)
     if s.kind == "scales":
-        kw.update(type=str, callback=_parse_scales,
+        kw.update(type=str, callback=_parsed(parse_scales),
                   default=None if s.default is None else ",".join(f"{v:g}" for v in s.default))
     kw.update(overrides)
     return click.option(s.option, s.name, **kw)
@@ -316,16 +319,9 @@ def _grid_help() -> str:
             + ". Evaluation (no retraining): " + ", ".join(EVAL_OPTIONS) + ".")
 
 
-def _parse_size(ctx, param, value: Optional[str]):
-    try:
-        return None if value is None else parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
 def _memory_limit_option(above: str):
     """``--memory-limit SIZE`` (fit, ablate): what is held in memory; ``above`` says what happens past it."""
-    return click.option("--memory-limit", callback=_parse_size, default=None,
+    return click.option("--memory-limit", callback=_parsed(parse_size), default=None,
                         help=f"Float32 features held in memory, e.g. 4G; {above} [default: half the available "
                              "memory].")
 
@@ -387,9 +383,9 @@ def _out_option(what: str) -> Callable:
                         help=f"{what}here: JSON for a .json name, else CSV.")
 
 
-def _write_reports(report, out, json_out, csv_out) -> None:
+def _write_reports(report, out, json_out, csv_out, html_out=None) -> None:
     """Every report goes through the one writer (outputs.write_report)."""
-    for path, fmt in ((out, None), (json_out, "json"), (csv_out, "csv")):
+    for path, fmt in ((out, None), (json_out, "json"), (csv_out, "csv"), (html_out, "html")):
         if path:
             write_report(report, path, fmt=fmt)
 
@@ -526,6 +522,8 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
               help="K-fold cross-validation over images instead of a validation set.")
 @_out_option("Also write the table ")
 @report_options("Also write the table ")
+@click.option("--report", "html_out", type=click.Path(dir_okay=False), help="Also write the table as an HTML page "
+              "here: sortable, with a forest plot of the intervals (as --out FILE.html).")
 @click.option("--whole-image", "whole_image", type=_InputFile(), default=None,
               help="A --whole-image cache of the same images: image_pooling=whole is then the whole-image "
                    "one-vs-rest probe, on the same folds.")
@@ -539,7 +537,7 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
 @threads_option
 @_command
 def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, out, json_out, csv_out,
-           whole_image, save_best, device, n_boot, memory_limit, threads):
+           html_out, whole_image, save_best, device, n_boot, memory_limit, threads):
     """Compare many head settings on one cache; prints a table sorted by mAP."""
     from featurecache.ablate import ablate as run_ablate
     from featurecache.ablate import parse_grid, read_sweep_file
@@ -547,7 +545,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
     grid, options = read_sweep_file(config_file) if config_file else ({}, {})
     grid.update(parse_grid(grid_items))
     _check_outputs({"CACHE": cache, "--val": val_cache, "--whole-image": whole_image or options.get("whole_image"),
-                    "--config": config_file}, out=out, json=json_out, csv=csv_out, save_best=save_best)
+                    "--config": config_file}, out=out, json=json_out, csv=csv_out, report=html_out, save_best=save_best)
     ctx = click.get_current_context()
     try:
         result = run_ablate(
@@ -561,7 +559,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
             click.echo(e.result.to_text())
         raise
     click.echo(result.to_text())  # first: a failed file write below loses nothing of the sweep
-    _write_reports(result, out, json_out, csv_out)
+    _write_reports(result, out, json_out, csv_out, html_out)
 
 
 @main.command(context_settings=CONTEXT)

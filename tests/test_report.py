@@ -18,7 +18,7 @@ from click.testing import CliRunner
 
 import featurecache
 from featurecache.cli import main
-from featurecache.errors import ReportError
+from featurecache.errors import FeaturecacheError, ReportError
 from featurecache.evaluate import report_from_image_scores
 from featurecache.metrics import bootstrap_map, bootstrap_weights, interval
 from featurecache.pages import IMAGES_PER_GROUP, ReportConfig, report
@@ -233,6 +233,36 @@ def test_size_and_time_stay_bounded(tiny):
     assert per_image < 40_000  # a thumbnail and its maps: tens of KB, whatever the evaluation's size
 
 
+@pytest.fixture(scope="module")
+def ablation(tmp_path_factory):
+    """``ablate --report`` and ``--json`` of one small sweep."""
+    root = tmp_path_factory.mktemp("ablation")
+    cache = blob_cache(root / "b.h5", n_images=24, patches=6, dim=8)
+    r = CliRunner().invoke(main, ["ablate", str(cache), "--grid", "objective=patch,image", "--grid", "head=logreg",
+                                  "--grid", "C=0.001,1", "--folds", "2", "--resamples", "50", "--report",
+                                  str(root / "ablation.html"), "--json", str(root / "ablation.json"), "-q"])
+    assert r.exit_code == 0, r.output
+    return {"page": root / "ablation.html", "json": json.loads((root / "ablation.json").read_text())}
+
+
+def test_ablation_page_is_the_tables_numbers_sortable_with_a_forest_plot(ablation, tmp_path):
+    text = ablation["page"].read_text()
+    page = Page(text)
+    rows, expected = page.find("tr")[1:], ablation["json"]["rows"]
+    assert [float(a["data-map"]) for a in rows] == pytest.approx([row["map_mean"] for row in expected], abs=1e-6)
+    assert len(page.find("button")) == 6 and '<svg class="forest"' in text and text.count("<circle") == 4
+    assert json.loads(page.scripts[0])["rows"] == expected
+    refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href") and v]
+    assert all(v.startswith(("#", "data:")) for v in refs)
+    # A report without a page refuses an HTML name, and writes nothing.
+    from featurecache.outputs import write_report
+
+    with pytest.raises(FeaturecacheError, match="no HTML page"):
+        write_report(report_from_image_scores(np.ones((2, 1)), np.ones((2, 1), bool), None, ("a",)),
+                     tmp_path / "e.html")
+    assert not (tmp_path / "e.html").exists()
+
+
 # --------------------------------------------------------------------------- in a browser
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -280,6 +310,14 @@ def test_browser_sorts_by_score(tiny, tmp_path):
         assert scores == sorted(scores)
     aps = [float(v) for v in re.findall(r'<tr data-name="[^"]*" data-rank="\d+" data-ap="([^"]+)"', r.stdout)]
     assert len(aps) == 2 and aps == sorted(aps)
+
+
+@browser
+def test_browser_sorts_the_ablation_table(ablation, tmp_path):
+    r = _chromium(ablation["page"].as_uri() + "#sort=seconds-desc", tmp_path, "--dump-dom")
+    assert r.returncode == 0 and not _console_errors(r.stderr), r.stderr[-2000:]
+    seconds = [float(s) for s in re.findall(r'<tr data-rank="\d+"[^>]* data-seconds="([^"]+)"', r.stdout)]
+    assert len(seconds) == 4 and seconds == sorted(seconds, reverse=True) and 'data-js="ready"' in r.stdout
 
 
 @browser

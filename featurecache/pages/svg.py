@@ -72,13 +72,15 @@ def pr_svg(precision: Sequence[float], recall: Sequence[float], *, label: str, s
 
 
 def forest_svg(rows: Sequence[tuple], *, references: Sequence[tuple] = (), label: str = "", width: int = 560,
-               domain: tuple = (0.0, 1.0)) -> str:
-    """A forest plot: one row per ``(name, value, low, high)`` (a dot and its interval), and vertical lines at
-    ``references`` ``(name, value, colour)`` (the mAP, the best row, the probe)."""
-    name_w, row_h, top, bottom = 150, 18, 8, 26
+               domain: tuple = (0.0, 1.0), name_width: int = 150) -> str:
+    """A forest plot: one row per ``(name, value, low, high)`` (a dot and its interval; names cut to fit
+    ``name_width`` pixels), and vertical lines at ``references`` ``(name, value, colour)`` (the mAP, the best
+    row, the probe)."""
+    name_w, row_h, top, bottom = name_width, 18, 8, 26
+    chars = max(4, int(name_w / 6.5))
     pw = width - name_w - 16
     h = top + row_h * len(rows) + bottom
-    lo_d, hi_d = domain
+    lo_d, hi_d = domain if domain[1] > domain[0] else (domain[1] - 0.1, domain[1])
 
     def x(v: float) -> float:
         return name_w + pw * (min(max(v, lo_d), hi_d) - lo_d) / (hi_d - lo_d)
@@ -95,7 +97,7 @@ def forest_svg(rows: Sequence[tuple], *, references: Sequence[tuple] = (), label
                          f'stroke="{colour}" stroke-dasharray="4 3"><title>{esc(name)} {pct(value)}</title></line>')
     for i, (name, value, low, high) in enumerate(rows):
         cy = top + row_h * i + row_h / 2
-        shown = name if len(name) <= 22 else name[:21] + "…"
+        shown = name if len(name) <= chars else name[:chars - 1] + "…"
         parts.append(f'<text x="{name_w - 6}" y="{cy + 4:.1f}" text-anchor="end">{esc(shown)}</text>')
         if low is not None and math.isfinite(low) and math.isfinite(high):
             parts.append(f'<line x1="{x(low):.1f}" y1="{cy:.1f}" x2="{x(high):.1f}" y2="{cy:.1f}" stroke="#555"/>')
