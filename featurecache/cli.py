@@ -367,9 +367,11 @@ def _scope_usage_error(ctx: click.Context, error: OptionScopeError) -> click.Usa
                             + (" (the default)" if default else "") + hint)
 
 
-def report_options(what: str) -> Callable:
-    """--out FILE.csv|.json (the report; JSON for a .json name, else CSV), with --json and --csv as aliases."""
+def report_options(what: str, page: str = "") -> Callable:
+    """--json and --csv (as --out FILE.json, FILE.csv); with ``page``, --report (as --out FILE.html)."""
     def decorate(f: Callable) -> Callable:
+        f = click.option("--report", "html_out", type=click.Path(dir_okay=False), default=None,
+                         help=f"{what}as {page} here (as --out FILE.html).")(f) if page else f
         f = click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
                          help=f"{what}as CSV here (as --out FILE.csv).")(f)
         f = click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
@@ -479,10 +481,10 @@ def localize(head, cache, image, out, png, cls, evaluate, json_out, csv_out, spl
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write one row per image here: CSV, or JSON for a .json name [default: print a short table].")
-@report_options("Also write the rows ")
+@report_options("Also write the rows ", "an HTML gallery (each image's thumbnail, top classes and map)")
 @setting_options(PREDICT)
 @_command
-def predict(head, inputs, out, json_out, csv_out, weights, device, download, **options):
+def predict(head, inputs, out, json_out, csv_out, html_out, weights, device, download, **options):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -492,12 +494,13 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
     from featurecache.predict import PredictConfig
     from featurecache.predict import predict as run_predict
 
-    config = PredictConfig(out=out, progress=_quiet(), reports={"json": json_out, "csv": csv_out}, **options)
+    config = PredictConfig(out=out, progress=_quiet(), reports={"json": json_out, "csv": csv_out, "report": html_out},
+                           **options)
     _check_outputs({"HEAD": head, "--weights": weights, "--annotations": options["annotations"]}, folders=("maps",),
-                   out=out, json=json_out, csv=csv_out, cache=options["cache"], maps=options["maps"])
+                   out=out, json=json_out, csv=csv_out, report=html_out, cache=options["cache"], maps=options["maps"])
     result = run_predict(head, inputs, config, weights=weights, device=device, download=download)
-    _write_reports(result, None, json_out, csv_out)
-    written = " and ".join(str(f) for f in (out, json_out, csv_out) if f)
+    _write_reports(result, None, json_out, csv_out, html_out)
+    written = " and ".join(str(f) for f in (out, json_out, csv_out, html_out) if f)
     click.echo(f"{result.summary()} -> {written}" if written else result.to_text())
     if options["maps"]:
         drawn = sum(1 for m in result.maps if m)
@@ -521,9 +524,7 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
 @click.option("--folds", type=click.IntRange(min=2), default=None,
               help="K-fold cross-validation over images instead of a validation set.")
 @_out_option("Also write the table ")
-@report_options("Also write the table ")
-@click.option("--report", "html_out", type=click.Path(dir_okay=False), help="Also write the table as an HTML page "
-              "here: sortable, with a forest plot of the intervals (as --out FILE.html).")
+@report_options("Also write the table ", "an HTML page (sortable, a forest plot of the intervals)")
 @click.option("--whole-image", "whole_image", type=_InputFile(), default=None,
               help="A --whole-image cache of the same images: image_pooling=whole is then the whole-image "
                    "one-vs-rest probe, on the same folds.")

@@ -23,7 +23,7 @@ from featurecache.evaluate import report_from_image_scores
 from featurecache.metrics import bootstrap_map, bootstrap_weights, interval
 from featurecache.pages import IMAGES_PER_GROUP, ReportConfig, report
 from featurecache.pages.content import bootstrap_intervals, break_even, coscore, default_resamples, galleries, thin
-from featurecache.pages.page import script_json
+from featurecache.pages.svg import script_json
 
 from conftest import blob_cache, tiny_trained_head
 
@@ -261,6 +261,30 @@ def test_ablation_page_is_the_tables_numbers_sortable_with_a_forest_plot(ablatio
         write_report(report_from_image_scores(np.ones((2, 1)), np.ones((2, 1), bool), None, ("a",)),
                      tmp_path / "e.html")
     assert not (tmp_path / "e.html").exists()
+
+
+def test_predict_gallery_shows_every_image_with_its_top_classes_and_map(tiny, tmp_path):
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(tiny["root"] / "voc" / "JPEGImages" / "im0.jpg", images / EVIL_FILE)
+    shutil.copy(tiny["root"] / "voc" / "JPEGImages" / "im1.jpg", images / "plain.jpg")
+    (images / "broken.jpg").write_bytes(b"not an image")
+    out = tmp_path / "gallery.html"
+    r = CliRunner().invoke(main, ["predict", str(tiny["head"]), str(images), "--maps", str(tmp_path / "maps"),
+                                  "--report", str(out), "--stride", "16", "-q"])
+    assert r.exit_code == 0, r.output
+    text = out.read_text()
+    page = Page(text)
+    tiles = page.find("figure")
+    assert len(tiles) == 3 and sum(a["data-error"] == "1" for a in tiles) == 1
+    assert text.count('<g class="map">') == 2 and text.count('<table class="top">') == 2
+    assert len(page.find("script")) == 1 and "<img src=x" not in text and 'id="show-maps"' in text
+    assert any(EVIL_FILE in a.get("aria-label", "") for t, a in page.tags if t == "svg")
+    refs = [v for _, a in page.tags for k, v in a.items() if k in ("src", "href") and v]
+    assert refs and all(v.startswith("data:image/") for v in refs)
+    records = json.loads(page.scripts[0])  # the rows predict --out FILE.json writes
+    assert len(records) == 3 and {Path(rec["path"]).name for rec in records} == {EVIL_FILE, "plain.jpg",
+                                                                                  "broken.jpg"}
 
 
 # --------------------------------------------------------------------------- in a browser

@@ -14,9 +14,8 @@ import math
 
 from featurecache import __version__
 from featurecache.heads.registry import relevant
-from featurecache.pages.page import script_json
 from featurecache.pages.static import CSP, STYLE
-from featurecache.pages.svg import COLOURS, esc, forest_svg, num, pct
+from featurecache.pages.svg import COLOURS, esc, forest_svg, num, pct, script_json
 from featurecache.sweep import is_probe, show
 
 __all__ = ["SORT_SCRIPT", "ablation_html"]

@@ -21,23 +21,13 @@ from featurecache.images import DISPLAYED_LAYOUTS
 from featurecache.outputs import json_text
 from featurecache.pages.content import GROUPS, ReportContent
 from featurecache.pages.static import CSP, SCRIPT, STYLE
-from featurecache.pages.svg import esc, forest_svg, map_svg, num, pct, pr_svg, tile_svg
+from featurecache.pages.svg import esc, forest_svg, map_svg, num, pct, pr_svg, script_json, tile_svg
 from featurecache.pages.thumbs import map_uri, thumbnail_uri
 
 __all__ = ["GROUP_TITLES", "render", "script_json"]
 
 GROUP_TITLES = {"top": "Top-scoring images", "fp": "Highest-scoring negatives (false positives)",
                 "miss": "Lowest-scoring positives (misses)"}
-
-
-def script_json(obj) -> str:
-    """Strict JSON (:func:`featurecache.outputs.json_text`) safe inside ``<script>``: ``<``, ``>``, ``&`` and
-    the JavaScript line separators escaped as ``\\uXXXX``."""
-    text = json_text(obj, indent=None)
-    for ch, code in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
-                     ("\u2029", "\\u2029")):
-        text = text.replace(ch, code)
-    return text
 
 
 def _table(header: list, rows: list, *, attrs: str = "") -> str:

@@ -1,7 +1,8 @@
 """Inline SVG of a report page: precision-recall curves, forest plots of values with intervals, image tiles.
 
 No matplotlib: every figure is a few SVG elements written here. Every text that comes from data
-(class names, file names) goes through :func:`esc` (``html.escape``, quotes included).
+(class names, file names) goes through :func:`esc` (``html.escape``, quotes included), and JSON
+embedded in a page through :func:`script_json`.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ import html
 import math
 from typing import Optional, Sequence
 
-__all__ = ["esc", "forest_svg", "num", "pct", "pr_svg", "tile_svg"]
+from featurecache.outputs import json_text
+
+__all__ = ["esc", "forest_svg", "num", "pct", "pr_svg", "script_json", "tile_svg"]
 
 #: Colours of the page's figures (ground-truth boxes, predicted boxes, curves, references).
 COLOURS = {"truth": "#00c853", "difficult": "#ffd600", "predicted": "#2979ff", "curve": "#1565c0",
@@ -20,6 +23,16 @@ COLOURS = {"truth": "#00c853", "difficult": "#ffd600", "predicted": "#2979ff", "
 def esc(text) -> str:
     """``html.escape`` of ``str(text)``, quotes included: safe in text and in quoted attributes."""
     return html.escape(str(text), quote=True)
+
+
+def script_json(obj) -> str:
+    """Strict JSON (:func:`featurecache.outputs.json_text`) safe inside ``<script>``: ``<``, ``>``, ``&`` and
+    the JavaScript line separators escaped as ``\\uXXXX``."""
+    text = json_text(obj, indent=None)
+    for ch, code in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"),
+                     ("\u2029", "\\u2029")):
+        text = text.replace(ch, code)
+    return text
 
 
 def num(value: Optional[float], digits: int = 3) -> str:

@@ -19,7 +19,7 @@ from PIL import Image
 from featurecache.images import load_rgb
 from featurecache.overlay import colorize
 
-__all__ = ["JPEG_QUALITY", "THUMBNAIL_SIDE", "data_uri", "map_uri", "thumbnail_uri"]
+__all__ = ["JPEG_QUALITY", "THUMBNAIL_SIDE", "data_uri", "map_uri", "picture_uri", "thumbnail_uri"]
 
 #: Longer side of a thumbnail in pixels.
 THUMBNAIL_SIDE = 224
@@ -56,6 +56,19 @@ def thumbnail_uri(file: str, size: tuple, *, displayed: bool, side: int = THUMBN
 
 #: The colour ramp as a 256-colour palette: a map is stored as ramp indices (a palette PNG, a third of RGB's size).
 _PALETTE = colorize(np.linspace(0.0, 1.0, 256)).astype(np.uint8)
+
+
+def picture_uri(file: str, *, side: int = THUMBNAIL_SIDE) -> Optional[str]:
+    """A picture file (a map drawn over its image by ``predict --maps``) scaled down as a thumbnail, or ``None``
+    when it cannot be read."""
+    if not file:
+        return None
+    try:
+        with Image.open(file) as im:
+            im.thumbnail((side, side), Image.Resampling.BILINEAR)
+            return data_uri(im, "jpeg")
+    except Exception:  # a picture that vanished or is damaged: the page shows the image without it
+        return None
 
 
 def map_uri(cells: np.ndarray) -> str:
