@@ -120,9 +120,10 @@ def test_intervals_contain_the_measured_values_and_are_seeded(tiny):
     assert lo <= c.evaluation.mean_ap <= hi
     for ap, (lo, hi) in zip(c.evaluation.ap, c.ap_intervals):
         assert lo <= ap <= hi
-    again = report(tiny["head"], tiny["cache"], map_method="none", localization="off")
+    again = report(tiny["head"], tiny["cache"], map_method="none", localization="on")
     assert again.content.ap_intervals == c.ap_intervals and not again.content.maps
     assert "<g class=\"map\">" not in again.html and again.content.localization is None
+    assert again.content.notes == ["localisation not measured: no maps are drawn"] and "1 note(s)" in again.summary()
 
 
 def test_galleries_break_even_and_coscore_on_known_scores():
@@ -194,6 +195,8 @@ def test_untrusted_class_and_file_names_are_escaped(evil):
     assert _data(text)["evaluation"]["classes"][0] == EVIL_CLASS
     assert "</script" not in script_json({"x": EVIL_CLASS}) and "\\u003c" in script_json({"x": "<&>"})
     assert any(EVIL_FILE in a.get("aria-label", "") for t, a in page.tags if t == "svg")
+    # No data set recorded: no boxes and no image files, said on the page; tiles show a placeholder.
+    assert ">no image</text>" in text and "no object boxes" in text
 
 
 # --------------------------------------------------------------------------- library and command line

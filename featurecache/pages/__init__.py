@@ -68,7 +68,8 @@ class Report:
         total = sum(self.seconds.values())
         return (f"report: mAP {100 * ev.mean_ap:.1f} on {ev.n_images} images, {len(ev.classes)} classes, "
                 f"{shown} images shown" + (f" ({maps} maps, {self.content.map_method})" if maps else "")
-                + f", {mb:.1f} MB, {total:.1f} s")
+                + f", {mb:.1f} MB, {total:.1f} s"
+                + (f"; {len(self.content.notes)} note(s) on the page" if self.content.notes else ""))
 
 
 def report(head, cache, *, config: Optional[ReportConfig] = None, **options) -> Report:

@@ -24,7 +24,7 @@ from featurecache.errors import DatasetError, EvalError, FeaturecacheError, Repo
 from featurecache.evaluate import EvalReport, evaluate
 from featurecache.heads.trained import TrainedHead
 from featurecache.localize import LocalizationReport, evaluate_localization
-from featurecache.maps import Localizer, MapConfig, as_head
+from featurecache.maps import ImageFileError, Localizer, MapConfig, as_head
 from featurecache.metrics import bootstrap_map, bootstrap_weights, interval, precision_recall
 from featurecache.resources import BOX_THRESHOLD, POINTING_TOLERANCE
 from featurecache.settings import IMAGES_PER_GROUP, REPORT, check_fields
@@ -326,8 +326,8 @@ def gallery_maps(maker: Localizer, data, galleries_: list, images: dict, notes: 
     for p, classes in sorted(wanted.items()):
         try:
             m = maker.cache_map(data, p, image_file=images[p].file)
-        except EvalError as e:
-            notes.append(f"no map of {images[p].path}: {e.message}")
+        except ImageFileError as e:  # this image's file; other errors are settings every map shares
+            _note(notes, f"no map of {images[p].path}: {e.message}")
             continue
         for c in sorted(classes):
             out[(p, c)] = MapEntry(m.scores[c], m.stride, m.peak(c), m.box(c, threshold=threshold))
@@ -337,9 +337,11 @@ def gallery_maps(maker: Localizer, data, galleries_: list, images: dict, notes: 
 def measure_localization(head: TrainedHead, cache, config: ReportConfig, method: str, has_boxes: bool,
                          notes: list) -> Optional[LocalizationReport]:
     """:func:`evaluate_localization` as ``config.localization`` asks (``None`` when not measured; a note why)."""
-    if config.localization == "off" or not method:
+    if config.localization == "off":
         return None
-    if not has_boxes:
+    if not method or not has_boxes:
+        if config.localization == "on":
+            _note(notes, "localisation not measured: " + ("no maps are drawn" if not method else "no object boxes"))
         return None
     if config.localization == "auto" and method != "windows":
         notes.append(f"localisation not measured: {method} maps run the backbone on every image; "
@@ -349,8 +351,14 @@ def measure_localization(head: TrainedHead, cache, config: ReportConfig, method:
         return evaluate_localization(head, cache, split=config.split, config=config.map_config(method),
                                      tolerance=config.tolerance, progress=config.progress)
     except EvalError as e:
-        notes.append(f"localisation not measured: {e}")
+        _note(notes, f"localisation not measured: {e}")
         return None
+
+
+def _note(notes: list, text: str) -> None:
+    """A note on the page about what could not be shown, logged as a warning too."""
+    logger.warning("report: %s", text)
+    notes.append(text)
 
 
 def gather(head, cache, config: Optional[ReportConfig] = None) -> ReportContent:
@@ -379,7 +387,7 @@ def gather(head, cache, config: Optional[ReportConfig] = None) -> ReportContent:
             try:
                 content.maps = gallery_maps(Localizer(head, config.map_config(method)), data, shown, images, notes)
             except FeaturecacheError as e:
-                notes.append(f"no maps: {e}")
+                _note(notes, f"no maps: {e}")
                 content.map_method = ""
         seconds["maps"] = time.perf_counter() - t1
     t1 = time.perf_counter()
