@@ -183,6 +183,16 @@ def test_page_has_every_class_capped_galleries_and_loads_nothing(tiny):
         assert page.find("section", id=section), section
 
 
+def test_the_page_reads_without_javascript(tiny):
+    """Without a script the page is its HTML: everything is in it and nothing is hidden but the controls (which
+    only the script can work); the maps' checkbox works by style alone."""
+    page = Page(tiny["path"].read_text())
+    hidden = [(t, a.get("id")) for t, a in page.tags if "hidden" in a]
+    assert hidden == [("form", "controls")]
+    assert page.find("figure") and page.find("table", id="ap-table") and page.find("input", id="show-maps")
+    assert "body:has(#show-maps:not(:checked)) .map{display:none}" in tiny["path"].read_text()
+
+
 def test_untrusted_class_and_file_names_are_escaped(evil):
     text = evil["path"].read_text()
     page = Page(text)
@@ -229,11 +239,20 @@ def test_command_writes_one_page_and_prints_one_line(tiny, tmp_path):
     assert r.exit_code == 2
 
 
-def test_size_and_time_stay_bounded(tiny):
+def test_size_and_time_stay_bounded(tiny, tmp_path):
     page = tiny["page"]
     assert sum(page.seconds.values()) < 30
     per_image = len(page.html.encode()) / max(len(page.content.images), 1)
     assert per_image < 40_000  # a thumbnail and its maps: tens of KB, whatever the evaluation's size
+    # What is shown depends on the classes and --images, not on how many images were evaluated.
+    from featurecache.train import fit_objective
+
+    cache = blob_cache(tmp_path / "many.h5", n_images=300, patches=4, dim=8)
+    head = fit_objective(cache, objective="patch", head="logreg", progress=False)
+    big = report(head, cache, images=2, map_method="none")
+    assert big.content.evaluation.n_images == 300 and big.content.config.resamples == 1000
+    assert len(big.content.images) <= 2 * 3 * 3 and big.html.count("<figure") <= 2 * 3 * 3
+    assert len(big.html) < 200_000
 
 
 @pytest.fixture(scope="module")
