@@ -141,7 +141,7 @@ def coscore_section(c: ReportContent) -> str:
         for b in range(len(names)):
             base = int(labels[:, a].sum()) if a == b else int((labels[:, a] & ~labels[:, b]).sum())
             share = m[a, b] / base if base else float("nan")
-            cls = ' class="cell0"' if not m[a, b] else ""
+            cls = ' class="diag"' if a == b else ' class="cell0"' if not m[a, b] else ""
             cells.append(f'<span{cls} title="{int(m[a, b])} of {base}">{pct(share, 0)}</span>')
         rows.append([esc(name), str(int(labels[:, a].sum())), *cells])
     return ('<section id="coscore"><h2>Co-scoring</h2><p>Row: positives of a class; column: the share of them '

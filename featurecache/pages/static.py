@@ -41,7 +41,7 @@ figcaption{font-size:12px;word-break:break-all}figcaption .s{font-weight:600}
 .badge.err{background:#ffcdd2}.badge.pos{background:#c8e6c9}
 svg text{font-size:10px;fill:#444}svg.forest text{font-size:11px}
 .pr-row svg{vertical-align:middle}
-.cell0{color:#bbb}.scroll{overflow-x:auto}.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
+.cell0{color:#bbb}.diag{font-weight:600}.scroll{overflow-x:auto}.row{display:flex;flex-wrap:wrap;gap:24px;align-items:flex-start}
 tr.picked td{background:#fff8e1}
 [hidden]{display:none!important}
 """
