@@ -327,7 +327,18 @@ def _chromium(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProce
 
 
 def _console_errors(stderr: str) -> list:
-    return [line for line in stderr.splitlines() if "Uncaught" in line or ("CONSOLE" in line and "rror" in line)]
+    """Every console message (the page's script logs none; an uncaught error, a refused load, a console.error
+    are all one of these lines with --enable-logging=stderr)."""
+    return [line for line in stderr.splitlines() if ":CONSOLE" in line or "Uncaught" in line]
+
+
+@browser
+def test_console_messages_are_seen(tmp_path):
+    """The check the browser tests make catches a script error and a console.error."""
+    page = tmp_path / "err.html"
+    page.write_text('<!DOCTYPE html><body><script>console.error("boom"); noSuchFunction();</script></body>')
+    r = _chromium(page.as_uri(), tmp_path, "--dump-dom")
+    assert len(_console_errors(r.stderr)) == 2, r.stderr[-2000:]
 
 
 @browser
