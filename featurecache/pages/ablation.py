@@ -104,7 +104,8 @@ def ablation_html(result) -> str:
     forest = forest_svg([(f"{i}. {_label(r, varied)}", r.mean, *r.ci) for i, r in enumerate(rows, 1)],
                         references=refs, label="mAP of each configuration with its 95% interval", width=1000,
                         domain=(lo, 1.0), name_width=380)
-    fixed = ", ".join(f"{k}={show(v)}" for k, v in result.fixed.items())
+    used = set().union(*(relevant(r.config) for r in rows)) if rows else set()
+    fixed = ", ".join(f"{k}={show(v)}" for k, v in result.fixed.items() if k in used)
     title = f"featurecache ablation: {len(rows)} configurations on {result.cache}"
     data = script_json(result.to_dict())
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
