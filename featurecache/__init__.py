@@ -27,6 +27,7 @@ __all__ = [
     "__version__",
     "load_head",
     "read_dataset",
+    "report",
 ]
 
 
@@ -37,4 +38,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("featurecache.predict").load_head
+    if name == "report":  # the same for the report page (featurecache.pages)
+        import importlib
+
+        return importlib.import_module("featurecache.pages").report
     raise AttributeError(f"module 'featurecache' has no attribute {name!r}")

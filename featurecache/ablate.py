@@ -137,6 +137,12 @@ class AblationResult:
     def to_json(self) -> str:
         return json_text(self.to_dict())
 
+    def to_html(self) -> str:
+        """The table as a page: sortable, with a forest plot of the intervals (:mod:`featurecache.pages.ablation`)."""
+        from featurecache.pages.ablation import ablation_html
+
+        return ablation_html(self)
+
     def to_csv(self) -> str:
         rows = [["rank"] + self.varied + ["map_mean", "map_std", "runs", "train_seconds", "patch_accuracy",
                                           "ci_low", "ci_high", "vs_best", "vs_best_low", "vs_best_high",

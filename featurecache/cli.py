@@ -24,7 +24,7 @@ from featurecache.logs import log_to_stderr
 from featurecache.outputs import check_not_inputs, check_output, printable, write_report
 from featurecache.patches import LabelRule
 from featurecache.resources import DEVICES, parse_size
-from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, Setting, grid_from, parse_scales
+from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, REPORT, Setting, grid_from, parse_scales
 from featurecache.summary import summarize
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -38,20 +38,14 @@ def _set_verbosity(ctx: click.Context, verbose: int, quiet: bool) -> None:
     obj = ctx.ensure_object(dict)
     if verbose or quiet:
         obj["verbose"], obj["quiet"] = verbose, quiet
-    level = logging.WARNING
-    if obj.get("quiet"):
-        level = logging.ERROR
-    elif obj.get("verbose", 0) >= 2:
-        level = logging.DEBUG
-    elif obj.get("verbose", 0) == 1:
-        level = logging.INFO
-    log_to_stderr(level)
+    verbose = obj.get("verbose", 0)
+    log_to_stderr(logging.ERROR if obj.get("quiet") else logging.DEBUG if verbose >= 2 else logging.INFO if verbose
+                  else logging.WARNING)
 
 
 def _verbosity_options(f: Callable) -> Callable:
     f = click.option("-q", "--quiet", is_flag=True, help="Print errors only; no progress bar.")(f)
-    f = click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(f)
-    return f
+    return click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")(f)
 
 
 def _command(f: Callable) -> Callable:
@@ -106,6 +100,7 @@ _MEMORY_HINTS = {
     "extract": "lower --batch-size or --max-pixels",
     "predict": "lower --batch-size, or predict fewer or smaller images at a time",
     "localize": "use a larger --stride",
+    "report": "report on one split at a time (--split)",
 }
 
 
@@ -133,11 +128,14 @@ def _message(ctx: click.Context, error: FeaturecacheError) -> str:
 # --------------------------------------------------------------------------- shared options
 
 
-def _parse_scales(ctx, param, value: Optional[str]):
-    try:
-        return None if value is None else parse_scales(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
+def _parsed(parse: Callable) -> Callable:
+    """A click callback reading a value with ``parse`` (its ValueError as click's bad-parameter error)."""
+    def callback(ctx, param, value: Optional[str]):
+        try:
+            return None if value is None else parse(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from None
+    return callback
 
 
 class _InputFile(click.Path):
@@ -176,7 +174,7 @@ def setting_option(s: Setting, **overrides) -> Callable:
         return click.option(s.option, s.name, is_flag=True, default=s.default, help=s.help, **overrides)
     kw = dict(type=_setting_type(s), default=s.default, help=s.help, show_default=s.default is not None)
     if s.kind == "scales":
-        kw.update(type=str, callback=_parse_scales,
+        kw.update(type=str, callback=_parsed(parse_scales),
                   default=None if s.default is None else ",".join(f"{v:g}" for v in s.default))
     kw.update(overrides)
     return click.option(s.option, s.name, **kw)
@@ -321,16 +319,9 @@ def _grid_help() -> str:
             + ". Evaluation (no retraining): " + ", ".join(EVAL_OPTIONS) + ".")
 
 
-def _parse_size(ctx, param, value: Optional[str]):
-    try:
-        return None if value is None else parse_size(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e)) from None
-
-
 def _memory_limit_option(above: str):
     """``--memory-limit SIZE`` (fit, ablate): what is held in memory; ``above`` says what happens past it."""
-    return click.option("--memory-limit", callback=_parse_size, default=None,
+    return click.option("--memory-limit", callback=_parsed(parse_size), default=None,
                         help=f"Float32 features held in memory, e.g. 4G; {above} [default: half the available "
                              "memory].")
 
@@ -376,9 +367,11 @@ def _scope_usage_error(ctx: click.Context, error: OptionScopeError) -> click.Usa
                             + (" (the default)" if default else "") + hint)
 
 
-def report_options(what: str) -> Callable:
-    """--out FILE.csv|.json (the report; JSON for a .json name, else CSV), with --json and --csv as aliases."""
+def report_options(what: str, page: str = "") -> Callable:
+    """--json and --csv (as --out FILE.json, FILE.csv); with ``page``, --report (as --out FILE.html)."""
     def decorate(f: Callable) -> Callable:
+        f = click.option("--report", "html_out", type=click.Path(dir_okay=False), default=None,
+                         help=f"{what}as {page} here (as --out FILE.html).")(f) if page else f
         f = click.option("--csv", "csv_out", type=click.Path(dir_okay=False), default=None,
                          help=f"{what}as CSV here (as --out FILE.csv).")(f)
         f = click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None,
@@ -392,9 +385,9 @@ def _out_option(what: str) -> Callable:
                         help=f"{what}here: JSON for a .json name, else CSV.")
 
 
-def _write_reports(report, out, json_out, csv_out) -> None:
+def _write_reports(report, out, json_out, csv_out, html_out=None) -> None:
     """Every report goes through the one writer (outputs.write_report)."""
-    for path, fmt in ((out, None), (json_out, "json"), (csv_out, "csv")):
+    for path, fmt in ((out, None), (json_out, "json"), (csv_out, "csv"), (html_out, "html")):
         if path:
             write_report(report, path, fmt=fmt)
 
@@ -488,10 +481,10 @@ def localize(head, cache, image, out, png, cls, evaluate, json_out, csv_out, spl
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write one row per image here: CSV, or JSON for a .json name [default: print a short table].")
-@report_options("Also write the rows ")
+@report_options("Also write the rows ", "an HTML gallery (each image's thumbnail, top classes and map)")
 @setting_options(PREDICT)
 @_command
-def predict(head, inputs, out, json_out, csv_out, weights, device, download, **options):
+def predict(head, inputs, out, json_out, csv_out, html_out, weights, device, download, **options):
     """Score new images (INPUTS: files, folders, data sets) with HEAD: top classes, labels, one score per class.
 
     The head file says how its features were made; the same backbone, weights (checked by
@@ -501,12 +494,13 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
     from featurecache.predict import PredictConfig
     from featurecache.predict import predict as run_predict
 
-    config = PredictConfig(out=out, progress=_quiet(), reports={"json": json_out, "csv": csv_out}, **options)
+    config = PredictConfig(out=out, progress=_quiet(), reports={"json": json_out, "csv": csv_out, "report": html_out},
+                           **options)
     _check_outputs({"HEAD": head, "--weights": weights, "--annotations": options["annotations"]}, folders=("maps",),
-                   out=out, json=json_out, csv=csv_out, cache=options["cache"], maps=options["maps"])
+                   out=out, json=json_out, csv=csv_out, report=html_out, cache=options["cache"], maps=options["maps"])
     result = run_predict(head, inputs, config, weights=weights, device=device, download=download)
-    _write_reports(result, None, json_out, csv_out)
-    written = " and ".join(str(f) for f in (out, json_out, csv_out) if f)
+    _write_reports(result, None, json_out, csv_out, html_out)
+    written = " and ".join(str(f) for f in (out, json_out, csv_out, html_out) if f)
     click.echo(f"{result.summary()} -> {written}" if written else result.to_text())
     if options["maps"]:
         drawn = sum(1 for m in result.maps if m)
@@ -530,7 +524,7 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
 @click.option("--folds", type=click.IntRange(min=2), default=None,
               help="K-fold cross-validation over images instead of a validation set.")
 @_out_option("Also write the table ")
-@report_options("Also write the table ")
+@report_options("Also write the table ", "an HTML page (sortable, a forest plot of the intervals)")
 @click.option("--whole-image", "whole_image", type=_InputFile(), default=None,
               help="A --whole-image cache of the same images: image_pooling=whole is then the whole-image "
                    "one-vs-rest probe, on the same folds.")
@@ -544,7 +538,7 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
 @threads_option
 @_command
 def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, seeds, folds, out, json_out, csv_out,
-           whole_image, save_best, device, n_boot, memory_limit, threads):
+           html_out, whole_image, save_best, device, n_boot, memory_limit, threads):
     """Compare many head settings on one cache; prints a table sorted by mAP."""
     from featurecache.ablate import ablate as run_ablate
     from featurecache.ablate import parse_grid, read_sweep_file
@@ -552,7 +546,7 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
     grid, options = read_sweep_file(config_file) if config_file else ({}, {})
     grid.update(parse_grid(grid_items))
     _check_outputs({"CACHE": cache, "--val": val_cache, "--whole-image": whole_image or options.get("whole_image"),
-                    "--config": config_file}, out=out, json=json_out, csv=csv_out, save_best=save_best)
+                    "--config": config_file}, out=out, json=json_out, csv=csv_out, report=html_out, save_best=save_best)
     ctx = click.get_current_context()
     try:
         result = run_ablate(
@@ -566,7 +560,24 @@ def ablate(cache, val_cache, val_split, train_split, grid_items, config_file, se
             click.echo(e.result.to_text())
         raise
     click.echo(result.to_text())  # first: a failed file write below loses nothing of the sweep
-    _write_reports(result, out, json_out, csv_out)
+    _write_reports(result, out, json_out, csv_out, html_out)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("head", type=_InputFile())
+@click.argument("cache", type=_InputFile())
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="The page [default: HEAD.html].")
+@setting_options(REPORT)
+@_command
+def report(head, cache, out, **options):
+    """One self-contained HTML page on HEAD scored on CACHE: AP, curves, each class's images and mistakes, maps."""
+    from featurecache.pages import report as make_report
+
+    out = out or str(Path(head).with_suffix(".html"))
+    _check_outputs({"HEAD": head, "CACHE": cache}, out=out)
+    page = make_report(head, cache, progress=_quiet(), **options)
+    page.save(out)
+    click.echo(printable(f"{page.summary()} -> {out}"))
 
 
 @main.command(context_settings=CONTEXT)
@@ -580,8 +591,7 @@ def demo(workdir):
     """
     from featurecache.demo import run_demo
 
-    ctx = click.get_current_context()
-    result = run_demo(workdir, progress=False if ctx.obj.get("quiet") else None)
+    result = run_demo(workdir, progress=_quiet())
     click.echo(result.to_text())
 
 

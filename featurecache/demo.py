@@ -6,8 +6,9 @@ random crops of the two real photographs that scikit-learn ships (``china.jpg``,
 ``flower.jpg``), and writes them in PASCAL VOC layout with ``train`` and ``val`` splits.
 :func:`run_demo` then runs extract → fit (the default objective) → eval → ablate (the paper's
 patch heads against the image-level objectives) on it with the default backbone and
-CPU-friendly settings, and ends by predicting on a few validation images as if they were
-new ones (a CSV and localisation pictures). Nothing is downloaded.
+CPU-friendly settings, predicts on a few validation images as if they were new ones (a CSV
+and localisation pictures), and ends by writing the head's report page on the validation
+images (``report.html``, :mod:`featurecache.pages`). Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from sklearn.datasets import load_sample_image
 from featurecache.ablate import ablate, parse_grid
 from featurecache.evaluate import evaluate
 from featurecache.extract import extract
+from featurecache.pages import report as report_page
 from featurecache.patches import PatchGrid
 from featurecache.predict import load_head
 from featurecache.train import fit_objective
@@ -145,6 +147,7 @@ class DemoResult:
     selection: str = ""
     predictions: object = None
     predictions_file: Optional[Path] = None
+    page: Optional[Path] = None
 
     def to_text(self) -> str:
         return "\n".join([
@@ -163,6 +166,7 @@ class DemoResult:
             f"  predictions            {self.predictions_file}",
             "  localisation pictures  " + (str(Path(next(m for m in self.predictions.maps if m)).parent)
                                            if any(self.predictions.maps) else self.predictions.maps_note),
+            f"  report page            {self.page}  (open it in a browser)",
             f"try: featurecache predict {self.head} YOUR_IMAGES/ --maps maps/ --out predictions.csv",
         ])
 
@@ -205,5 +209,6 @@ def run_demo(workdir: Union[str, Path] = "featurecache-demo", *, progress: Optio
     new_images = sorted((data / "JPEGImages").glob("*.jpg"))[-n_predict:]  # the last val images
     predictions = load_head(head_path).predict(new_images, maps=work / "maps", progress=progress)
     csv = predictions.save(work / "predictions.csv")
+    page = report_page(head_path, cache, split="val", progress=progress).save(work / "report.html")
     return DemoResult(work, data, cache, head_path, extraction, report, ablation, time.perf_counter() - t0,
-                      head.selection_table(), predictions, csv)
+                      head.selection_table(), predictions, csv, page)

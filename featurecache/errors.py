@@ -6,7 +6,7 @@ import numbers
 from typing import Optional
 
 __all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExtractError",
-           "FeaturecacheError", "HeadError", "PredictError", "integer_at_least"]
+           "FeaturecacheError", "HeadError", "PredictError", "ReportError", "integer_at_least"]
 
 
 class FeaturecacheError(ValueError):
@@ -63,6 +63,10 @@ class EvalError(FeaturecacheError):
 
 class PredictError(FeaturecacheError):
     """Prediction cannot run: a head that cannot be used on new images, bad inputs or options."""
+
+
+class ReportError(FeaturecacheError):
+    """A report page cannot be made or written: bad settings, an output that is one of its inputs."""
 
 
 class AblationError(FeaturecacheError):

@@ -228,8 +228,9 @@ def write_text(path: Union[str, Path], text: str) -> Path:
     return path
 
 
-#: The formats a report is written in: JSON for a ``.json`` name, else CSV.
-REPORT_FORMATS = ("csv", "json")
+#: The formats a report is written in: JSON for a ``.json`` name, an HTML page for ``.html`` or ``.htm`` (the
+#: reports that have one: ``ablate``'s and ``predict``'s), else CSV.
+REPORT_FORMATS = ("csv", "json", "html")
 
 
 @runtime_checkable
@@ -244,21 +245,28 @@ class Report(Protocol):
 
 
 def report_format(path: Union[str, Path], fmt: Optional[str] = None) -> str:
-    """``fmt`` when given (``csv`` or ``json``), else the one rule: JSON for a ``.json`` name, else CSV."""
+    """``fmt`` when given (:data:`REPORT_FORMATS`), else the one rule: JSON for a ``.json`` name, HTML for
+    ``.html`` and ``.htm``, else CSV."""
     if fmt is not None and fmt not in REPORT_FORMATS:
         raise FeaturecacheError(f"must be one of {', '.join(REPORT_FORMATS)}, got {fmt!r}", param="fmt")
-    return fmt or ("json" if Path(path).suffix.lower() == ".json" else "csv")
+    suffix = Path(path).suffix.lower()
+    return fmt or ("json" if suffix == ".json" else "html" if suffix in (".html", ".htm") else "csv")
 
 
 def write_report(report: Report, path: Union[str, Path], *, fmt: Optional[str] = None) -> Path:
-    """The one writer of reports: ``report`` as JSON or CSV (:func:`report_format`), written whole.
+    """The one writer of reports: ``report`` as JSON, CSV or an HTML page (:func:`report_format`), written whole.
 
     Parameters
     ----------
     report : Report
-        Anything with ``to_json()`` and ``to_csv()``.
+        Anything with ``to_json()`` and ``to_csv()``; ``to_html()`` for a page (refused without it).
     path : path
-    fmt : {"csv", "json"}, optional
-        Overrides the file name's suffix (the command line's ``--json`` and ``--csv``).
+    fmt : {"csv", "json", "html"}, optional
+        Overrides the file name's suffix (the command line's ``--json``, ``--csv`` and ``--report``).
     """
-    return write_text(path, report.to_json() if report_format(path, fmt) == "json" else report.to_csv())
+    writer = {"json": report.to_json, "csv": report.to_csv,
+              "html": getattr(report, "to_html", None)}[report_format(path, fmt)]
+    if writer is None:
+        raise FeaturecacheError(f"{path}: this report has no HTML page (ablate's and predict's have; a head's "
+                                "evaluation is `featurecache report`); give a .csv or .json name")
+    return write_text(path, writer())

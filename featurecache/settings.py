@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional, Type
 
 from featurecache.datasets import LAYOUTS, MAX_PIXELS
 from featurecache.errors import FeaturecacheError
+from featurecache.metrics import METHODS
 from featurecache.overlay import MAX_SIDE as PICTURE_SIDE
 from featurecache.patches import DEFAULT_SCALES, MAX_INPUT_SIZE, MAX_PATCHES, PatchGrid
 from featurecache.resources import (
@@ -33,8 +34,9 @@ from featurecache.resources import (
     RUNTIMES,
 )
 
-__all__ = ["COMPRESSIONS", "DTYPES", "EXTRACT", "GRID", "INSPECT", "LOCALIZE", "MAP", "MAX_MAP_SCALE", "MODES",
-           "PREDICT", "Setting", "check_fields", "grid_from", "parse_scales"]
+__all__ = ["COMPRESSIONS", "DTYPES", "EXTRACT", "GRID", "IMAGES_PER_GROUP", "INSPECT", "LOCALIZE", "MAP",
+           "MAX_MAP_SCALE", "MODES", "PREDICT", "REPORT", "REPORT_LOCALIZATION", "REPORT_MAPS", "Setting",
+           "check_fields", "grid_from", "parse_scales"]
 
 #: Stored feature types, HDF5 compressions and extraction modes (``extract``).
 DTYPES = ("float16", "float32")
@@ -43,6 +45,18 @@ MODES = ("crop", "dense")
 
 #: Largest λ of a cam map (as a grid's scales: a patch side of min(w, h)/16).
 MAX_MAP_SCALE = 16.0
+
+#: ``report``: images shown per class and kind (top-scoring, false positives, misses), by default; at
+#: most 3 x this many thumbnails per class (each image's thumbnail stored once on the page).
+IMAGES_PER_GROUP = 8
+
+#: ``report``'s maps: ``auto`` = windows for heads with patch scores (cache only), else cam when the
+#: images are there; ``none`` draws none.
+REPORT_MAPS = ("auto",) + MAP_METHODS + ("none",)
+
+#: ``report``'s localisation summary: ``auto`` = measured when the data set has boxes and the maps read
+#: the cache only (windows: seconds); ``on`` with cam maps too (one backbone pass per image); ``off``.
+REPORT_LOCALIZATION = ("auto", "on", "off")
 
 #: Kinds of setting: how a value is checked and how the command line reads it.
 KINDS = ("int", "float", "choice", "flag", "text", "path", "file", "folder", "scales", "device")
@@ -306,4 +320,27 @@ PREDICT = _table(
     replace(_BACKEND["strict"], help="Stop at the first image that cannot be read."),
     replace(_BACKEND["overwrite"], help="Replace a --cache made of other images (or of changed files)."),
     _BACKEND["download"], _BACKEND["runtime"], _BACKEND["threads"],
+)
+
+#: ``report`` (:class:`~featurecache.pages.ReportConfig`): the evaluation, the bootstrap, the images shown,
+#: the maps drawn and measured.
+REPORT = _table(
+    Setting("split", None, "Report on this split of CACHE only (e.g. val: images the head did not train on).",
+            "text"),
+    Setting("method", "voc07", "AP: 11-point VOC 2007, VOC 2010+ interpolated area, or uninterpolated area (as "
+            "eval --method).", "choice", METHODS),
+    Setting("resamples", None, "Bootstrap resamples of the images for the 95% intervals of mAP and of each AP "
+            "(0: none) [default: 1000, fewer past 1,000 images: 1,000,000 / images, at least 200].", low=0,
+            high=100000),
+    Setting("seed", 0, "Seed of the bootstrap.", low=0),
+    Setting("images", IMAGES_PER_GROUP, "Images shown per class and kind: top-scoring, highest-scoring negatives, "
+            "lowest-scoring positives.", low=0, high=100),
+    Setting("map_method", "auto", "Maps drawn over the images: auto = windows for heads with patch scores (the "
+            "cache only), else cam when the image files are there; none: no maps.", "choice", REPORT_MAPS),
+    Setting("localization", "auto", "Pointing and CorLoc over every image (as localize --evaluate): auto = when "
+            "the data set has boxes and the maps read the cache only (windows); on: with cam maps too (a backbone "
+            "pass per image); off.", "choice", REPORT_LOCALIZATION),
+    _STRIDE, MAP["box_threshold"],
+    replace(LOCALIZE["tolerance"], help="Pixels a map's peak may miss a box by (pointing, reported beside 0)."),
+    *(MAP[n] for n in ("weights", "device", "download", "runtime")), _BACKEND["threads"],
 )

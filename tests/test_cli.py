@@ -157,3 +157,17 @@ def test_predict_running_out_of_memory_names_a_setting_predict_has(tmp_path, mon
     assert r.exit_code == 1 and r.output.count("\n") == 1, r.output
     assert "lower --batch-size, or predict fewer or smaller images at a time" in r.output
     assert "--max-pixels" not in r.output  # predict has no such option
+
+
+def test_report_refuses_a_head_of_other_features_in_one_line(runner, tmp_path):
+    from featurecache.train import fit_objective
+
+    cache = blob_cache(tmp_path / "a.h5", n_images=12, patches=4, dim=8)
+    other = blob_cache(tmp_path / "b.h5", n_images=12, patches=4, dim=8,
+                       feature_settings={"backbone": "other", "layer": "none", "input_size": 0, "mode": "crop"})
+    head = fit_objective(cache, objective="patch", head="logreg", progress=False).save(tmp_path / "a.head.pt")
+    r = runner.invoke(main, ["report", str(head), str(other), "--out", str(tmp_path / "r.html")])
+    assert r.exit_code == 1 and r.output.startswith("Error: ") and r.output.count("\n") == 1, r.output
+    assert not (tmp_path / "r.html").exists()
+    r = runner.invoke(main, ["report", str(head), str(cache), "--resamples", "20", "-q"])
+    assert r.exit_code == 0 and (tmp_path / "a.head.html").exists() and "a.head.html" in r.output, r.output

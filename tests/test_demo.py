@@ -49,3 +49,7 @@ def test_demo_command_runs_the_pipeline_and_learns(tmp_path):
     maps = sorted((work / "maps").glob("*.png"))
     assert "localisation pictures  " + str(work / "maps") in out and len(maps) == 4  # cam maps: any head
     assert "4 images: 4 scored" in out
+    # And it ends by writing the head's report page on the validation images, and says where.
+    page = (work / "report.html").read_text()
+    assert f"report page            {work / 'report.html'}" in out
+    assert page.count('<section class="cls"') == 3 and "featurecache report" in page

@@ -8,10 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from featurecache.cli import main
-from featurecache.errors import EvalError, ExtractError, FeaturecacheError, PredictError
-from featurecache.settings import EXTRACT, INSPECT, LOCALIZE, MAP, PREDICT, Setting, check_fields
+from featurecache.errors import EvalError, ExtractError, FeaturecacheError, PredictError, ReportError
+from featurecache.settings import EXTRACT, INSPECT, LOCALIZE, MAP, PREDICT, REPORT, Setting, check_fields
 
-COMMANDS = {"extract": EXTRACT, "inspect": INSPECT, "predict": PREDICT, "localize": LOCALIZE}
+COMMANDS = {"extract": EXTRACT, "inspect": INSPECT, "predict": PREDICT, "localize": LOCALIZE, "report": REPORT}
 
 
 def _config(table):
@@ -23,6 +23,10 @@ def _config(table):
         from featurecache.predict import PredictConfig
 
         return PredictConfig, PredictError
+    if table is REPORT:
+        from featurecache.pages import ReportConfig
+
+        return ReportConfig, ReportError
     from featurecache.maps import MapConfig
 
     return MapConfig, EvalError
@@ -48,7 +52,7 @@ def test_every_setting_is_the_commands_option_with_its_default_and_range(command
             assert (p.type.min, p.type.max) == (s.low, s.high), s.name
 
 
-@pytest.mark.parametrize("table", [EXTRACT, PREDICT, MAP], ids=["extract", "predict", "map"])
+@pytest.mark.parametrize("table", [EXTRACT, PREDICT, MAP, REPORT], ids=["extract", "predict", "map", "report"])
 def test_a_config_refuses_what_the_table_refuses_naming_the_field(table):
     config, error = _config(table)
     for s in table.values():

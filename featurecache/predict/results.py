@@ -119,6 +119,12 @@ class Predictions:
                           "threshold": self.threshold, "classes": list(self.classes), "runtimes": self.runtimes,
                           "images": self.records()})
 
+    def to_html(self) -> str:
+        """A gallery page: each image's thumbnail, top classes, labels and map (:mod:`featurecache.pages.gallery`)."""
+        from featurecache.pages.gallery import predictions_html
+
+        return predictions_html(self)
+
     def _class_columns(self, fixed: list) -> list:
         return [f"score:{c}" if c in fixed else c for c in self.classes]
 
@@ -163,7 +169,8 @@ class Predictions:
         return line + (f"; {self.seconds:.1f} s" if self.seconds else "")
 
     def save(self, path: Union[str, Path]) -> Path:
-        """Write JSON for a ``.json`` file name, else CSV (:func:`featurecache.outputs.write_report`)."""
+        """Write JSON for a ``.json`` file name, a gallery page for ``.html``, else CSV
+        (:func:`featurecache.outputs.write_report`)."""
         return write_report(self, path)
 
 
