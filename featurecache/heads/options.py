@@ -361,7 +361,7 @@ _OPTION_LIST = (
            "scorer trains with Adam) or adam (mini-batches of 16 images for --image-epochs epochs at --image-lr: the "
            "previous default, several times slower at the same mAP; docs/performance.md).",
            _MIL | _HYBRID, param="solver", kind="choice", choices=SOLVERS, parse=_choice("image_solver", SOLVERS)),
-    Option("image_tol", 1e-3,
+    Option("image_tol", 3e-3,
            "mil, hybrid (lbfgs): stop when the training loss fell by less than this fraction over the last "
            f"{LBFGS_WINDOW} iterations (0: run to --image-epochs passes or until it stops changing).",
            _MIL | _HYBRID, param="tol", when=lambda o: o.get("image_solver", "lbfgs") == "lbfgs", minimum=0.0),
