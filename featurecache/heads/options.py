@@ -294,11 +294,15 @@ def _trainer(o: Mapping) -> bool:
     return o.get("objective") != "image" or o.get("image_head") == "mlp"
 
 
+def _lbfgs(o: Mapping) -> bool:
+    """MILHead's linear scorer with ``image_solver=lbfgs`` (an MLP scorer trains with Adam)."""
+    return o.get("objective") in ("mil", "hybrid") and o.get("image_solver", "lbfgs") == "lbfgs" \
+        and not int(o.get("image_hidden", 0) or 0)
+
+
 def _adam(o: Mapping) -> bool:
     """The trainers that step with Adam: ImageMLPHead, MILHead with an MLP scorer or ``image_solver=adam``."""
-    lbfgs = o.get("objective") in ("mil", "hybrid") and o.get("image_solver", "lbfgs") == "lbfgs" \
-        and not int(o.get("image_hidden", 0) or 0)
-    return _trainer(o) and not lbfgs
+    return _trainer(o) and not _lbfgs(o)
 
 
 def _c_applies(o: Mapping) -> bool:
@@ -364,7 +368,7 @@ _OPTION_LIST = (
     Option("image_tol", 3e-3,
            "mil, hybrid (lbfgs): stop when the training loss fell by less than this fraction over the last "
            f"{LBFGS_WINDOW} iterations (0: run to --image-epochs passes or until it stops changing).",
-           _MIL | _HYBRID, param="tol", when=lambda o: o.get("image_solver", "lbfgs") == "lbfgs", minimum=0.0),
+           _MIL | _HYBRID, param="tol", when=_lbfgs, minimum=0.0),
     Option("members", ",".join(DEFAULT_MEMBERS),
            "fusion (and auto's fusion candidate): the objectives whose image scores are averaged, comma-separated; "
            "image:POOLING picks the image objective's pooling. Members that need boxes are replaced by mil on data "
