@@ -98,7 +98,7 @@ def test_relevance_follows_the_objective_and_head():
     hybrid = relevant({**base, "objective": "hybrid"})
     assert {"aggregation", "patch_weight", "background", "image_solver", "image_tol"} <= hybrid
     assert "patch_weight" not in relevant({**base, "objective": "mil"})
-    # The learning rate is Adam's: it shapes mil only with the previous solver (or an MLP scorer), the tolerance L-BFGS's.
+    # The learning rate is Adam's: it shapes mil only with the previous solver or an MLP scorer.
     assert "image_lr" not in hybrid
     adam = relevant({**base, "objective": "mil", "image_solver": "adam"})
     assert "image_lr" in adam and "image_tol" not in adam
