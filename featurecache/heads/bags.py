@@ -207,7 +207,9 @@ class BagTrainer:
         made: dict = {}
 
         def make():  # seeded inside train_lbfgs on the first call; the warm phase's net goes on
-            return made.setdefault("net", scorer(source.n_features, Y.shape[1], 0).to(dev))
+            if "net" not in made:
+                made["net"] = scorer(source.n_features, Y.shape[1], 0).to(dev)
+            return made["net"]
 
         history: list = []
         if self.aggregation != "power" and int(self.warmup_epochs) > 0:
