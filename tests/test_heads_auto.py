@@ -78,3 +78,22 @@ def test_cli_fit_defaults_to_auto_and_prints_the_table(tmp_path):
     lines = r.output.splitlines()
     assert lines[0].startswith("auto chose image:max") and lines[1].startswith("candidate")
     assert len(lines) == 4 and "<- chosen" in r.output
+
+
+def test_halving_drops_a_clearly_worse_candidate_after_the_first_fold(tmp_path):
+    cache = _one_patch_signal(tmp_path / "one.h5")  # 45 training images: 15 on each fold
+    common = dict(candidates="image:mean,image:max", train_split="train", progress=False)
+    head = fit_objective(cache, **common)
+    sel = head.summary["selection"]
+    by = {r["candidate"]: r for r in sel["table"]}
+    assert sel["halving"] == "interval" and sel["chosen"] == "image:max"
+    assert [d["candidate"] for d in sel["dropped"]] == ["image:mean"]
+    gone = sel["dropped"][0]
+    assert gone["after_fold"] == 1 and gone["behind"] == "image:max" and gone["vs_best"][2] < 0
+    assert len(by["image:mean"]["maps"]) == 1 and len(by["image:max"]["maps"]) == 3  # two trainings saved
+    assert "dropped after fold 1" in head.selection_table()
+    full = fit_objective(cache, cv_halving="none", **common).summary["selection"]
+    assert full["dropped"] == [] and all(len(r["maps"]) == 3 for r in full["table"])
+    assert full["chosen"] == sel["chosen"]
+    again = fit_objective(cache, **common).summary["selection"]
+    assert again["dropped"] == sel["dropped"]  # seeded

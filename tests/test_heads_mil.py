@@ -55,8 +55,9 @@ def test_mil_finds_the_one_signal_patch(tmp_path, aggregation):
 def test_warm_up_is_what_lets_max_aggregation_find_the_patch(tmp_path):
 
     cache, _ = _one_patch_signal_cache(tmp_path / "one.h5")
+    # Adam's mini-batches (full-batch L-BFGS, the default, finds the patch with or without the warm-up).
     aps = {w: evaluate(fit_objective(cache, objective="mil", train_split="train", aggregation="max", device="cpu",
-                                     params=dict(warmup_epochs=w)),
+                                     image_solver="adam", params=dict(warmup_epochs=w)),
                        cache, split="val").mean_ap for w in (0, 10)}
     # From a random start max aggregation locks onto noise patches (measured: AP ~0.54).
     assert aps[10] > 0.9 and aps[0] < aps[10] - 0.2, aps
@@ -216,3 +217,43 @@ def test_image_level_objectives_serve_class_folder_data(tmp_path, lite0):
     r = ablate(cache, grid=parse_grid(["objective=image,mil"]), folds=3, device="cpu", progress=False)
     by = {row.config["objective"]: row.mean for row in r.rows}
     assert by["image"] > 0.8 and by["mil"] > 0.8, by
+
+
+def test_lbfgs_stops_at_the_plateau_and_is_seeded(tmp_path):
+    cache, _ = _one_patch_signal_cache(tmp_path / "one.h5", n_img=100)
+    settings = dict(objective="mil", train_split="train", device="cpu")
+    head = fit_objective(cache, **settings)
+    assert head.summary["solver"] == "lbfgs"
+    assert head.summary["epochs"] < 200  # the tolerance fired well before the cap on passes
+    assert evaluate(head, cache, split="val").mean_ap > 0.9
+    again = fit_objective(cache, **settings)
+    assert again.summary["epochs"] == head.summary["epochs"]
+    for k, v in head.estimator._state().items():
+        assert torch.equal(v, again.estimator._state()[k]), k
+    # A looser tolerance stops sooner; tol 0 runs until the loss stops changing (or the cap).
+    loose = fit_objective(cache, image_tol=0.1, **settings)
+    strict = fit_objective(cache, image_tol=0.0, image_epochs=60, **settings)
+    assert loose.summary["epochs"] < head.summary["epochs"] <= strict.summary["epochs"] <= 60 + 25
+    losses = [h["train_loss"] for h in strict.estimator.history_]
+    assert losses[-1] < losses[0] and strict.summary["solver"] == "lbfgs"
+
+
+def test_the_previous_solver_stays_reachable(tmp_path):
+    cache, _ = _one_patch_signal_cache(tmp_path / "one.h5", n_img=40)
+    head = fit_objective(cache, objective="mil", train_split="train", image_solver="adam", image_epochs=7,
+                         device="cpu")
+    assert head.summary["solver"] == "adam" and head.summary["epochs"] == 7
+    # An MLP scorer trains with Adam whatever the solver option says.
+    mlp = fit_objective(cache, objective="mil", train_split="train", image_hidden=8, image_epochs=3, device="cpu")
+    assert mlp.summary["solver"] == "adam" and mlp.summary["epochs"] == 3
+
+
+def test_hybrid_lbfgs_streams_bags_with_the_same_result(tmp_path):
+    cache = _distractor_cache(tmp_path / "d.h5", n_img=40)
+    settings = dict(objective="hybrid", image_epochs=8, device="cpu", train_split="train")
+    mem = fit_objective(cache, **settings)
+    disk = fit_objective(cache, **settings, memory_limit=0)
+    assert mem.summary["solver"] == "lbfgs" and disk.summary["training_data"] == "stream"
+    assert mem.summary["epochs"] == disk.summary["epochs"]
+    for k, v in mem.estimator._state().items():
+        assert torch.equal(v, disk.estimator._state()[k]), k

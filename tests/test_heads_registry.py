@@ -96,8 +96,13 @@ def test_relevance_follows_the_objective_and_head():
     assert {"image_pooling", "image_head", "C"} <= image and not {"k", "pooling", "image_lr", "head"} & image
     assert "image_lr" in relevant({**base, "objective": "image", "image_head": "mlp"})
     hybrid = relevant({**base, "objective": "hybrid"})
-    assert {"aggregation", "patch_weight", "background", "image_lr"} <= hybrid and "patch_weight" not in relevant(
-        {**base, "objective": "mil"})
+    assert {"aggregation", "patch_weight", "background", "image_solver", "image_tol"} <= hybrid
+    assert "patch_weight" not in relevant({**base, "objective": "mil"})
+    # The learning rate is Adam's: it shapes mil only with the previous solver or an MLP scorer.
+    assert "image_lr" not in hybrid
+    adam = relevant({**base, "objective": "mil", "image_solver": "adam"})
+    assert "image_lr" in adam and "image_tol" not in adam
+    assert "image_lr" in relevant({**base, "objective": "mil", "image_hidden": 16})
 
 
 def test_objectives_and_kinds():

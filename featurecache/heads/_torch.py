@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from featurecache.errors import HeadError
+from featurecache.heads.options import LBFGS_WINDOW
 from featurecache.resources import resolve_device
 
-__all__ = ["PatienceSchedule", "PlateauSchedule", "TorchState", "diverged", "train_torch"]
+__all__ = ["PatienceSchedule", "PlateauSchedule", "TorchState", "diverged", "train_lbfgs", "train_torch"]
 
 
 class PlateauSchedule:
@@ -97,6 +98,69 @@ def train_torch(make: Callable[[], tuple], *, seed: int, device: torch.device, m
                 break
     if best_state is not None:
         net.load_state_dict(best_state)
+    return net.eval(), history
+
+
+def train_lbfgs(make: Callable[[], nn.Module], full_loss: Callable[[nn.Module], float], *, seed: int,
+                device: torch.device, weight_decay: float, max_passes: int, tol: float) -> tuple:
+    """Train a torch head full-batch with L-BFGS (strong Wolfe line search) to the loss's plateau.
+
+    Parameters
+    ----------
+    make : callable
+        ``() -> net on device``; called with torch's RNG seeded by ``seed`` (forked).
+    full_loss : callable
+        ``net -> loss``: one pass over all training data, gradients accumulated into the
+        parameters' ``.grad`` (which are zero on entry), the loss returned as a float.
+    seed : int
+    device : torch.device
+    weight_decay : float
+        L2 penalty ``weight_decay / 2 · ||θ||²`` over all parameters (Adam's ``weight_decay``).
+    max_passes : int
+        Cap on the passes (loss evaluations); a line search under way may finish past it.
+    tol : float
+        Stop when the loss fell by less than ``tol`` (relative) over the last
+        :data:`LBFGS_WINDOW` iterations; 0 runs to ``max_passes`` or until the loss stops changing.
+
+    Returns
+    -------
+    net : nn.Module
+        In evaluation mode.
+    history : list of dict
+        Per pass: ``epoch`` (the pass), ``train_loss`` (with the penalty), ``val_loss`` (None), ``lr`` (None).
+    """
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        net = make()
+    params = [p for p in net.parameters() if p.requires_grad]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, max_eval=64, history_size=50, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-10, tolerance_change=1e-12)
+    history: list = []
+    last: dict = {}
+
+    def closure():
+        at = torch.cat([p.detach().reshape(-1) for p in params])
+        if last and torch.equal(last["at"], at):  # the step's opening evaluation repeats the line search's last
+            for p, g in zip(params, last["grads"]):
+                p.grad = g.clone()
+            return last["loss"]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        net.train()
+        loss = float(full_loss(net))
+        for p in params:
+            loss += 0.5 * float(weight_decay) * float((p.detach() ** 2).sum())
+            p.grad.add_(p.detach(), alpha=float(weight_decay))
+        _check_finite(loss, None, len(history), 1.0)
+        history.append({"epoch": len(history) + 1, "train_loss": loss, "val_loss": None, "lr": None})
+        last.update(at=at, grads=[p.grad.clone() for p in params], loss=torch.tensor(loss))
+        return last["loss"]
+
+    losses: list = []
+    while len(history) < int(max_passes):
+        losses.append(float(opt.step(closure)))
+        if len(losses) > LBFGS_WINDOW and losses[-1 - LBFGS_WINDOW] - losses[-1] <= float(tol) * abs(losses[-1]):
+            break
     return net.eval(), history
 
 

@@ -2,8 +2,11 @@
 
 Each candidate (:data:`featurecache.heads.options.DEFAULT_CANDIDATES` unless told) is
 trained on K−1 folds of the training images and scored on the held-out fold, folds grouped
-by image and seeded; the candidate with the highest mean AP over the folds is retrained on
-all training images and returned, with the cross-validation table in its summary. The
+by image and seeded. Successive halving (``cv_halving``, default ``interval``): every
+candidate runs on the first fold, and those clearly behind that fold's best (the paired
+bootstrap interval of the difference below zero) run on no further fold. The surviving
+candidate with the highest mean AP over the folds is retrained on all training images and
+returned, with the cross-validation table (and what was dropped when) in its summary. The
 ``fusion`` candidate averages its members' held-out scores, so it costs no training of its
 own. Nothing outside the training images is seen.
 """
@@ -24,13 +27,16 @@ from featurecache.heads.objectives import get_objective
 from featurecache.heads.options import OPTIONS, is_fusion, parse_member
 from featurecache.heads.registry import FitConfig
 from featurecache.heads.trained import TrainedHead
-from featurecache.metrics import mean_ap
+from featurecache.metrics import bootstrap_map, bootstrap_weights, interval, mean_ap
 from featurecache.resources import features_bytes, memory_budget
 
-__all__ = ["choose_folds", "cross_validate", "fit_auto_objective"]
+__all__ = ["HALVING_RESAMPLES", "choose_folds", "clearly_behind", "cross_validate", "fit_auto_objective"]
 
 #: Fewest training images per fold for the comparison to mean anything.
 _MIN_IMAGES_PER_FOLD = 2
+
+#: Bootstrap resamples of the first fold's images when candidates are dropped (``cv_halving``).
+HALVING_RESAMPLES = 1000
 
 
 def choose_folds(n_images: int) -> int:
@@ -46,38 +52,84 @@ def _candidates(config: FitConfig, boxes: bool) -> tuple:
     return tuple(dict.fromkeys(names)), members
 
 
+def _trained(alive: list, members: tuple) -> list:
+    """What a fold trains for the ``alive`` candidates: the non-fusion ones, and the fusion's members if it is alive."""
+    names = [c for c in alive if not is_fusion(c)]
+    return names + [m for m in members if m not in names] if any(map(is_fusion, alive)) else names
+
+
+def clearly_behind(scores: dict, test, seed: int, *, n_boot: int = HALVING_RESAMPLES) -> dict:
+    """The candidates whose held-out mAP on one fold is clearly behind that fold's best.
+
+    Paired bootstrap over the fold's images (``n_boot`` resamples, seeded; the same draws for
+    every candidate): a candidate is clearly behind when the 95% interval of its mAP minus the
+    best's lies wholly below zero (:func:`featurecache.metrics.interval`, centred on the measured
+    difference, as ``ablate`` reports it).
+
+    Returns
+    -------
+    dict
+        ``candidate -> {"behind": best, "vs_best": [difference, low, high]}`` for each such candidate.
+    """
+    t = test.images
+    measured = {c: mean_ap(s, t.labels, t.difficult) for c, s in scores.items()}
+    best = max(scores, key=lambda c: np.nan_to_num(measured[c], nan=-1.0))
+    weights = bootstrap_weights(len(t), n_boot, np.random.RandomState(seed))
+    boot = {c: bootstrap_map(s, t.labels, t.difficult, weights) for c, s in scores.items()}
+    out = {}
+    for c in scores:
+        d = measured[c] - measured[best]
+        low, high = interval(boot[c] - boot[best], center=d)
+        if c != best and high < 0:
+            out[c] = {"behind": best, "vs_best": [float(d), low, high]}
+    return out
+
+
 def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k: int, *, progress=None) -> list:
     """Per candidate: held-out mAP in each of ``k`` folds over ``data``'s images, and training seconds.
+
+    With ``cv_halving="interval"`` every candidate runs on the first fold, and those clearly
+    behind its best there (:func:`clearly_behind`) run on no other fold; ``"none"`` runs every
+    candidate on every fold.
 
     Returns
     -------
     list of dict
-        ``candidate``, ``maps`` (per fold), ``map_mean``, ``map_std``, ``seconds`` (mean
-        training time per fold), in the order of ``candidates``.
+        ``candidate``, ``maps`` (per fold it ran on), ``map_mean``, ``map_std``, ``seconds`` (mean
+        training time per fold), ``dropped`` (None, or the fold after which it was dropped, with
+        ``behind`` and ``vs_best`` from :func:`clearly_behind`), in the order of ``candidates``.
     """
-    trained = [c for c in candidates if not is_fusion(c)] + [m for m in members if m not in candidates]
-    maps = {c: [] for c in candidates}
-    seconds = {c: [] for c in trained}
-    bar = tqdm(total=len(trained) * k, unit="fit", desc="auto", disable=None if progress is None else not progress)
+    maps, seconds, dropped = {c: [] for c in candidates}, {}, {}
+    alive = list(candidates)
+    halving = config.option("cv_halving") != "none" and k > 1
+    bar = tqdm(total=len(_trained(alive, members)) * k, unit="fit", desc="auto",
+               disable=None if progress is None else not progress)
     try:
         with ExitStack() as stack:
-            for fold in cv_folds(data, k, config.random_state, stack):
+            for f, fold in enumerate(cv_folds(data, k, config.random_state, stack)):
                 held_out, fitted = {}, {}
-                for name in trained:
+                for name in _trained(alive, members):
                     t0 = time.perf_counter()
                     fitted[name] = train_member(fold.train, config, name)
-                    seconds[name].append(time.perf_counter() - t0)
+                    seconds.setdefault(name, []).append(time.perf_counter() - t0)
                     held_out[name] = fitted[name].image_scores(fold.test)
                     bar.update(1)
+                scores = {name: _fused(fold.train, fitted, held_out, members) if is_fusion(name) else held_out[name]
+                          for name in alive}
                 t = fold.test.images
-                for name in candidates:
-                    scores = _fused(fold.train, fitted, held_out, members) if is_fusion(name) else held_out[name]
-                    maps[name].append(mean_ap(scores, t.labels, t.difficult))
+                for name in alive:
+                    maps[name].append(mean_ap(scores[name], t.labels, t.difficult))
+                if halving and f == 0:
+                    behind = clearly_behind(scores, fold.test, config.random_state)
+                    dropped.update({c: {"after_fold": f + 1, **v} for c, v in behind.items()})
+                    alive = [c for c in alive if c not in behind]
+                    bar.total = bar.n + len(_trained(alive, members)) * (k - 1)
     finally:
         bar.close()
     return [{"candidate": c, "maps": maps[c], "map_mean": float(np.nanmean(maps[c])),
              "map_std": float(np.nanstd(maps[c])),
-             "seconds": float(sum(np.mean(seconds[m]) for m in (members if is_fusion(c) else (c,))))}
+             "seconds": float(sum(np.mean(seconds[m]) for m in (members if is_fusion(c) else (c,)))),
+             "dropped": dropped.get(c)}
             for c in candidates]
 
 
@@ -125,10 +177,14 @@ def fit_auto_objective(cache, config: FitConfig, *, kind=None, params=None) -> T
         in_memory = features_bytes(c.num_patches, c.feature_dim) <= memory_budget(config.memory_limit)
         table = cross_validate(c.to_memory() if in_memory else c, config, candidates, members, k,
                                progress=config.progress)
-        best = max(table, key=lambda r: (np.nan_to_num(r["map_mean"], nan=-1.0), -candidates.index(r["candidate"])))
+        best = max((r for r in table if r["dropped"] is None),
+                   key=lambda r: (np.nan_to_num(r["map_mean"], nan=-1.0), -candidates.index(r["candidate"])))
         head = train_member(c, config, best["candidate"])
+        dropped = [{"candidate": r["candidate"], **r["dropped"]} for r in table if r["dropped"]]
         head.summary["selection"] = {
             "chosen": best["candidate"], "folds": k, "images": n, "table": table, "seed": config.random_state,
-            "members": list(members), "seconds": time.perf_counter() - t0,
-            "reason": f"highest mean AP in {k}-fold cross-validation on the {n} training images"}
+            "members": list(members), "seconds": time.perf_counter() - t0, "halving": config.option("cv_halving"),
+            "dropped": dropped,
+            "reason": f"highest mean AP in {k}-fold cross-validation on the {n} training images"
+                      + (f" ({len(dropped)} candidate(s) dropped after fold 1, clearly behind)" if dropped else "")}
         return head

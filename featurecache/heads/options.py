@@ -22,12 +22,22 @@ from featurecache.heads.background import BackgroundPolicy
 from featurecache.heads.pooling import DEFAULT_POWER, SCORE_POOLINGS, check_image_pooling
 from featurecache.metrics import METHODS
 
-__all__ = ["AGGREGATIONS", "DEFAULT_CANDIDATES", "DEFAULT_MEMBERS", "EVAL_OPTIONS", "FUSION_RULES",
-           "MAX_AGGREGATION_PARAMETER", "OPTIONS", "Option", "OptionScopeError", "check_options", "defaults",
-           "is_fusion", "options_of", "parse_aggregation", "parse_member", "read_defaults", "relevant", "scope_error"]
+__all__ = ["AGGREGATIONS", "DEFAULT_CANDIDATES", "DEFAULT_MEMBERS", "EVAL_OPTIONS", "FUSION_RULES", "HALVINGS",
+           "LBFGS_WINDOW", "MAX_AGGREGATION_PARAMETER", "OPTIONS", "SOLVERS", "Option", "OptionScopeError",
+           "check_options", "defaults", "is_fusion", "options_of", "parse_aggregation", "parse_member",
+           "read_defaults", "relevant", "scope_error"]
 
 #: MIL aggregations of patch logits into an image logit.
 AGGREGATIONS = ("lse", "max", "power")
+
+#: Optimisers of the mil/hybrid scorer (:class:`featurecache.heads.bags.BagTrainer`'s ``solver``).
+SOLVERS = ("lbfgs", "adam")
+
+#: How ``auto`` drops candidates after its first fold (``cv_halving``).
+HALVINGS = ("interval", "none")
+
+#: Iterations over which the L-BFGS solver measures the relative fall of its loss (``image_tol``).
+LBFGS_WINDOW = 5
 
 
 #: Largest power k or log-sum-exp r: beyond it the aggregation is max in all but rounding, and
@@ -284,6 +294,17 @@ def _trainer(o: Mapping) -> bool:
     return o.get("objective") != "image" or o.get("image_head") == "mlp"
 
 
+def _lbfgs(o: Mapping) -> bool:
+    """MILHead's linear scorer with ``image_solver=lbfgs`` (an MLP scorer trains with Adam)."""
+    return o.get("objective") in ("mil", "hybrid") and o.get("image_solver", "lbfgs") == "lbfgs" \
+        and not int(o.get("image_hidden", 0) or 0)
+
+
+def _adam(o: Mapping) -> bool:
+    """The trainers that step with Adam: ImageMLPHead, MILHead with an MLP scorer or ``image_solver=adam``."""
+    return _trainer(o) and not _lbfgs(o)
+
+
 def _c_applies(o: Mapping) -> bool:
     return o.get("head") != "mlp" if o.get("objective") == "patch" else o.get("image_head") == "logreg"
 
@@ -334,11 +355,20 @@ _OPTION_LIST = (
     Option("image_hidden", 0, "image (mlp head), mil, hybrid: hidden width of the scorer (0: linear).",
            _IMAGE | _MIL | _HYBRID, param="hidden", when=_trainer, parse=int, kind="int", minimum=0),
     Option("image_lr", 0.01, "image (mlp head), mil, hybrid: Adam learning rate.",
-           _IMAGE | _MIL | _HYBRID, param="lr", when=_trainer, minimum=0.0, minimum_open=True),
+           _IMAGE | _MIL | _HYBRID, param="lr", when=_adam, minimum=0.0, minimum_open=True),
     Option("image_weight_decay", 1e-4, "image (mlp head), mil, hybrid: L2 penalty.",
            _IMAGE | _MIL | _HYBRID, param="weight_decay", when=_trainer, minimum=0.0),
-    Option("image_epochs", 200, "image (mlp head), mil, hybrid: epochs.",
-           _IMAGE | _MIL | _HYBRID, param="max_epochs", when=_trainer, parse=int, kind="int", minimum=1),
+    Option("image_epochs", 200, "image (mlp head), mil, hybrid: epochs (Adam), or the cap on passes over the bags "
+           "(L-BFGS).", _IMAGE | _MIL | _HYBRID, param="max_epochs", when=_trainer, parse=int, kind="int", minimum=1),
+    Option("image_solver", "lbfgs",
+           "mil, hybrid: lbfgs (full-batch L-BFGS on the linear scorer until the loss plateaus, --image-tol; an MLP "
+           "scorer trains with Adam) or adam (mini-batches of 16 images for --image-epochs epochs at --image-lr: the "
+           "previous default, several times slower at the same mAP; docs/performance.md).",
+           _MIL | _HYBRID, param="solver", kind="choice", choices=SOLVERS, parse=_choice("image_solver", SOLVERS)),
+    Option("image_tol", 3e-3,
+           "mil, hybrid (lbfgs): stop when the training loss fell by less than this fraction over the last "
+           f"{LBFGS_WINDOW} iterations (0: run to --image-epochs passes or until it stops changing).",
+           _MIL | _HYBRID, param="tol", when=_lbfgs, minimum=0.0),
     Option("members", ",".join(DEFAULT_MEMBERS),
            "fusion (and auto's fusion candidate): the objectives whose image scores are averaged, comma-separated; "
            "image:POOLING picks the image objective's pooling. Members that need boxes are replaced by mil on data "
@@ -355,6 +385,11 @@ _OPTION_LIST = (
            parse=lambda t: _member_list(t, "candidates"), kind="text"),
     Option("cv_folds", None, "auto: folds over the training images [default: 3, or 2 below 30 images].", _AUTO,
            parse=lambda t: None if t is None or str(t).lower() == "none" else int(t), kind="int", minimum=2),
+    Option("cv_halving", "interval",
+           "auto: interval (every candidate on the first fold; those whose 95% paired bootstrap interval of the "
+           "mAP difference to that fold's best lies below zero run on no other fold) or none (every candidate on "
+           "every fold: the previous behaviour).", _AUTO, kind="choice", choices=HALVINGS,
+           parse=_choice("cv_halving", HALVINGS)),
     Option("val", None, "patch: validation cache (early stopping for the MLP).", _PATCH, kind="path", grid=False,
            parse=_text),
     Option("val_split", None, "patch: validate on this split (of --val, or of CACHE).", _PATCH, kind="text",

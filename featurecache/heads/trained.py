@@ -195,11 +195,13 @@ class TrainedHead:
         sel = self.summary.get("selection")
         if not sel:
             return ""
-        rows = sorted(sel["table"], key=lambda r: -np.nan_to_num(r["map_mean"], nan=-1.0))
+        rows = sorted(sel["table"], key=lambda r: (bool(r.get("dropped")), -np.nan_to_num(r["map_mean"], nan=-1.0)))
         width = max(len(r["candidate"]) for r in rows) + 2
         lines = [f"{'candidate':<{width}}  {'CV mAP':>12}  {'train s':>7}"]
         for r in rows:
-            mark = " <- chosen" if r["candidate"] == sel["chosen"] else ""
+            gone = r.get("dropped")
+            mark = " <- chosen" if r["candidate"] == sel["chosen"] else (
+                f" dropped after fold {gone['after_fold']}, behind {gone['behind']}" if gone else "")
             lines.append(f"{r['candidate']:<{width}}  {100 * r['map_mean']:>5.1f} ± {100 * r['map_std']:<4.1f}  "
                          f"{r['seconds']:>7.1f}{mark}")
         return "\n".join(lines)
