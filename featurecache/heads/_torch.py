@@ -101,6 +101,13 @@ def train_torch(make: Callable[[], tuple], *, seed: int, device: torch.device, m
     return net.eval(), history
 
 
+def _seeded(make: Callable[[], nn.Module], seed: int, device: torch.device) -> nn.Module:
+    """``make()`` with torch's RNG seeded by ``seed``, the caller's RNG state left as it was."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return make()
+
+
 def train_lbfgs(make: Callable[[], nn.Module], full_loss: Callable[[nn.Module], float], *, seed: int,
                 device: torch.device, weight_decay: float, max_passes: int, tol: float) -> tuple:
     """Train a torch head full-batch with L-BFGS (strong Wolfe line search) to the loss's plateau.
@@ -129,9 +136,7 @@ def train_lbfgs(make: Callable[[], nn.Module], full_loss: Callable[[nn.Module], 
     history : list of dict
         Per pass: ``epoch`` (the pass), ``train_loss`` (with the penalty), ``val_loss`` (None), ``lr`` (None).
     """
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        net = make()
+    net = _seeded(make, seed, device)
     params = [p for p in net.parameters() if p.requires_grad]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=1, max_eval=64, history_size=50, line_search_fn="strong_wolfe",
                             tolerance_grad=1e-10, tolerance_change=1e-12)

@@ -180,31 +180,11 @@ class TrainedHead:
 
     def selection_line(self) -> str:
         """Which candidate ``auto`` chose and why ('' for a head trained with a given objective)."""
-        sel = self.summary.get("selection")
-        if not sel:
-            return ""
-        rows = sorted(sel["table"], key=lambda r: -np.nan_to_num(r["map_mean"], nan=-1.0))
-        runner_up = next((r for r in rows if r["candidate"] != sel["chosen"]), None)
-        chosen = next(r for r in rows if r["candidate"] == sel["chosen"])
-        versus = (f"; next {runner_up['candidate']} {100 * runner_up['map_mean']:.1f}" if runner_up else "")
-        return (f"auto chose {sel['chosen']} ({sel['reason']}: mAP {100 * chosen['map_mean']:.1f} "
-                f"± {100 * chosen['map_std']:.1f}{versus})")
+        return _selection_line(self.summary.get("selection"))
 
     def selection_table(self) -> str:
         """``auto``'s cross-validation table, best first ('' for a head trained with a given objective)."""
-        sel = self.summary.get("selection")
-        if not sel:
-            return ""
-        rows = sorted(sel["table"], key=lambda r: (bool(r.get("dropped")), -np.nan_to_num(r["map_mean"], nan=-1.0)))
-        width = max(len(r["candidate"]) for r in rows) + 2
-        lines = [f"{'candidate':<{width}}  {'CV mAP':>12}  {'train s':>7}"]
-        for r in rows:
-            gone = r.get("dropped")
-            mark = " <- chosen" if r["candidate"] == sel["chosen"] else (
-                f" dropped after fold {gone['after_fold']}, behind {gone['behind']}" if gone else "")
-            lines.append(f"{r['candidate']:<{width}}  {100 * r['map_mean']:>5.1f} ± {100 * r['map_std']:<4.1f}  "
-                         f"{r['seconds']:>7.1f}{mark}")
-        return "\n".join(lines)
+        return _selection_table(self.summary.get("selection"))
 
     # -- the file (featurecache.heads.headfile)
     def to_payload(self) -> dict:
@@ -229,3 +209,29 @@ class TrainedHead:
     def load(cls, path: Union[str, Path], *, device: str = "auto") -> "TrainedHead":
         """Read a head file; never executes code from it."""
         return cls.from_payload(read_head_file(path), device=device, source=str(path))
+
+
+def _selection_line(sel: Optional[dict]) -> str:
+    if not sel:
+        return ""
+    rows = sorted(sel["table"], key=lambda r: -np.nan_to_num(r["map_mean"], nan=-1.0))
+    runner_up = next((r for r in rows if r["candidate"] != sel["chosen"]), None)
+    chosen = next(r for r in rows if r["candidate"] == sel["chosen"])
+    versus = (f"; next {runner_up['candidate']} {100 * runner_up['map_mean']:.1f}" if runner_up else "")
+    return (f"auto chose {sel['chosen']} ({sel['reason']}: mAP {100 * chosen['map_mean']:.1f} "
+            f"± {100 * chosen['map_std']:.1f}{versus})")
+
+
+def _selection_table(sel: Optional[dict]) -> str:
+    if not sel:
+        return ""
+    rows = sorted(sel["table"], key=lambda r: (bool(r.get("dropped")), -np.nan_to_num(r["map_mean"], nan=-1.0)))
+    width = max(len(r["candidate"]) for r in rows) + 2
+    lines = [f"{'candidate':<{width}}  {'CV mAP':>12}  {'train s':>7}"]
+    for r in rows:
+        gone = r.get("dropped")
+        mark = " <- chosen" if r["candidate"] == sel["chosen"] else (
+            f" dropped after fold {gone['after_fold']}, behind {gone['behind']}" if gone else "")
+        lines.append(f"{r['candidate']:<{width}}  {100 * r['map_mean']:>5.1f} ± {100 * r['map_std']:<4.1f}  "
+                     f"{r['seconds']:>7.1f}{mark}")
+    return "\n".join(lines)
