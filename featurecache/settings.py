@@ -247,9 +247,10 @@ EXTRACT = _table(
     Setting("weights", "default", "'default' (packaged or cached weights), a torchvision weights name, a state-dict "
             "file, or 'none' (random; for tests).", "text"),
     *GRID.values(),
-    Setting("mode", "crop", "crop: every patch through the whole network (the paper's); dense: the trunk once per "
-            "image and scale, windows pooled from its feature map (about 8x faster on CPU, 0.2-1.6 mAP lower on "
-            "the VOC sample and BCCD: docs/results.md).", "choice", MODES),
+    Setting("mode", "crop", "crop: every patch through the whole network (the paper's, the default by measurement); "
+            "dense: the trunk once per image and scale, windows pooled from its feature map (4-8x faster on CPU; "
+            "with fit's default, 6.4 mAP lower on the VOC sample, within noise on BCCD: docs/results.md).",
+            "choice", MODES),
     Setting("max_side", DEFAULT_MAX_SIDE, "Dense mode: largest trunk input side; larger images run in overlapping "
             "tiles (same features up to float rounding).", low=MIN_MAX_SIDE),
     _BACKEND["batch_size"], _BACKEND["workers"], _BACKEND["device"],
