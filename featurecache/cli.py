@@ -23,7 +23,7 @@ from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option
 from featurecache.logs import log_to_stderr
 from featurecache.outputs import check_not_inputs, check_output, printable, write_report
 from featurecache.patches import LabelRule
-from featurecache.resources import DEVICES, parse_size
+from featurecache.resources import DEVICES, RUNTIMES, parse_size
 from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, Setting, grid_from, parse_scales
 from featurecache.summary import summarize
 
@@ -516,6 +516,51 @@ def predict(head, inputs, out, json_out, csv_out, weights, device, download, **o
             click.echo(result.maps_note)
     if not result.n_scored:
         raise click.ClickException("no image could be scored")
+
+
+def _input_size(ctx, param, value):
+    """``WIDTH,HEIGHT`` as two whole numbers."""
+    try:
+        width, height = (int(v) for v in str(value).replace("x", ",").split(","))
+    except ValueError:
+        raise click.BadParameter(f"give WIDTH,HEIGHT in pixels (e.g. 500,375), got {value!r}") from None
+    return width, height
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.argument("head", type=_InputFile())
+@click.argument("path", type=click.Path(dir_okay=False), metavar="OUT")
+@click.argument("images", nargs=-1)
+@click.option("--input-size", required=True, callback=_input_size, metavar="WIDTH,HEIGHT",
+              help="The image size the model takes (fixed: a consumer resizes its images to it first).")
+@click.option("--check", is_flag=True,
+              help="Then run the model with ONNX Runtime on IMAGES (resized to --input-size) and compare its scores "
+                   "with predict's on the same pixels; a difference beyond 1e-4 of the score scale, or another top "
+                   "class, is an error.")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="onnxruntime",
+              help="--check: what runs predict's backbone (onnxruntime, as the model runs: the export alone is "
+                   "compared).")
+@click.option("--weights", default=None, help="The backbone weights file, when not where the head's training found "
+              "it (refused unless its SHA-256 is the recorded one).")
+@click.option("--download", is_flag=True, help="Download the backbone's default weights when they are not in the "
+              "local cache.")
+@threads_option
+@_command
+def export(head, path, images, input_size, check, runtime, weights, download, threads):
+    """Write HEAD and its backbone as one ONNX model OUT (.onnx): a uint8 RGB image (H, W, 3) to per-class scores.
+
+    The model computes what predict computes on an image of --input-size: the patch grid,
+    the backbone, the head and its image-score rule. Its metadata holds the class names, what
+    a score means, the default threshold and the head's provenance (docs/deploy.md).
+    """
+    from featurecache.deploy import export as run_export
+
+    if bool(images) != check:
+        raise click.UsageError("IMAGES are what --check runs on: give both or neither")
+    _check_outputs({"HEAD": head, "--weights": weights, "IMAGES": [i for i in images if os.path.isfile(i)]}, path=path)
+    result = run_export(head, path, input_size=input_size, weights=weights, download=download, check=images,
+                        threads=threads, runtime=runtime)
+    click.echo(result.to_text())
 
 
 @main.command(context_settings=CONTEXT)

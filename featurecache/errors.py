@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Optional
 
-__all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExtractError",
+__all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExportError", "ExtractError",
            "FeaturecacheError", "HeadError", "PredictError", "integer_at_least"]
 
 
@@ -63,6 +63,11 @@ class EvalError(FeaturecacheError):
 
 class PredictError(FeaturecacheError):
     """Prediction cannot run: a head that cannot be used on new images, bad inputs or options."""
+
+
+class ExportError(FeaturecacheError):
+    """A head cannot be exported (``featurecache export``): no recorded extraction, a backbone or head ONNX
+    cannot express, an input size the grid cannot use, or an exported model that disagrees with ``predict``."""
 
 
 class AblationError(FeaturecacheError):
