@@ -410,10 +410,11 @@ class CheckResult:
 
     def to_text(self) -> str:
         n = len(self.names)
+        speed = (f"ONNX Runtime {n / max(self.seconds_exported, 1e-9):.2f} images/s, "
+                 f"predict {n / max(self.seconds_predicted, 1e-9):.2f} images/s")
         return (f"check on {n} image(s): max |exported - predict| {self.max_abs_difference:.2e} "
                 f"({self.relative_difference:.2e} of the score scale {self.scale:.3g}; tolerance {self.tolerance:g}), "
-                f"top-1 agreement {100 * self.top1_agreement:.1f}%; ONNX Runtime {n / max(self.seconds_exported, 1e-9):.2f} "
-                f"images/s, predict {n / max(self.seconds_predicted, 1e-9):.2f} images/s")
+                f"top-1 agreement {100 * self.top1_agreement:.1f}%; {speed}")
 
 
 def _session(path: Union[str, Path], threads: Optional[int]):
