@@ -40,16 +40,16 @@ SIZE = (64, 48)  # the tiny set's images: predict and the model see the same pix
 
 
 @pytest.mark.parametrize("objective, options", [
-    ("patch", {}),
+    ("patch", {"epochs": 5}),
     ("patch", {"head": "logreg"}),
     ("patch", {"head": "linearsvm"}),
     ("image", {}),
-    ("image", {"image_head": "mlp", "image_pooling": "scales+max"}),
+    ("image", {"image_head": "mlp", "image_pooling": "scales+max", "image_epochs": 10}),
     ("image", {"image_pooling": "coarse+mean"}),
-    ("mil", {}),
-    ("mil", {"aggregation": "max"}),
-    ("mil", {"aggregation": "lse:3"}),
-    ("hybrid", {}),
+    ("mil", {"image_epochs": 10}),
+    ("mil", {"aggregation": "max", "image_epochs": 15}),
+    ("mil", {"aggregation": "lse:3", "image_epochs": 10}),
+    ("hybrid", {"image_epochs": 10}),
 ])
 def test_score_module_is_image_scores(tmp_path, objective, options):
     from featurecache.cache import FeatureCache
@@ -102,8 +102,11 @@ def _head(tiny, mode, objective, **options) -> Path:
     root, _, caches = tiny
     name = "-".join([mode, objective, *(f"{k}{v}" for k, v in options.items())]).replace(":", "")
     path = root / f"{name}.head.pt"
-    if not path.exists():
-        fit_objective(caches[mode], objective=objective, train_split="train", progress=False, **options).save(path)
+    if not path.exists():  # few epochs: the export must match whatever the head learnt
+        quick = {"epochs": 5} if objective == "patch" else (
+            {"image_epochs": 20} if objective in ("mil", "hybrid", "fusion") else {})
+        fit_objective(caches[mode], objective=objective, train_split="train", progress=False,
+                      **{**quick, **options}).save(path)
     return path
 
 
