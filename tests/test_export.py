@@ -307,3 +307,10 @@ def test_check_export_of_a_written_model(tiny, tmp_path):
     result = check_export(path, head, _images(tiny)[:2], runtime="torch")
     assert len(result.names) == 2 and result.top1_agreement == 1.0
     assert result.relative_difference <= CHECK_TOLERANCE, result.to_text()
+
+
+def test_the_package_offers_export():
+    import featurecache
+    import featurecache.deploy
+
+    assert featurecache.export is featurecache.deploy.export
