@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import time
 import warnings
 from dataclasses import dataclass
@@ -47,8 +46,6 @@ from featurecache.heads.trained import TrainedHead
 from featurecache.outputs import check_not_inputs, check_output, write_bytes
 from featurecache.patches import MAX_PATCHES
 from featurecache.resources import DEFAULT_MAX_SIDE
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["CHECK_TOLERANCE", "METADATA_KEYS", "MIN_PATCH_SIDE", "CheckResult", "ExportResult", "ExportedModel",
            "check_export", "export", "read_metadata"]
@@ -321,7 +318,6 @@ def export(head: Union[str, Path, TrainedHead], path: Union[str, Path], *, input
     data = _to_onnx(model, width, height, f"{source}: {backbone.spec.name} with its {trained.objective} head")
     data = _with_metadata(data, _metadata(trained, recipe, source, width, height))
     write_bytes(path, data)
-    logger.info("exported %s (%d bytes)", path, len(data))
     seconds = time.perf_counter() - t0
     checked = None
     if check:
@@ -387,12 +383,12 @@ class CheckResult:
 
     @property
     def max_abs_difference(self) -> float:
-        return float(np.abs(self.exported.astype(np.float64) - self.predicted).max()) if self.names else 0.0
+        return float(np.abs(self.exported.astype(np.float64) - self.predicted).max())
 
     @property
     def scale(self) -> float:
         """The score scale: the largest score magnitude ``predict`` gave (at least 1e-6)."""
-        return max(float(np.abs(self.predicted).max()) if self.names else 0.0, 1e-6)
+        return max(float(np.abs(self.predicted).max()), 1e-6)
 
     @property
     def relative_difference(self) -> float:
@@ -400,8 +396,6 @@ class CheckResult:
 
     @property
     def top1_agreement(self) -> float:
-        if not self.names:
-            return 1.0
         return float(np.mean(self.exported.argmax(1) == self.predicted.argmax(1)))
 
     @property
@@ -487,7 +481,7 @@ def check_export(model: Union[str, Path], head: Union[str, Path, TrainedHead], i
         Its ``passed`` says whether the scores agree within :data:`CHECK_TOLERANCE` of the score
         scale with the same top class for every image.
     """
-    from featurecache.predict import load_head
+    from featurecache.predict import Predictor, load_head
 
     meta = read_metadata(model)
     size = meta["featurecache.input"]
@@ -496,11 +490,8 @@ def check_export(model: Union[str, Path], head: Union[str, Path, TrainedHead], i
     t0 = time.perf_counter()
     exported = np.stack([session.run(None, {"image": a})[0] for a in arrays])
     seconds_exported = time.perf_counter() - t0
-    predictor = load_head(head, weights=weights, device="cpu") if not isinstance(head, TrainedHead) else None
-    if predictor is None:
-        from featurecache.predict import Predictor
-
-        predictor = Predictor(head, weights=weights, device="cpu")
+    predictor = (Predictor(head, weights=weights, device="cpu") if isinstance(head, TrainedHead)
+                 else load_head(head, weights=weights, device="cpu"))
     predictor.backbone()
     t0 = time.perf_counter()
     result = predictor.predict(list(arrays), progress=False, runtime=runtime, threads=threads, workers=0)
