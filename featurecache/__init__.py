@@ -25,6 +25,7 @@ __all__ = [
     "LabelRule",
     "PatchGrid",
     "__version__",
+    "export",
     "load_head",
     "read_dataset",
     "report",
@@ -32,7 +33,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # load_head lives in featurecache.predict, which imports torch: import it on first use,
+    # load_head lives in featurecache.predict and export in featurecache.deploy, which import torch:
+    # import them on first use,
     # by name, so that `import featurecache` (and the command line's --help) stays light.
     if name == "load_head":
         import importlib
@@ -42,4 +44,8 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("featurecache.pages").report
+    if name == "export":  # featurecache.deploy imports torch too
+        import importlib
+
+        return importlib.import_module("featurecache.deploy").export
     raise AttributeError(f"module 'featurecache' has no attribute {name!r}")

@@ -24,7 +24,19 @@ from featurecache.logs import log_to_stderr
 from featurecache.outputs import check_not_inputs, check_output, printable, write_report
 from featurecache.patches import LabelRule
 from featurecache.resources import DEVICES, parse_size
-from featurecache.settings import EXTRACT, GRID, INSPECT, LOCALIZE, PREDICT, REPORT, Setting, grid_from, parse_scales
+from featurecache.settings import (
+    EXPORT,
+    EXTRACT,
+    GRID,
+    INSPECT,
+    LOCALIZE,
+    PREDICT,
+    REPORT,
+    Setting,
+    grid_from,
+    parse_image_size,
+    parse_scales,
+)
 from featurecache.summary import summarize
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "show_default": True, "max_content_width": 100}
@@ -176,6 +188,8 @@ def setting_option(s: Setting, **overrides) -> Callable:
     if s.kind == "scales":
         kw.update(type=str, callback=_parsed(parse_scales),
                   default=None if s.default is None else ",".join(f"{v:g}" for v in s.default))
+    if s.kind == "size":
+        kw.update(type=str, callback=_parsed(parse_image_size), metavar="WIDTH,HEIGHT")
     kw.update(overrides)
     return click.option(s.option, s.name, **kw)
 
@@ -510,6 +524,30 @@ def predict(head, inputs, out, json_out, csv_out, html_out, weights, device, dow
             click.echo(result.maps_note)
     if not result.n_scored:
         raise click.ClickException("no image could be scored")
+
+
+@main.command("export", context_settings=CONTEXT)
+@click.argument("head", type=_InputFile())
+@click.argument("path", type=click.Path(dir_okay=False), metavar="OUT")
+@click.argument("images", nargs=-1)
+@setting_options(EXPORT)
+@_command
+def export(head, path, images, check, **options):
+    """Write HEAD and its backbone as one ONNX model OUT (.onnx): a uint8 RGB image (H, W, 3) to per-class scores.
+
+    The model computes what predict computes on an image of --input-size: the patch grid,
+    the backbone, the head and its image-score rule. Its metadata holds the class names, what
+    a score means, the default threshold and the head's provenance (docs/deploy.md).
+    """
+    from featurecache.deploy import export as run_export
+
+    if bool(images) != check:
+        raise click.UsageError("IMAGES are what --check runs on: give both or neither")
+    if options["input_size"] is None:
+        raise click.UsageError("give --input-size WIDTH,HEIGHT: the model takes images of one size")
+    _check_outputs({"HEAD": head, "--weights": options["weights"],
+                    "IMAGES": [i for i in images if os.path.isfile(i)]}, path=path)
+    click.echo(run_export(head, path, check=images, **options).to_text())
 
 
 @main.command(context_settings=CONTEXT)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numbers
 from typing import Optional
 
-__all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExtractError",
+__all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExportError", "ExtractError",
            "FeaturecacheError", "HeadError", "PredictError", "ReportError", "integer_at_least"]
 
 
@@ -67,6 +67,11 @@ class PredictError(FeaturecacheError):
 
 class ReportError(FeaturecacheError):
     """A report page cannot be made or written: bad settings, an output that is one of its inputs."""
+
+
+class ExportError(FeaturecacheError):
+    """A head cannot be exported (``featurecache export``): no recorded extraction, a backbone or head ONNX
+    cannot express, an input size the grid cannot use, or an exported model that disagrees with ``predict``."""
 
 
 class AblationError(FeaturecacheError):

@@ -16,7 +16,7 @@ from typing import Iterable, Mapping, Optional, Protocol, Sequence, Union, runti
 from featurecache.errors import FeaturecacheError
 
 __all__ = ["REPORT_FORMATS", "Report", "check_not_inputs", "check_output", "csv_text", "json_text", "os_reason",
-           "printable", "report_format", "same_file", "write_report", "write_text"]
+           "printable", "report_format", "same_file", "write_bytes", "write_report", "write_text"]
 
 
 #: A cell that starts with one of these is a formula to spreadsheet programs (OWASP's CSV
@@ -211,6 +211,12 @@ def _check_folder_outside_inputs(name: str, folder: Path, inputs: dict) -> None:
 
 def write_text(path: Union[str, Path], text: str) -> Path:
     """Write a text file whole: a temporary file beside it, renamed into place; removed if the write fails."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_bytes(path: Union[str, Path], data: bytes) -> Path:
+    """Write a file whole (a model, a picture): a temporary file beside it, renamed into place; removed if
+    the write fails."""
     path = Path(path)
     check_replaceable(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -218,8 +224,8 @@ def write_text(path: Union[str, Path], text: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # a link planted at the temporary name is removed, not followed
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):

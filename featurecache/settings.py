@@ -36,7 +36,7 @@ from featurecache.resources import (
 
 __all__ = ["COMPRESSIONS", "DTYPES", "EXTRACT", "GRID", "IMAGES_PER_GROUP", "INSPECT", "LOCALIZE", "MAP",
            "MAX_MAP_SCALE", "MODES", "PREDICT", "REPORT", "REPORT_LOCALIZATION", "REPORT_MAPS", "Setting",
-           "check_fields", "grid_from", "parse_scales"]
+           "EXPORT", "check_fields", "grid_from", "parse_image_size", "parse_scales"]
 
 #: Stored feature types, HDF5 compressions and extraction modes (``extract``).
 DTYPES = ("float16", "float32")
@@ -59,7 +59,7 @@ REPORT_MAPS = ("auto",) + MAP_METHODS + ("none",)
 REPORT_LOCALIZATION = ("auto", "on", "off")
 
 #: Kinds of setting: how a value is checked and how the command line reads it.
-KINDS = ("int", "float", "choice", "flag", "text", "path", "file", "folder", "scales", "device")
+KINDS = ("int", "float", "choice", "flag", "text", "path", "file", "folder", "scales", "device", "size")
 
 
 @dataclass(frozen=True)
@@ -186,6 +186,15 @@ def parse_scales(text: str) -> tuple:
     if not scales:
         raise ValueError("no scales given")
     return scales
+
+
+def parse_image_size(text: str) -> tuple:
+    """``"500,375"`` (or ``500x375``) -> ``(500, 375)``: an image's width and height in pixels."""
+    try:
+        width, height = (int(v) for v in str(text).replace("x", ",").split(","))
+    except ValueError:
+        raise ValueError(f"give WIDTH,HEIGHT in pixels (e.g. 500,375), got {text!r}") from None
+    return width, height
 
 
 def grid_from(options: Mapping[str, Any]) -> PatchGrid:
@@ -344,4 +353,16 @@ REPORT = _table(
     _STRIDE, MAP["box_threshold"],
     replace(LOCALIZE["tolerance"], help="Pixels a map's peak may miss a box by (pointing, reported beside 0)."),
     *(MAP[n] for n in ("weights", "device", "download", "runtime")), _BACKEND["threads"],
+)
+
+#: ``export`` (:func:`featurecache.deploy.export`): the model's input size and the check against ``predict``.
+EXPORT = _table(
+    Setting("input_size", None, "The image size WIDTH,HEIGHT the model takes (fixed: a consumer resizes its images "
+            "to it first).", "size"),
+    Setting("check", False, "Then run the model with ONNX Runtime on IMAGES (resized to --input-size) and compare "
+            "its scores with predict's on the same pixels; a difference beyond 1e-4 of the score scale, or another "
+            "top class, is an error.", "flag"),
+    replace(_BACKEND["runtime"], default="onnxruntime", help="--check: what runs predict's backbone (onnxruntime, "
+            "as the model runs: the export alone is compared)."),
+    replace(PREDICT["weights"]), _BACKEND["download"], _BACKEND["threads"],
 )
