@@ -4,6 +4,8 @@ Two kinds of map, both from the one route from a head to scores (:class:`Trained
 
 - ``windows``: the paper's localisation (Oquab et al., 2014): every cell of a ``stride``-pixel
   grid gets the mean score of the cached patches covering it.
+- ``attention``: an attention head's weights, read the same way: every cell gets the mean
+  attention weight (of each class) of the cached patches covering it.
 - ``cam``: class activation maps (Zhou et al., 2016) on the backbone's dense trunk. At each
   scale λ of the head's grid the image is resized as dense extraction resizes it, every
   feature-map cell is scored by the head (:meth:`TrainedHead.region_scores`), the cell
@@ -59,8 +61,11 @@ __all__ = [
     "localization_map",
 ]
 
-#: Methods that read the cache's patch scores (patch, mil and hybrid heads only).
+#: Methods that read the cache's patch scores (patch, mil, hybrid and attention heads only).
 WINDOW_METHODS = ("windows", "cam*windows")
+
+#: Methods that run the backbone's dense trunk on the image.
+CELL_METHODS = ("cam", "cam*windows")
 
 #: CorLoc: a box localises its class when its IoU with one of the class's boxes reaches this.
 CORLOC_IOU = 0.5
@@ -117,18 +122,23 @@ class MapConfig:
     def __post_init__(self) -> None:
         check_fields(self, MAP, EvalError)
         if self.scales is not None:
-            if self.method == "windows":  # silently ignored, it would look as if it had been honoured
-                raise EvalError("applies to cam maps only (a windows map averages the patches of every scale)",
+            if not self.uses_cells:  # silently ignored, it would look as if it had been honoured
+                raise EvalError(f"applies to cam maps only (a {self.method} map averages the patches of every scale)",
                                 param="scales")
             object.__setattr__(self, "scales", tuple(float(v) for v in self.scales))
 
     @property
     def uses_cells(self) -> bool:
-        return self.method != "windows"
+        return self.method in CELL_METHODS
 
     @property
     def uses_windows(self) -> bool:
         return self.method in WINDOW_METHODS
+
+    @property
+    def uses_patches(self) -> bool:
+        """Whether the map reads the image's cached patches (window and attention methods)."""
+        return self.uses_windows or self.method == "attention"
 
 
 # --------------------------------------------------------------------------- one map
@@ -310,6 +320,10 @@ class Localizer:
         if self.config.uses_windows and not head.spec.patch_scores:
             raise EvalError(f"the {self.config.method} map averages patch scores, which {article(head.objective)} "
                             f"{head.objective} head does not have; use the cam method", param="method")
+        if self.config.method == "attention" and not head.spec.attention_maps:
+            raise EvalError(f"the attention map averages patch attention weights, which {article(head.objective)} "
+                            f"{head.objective} head does not have; use an attention head or the cam method",
+                            param="method")
         self._net = _with_dense_trunk(backbone) if backbone is not None and self.config.uses_cells else backbone
         self._device: Optional[torch.device] = None
         self._runtime: Optional[Runtime] = None
@@ -356,10 +370,12 @@ class Localizer:
         if not image_file:
             image_file = str(Path(dataset.root) / path) if dataset.root else ""
         windows = cells = None
-        if self.config.uses_windows:
+        if self.config.uses_patches:
             with cache.select([position]) as one:
-                windows = _per_pixel_mean(self.head.patch_scores(one.read_features()),
-                                          one.boxes.astype(np.float64), w, h, self.config.stride)
+                x = one.read_features()
+                attention = self.config.method == "attention"
+                values = self.head.patch_attention(x) if attention else self.head.patch_scores(x)
+                windows = _per_pixel_mean(values, one.boxes.astype(np.float64), w, h, self.config.stride)
         if self.config.uses_cells:
             if not image_file:
                 raise EvalError(f"{cache.path}: the image files' folder is not recorded; cam maps need the "
@@ -377,7 +393,7 @@ class Localizer:
 
     def pixels_map(self, pixels: np.ndarray, *, path: str = "", image_file: str = "") -> LocalizationMap:
         """The ``cam`` map of an ``(H, W, 3)`` uint8 image (no cache needed)."""
-        if self.config.uses_windows:
+        if self.config.uses_patches:
             raise EvalError(f"the {self.config.method} map needs the image's cached patches", param="method")
         h, w = pixels.shape[:2]
         self._check_size(path or "the image", w, h)
