@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from test_localize import GRID, SIZE, VAL, _square_voc
 
 from featurecache.cache import FeatureCache
 from featurecache.evaluate import evaluate
@@ -118,3 +119,51 @@ def test_clone_and_parameters():
     twin = clone(head)
     assert twin.get_params() == head.get_params() and twin is not head
     assert twin.set_params(dropout=0.1).dropout == 0.1
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory):
+    """An attention head on real Lite0 features (dense mode) of test_localize's red-square set."""
+    from featurecache.extract import extract
+    from featurecache.patches import PatchGrid
+
+    base = tmp_path_factory.mktemp("squares")
+    voc, boxes = _square_voc(base / "voc")
+    cache = extract(voc, base / "sq.h5", grid=PatchGrid(**GRID), mode="dense", workers=0, progress=False).path
+    head = fit_objective(cache, objective="attention", train_split="train", device="cpu", image_epochs=100)
+    return {"voc": voc, "cache": cache, "boxes": boxes, "head": head, "file": head.save(base / "a.head.pt")}
+
+
+def test_attention_maps_peak_on_the_object(squares):
+    from featurecache.maps import localization_map
+
+    for name in VAL:  # not trained on
+        m = localization_map(squares["head"], squares["cache"], name, method="attention", stride=4)
+        _, x, y = m.peak("red")
+        x0, y0, x1, y1 = squares["boxes"][name]
+        assert x0 - 12 <= x <= x1 + 12 and y0 - 12 <= y <= y1 + 12, (name, (x, y), squares["boxes"][name])
+        assert m.method == "attention" and m.scores.shape == (1, SIZE[1] // 4, SIZE[0] // 4)
+        assert 0 < m.scores.max() <= 1 and m.scores.sum() == pytest.approx(1.0, rel=1e-4)  # the share of attention
+
+
+def test_localize_evaluates_attention_maps_and_refuses_them_for_other_heads(squares, tmp_path):
+    from click.testing import CliRunner
+
+    from featurecache.cli import main
+    from featurecache.errors import EvalError
+    from featurecache.localize import evaluate_localization
+    from featurecache.maps import Localizer, MapConfig
+
+    report = evaluate_localization(squares["head"], squares["cache"], split="val", method="attention", stride=8,
+                                   progress=False)
+    assert report.method == "attention" and report.pairs.sum() == 4 and report.rate("pointing") == 1.0
+    r = CliRunner().invoke(main, ["localize", str(squares["file"]), str(squares["cache"]), "--evaluate", "--split",
+                                  "val", "--map-method", "attention", "--stride", "8"])
+    assert r.exit_code == 0 and r.output.startswith("attention maps of an attention head"), r.output
+    mil = fit_objective(squares["cache"], objective="mil", train_split="train", device="cpu", image_epochs=1)
+    with pytest.raises(EvalError) as e:
+        Localizer(mil, MapConfig(method="attention"))
+    assert e.value.param == "method" and "attention" in e.value.message
+    with pytest.raises(EvalError) as e:
+        MapConfig(method="attention", scales=(1.0,))
+    assert e.value.param == "scales"

@@ -345,7 +345,7 @@ _OPTION_LIST = (
     Option("attention", ATTENTION_BRANCHES[0], "attention: one gated attention branch per class, or one shared "
            "by the classes.", _ATTENTION, param="attention", kind="choice", choices=ATTENTION_BRANCHES,
            parse=_choice("attention", ATTENTION_BRANCHES)),
-    Option("attention_dim", 128, "attention: width of the gated attention network.", _ATTENTION,
+    Option("attention_dim", 32, "attention: width of the gated attention network.", _ATTENTION,
            param="attention_dim", parse=int, kind="int", minimum=1),
     Option("attention_dropout", 0.25, "attention: dropout on the patch features while training.", _ATTENTION,
            param="dropout", minimum=0.0, maximum=1.0, maximum_open=True),
