@@ -1,21 +1,24 @@
 """Issue #31's comparison: the attention objective against mil, hybrid and the whole-image probe.
 
-    python examples/attention_table.py [--work DIR] [--only voc|bccd] [--resamples N] [--grid ...]
+    python examples/attention_table.py [--work DIR] [--only voc|bccd] [--part att|shared|milhyb|probe]
+                                       [--resamples N] [--tables-only]
 
 VOC sample: 5-fold cross-validation over its 100 images, 1 seed; BCCD: its train/val split, 3
-seeds. One `featurecache.ablate` run per data set on a dense-mode multi-scale patch cache
-(extracted here if missing: VOC λ ≤ 2.4, five scales; BCCD λ ∈ {1, 1.6, 2.4}) and a
-whole-image cache of the same images: rows are attention (per-class and shared branches),
-mil and hybrid at `fit`'s defaults, and the whole-image probe (a second ablate run on the
-whole-image cache, same folds: :data:`PROBE_GRID`). mAP ± std over folds (VOC) or seeds (BCCD),
-the paired bootstrap interval over images, the paired difference to the best row (the
-probe's run is not paired with the others), and the training seconds per fit (and per mil
-fit). Writes WORK/<data set>-attention.json and prints a markdown table.
+seeds. `featurecache.ablate` runs (:data:`PARTS`, one process each with ``--part``) on a
+dense-mode multi-scale patch cache (extracted here if missing: VOC λ ≤ 2.4, five scales; BCCD
+λ ∈ {1, 1.6, 2.4}) and a whole-image cache of the same images: attention with per-class or
+shared branches, mil and hybrid at `fit`'s defaults, and the whole-image probe. mAP ± std over
+folds (VOC) or seeds (BCCD), the bootstrap interval over images (1000 resamples), the
+difference to mil paired by fold or seed, and the training seconds per fit against mil's.
+Writes WORK/<data set>-<part>.json and prints a markdown table.
 """
 
 import argparse
+import json
 import logging
 from pathlib import Path
+
+import numpy as np
 
 from featurecache.ablate import ablate, parse_grid
 from featurecache.extract import extract
@@ -28,11 +31,17 @@ SETS = {
     "voc": (DATA / "voc2012-sample" / "VOC2012", None, (1, 1.3, 1.6, 2, 2.4), {"folds": 5, "seeds": 1}),
     "bccd": (DATA / "bccd", "trainval", (1, 1.6, 2.4), {"train_split": "train", "val_split": "val", "seeds": 3}),
 }
-GRID = ["objective=attention,mil,hybrid", "attention=per-class,shared"]
-#: The probe runs on the whole-image cache (crop mode: ablate's ``whole_image`` needs the patch cache's
-#: fingerprint, and a dense cache's differs), same folds or split and seeds: one patch per image, so
-#: the image objective's mean pooling is the whole-image feature.
-PROBE_GRID = ["objective=image", "image_pooling=mean"]
+#: One ablate run per part, each its own process if wanted (``--part``): rows of different parts
+#: are paired by fold (VOC) or seed (BCCD) in the table, not by image.
+PARTS = {
+    "att": ["objective=attention"],
+    "shared": ["objective=attention", "attention=shared"],
+    "milhyb": ["objective=mil,hybrid"],
+    # On the whole-image cache (crop mode: ablate's ``whole_image`` needs the patch cache's
+    # fingerprint, and a dense cache's differs): one patch per image, so the image objective's
+    # mean pooling is the whole-image feature.
+    "probe": ["objective=image", "image_pooling=mean"],
+}
 
 
 def name(cfg: dict) -> str:
@@ -40,17 +49,12 @@ def name(cfg: dict) -> str:
     if o == "image":
         return "whole-image probe" if cfg["image_pooling"] == "whole" else f"image ({cfg['image_pooling']})"
     if o == "attention":
-        extra = [f"{k}={cfg[k]}" for k in ("image_lr", "attention_dropout", "attention_patch_weight") if k in cfg]
-        return f"attention ({cfg['attention']}{', ' if extra else ''}{', '.join(extra)})"
+        return f"attention ({cfg.get('attention', 'per-class')})"
     return o
 
 
 def pct(v) -> str:
     return f"{100 * v:.1f}"
-
-
-def diff(d) -> str:
-    return "" if not d else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
 
 
 def caches(key: str, work: Path) -> tuple:
@@ -64,36 +68,54 @@ def caches(key: str, work: Path) -> tuple:
     return patches, whole
 
 
-def run(key: str, work: Path, resamples: int, grid: list) -> None:
+def run(key: str, work: Path, part: str, resamples: int) -> None:
+    """One part's ablate run, written to WORK/<data set>-<part>.json."""
     patches, whole = caches(key, work)
-    r = ablate(patches, grid=parse_grid(grid), progress=False, n_boot=resamples, **SETS[key][3])
+    r = ablate(whole if part == "probe" else patches, grid=parse_grid(PARTS[part]), progress=False,
+               n_boot=resamples, **SETS[key][3])
     print(r.to_text(), flush=True)
-    (work / f"{key}-attention.json").write_text(r.to_json())
-    probe = ablate(whole, grid=parse_grid(PROBE_GRID), progress=False, n_boot=resamples, **SETS[key][3])
-    (work / f"{key}-probe.json").write_text(probe.to_json())
-    probe.rows[0].config["image_pooling"] = "whole"
-    mil = next(row for row in r.rows if row.config["objective"] == "mil")
-    ms = sum(mil.train_seconds) / len(mil.train_seconds)
-    print(f"\n**{key}** ({r.protocol}; {r.trainings} trainings in {r.seconds / 60:.0f} min)\n")
-    print("| row | mAP | 95% interval | vs best | vs probe | train s | × mil |")
-    print("|---|---|---|---|---|---|---|")
-    for row in [*r.rows, probe.rows[0]]:
-        s = sum(row.train_seconds) / len(row.train_seconds)
-        print(f"| {name(row.config)} | {pct(row.mean)} ± {pct(row.std)} | [{pct(row.ci[0])}, {pct(row.ci[1])}] | "
-              f"{diff(row.vs_best)} | {diff(row.vs_probe)} | {s:.1f} | {s / ms:.1f} |", flush=True)
+    (work / f"{key}-{part}.json").write_text(r.to_json())
+
+
+def table(key: str, work: Path) -> str:
+    """Markdown: every part's rows, best first, with the difference to mil paired by fold or seed."""
+    rows = []
+    for part in PARTS:
+        path = work / f"{key}-{part}.json"
+        if path.exists():
+            data = json.loads(path.read_text())
+            for row in data["rows"]:
+                if part == "probe":
+                    row["config"]["image_pooling"] = "whole"
+                rows.append(row)
+    rows.sort(key=lambda r: -r["map_mean"])
+    mil = next(r for r in rows if r["config"]["objective"] == "mil")
+    lines = ["| row | mAP | 95% interval | vs mil, paired by run | train s | × mil |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        d = 100 * (np.array(row["maps"]) - np.array(mil["maps"]))
+        paired = "" if row is mil else f"{d.mean():+.1f} ± {d.std():.1f} (ahead in {int((d > 0).sum())}/{len(d)})"
+        lo, hi = row["map_ci"]
+        lines.append(f"| {name(row['config'])} | {pct(row['map_mean'])} ± {pct(row['map_std'])} | [{pct(lo)}, "
+                     f"{pct(hi)}] | {paired} | {row['train_seconds']:.1f} | "
+                     f"{row['train_seconds'] / mil['train_seconds']:.1f} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("results-work"))
     ap.add_argument("--only", choices=sorted(SETS))
+    ap.add_argument("--part", choices=sorted(PARTS), help="run this part only [default: all, one after another]")
     ap.add_argument("--resamples", type=int, default=1000)
-    ap.add_argument("--grid", nargs="*", default=GRID, help="ablate grid entries [default: %(default)s]")
+    ap.add_argument("--tables-only", action="store_true", help="print the table of earlier runs' JSON")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     args.work.mkdir(parents=True, exist_ok=True)
     for key in [args.only] if args.only else list(SETS):
-        run(key, args.work, args.resamples, args.grid)
+        if not args.tables_only:
+            for part in [args.part] if args.part else list(PARTS):
+                run(key, args.work, part, args.resamples)
+        print(f"\n**{key}**\n\n{table(key, args.work)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -156,7 +156,7 @@ def test_localize_evaluates_attention_maps_and_refuses_them_for_other_heads(squa
 
     report = evaluate_localization(squares["head"], squares["cache"], split="val", method="attention", stride=8,
                                    progress=False)
-    assert report.method == "attention" and report.pairs.sum() == 4 and report.rate("pointing") == 1.0
+    assert report.method == "attention" and report.pairs.sum() == 4 and report.rate("pointing_tol") == 1.0
     r = CliRunner().invoke(main, ["localize", str(squares["file"]), str(squares["cache"]), "--evaluate", "--split",
                                   "val", "--map-method", "attention", "--stride", "8"])
     assert r.exit_code == 0 and r.output.startswith("attention maps of an attention head"), r.output
