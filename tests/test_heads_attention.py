@@ -130,7 +130,7 @@ def squares(tmp_path_factory):
     base = tmp_path_factory.mktemp("squares")
     voc, boxes = _square_voc(base / "voc")
     cache = extract(voc, base / "sq.h5", grid=PatchGrid(**GRID), mode="dense", workers=0, progress=False).path
-    head = fit_objective(cache, objective="attention", train_split="train", device="cpu", image_epochs=100)
+    head = fit_objective(cache, objective="attention", train_split="train", device="cpu", image_epochs=40)
     return {"voc": voc, "cache": cache, "boxes": boxes, "head": head, "file": head.save(base / "a.head.pt")}
 
 
