@@ -167,3 +167,15 @@ def test_localize_evaluates_attention_maps_and_refuses_them_for_other_heads(squa
     with pytest.raises(EvalError) as e:
         MapConfig(method="attention", scales=(1.0,))
     assert e.value.param == "scales"
+
+
+def test_predict_draws_attention_maps_of_new_images(squares, tmp_path):
+    import featurecache
+
+    image = squares["voc"] / "JPEGImages" / "sq25.jpg"
+    result = featurecache.load_head(squares["file"], device="cpu").predict(
+        [image], maps=tmp_path / "maps", map_method="attention", stride=8, workers=0)
+    assert result.errors == [""] and result.maps[0].endswith(".red.png"), result.maps
+    x0, y0, x1, y1 = result.boxes[0]["red"]
+    bx0, by0, bx1, by1 = squares["boxes"]["sq25"]
+    assert x0 <= bx1 and bx0 <= x1 and y0 <= by1 and by0 <= y1  # the box from the map overlaps the square
