@@ -244,13 +244,13 @@ class AttentionHead(TorchState, BaseEstimator):
         return self.image_scores_from_source(BagSource(np.asarray(X, np.float32), image_index, n_images))
 
     def describe_attention(self) -> str:
-        return f"gated {self.attention}, L={int(self.attention_dim)}"
+        return f"gated {self.attention} attention, L={int(self.attention_dim)}"
 
     def scoring_label(self) -> str:
         return f"attention:{self.attention}"
 
     def scoring_text(self) -> str:
-        return "trained attention " + self.describe_attention()
+        return "trained " + self.describe_attention()
 
 
 # --------------------------------------------------------------------------- training on a cache
@@ -298,7 +298,7 @@ def fit_attention_objective(cache, config: FitConfig, *, kind: str, params: dict
 
 def describe_attention(s: Mapping, kind: str) -> str:
     """One line on what training did (the objectives table names it)."""
-    line = (f"{s['objective']} head ({s.get('attention')} attention): {s.get('train_images', 0)} training images, "
+    line = (f"{s['objective']} head ({s.get('attention')}): {s.get('train_images', 0)} training images, "
             f"{s.get('epochs', 0)} epochs; {s.get('seconds', 0):.1f} s")
     if s.get("patch_weight"):
         line += (f"; patch loss weight {s.get('patch_weight', 0):g} on {s.get('train_patches', 0):,} "
