@@ -1,6 +1,6 @@
 """Issue #31's comparison: the attention objective against mil, hybrid and the whole-image probe.
 
-    python examples/attention_table.py [--work DIR] [--only voc|bccd] [--part att|shared|milhyb|probe]
+    python examples/attention_table.py [--work DIR] [--only voc|bccd] [--part PART]
                                        [--resamples N] [--tables-only]
 
 VOC sample: 5-fold cross-validation over its 100 images, 1 seed; BCCD: its train/val split, 3
@@ -36,6 +36,9 @@ SETS = {
 PARTS = {
     "att": ["objective=attention"],
     "shared": ["objective=attention", "attention=shared"],
+    "nodrop": ["objective=attention", "attention_dropout=0"],
+    "drop05": ["objective=attention", "attention_dropout=0.5"],
+    "lr001": ["objective=attention", "attention_dropout=0", "image_lr=0.001"],
     "milhyb": ["objective=mil,hybrid"],
     # On the whole-image cache (crop mode: ablate's ``whole_image`` needs the patch cache's
     # fingerprint, and a dense cache's differs): one patch per image, so the image objective's
@@ -49,7 +52,8 @@ def name(cfg: dict) -> str:
     if o == "image":
         return "whole-image probe" if cfg["image_pooling"] == "whole" else f"image ({cfg['image_pooling']})"
     if o == "attention":
-        return f"attention ({cfg.get('attention', 'per-class')})"
+        lr = f", lr {cfg['image_lr']}" if str(cfg.get("image_lr", "0.01")) != "0.01" else ""
+        return f"attention ({cfg.get('attention', 'per-class')}, dropout {cfg.get('attention_dropout', 0.25)}{lr})"
     return o
 
 
