@@ -1,6 +1,6 @@
 """Localisation maps: per-class maps of where a head finds each class, and boxes from them.
 
-Two kinds of map, both from the one route from a head to scores (:class:`TrainedHead`):
+Three kinds of map, all from the one route from a head to scores (:class:`TrainedHead`):
 
 - ``windows``: the paper's localisation (Oquab et al., 2014): every cell of a ``stride``-pixel
   grid gets the mean score of the cached patches covering it.
@@ -324,7 +324,7 @@ class Localizer:
             raise EvalError(f"the {self.config.method} map averages patch scores, which {article(head.objective)} "
                             f"{head.objective} head does not have; use the cam method", param="method")
         if self.config.method == "attention" and not head.spec.attention_maps:
-            raise EvalError(f"the attention map averages patch attention weights, which {article(head.objective)} "
+            raise EvalError(f"the attention map reads patch attention weights, which {article(head.objective)} "
                             f"{head.objective} head does not have; use an attention head or the cam method",
                             param="method")
         self._net = _with_dense_trunk(backbone) if backbone is not None and self.config.uses_cells else backbone
