@@ -459,7 +459,7 @@ def localize(head, cache, image, out, png, cls, evaluate, json_out, csv_out, spl
     --evaluate how well the maps of a labelled cache point at and box its objects.
 
     Prints each top class's peak and box. The default cam maps work with every head and need
-    the image files; windows maps read the cache only."""
+    the image files; windows and attention maps read the cache only."""
     from featurecache.localize import evaluate_localization
     from featurecache.maps import MapConfig, localization_map
 

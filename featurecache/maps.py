@@ -1,9 +1,14 @@
 """Localisation maps: per-class maps of where a head finds each class, and boxes from them.
 
-Two kinds of map, both from the one route from a head to scores (:class:`TrainedHead`):
+Three kinds of map, all from the one route from a head to scores (:class:`TrainedHead`):
 
 - ``windows``: the paper's localisation (Oquab et al., 2014): every cell of a ``stride``-pixel
   grid gets the mean score of the cached patches covering it.
+- ``attention``: an attention head's weights: each cached patch's attention weight (of each
+  class) is spread evenly over the cells it covers and summed, so a cell holds the share of
+  the class's attention that falls on it (the map sums to 1). The mean weight of the covering
+  patches, read as the windows map reads scores, peaks at the image's edges, where one patch
+  decides a cell: on the VOC sample it pointed 14.6% of the time against 70.8% for the share.
 - ``cam``: class activation maps (Zhou et al., 2016) on the backbone's dense trunk. At each
   scale λ of the head's grid the image is resized as dense extraction resizes it, every
   feature-map cell is scored by the head (:meth:`TrainedHead.region_scores`), the cell
@@ -59,8 +64,11 @@ __all__ = [
     "localization_map",
 ]
 
-#: Methods that read the cache's patch scores (patch, mil and hybrid heads only).
+#: Methods that read the cache's patch scores (patch, mil, hybrid and attention heads only).
 WINDOW_METHODS = ("windows", "cam*windows")
+
+#: Methods that run the backbone's dense trunk on the image.
+CELL_METHODS = ("cam", "cam*windows")
 
 #: CorLoc: a box localises its class when its IoU with one of the class's boxes reaches this.
 CORLOC_IOU = 0.5
@@ -117,18 +125,23 @@ class MapConfig:
     def __post_init__(self) -> None:
         check_fields(self, MAP, EvalError)
         if self.scales is not None:
-            if self.method == "windows":  # silently ignored, it would look as if it had been honoured
-                raise EvalError("applies to cam maps only (a windows map averages the patches of every scale)",
+            if not self.uses_cells:  # silently ignored, it would look as if it had been honoured
+                raise EvalError(f"applies to cam maps only (a {self.method} map averages the patches of every scale)",
                                 param="scales")
             object.__setattr__(self, "scales", tuple(float(v) for v in self.scales))
 
     @property
     def uses_cells(self) -> bool:
-        return self.method != "windows"
+        return self.method in CELL_METHODS
 
     @property
     def uses_windows(self) -> bool:
         return self.method in WINDOW_METHODS
+
+    @property
+    def uses_patches(self) -> bool:
+        """Whether the map reads the image's cached patches (window and attention methods)."""
+        return self.uses_windows or self.method == "attention"
 
 
 # --------------------------------------------------------------------------- one map
@@ -145,8 +158,8 @@ class LocalizationMap:
     classes : tuple of str
     scores : ndarray (C, ceil(height / stride), ceil(width / stride)), float32
         Each cell's score of each class, in [0, 1] (:data:`MAP_METHODS`: a mean of patch
-        scores, or a fusion of cell scores over scales); 0 where no patch covers a cell of a
-        ``windows`` map.
+        scores, a fusion of cell scores over scales, or the share of an attention head's
+        attention); 0 where no patch covers a cell of a ``windows`` or ``attention`` map.
     stride : int
         Pixels per cell.
     width, height : int
@@ -310,6 +323,10 @@ class Localizer:
         if self.config.uses_windows and not head.spec.patch_scores:
             raise EvalError(f"the {self.config.method} map averages patch scores, which {article(head.objective)} "
                             f"{head.objective} head does not have; use the cam method", param="method")
+        if self.config.method == "attention" and not head.spec.attention_maps:
+            raise EvalError(f"the attention map reads patch attention weights, which {article(head.objective)} "
+                            f"{head.objective} head does not have; use an attention head or the cam method",
+                            param="method")
         self._net = _with_dense_trunk(backbone) if backbone is not None and self.config.uses_cells else backbone
         self._device: Optional[torch.device] = None
         self._runtime: Optional[Runtime] = None
@@ -356,10 +373,13 @@ class Localizer:
         if not image_file:
             image_file = str(Path(dataset.root) / path) if dataset.root else ""
         windows = cells = None
-        if self.config.uses_windows:
+        if self.config.uses_patches:
             with cache.select([position]) as one:
-                windows = _per_pixel_mean(self.head.patch_scores(one.read_features()),
-                                          one.boxes.astype(np.float64), w, h, self.config.stride)
+                x, boxes = one.read_features(), one.boxes.astype(np.float64)
+                if self.config.method == "attention":
+                    windows = _attention_mass(self.head.patch_attention(x), boxes, w, h, self.config.stride)
+                else:
+                    windows = _per_pixel_mean(self.head.patch_scores(x), boxes, w, h, self.config.stride)
         if self.config.uses_cells:
             if not image_file:
                 raise EvalError(f"{cache.path}: the image files' folder is not recorded; cam maps need the "
@@ -377,7 +397,7 @@ class Localizer:
 
     def pixels_map(self, pixels: np.ndarray, *, path: str = "", image_file: str = "") -> LocalizationMap:
         """The ``cam`` map of an ``(H, W, 3)`` uint8 image (no cache needed)."""
-        if self.config.uses_windows:
+        if self.config.uses_patches:
             raise EvalError(f"the {self.config.method} map needs the image's cached patches", param="method")
         h, w = pixels.shape[:2]
         self._check_size(path or "the image", w, h)
@@ -450,23 +470,42 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-z))
 
 
-def _per_pixel_mean(scores: np.ndarray, boxes: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:
-    """``(C, ceil(h / stride), ceil(w / stride))``: each cell's mean score over the patches covering it."""
+def _cell_ranges(boxes: np.ndarray, w: int, h: int, stride: int) -> tuple:
+    """``(x0, y0, x1, y1, rows, columns)``: the map cells each patch covers (any overlap), as half-open ranges."""
     gh, gw = -(-h // stride), -(-w // stride)
-    # Cells a patch covers (any overlap), as half-open index ranges.
     x0 = np.clip(np.floor(boxes[:, 0] / stride), 0, gw).astype(int)
     y0 = np.clip(np.floor(boxes[:, 1] / stride), 0, gh).astype(int)
     x1 = np.clip(np.ceil(boxes[:, 2] / stride), 0, gw).astype(int)
     y1 = np.clip(np.ceil(boxes[:, 3] / stride), 0, gh).astype(int)
+    return x0, y0, x1, y1, gh, gw
+
+
+def _per_cell_sums(values: np.ndarray, boxes: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:
+    """``(C + 1, rows, columns)``: each cell's sum of the values ``(N, C)`` of the patches covering it, and
+    (last) how many patches cover it."""
+    x0, y0, x1, y1, gh, gw = _cell_ranges(boxes, w, h, stride)
     # Summed-area bookkeeping: +v at the top-left corner, -v past each edge, +v past both.
-    n_cls = scores.shape[1]
-    total = np.zeros((n_cls + 1, gh + 1, gw + 1))
-    vals = np.concatenate([scores.T, np.ones((1, len(scores)))]).astype(np.float64)  # last row counts patches
+    total = np.zeros((values.shape[1] + 1, gh + 1, gw + 1))
+    vals = np.concatenate([values.T, np.ones((1, len(values)))]).astype(np.float64)  # last row counts patches
     for ys, xs, sign in ((y0, x0, 1), (y0, x1, -1), (y1, x0, -1), (y1, x1, 1)):
         np.add.at(total, (slice(None), ys, xs), sign * vals)
-    total = total.cumsum(1).cumsum(2)[:, :gh, :gw]
+    return total.cumsum(1).cumsum(2)[:, :gh, :gw]
+
+
+def _per_pixel_mean(scores: np.ndarray, boxes: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:
+    """``(C, ceil(h / stride), ceil(w / stride))``: each cell's mean score over the patches covering it."""
+    total = _per_cell_sums(scores, boxes, w, h, stride)
     count = total[-1]
     return np.where(count > 0, total[:-1] / np.maximum(count, 1e-12), 0.0).astype(np.float32)
+
+
+def _attention_mass(weights: np.ndarray, boxes: np.ndarray, w: int, h: int, stride: int) -> np.ndarray:
+    """``(C, ceil(h / stride), ceil(w / stride))``: each patch's attention weight ``(N, C)`` spread evenly over
+    the cells it covers, summed over the patches: the share of a class's attention on each cell (a class's
+    map sums to 1 where its weights do)."""
+    x0, y0, x1, y1, _, _ = _cell_ranges(boxes, w, h, stride)
+    cells = np.maximum((x1 - x0) * (y1 - y0), 1)[:, None]
+    return _per_cell_sums(np.asarray(weights, np.float64) / cells, boxes, w, h, stride)[:-1].astype(np.float32)
 
 
 def article(word: str) -> str:

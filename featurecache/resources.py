@@ -26,8 +26,9 @@ ASSEMBLE_MODES = ("copy", "virtual")
 
 #: How localisation maps are made (:mod:`featurecache.localize`): class activation maps on the
 #: dense trunk (the cells' log-odds averaged over scales), their geometric mean with the window
-#: map, and the paper's per-pixel mean of patch scores.
-MAP_METHODS = ("cam", "cam*windows", "windows")
+#: map, the paper's per-pixel mean of patch scores, and an attention head's per-pixel mean of
+#: its patch attention weights.
+MAP_METHODS = ("cam", "cam*windows", "windows", "attention")
 
 #: The map method of ``localize``, ``predict --maps`` and the API: the best measured one
 #: (docs/results.md, "Localisation maps").

@@ -277,7 +277,8 @@ EXTRACT = _table(
 
 _METHOD = Setting("method", DEFAULT_MAP_METHOD, "cam: the head scores every cell of the backbone's feature map at "
                   "the head's scales, log-odds averaged over scales; windows: the paper's per-pixel mean of the "
-                  "cached patches' scores (patch, mil, hybrid heads); cam*windows: the geometric mean of the two.",
+                  "cached patches' scores (patch, mil, hybrid, attention heads); cam*windows: the geometric mean of "
+                  "the two; attention: the per-pixel mean of an attention head's patch attention weights.",
                   "choice", MAP_METHODS, flag="map_method")
 _STRIDE = Setting("stride", 8, "Map cell size in pixels.", low=1, high=MAX_STRIDE)
 

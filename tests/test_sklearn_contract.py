@@ -5,7 +5,8 @@ The patch heads (``MLPHead``, ``LogRegHead``, ``LinearSVMHead``) are multi-class
 patch features. The image heads (``ImageLogRegHead``, ``ImageMLPHead``) are multi-label
 classifiers of pooled image features (indicator matrices of 0/1), tagged so: scikit-learn
 then gives them single-column binary targets. MIL heads take bags of patches, not rows,
-and are not scikit-learn estimators of rows (``MILHead``'s docstring).
+and are not scikit-learn estimators of rows (``MILHead``'s docstring); ``AttentionHead``'s
+parameters pass the checks that need no ``fit(X, y)``.
 """
 
 import pytest
@@ -101,3 +102,23 @@ def test_the_grid_search_in_the_api_docs_runs(tmp_path, monkeypatch):
     assert search.best_params_["C"] in (0.01, 0.1, 1.0) and search.best_score_ > 0.8  # separable blobs
     assert list(search.best_estimator_.classes_) == [0, 1, 2, 3]
 
+
+
+def test_attention_head_parameters_follow_scikit_learn():
+    """AttentionHead learns from bags (as MILHead, left out of the estimator checks above); its parameters
+    pass scikit-learn's checks that need no fit(X, y), and clone keeps them."""
+    from sklearn.base import clone
+    from sklearn.utils.estimator_checks import (
+        check_get_params_invariance,
+        check_no_attributes_set_in_init,
+        check_parameters_default_constructible,
+        check_set_params,
+    )
+
+    from featurecache.heads.attention import AttentionHead
+
+    head = AttentionHead(attention="shared", attention_dim=8, device="cpu")
+    for check in (check_parameters_default_constructible, check_no_attributes_set_in_init,
+                  check_get_params_invariance, check_set_params):
+        check("AttentionHead", head)
+    assert clone(head).get_params() == head.get_params()

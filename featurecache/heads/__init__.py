@@ -6,7 +6,8 @@ Submodules: :mod:`~featurecache.heads.objectives` (the objectives table, head ki
 :mod:`~featurecache.heads.pooling` (patches to images; numpy only),
 :mod:`~featurecache.heads.background`, :mod:`~featurecache.heads.crossval`, the estimators in
 :mod:`~featurecache.heads.patch`, :mod:`~featurecache.heads.image` and
-:mod:`~featurecache.heads.mil` (the last two trained by :mod:`~featurecache.heads.bags`), and
+:mod:`~featurecache.heads.mil` (the last two trained by :mod:`~featurecache.heads.bags`),
+:mod:`~featurecache.heads.attention` (gated attention MIL), and
 :mod:`~featurecache.heads.trained` (:class:`TrainedHead`). Names are imported on first
 use, so that reading the registry does not import torch.
 """
@@ -21,7 +22,7 @@ _EXPORTS = {
     "ArraySource": "_sources", "BagSource": "_sources", "StreamSource": "_sources", "epoch_order": "_sources",
     "BackgroundPolicy": "background", "background_weights": "background",
     "CoefficientState": "patch", "LinearSVMHead": "patch", "LogRegHead": "patch", "MLPHead": "patch",
-    "ImageLogRegHead": "image", "ImageMLPHead": "image", "MILHead": "mil",
+    "ImageLogRegHead": "image", "ImageMLPHead": "image", "MILHead": "mil", "AttentionHead": "attention",
     "IMAGE_POOLINGS": "pooling", "SCORE_POOLINGS": "pooling", "image_features": "pooling",
     "pool_image_features": "pooling", "pool_scores": "pooling",
     "DEFAULT_OBJECTIVE": "registry", "FitConfig": "registry", "HEAD_KINDS": "registry", "OBJECTIVES": "registry",

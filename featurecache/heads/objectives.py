@@ -95,6 +95,8 @@ class Objective:
     probabilities : bool
         Its image scores are probabilities, so a threshold of 0.5 means "more likely than
         not"; ``predict`` uses that as its default threshold.
+    attention_maps : bool
+        Its heads weigh each patch of an image (``patch_attention``: the ``attention`` map method).
     """
 
     name: str
@@ -114,6 +116,7 @@ class Objective:
     variant: Optional[str] = None
     scores: str = ""
     probabilities: bool = False
+    attention_maps: bool = False
 
     def kind(self, options: Mapping) -> Optional[str]:
         """The head kind of a configuration's options (None for an objective that chooses)."""
@@ -157,6 +160,12 @@ _TABLE = (
     Objective("hybrid", "featurecache.heads.mil:fit_mil_objective", "featurecache.heads.mil:describe_mil",
               heads=(_MIL_HEAD,), patch_scores=True, needs_boxes=True, positive=("patch_weight",), probabilities=True,
               scores=_MIL_SCORES),
+    Objective("attention", "featurecache.heads.attention:fit_attention_objective",
+              "featurecache.heads.attention:describe_attention",
+              heads=(HeadKind("attention", "featurecache.heads.attention:AttentionHead"),), patch_scores=True,
+              probabilities=True, attention_maps=True,
+              scores="the probability that the class is in the image (sigmoid of the attention-weighted sum of the "
+                     "patches' class scores)"),
     Objective("fusion", "featurecache.heads.fusion:fit_fusion_objective", "featurecache.heads.fusion:describe_fusion",
               heads=(HeadKind("fusion", "featurecache.heads.fusion:FusionHead"),), single=False, fuses=True,
               scores="the mean of the members' scores, each standardised on the training images (0 = their "

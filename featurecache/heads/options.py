@@ -22,10 +22,10 @@ from featurecache.heads.background import BackgroundPolicy
 from featurecache.heads.pooling import DEFAULT_POWER, SCORE_POOLINGS, check_image_pooling
 from featurecache.metrics import METHODS
 
-__all__ = ["AGGREGATIONS", "DEFAULT_CANDIDATES", "DEFAULT_MEMBERS", "EVAL_OPTIONS", "FUSION_RULES", "HALVINGS",
-           "LBFGS_WINDOW", "MAX_AGGREGATION_PARAMETER", "OPTIONS", "SOLVERS", "Option", "OptionScopeError",
-           "check_options", "defaults", "is_fusion", "options_of", "parse_aggregation", "parse_member",
-           "read_defaults", "relevant", "scope_error"]
+__all__ = ["AGGREGATIONS", "ATTENTION_BRANCHES", "DEFAULT_CANDIDATES", "DEFAULT_MEMBERS", "EVAL_OPTIONS",
+           "FUSION_RULES", "HALVINGS", "LBFGS_WINDOW", "MAX_AGGREGATION_PARAMETER", "OPTIONS", "SOLVERS", "Option",
+           "OptionScopeError", "check_options", "defaults", "is_fusion", "options_of", "parse_aggregation",
+           "parse_member", "read_defaults", "relevant", "scope_error"]
 
 #: MIL aggregations of patch logits into an image logit.
 AGGREGATIONS = ("lse", "max", "power")
@@ -38,6 +38,9 @@ HALVINGS = ("interval", "none")
 
 #: Iterations over which the L-BFGS solver measures the relative fall of its loss (``image_tol``).
 LBFGS_WINDOW = 5
+
+#: Attention branches of the ``attention`` objective: one per class, or one shared by the classes.
+ATTENTION_BRANCHES = ("per-class", "shared")
 
 
 #: Largest power k or log-sum-exp r: beyond it the aggregation is max in all but rounding, and
@@ -261,6 +264,7 @@ _ALL, _SINGLE = frozenset(table.OBJECTIVES), frozenset(table.SINGLE_OBJECTIVES)
 # Members of a fusion and candidates of auto are trained with the options of their own objectives.
 _MEMBERS = frozenset(table.COMBINING_OBJECTIVES)
 _PATCH, _IMAGE, _MIL, _HYBRID = frozenset({"patch"}), frozenset({"image"}), frozenset({"mil"}), frozenset({"hybrid"})
+_ATTENTION = frozenset({"attention"})
 _FUSION, _AUTO = frozenset({"fusion"}), frozenset({"auto"})
 #: ``fit --objective``'s choices: the default first.
 _OBJECTIVE_CHOICES = (table.DEFAULT_OBJECTIVE, *(o for o in table.OBJECTIVES if o != table.DEFAULT_OBJECTIVE))
@@ -304,6 +308,10 @@ def _adam(o: Mapping) -> bool:
     """The trainers that step with Adam: ImageMLPHead, MILHead with an MLP scorer or ``image_solver=adam``."""
     return _trainer(o) and not _lbfgs(o)
 
+def _patch_loss(o: Mapping) -> bool:
+    """The background options weight a patch loss: always for patch and hybrid, for attention with one."""
+    return o.get("objective") != "attention" or float(o.get("attention_patch_weight") or 0) > 0
+
 
 def _c_applies(o: Mapping) -> bool:
     return o.get("head") != "mlp" if o.get("objective") == "patch" else o.get("image_head") == "logreg"
@@ -318,8 +326,9 @@ _OPTION_LIST = (
            "auto: cross-validate the candidates (--candidates) on the training images and keep the best; patch: "
            "a patch classifier on box-derived patch labels (the paper's); image: each image's pooled patch features "
            "-> a per-class image head on its labels; mil: a patch scorer trained through an image-level aggregation "
-           "on image labels; hybrid: mil plus a weighted patch loss on box labels; fusion: the averaged, "
-           "standardised image scores of --members. image and mil need no boxes. Options below apply to the "
+           "on image labels; hybrid: mil plus a weighted patch loss on box labels; attention: gated attention pooling "
+           "of the patch features (Ilse et al. 2018) on image labels; fusion: the averaged, standardised image scores "
+           "of --members. image, mil and attention need no boxes. Options below apply to the "
            "objectives they name (and to the members and candidates of fusion and auto).",
            _ALL, kind="choice", choices=_OBJECTIVE_CHOICES, parse=_choice("objective", _OBJECTIVE_CHOICES)),
     Option("head", "mlp", "Head type (patch objective).", _PATCH, kind="choice", choices=_PATCH_HEADS,
@@ -338,9 +347,9 @@ _OPTION_LIST = (
     Option("C", 1.0, "logreg/linearsvm inverse regularisation.", _PATCH | _IMAGE, param="C", when=_c_applies,
            minimum=0.0, minimum_open=True),
     Option("background", "weight", "weight (re-weight background), sample:F (keep a fraction F of it), or none.",
-           _PATCH | _HYBRID, parse=_background_value, kind="text"),
+           _PATCH | _HYBRID | _ATTENTION, when=_patch_loss, parse=_background_value, kind="text"),
     Option("background_weight", None, "Weight of a background patch [default: balance background and objects].",
-           _PATCH | _HYBRID, parse=_optional_float, minimum=0.0, minimum_open=True),
+           _PATCH | _HYBRID | _ATTENTION, when=_patch_loss, parse=_optional_float, minimum=0.0, minimum_open=True),
     Option("image_pooling", "mean",
            "image objective: mean, max, scales (per-scale means) and/or coarse, comma-separated.",
            _IMAGE, param=lambda v: {"pooling": tuple(str(v).split("+"))}, parse=_pooling_value, kind="text"),
@@ -352,14 +361,24 @@ _OPTION_LIST = (
            aliases=("--mil-aggregation",)),
     Option("patch_weight", 0.3, "hybrid: weight of the patch loss (0.3 measured better than 1 at the other defaults).",
            _HYBRID, param="patch_weight", minimum=0.0),
+    Option("attention", ATTENTION_BRANCHES[0], "attention: one gated attention branch per class, or one shared "
+           "by the classes.", _ATTENTION, param="attention", kind="choice", choices=ATTENTION_BRANCHES,
+           parse=_choice("attention", ATTENTION_BRANCHES)),
+    Option("attention_dim", 32, "attention: width of the gated attention network.", _ATTENTION,
+           param="attention_dim", parse=int, kind="int", minimum=1),
+    Option("attention_dropout", 0.25, "attention: dropout on the patch features while training.", _ATTENTION,
+           param="dropout", minimum=0.0, maximum=1.0, maximum_open=True),
+    Option("attention_patch_weight", 0.0, "attention: weight of a patch loss on box labels (0: image labels only; "
+           "hybrid's --patch-weight defaults to 0.3).", _ATTENTION, param="patch_weight", minimum=0.0),
     Option("image_hidden", 0, "image (mlp head), mil, hybrid: hidden width of the scorer (0: linear).",
            _IMAGE | _MIL | _HYBRID, param="hidden", when=_trainer, parse=int, kind="int", minimum=0),
-    Option("image_lr", 0.01, "image (mlp head), mil, hybrid: Adam learning rate.",
-           _IMAGE | _MIL | _HYBRID, param="lr", when=_adam, minimum=0.0, minimum_open=True),
-    Option("image_weight_decay", 1e-4, "image (mlp head), mil, hybrid: L2 penalty.",
-           _IMAGE | _MIL | _HYBRID, param="weight_decay", when=_trainer, minimum=0.0),
-    Option("image_epochs", 200, "image (mlp head), mil, hybrid: epochs (Adam), or the cap on passes over the bags "
-           "(L-BFGS).", _IMAGE | _MIL | _HYBRID, param="max_epochs", when=_trainer, parse=int, kind="int", minimum=1),
+    Option("image_lr", 0.01, "image (mlp head), mil, hybrid, attention: Adam learning rate.",
+           _IMAGE | _MIL | _HYBRID | _ATTENTION, param="lr", when=_adam, minimum=0.0, minimum_open=True),
+    Option("image_weight_decay", 1e-4, "image (mlp head), mil, hybrid, attention: L2 penalty.",
+           _IMAGE | _MIL | _HYBRID | _ATTENTION, param="weight_decay", when=_trainer, minimum=0.0),
+    Option("image_epochs", 200, "image (mlp head), mil, hybrid, attention: epochs (Adam), or the cap on passes "
+           "over the bags (L-BFGS).", _IMAGE | _MIL | _HYBRID | _ATTENTION, param="max_epochs", when=_trainer,
+           parse=int, kind="int", minimum=1),
     Option("image_solver", "lbfgs",
            "mil, hybrid: lbfgs (full-batch L-BFGS on the linear scorer until the loss plateaus, --image-tol; an MLP "
            "scorer trains with Adam) or adam (mini-batches of 16 images for --image-epochs epochs at --image-lr: the "

@@ -26,6 +26,7 @@ from featurecache.heads.recipe import Recipe, require
 
 __all__ = ["HEAD_FORMAT", "HEAD_FORMAT_VERSION", "Recipe", "TrainedHead"]
 
+
 @dataclass
 class TrainedHead:
     """A fitted head with what it needs to be used safely on caches.
@@ -152,6 +153,14 @@ class TrainedHead:
             raise HeadError(f"an {self.objective}-objective head scores pooled image features, not patches; "
                             "localisation needs a patch, mil or hybrid head")
         return self.estimator.patch_scores(X)
+
+    def patch_attention(self, X) -> np.ndarray:
+        """Attention weights ``(N, C)`` of one image's patches ``X (N, D)`` (each class's column sums to 1), for
+        heads whose objective weighs patches (``attention``: the ``attention`` map method)."""
+        if not self.spec.attention_maps:
+            raise HeadError(f"this {self.objective} head has no attention weights; attention maps need an "
+                            "attention head")
+        return self.estimator.patch_attention(X)
 
     def region_scores(self, X) -> np.ndarray:
         """Per-class scores ``(N, C)`` of image regions each described by one feature vector

@@ -71,7 +71,7 @@ def one_map(predictor, image, cls: Union[int, str, None], config: MapConfig) -> 
     if len(items) != 1:
         raise PredictError(f"{items[0].display}: takes one image, this is a folder of {len(items)}", param="image")
     item = items[0]
-    if config.uses_windows:
+    if config.uses_patches:
         with tempfile.TemporaryDirectory(prefix="featurecache-predict-") as tmp:
             images_set, _ = image_set_of(items, Path(tmp), predictor.classes, kept=False)
             cache_path = Path(tmp) / "features.h5"

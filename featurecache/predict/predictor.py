@@ -63,7 +63,7 @@ class PredictConfig:
         each record then has the box of each of its top classes (:meth:`LocalizationMap.box`).
     map_method : str
         How maps are made (:data:`featurecache.maps.MAP_METHODS`); the window methods need
-        a head with patch scores.
+        a head with patch scores, ``attention`` an attention head.
     stride : int
         Map cell size in pixels.
     max_side : int
@@ -309,8 +309,8 @@ class Predictor:
         config : MapConfig, optional
         **options
             Fields of :class:`MapConfig` over those of ``config`` (``method=``, ``stride=`` ...).
-            ``cam`` maps run the backbone's dense trunk on the image only; the window methods
-            extract its patches first.
+            ``cam`` maps run the backbone's dense trunk on the image only; the window and
+            attention methods extract its patches first.
 
         Returns
         -------
