@@ -134,6 +134,15 @@ def squares(tmp_path_factory):
     return {"voc": voc, "cache": cache, "boxes": boxes, "head": head, "file": head.save(base / "a.head.pt")}
 
 
+def test_the_patch_loss_trains_on_box_labels_weighted_by_the_background_policy(squares):
+    head = fit_objective(squares["cache"], objective="attention", train_split="train", device="cpu", image_epochs=3,
+                         attention_patch_weight=0.5, background="sample:0.5")
+    s = head.summary
+    assert s["patch_weight"] == 0.5 and s["background"].startswith("sample") and 0 < s["train_patches"]
+    plain = fit_objective(squares["cache"], objective="attention", train_split="train", device="cpu", image_epochs=3)
+    assert "patch_weight" not in plain.summary
+
+
 def test_attention_maps_peak_on_the_object(squares):
     from featurecache.maps import localization_map
 

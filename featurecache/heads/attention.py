@@ -24,9 +24,8 @@ from featurecache.cache import open_cache
 from featurecache.errors import HeadError
 from featurecache.heads._sources import BagSource
 from featurecache.heads._torch import PatienceSchedule, TorchState, diverged, train_torch
-from featurecache.heads.background import as_policy, background_weights
 from featurecache.heads.bags import BagTrainer
-from featurecache.heads.mil import image_level_summary
+from featurecache.heads.mil import bag_source, image_level_summary
 from featurecache.heads.options import ATTENTION_BRANCHES, OPTIONS
 from featurecache.heads.registry import FitConfig, make_head
 from featurecache.heads.trained import TrainedHead
@@ -279,17 +278,7 @@ def fit_attention_objective(cache, config: FitConfig, *, kind: str, params: dict
     est = make_head(kind, **params)
     with open_cache(cache, config.train_split) as c:
         t = c.images
-        labels = weights = None
-        extra: dict = {}
-        if float(est.patch_weight) > 0:
-            policy = as_policy(config.option("background"), weight=config.option("background_weight"))
-            labels = c.labels
-            keep, w, w_bg = background_weights(labels, policy, random_state=config.random_state)
-            weights = np.zeros(len(labels), np.float32)
-            weights[keep] = w
-            extra.update(background=policy.describe(), background_weight=w_bg, patch_weight=float(est.patch_weight),
-                         train_patches=int(len(keep)))
-        source = BagSource.from_cache(c, memory_limit=config.memory_limit, patch_labels=labels, patch_weights=weights)
+        source, extra = bag_source(c, config, float(est.patch_weight))
         est.fit_source(source, t.labels, ignore=t.difficult & ~t.labels)
         extra.update(attention=est.describe_attention(), epochs=est.n_epochs_,
                      training_data="stream" if source.streaming else "memory")

@@ -29,7 +29,7 @@ from featurecache.patches import AMBIGUOUS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MILHead", "describe_mil", "fit_mil_objective", "image_level_summary"]
+__all__ = ["MILHead", "bag_source", "describe_mil", "fit_mil_objective", "image_level_summary"]
 
 _AGG_NAME, _AGG_VALUE = parse_aggregation(OPTIONS["aggregation"].default)
 
@@ -197,6 +197,23 @@ def image_level_summary(cache, config: FitConfig, t0: float, extra: dict) -> dic
             **extra, "seconds": time.perf_counter() - t0}
 
 
+def bag_source(cache, config: FitConfig, patch_weight: float) -> tuple:
+    """``(BagSource, summary facts)`` of an open cache's training images for a bag trainer; with a positive
+    ``patch_weight``, the box-derived patch labels and their weights under ``config``'s background policy."""
+    labels = weights = None
+    extra: dict = {}
+    if patch_weight > 0:
+        policy = as_policy(config.option("background"), weight=config.option("background_weight"))
+        labels = cache.labels
+        keep, w, w_bg = background_weights(labels, policy, random_state=config.random_state)
+        weights = np.zeros(len(labels), np.float32)
+        weights[keep] = w
+        extra.update(background=policy.describe(), background_weight=w_bg, patch_weight=patch_weight,
+                     train_patches=int(len(keep)))
+    source = BagSource.from_cache(cache, memory_limit=config.memory_limit, patch_labels=labels, patch_weights=weights)
+    return source, extra
+
+
 def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
     """Train the ``mil`` objective (or ``hybrid``, whose ``patch_weight`` is positive) on a cache.
 
@@ -219,17 +236,7 @@ def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict) -> T
     est = make_head(kind, **params)
     with open_cache(cache, config.train_split) as c:
         t = c.images
-        labels = weights = None
-        extra: dict = {}
-        if float(est.patch_weight) > 0:
-            policy = as_policy(config.option("background"), weight=config.option("background_weight"))
-            labels = c.labels
-            keep, w, w_bg = background_weights(labels, policy, random_state=config.random_state)
-            weights = np.zeros(len(labels), np.float32)
-            weights[keep] = w
-            extra.update(background=policy.describe(), background_weight=w_bg, patch_weight=float(est.patch_weight),
-                         train_patches=int(len(keep)))
-        source = BagSource.from_cache(c, memory_limit=config.memory_limit, patch_labels=labels, patch_weights=weights)
+        source, extra = bag_source(c, config, float(est.patch_weight))
         est.fit_source(source, t.labels, ignore=t.difficult & ~t.labels)
         extra.update(aggregation=est.describe_aggregation(), epochs=est.n_epochs_, solver=est._trainer().solver_used(),
                      training_data="stream" if source.streaming else "memory")
