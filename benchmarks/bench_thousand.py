@@ -70,12 +70,12 @@ with torch.inference_mode():
             cutter = PatchRunner(net, input_size=grid.input_size, batch_size=16, device=torch.device("cpu"),
                                  out_dtype=np.float32, runtime=run)
             for pieces in iter_batches([(image, torch.from_numpy(boxes))], 16):
-                inputs.append(cutter.crops(pieces).contiguous(memory_format=torch.channels_last))
+                inputs.append(cutter.crops(pieces).contiguous(memory_format=run.memory_format))
             count += len(boxes)
         else:
             for _, rw, rh, xs, ys in grid.dense_layout(image.shape[-1], image.shape[-2], stride=DENSE_STRIDE):
                 x = F.interpolate(image, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-                inputs.append(net.normalize(x).contiguous(memory_format=torch.channels_last))
+                inputs.append(net.normalize(x).contiguous(memory_format=run.memory_format))
                 count += len(xs) * len(ys)
     forward = run if mode == "crop" else run.trunk
     forward(inputs[0])  # warm-up: first-call costs are extract's, not the network's

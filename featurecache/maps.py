@@ -435,8 +435,9 @@ class Localizer:
                 raise EvalError(f"{name}: the {w}x{h} image resized to {rw}x{rh} at λ={lam:g} is more than "
                                 f"{MAX_CELLS} feature cells; use smaller scales", param="scales")
             x = F.interpolate(image, size=(rh, rw), mode="bilinear", antialias=True, align_corners=False)
-            fmap = net.cell_features(x.contiguous(memory_format=torch.channels_last), max_side=self.config.max_side,
-                                     trunk=self.runtime().trunk)
+            runtime = self.runtime()
+            fmap = net.cell_features(x.contiguous(memory_format=runtime.memory_format), max_side=self.config.max_side,
+                                     trunk=runtime.trunk)
             d, ch, cw = fmap.shape[1:]
             probs = self.head.region_scores(fmap[0].reshape(d, -1).T.float().cpu().numpy())
             probs = np.clip(np.asarray(probs, np.float64), _EPS, 1 - _EPS)

@@ -25,6 +25,7 @@ run it or disagreed) it says so once per process, with the reasons, as a warning
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -68,6 +69,19 @@ _OPSET = 17
 _COMPILED: dict = {}
 
 
+def crop_streams(threads: int) -> int:
+    """Requests crop mode runs at once, each on ``threads // streams`` threads.
+
+    A batch of 224-pixel patches leaves cores idle at every layer's join (1.7 of 2 cores busy
+    in OpenVINO's latency mode). Crop mode's runner gives each stream whole batches, which its
+    thread cuts and then runs, so that one stream cuts while the other computes and no thread
+    waits for another; a batch run directly is split over the streams. Each patch is computed
+    alone, so the values are the same bit for bit (docs/performance.md has the speed-ups). Dense
+    mode runs one image at a time on all threads: one stream.
+    """
+    return 2 if threads >= 2 else 1
+
+
 def installed_runtimes() -> tuple:
     """The runtimes whose packages can be imported here (torch always)."""
     import importlib.util
@@ -92,14 +106,25 @@ class Runtime:
     """
 
     name = "torch"
+    #: The memory layout its inputs are made in: channels-last for torch (1.5-2x faster with
+    #: oneDNN); an exported graph reads NCHW, so a channels-last input would be copied twice.
+    memory_format = torch.channels_last
 
     def __init__(self, backbone: FrozenBackbone, *, dense: bool = False) -> None:
         self.backbone = backbone
         self.version = torch.__version__
         self.dense = dense
 
+    #: Requests it can run at once, each on its own thread (crop mode's parallel streams).
+    streams = 1
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def on_stream(self, x: torch.Tensor, stream: int) -> torch.Tensor:
+        """The features of one batch of patches run on stream ``stream`` alone (one of :attr:`streams`,
+        each used by one thread at a time)."""
+        return self(x)
 
     def trunk(self, x: torch.Tensor) -> torch.Tensor:
         """The dense trunk's feature map ``(N, C, rows, columns)`` of normalised images ``(N, 3, H, W)``."""
@@ -112,12 +137,21 @@ class Runtime:
 class _Exported(Runtime):
     """A runtime of an exported ONNX graph: the backbone (crop mode) or the dense trunk (dense mode)."""
 
+    memory_format = torch.contiguous_format
+
     def _infer(self, x: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def _infer_on(self, x: np.ndarray, stream: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def on_stream(self, x: torch.Tensor, stream: int) -> torch.Tensor:
+        return self._run(x, stream) if not self.dense else super().on_stream(x, stream)
+
+    def _run(self, x: torch.Tensor, stream: Optional[int] = None) -> torch.Tensor:
         try:
-            out = self._infer(x.contiguous().numpy())
+            a = x.contiguous().numpy()
+            out = self._infer(a) if stream is None else self._infer_on(a, stream)
         except Exception as e:  # the runtimes' own exception types (OpenVINO: RuntimeError with C++ text)
             raise BackboneError(f"{self.name} failed on a batch ({_why(e)}); use --runtime torch",
                                 param="runtime") from None
@@ -140,8 +174,9 @@ class _OnnxRuntime(_Exported):
         self.version = ort.__version__
         if hasattr(ort, "disable_telemetry_events"):  # its usage events (Windows); nothing to send elsewhere
             ort.disable_telemetry_events()
+        streams = 1 if dense else crop_streams(threads)
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
+        options.intra_op_num_threads = max(1, threads // streams)
         options.inter_op_num_threads = 1
         # Threads that spin at barriers are what collapses throughput on shared cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -150,9 +185,18 @@ class _OnnxRuntime(_Exported):
         if key not in _COMPILED:
             _COMPILED[key] = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
         self.session = _COMPILED[key]
+        self.streams = streams
+        self.pool = _part_threads(streams) if streams > 1 else []  # a direct call's parts, one thread each
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"images": x})[0]
+        if self.streams < 2 or len(x) < 2:
+            return self._infer_on(x, 0)
+        parts = np.array_split(x, self.streams)
+        runs = [p.submit(self._infer_on, part, 0) for p, part in zip(self.pool, parts)]
+        return np.concatenate([r.result() for r in runs])
+
+    def _infer_on(self, x: np.ndarray, stream: int) -> np.ndarray:
+        return self.session.run(None, {"images": x})[0]  # a session may be run from several threads at once
 
 
 class _OpenVinoRuntime(_Exported):
@@ -167,13 +211,39 @@ class _OpenVinoRuntime(_Exported):
             core = ov.Core()
             # f32: OpenVINO's default on CPUs with bf16 units changes the features (cosine 0.97).
             config = {"INFERENCE_PRECISION_HINT": "f32", "INFERENCE_NUM_THREADS": threads,
-                      "PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False,
-                      "CACHE_DIR": str(_export_dir() / "openvino-cache")}
+                      "ENABLE_CPU_PINNING": False, "CACHE_DIR": str(_export_dir() / "openvino-cache")}
+            streams = 1 if dense else crop_streams(threads)
+            config.update({"PERFORMANCE_HINT": "THROUGHPUT", "NUM_STREAMS": streams} if streams > 1 else
+                          {"PERFORMANCE_HINT": "LATENCY"})
             _COMPILED[key] = core.compile_model(core.read_model(str(model)), "CPU", config)
-        self.request = _COMPILED[key].create_infer_request()
+        compiled = _COMPILED[key]
+        self.streams = int(compiled.get_property("NUM_STREAMS"))
+        self.requests = [compiled.create_infer_request() for _ in range(self.streams)]
 
     def _infer(self, x: np.ndarray) -> np.ndarray:
-        return np.array(next(iter(self.request.infer({0: x}).values())))
+        if self.streams < 2 or len(x) < 2:
+            return self._infer_on(x, 0)
+        parts = np.array_split(x, self.streams)
+        for request, part in zip(self.requests, parts):  # each part on its own stream, at once
+            request.start_async({0: part}, share_inputs=True)  # parts live until the waits below
+        out = []
+        for request in self.requests[:len(parts)]:
+            request.wait()
+            out.append(np.array(request.get_output_tensor(0).data))
+        return np.concatenate(out)
+
+    def _infer_on(self, x: np.ndarray, stream: int) -> np.ndarray:
+        # Shared, not copied: a request's own input tensor keeps the size of its first batch.
+        return np.array(next(iter(self.requests[stream].infer({0: x}, share_inputs=True).values())))
+
+
+def _part_threads(n: int) -> list:
+    """``n`` single-thread executors (one per part of a batch), shared by the process's sessions."""
+    key = ("threads", n)
+    if key not in _COMPILED:
+        _COMPILED[key] = [concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="featurecache-part")
+                          for _ in range(n)]
+    return _COMPILED[key]
 
 
 #: How runtimes say they ran out of memory (an address-space limit, ``ulimit -v``, shows as these).

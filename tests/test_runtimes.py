@@ -40,6 +40,35 @@ def test_each_runtime_agrees_with_torch_on_real_images(lite0, voc_sample, name):
     assert torch.equal(runtime(x), got)
 
 
+@pytest.mark.parametrize("name", OTHERS)
+def test_crop_batches_on_parallel_streams_give_the_same_bits_as_one_request(lite0, voc_sample, name):
+    """Crop mode runs two streams on 2 threads: a batch split over them, a batch on either stream and
+    the runner's pipeline (each stream cuts and runs whole batches) give the same features."""
+    import featurecache.runtimes as rt
+    from featurecache.runners import PatchRunner
+
+    runtime = build_runtime(lite0, name, input_size=96, threads=2)
+    assert runtime.streams == 2 and build_runtime(lite0, name, input_size=96, threads=2, dense=True).streams == 1
+    x = torch.cat([_real_patches(voc_sample), _real_patches(voc_sample).flip(-1)[:1]])  # 5: parts of 3 and 2
+    whole = runtime(x)
+    alone = torch.cat([runtime.on_stream(x[i:i + 1], i % 2) for i in range(len(x))])
+    assert torch.equal(whole, alone) and torch.equal(runtime.on_stream(x, 1), whole)
+    # One request on all threads (the latency mode before streams) computes the same values.
+    rt._COMPILED.clear()
+    single = build_runtime(lite0, name, input_size=96, threads=1)
+    assert single.streams == 1 and torch.equal(single(x), whole)
+    rt._COMPILED.clear()
+
+    image = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (1, 3, 140, 180)).astype(np.float32))
+    x0 = torch.arange(0, 80, 7, dtype=torch.float32)
+    boxes = torch.stack([x0, x0 / 2, x0 + 96, x0 / 2 + 96], 1)  # 12 boxes: batches of 5, 5, 2
+    runner = PatchRunner(lite0, input_size=96, batch_size=5, device=torch.device("cpu"), out_dtype=np.float32,
+                         runtime=runtime)
+    got = runner.run([(image, boxes)])
+    want = np.concatenate([runtime(runner.crops([(image, boxes[i:i + 5])])).numpy() for i in range(0, 12, 5)])
+    assert np.array_equal(got, want)
+
+
 def test_auto_picks_an_installed_runtime_and_torch_where_only_torch_can(lite0):
     import featurecache.runtimes as rt
 
