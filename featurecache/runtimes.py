@@ -7,7 +7,9 @@ threads' busy-waiting off, so that they do not collapse on shared cores), with t
 of :func:`featurecache.resources.cpu_threads`. Their features agree with torch's within
 :data:`TOLERANCE`; that is checked on a probe batch every time a runtime is built (and on
 real images by the tests), so the runtime is provenance, not part of the feature
-fingerprint. Reduced precision is not offered.
+fingerprint. Reduced precision is not offered. In crop mode they run :func:`crop_streams`
+requests at once (two single-thread streams on 2 cores), which keep the cores busier than one
+request on all threads; each patch is computed alone, so the values do not change.
 
 Dense mode exports the backbone's dense trunk instead (normalised images to feature map; the
 normalisation stays in torch), with dynamic batch, height and width axes, as
