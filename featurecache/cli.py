@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
@@ -18,10 +17,10 @@ import click
 from featurecache import __version__
 from featurecache.datasets import read_class_file, read_dataset
 from featurecache.distributed import stop_on_sigterm, world_from_env
-from featurecache.errors import AblationError, FeaturecacheError
-from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, OptionScopeError
+from featurecache.errors import AblationError, FeaturecacheError, one_line
+from featurecache.heads.registry import EVAL_OPTIONS, OPTIONS, FitConfig, Option, OptionScopeError, grid_help
 from featurecache.logs import log_to_stderr
-from featurecache.outputs import check_not_inputs, check_output, printable, write_report
+from featurecache.outputs import check_not_inputs, check_outputs, printable, write_report
 from featurecache.patches import LabelRule
 from featurecache.resources import DEVICES, parse_size
 from featurecache.settings import (
@@ -75,23 +74,11 @@ def _command(f: Callable) -> Callable:
             return f(*args, **kwargs)
         except FeaturecacheError as e:
             raise click.ClickException(printable(_message(ctx, e))) from None
-        except ValueError as e:
-            # scikit-learn's input check on features read from a file: a damaged or forged cache.
-            if not _NOT_FINITE.search(str(e)):
+        except (ValueError, OSError, MemoryError, RuntimeError) as e:
+            line = one_line(e, ctx.info_name)
+            if line is None:
                 raise
-            raise click.ClickException(f"the features hold NaN or infinity ({str(e).splitlines()[0][:120]}): the "
-                                       "cache is damaged; extract it again") from None
-        except OSError as e:
-            # Permission denied, disk full, a folder that vanished: name the file, no traceback.
-            where = e.filename or "featurecache"
-            raise click.ClickException(printable(f"{where}: {e.strerror or e}")) from None
-        except (MemoryError, RuntimeError) as e:
-            # numpy's MemoryError, torch's "can't allocate memory": one line with the setting to change.
-            if not isinstance(e, MemoryError) and not _MEMORY_WORDS.search(str(e)):
-                raise
-            first = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
-            hint = _MEMORY_HINTS.get(ctx.info_name, "work on fewer images at a time")
-            raise click.ClickException(f"out of memory ({first}); {hint}") from None
+            raise click.ClickException(printable(line)) from None
 
     return _verbosity_options(wrapper)
 
@@ -99,30 +86,9 @@ def _command(f: Callable) -> Callable:
 #: Commands that share their work among the processes of a torchrun/srun job.
 _SHARED_COMMANDS = ("extract",)
 
-_NOT_FINITE = re.compile(r"Input \w* ?contains (NaN|infinity)")
-
-_MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memory|Unable to allocate|bad_alloc|"
-                           r"cannot allocate memory|failed to allocate", re.I)
-
-#: What to change when a command runs out of memory.
-_MEMORY_HINTS = {
-    "fit": "lower --memory-limit (training features above it are streamed from the file)",
-    "ablate": "lower --memory-limit (above it each configuration streams its images from the file)",
-    "eval": "evaluate one split at a time (--split)",
-    "extract": "lower --batch-size or --max-pixels",
-    "predict": "lower --batch-size, or predict fewer or smaller images at a time",
-    "localize": "use a larger --stride",
-    "report": "report on one split at a time (--split)",
-}
-
-
 def _check_outputs(inputs: dict, *, folders: tuple = (), **paths) -> None:
-    """Refuse outputs that cannot be written, or that are files this command reads (``inputs``: name
-    shown to path or paths), before the work that fills them (flag names as keywords)."""
-    for param, path in paths.items():
-        if path:
-            check_output(path, param=param, folder=param in folders)
-    check_not_inputs(paths, inputs, folders=folders)
+    """:func:`featurecache.outputs.check_outputs` with the flag names as keywords."""
+    check_outputs(paths, inputs, folders=folders)
 
 
 def _message(ctx: click.Context, error: FeaturecacheError) -> str:
@@ -321,16 +287,6 @@ def objective_options(f: Callable) -> Callable:
     for opt in reversed(OPTIONS.values()):
         f = _option(opt)(f)
     return f
-
-
-def _grid_help() -> str:
-    per = {name: [n for n, o in OPTIONS.items() if o.grid and n != "objective" and name in o.objectives]
-           for name in OPTIONS["objective"].choices}
-    parts = [f"{name}: {', '.join(keys)}" for name, keys in per.items()]
-    return ("KEY=V1,V2,... (repeatable); list values join parts with '+' (hidden=0,2048+2048; "
-            "image_pooling=mean+max, or whole with --whole-image). Training: objective ("
-            + ", ".join(OPTIONS["objective"].choices) + "); " + "; ".join(parts)
-            + ". Evaluation (no retraining): " + ", ".join(EVAL_OPTIONS) + ".")
 
 
 def _memory_limit_option(above: str):
@@ -555,7 +511,7 @@ def export(head, path, images, check, **options):
 @click.option("--val", "val_cache", type=_InputFile(), help="Validation cache.")
 @click.option("--val-split", default=None, help="Evaluate on this split (of --val, or of CACHE).")
 @click.option("--train-split", default=None, help="Train on this split of CACHE.")
-@click.option("--grid", "grid_items", multiple=True, help=_grid_help())
+@click.option("--grid", "grid_items", multiple=True, help=grid_help())
 @click.option("--config", "config_file", type=_InputFile(),
               help="TOML sweep: [grid] setting = [values], optional [options] seeds/folds/val_split/train_split.")
 @click.option("--seeds", type=click.IntRange(min=1), default=None, help="Repetitions per configuration [default: 1].")

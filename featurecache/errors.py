@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import numbers
+import re
 from typing import Optional
 
 __all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExportError", "ExtractError",
-           "FeaturecacheError", "HeadError", "PredictError", "ReportError", "integer_at_least"]
+           "FeaturecacheError", "HeadError", "PredictError", "ReportError", "integer_at_least", "one_line"]
 
 
 class FeaturecacheError(ValueError):
@@ -86,3 +87,48 @@ class AblationError(FeaturecacheError):
 def integer_at_least(value, minimum: int) -> bool:
     """True for an integer (not a bool) of at least ``minimum``: the check every count-like parameter makes."""
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+_NOT_FINITE = re.compile(r"Input \w* ?contains (NaN|infinity)")
+
+_MEMORY_WORDS = re.compile(r"can't allocate memory|out of memory|not enough memory|Unable to allocate|bad_alloc|"
+                           r"cannot allocate memory|failed to allocate", re.I)
+
+#: What to change when a command runs out of memory.
+_MEMORY_HINTS = {
+    "fit": "lower --memory-limit (training features above it are streamed from the file)",
+    "ablate": "lower --memory-limit (above it each configuration streams its images from the file)",
+    "eval": "evaluate one split at a time (--split)",
+    "extract": "lower --batch-size or --max-pixels",
+    "predict": "lower --batch-size, or predict fewer or smaller images at a time",
+    "localize": "use a larger --stride",
+    "report": "report on one split at a time (--split)",
+}
+
+
+def one_line(error: BaseException, command: str) -> Optional[str]:
+    """The one line a command prints for an error that is bad input or the machine's state, not a bug.
+
+    Parameters
+    ----------
+    error : BaseException
+        Not a :class:`FeaturecacheError` (the command line names its flags itself).
+    command : str
+        The command that failed (what to change when memory ran out depends on it).
+
+    Returns
+    -------
+    str or None
+        None for an error that is a bug (the command line lets its traceback through).
+    """
+    text = str(error)
+    first = text.splitlines()[0] if text else type(error).__name__
+    if isinstance(error, OSError):  # permission denied, disk full, a folder that vanished: name the file
+        return f"{error.filename or 'featurecache'}: {error.strerror or error}"
+    if isinstance(error, ValueError) and _NOT_FINITE.search(text):
+        # scikit-learn's input check on features read from a file: a damaged or forged cache.
+        return f"the features hold NaN or infinity ({first[:120]}): the cache is damaged; extract it again"
+    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _MEMORY_WORDS.search(text)):
+        # numpy's MemoryError, torch's "can't allocate memory": with the setting to change.
+        return f"out of memory ({first[:160]}); {_MEMORY_HINTS.get(command, 'work on fewer images at a time')}"
+    return None

@@ -15,8 +15,8 @@ from typing import Iterable, Mapping, Optional, Protocol, Sequence, Union, runti
 
 from featurecache.errors import FeaturecacheError
 
-__all__ = ["REPORT_FORMATS", "Report", "check_not_inputs", "check_output", "csv_text", "json_text", "os_reason",
-           "printable", "report_format", "same_file", "write_bytes", "write_report", "write_text"]
+__all__ = ["REPORT_FORMATS", "Report", "check_not_inputs", "check_output", "check_outputs", "csv_text", "json_text",
+           "os_reason", "printable", "report_format", "same_file", "write_bytes", "write_report", "write_text"]
 
 
 #: A cell that starts with one of these is a formula to spreadsheet programs (OWASP's CSV
@@ -198,6 +198,24 @@ def check_not_inputs(outputs: Mapping[str, Union[str, Path, None]],
         written[key] = name
         if name in folders:
             _check_folder_outside_inputs(name, Path(path), seen)
+
+
+def check_outputs(outputs: Mapping[str, Union[str, Path, None]], inputs: Mapping, *, folders: tuple = ()) -> None:
+    """Refuse outputs that cannot be written, or that are files a command reads, before the work that fills them.
+
+    Parameters
+    ----------
+    outputs : mapping
+        Name shown (a flag) to path, or None where not asked for.
+    inputs : mapping
+        Name shown to the path or paths the command reads.
+    folders : tuple
+        The names in ``outputs`` that are folders.
+    """
+    for name, path in outputs.items():
+        if path:
+            check_output(path, param=name, folder=name in folders)
+    check_not_inputs(outputs, inputs, folders=folders)
 
 
 def _check_folder_outside_inputs(name: str, folder: Path, inputs: dict) -> None:

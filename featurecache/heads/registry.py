@@ -50,8 +50,8 @@ from featurecache.heads.options import (
 __all__ = ["AGGREGATIONS", "COMBINING_OBJECTIVES", "DEFAULT_CANDIDATES", "DEFAULT_OBJECTIVE", "EVAL_OPTIONS",
            "FUSION_RULES", "FitConfig", "HEAD_KINDS", "HeadEstimator", "HeadKind", "MEMBER_OBJECTIVES", "OBJECTIVES",
            "OPTIONS", "Objective", "Option", "OptionScopeError", "SINGLE_OBJECTIVES", "check_options", "defaults",
-           "estimator_for", "get_objective", "is_fusion", "make_head", "objective_of_kind", "option_of_param",
-           "options_of", "parse_aggregation", "parse_member", "relevant", "train_objective"]
+           "estimator_for", "get_objective", "grid_help", "is_fusion", "make_head", "objective_of_kind",
+           "option_of_param", "options_of", "parse_aggregation", "parse_member", "relevant", "train_objective"]
 
 
 @runtime_checkable
@@ -213,3 +213,14 @@ class FitConfig:
 
     def option(self, name: str):
         return self.all_options()[name]
+
+
+def grid_help() -> str:
+    """What ``ablate --grid`` takes: each objective's grid options and the evaluation options (its help text)."""
+    per = {name: [n for n, o in OPTIONS.items() if o.grid and n != "objective" and name in o.objectives]
+           for name in OPTIONS["objective"].choices}
+    parts = [f"{name}: {', '.join(keys)}" for name, keys in per.items()]
+    return ("KEY=V1,V2,... (repeatable); list values join parts with '+' (hidden=0,2048+2048; "
+            "image_pooling=mean+max, or whole with --whole-image). Training: objective ("
+            + ", ".join(OPTIONS["objective"].choices) + "); " + "; ".join(parts)
+            + ". Evaluation (no retraining): " + ", ".join(EVAL_OPTIONS) + ".")
