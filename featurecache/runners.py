@@ -3,7 +3,8 @@
 :class:`PartComputer` turns the images of one committed part into its :class:`~featurecache.cache.PartData`:
 images are decoded by :class:`Decoder` in DataLoader workers; in crop mode :class:`PatchRunner` cuts every
 patch out on the compute device (one ``roi_align`` call per batch piece: bilinear, adaptive sampling when a
-patch shrinks, so anti-aliased) and fills batches with patches of several images; in dense mode
+patch shrinks, so anti-aliased) and fills batches with patches of several images, which the runtime's
+parallel streams (:attr:`Runtime.streams`) each cut and run whole; in dense mode
 :class:`DenseRunner` runs the trunk once per image and scale and pools each window from its map.
 """
 
@@ -142,7 +143,8 @@ class PatchRunner:
     def crops(self, pieces: list, *, threads: Optional[int] = None) -> torch.Tensor:
         """The batch's patches ``(N, 3, size, size)``, cut out by ``roi_align``.
 
-        On the CPU each piece's boxes are split over the intra-op threads and cut at once:
+        On the CPU each piece's boxes are split over ``threads`` threads (default: the intra-op
+        threads; a stream of crop mode cuts its batch on its own thread) and cut at once:
         torchvision's CPU ``roi_align`` runs on one core, and each crop is computed alone, so
         the split changes no value.
         """
