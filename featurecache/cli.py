@@ -543,8 +543,8 @@ def export(head, path, images, check, **options):
 
     if bool(images) != check:
         raise click.UsageError("IMAGES are what --check runs on: give both or neither")
-    if options["input_size"] is None:
-        raise click.UsageError("give --input-size WIDTH,HEIGHT: the model takes images of one size")
+    if (options["input_size"] is None) != options["dynamic"]:
+        raise click.UsageError("give one of --input-size WIDTH,HEIGHT (one size) and --dynamic (any size)")
     _check_outputs({"HEAD": head, "--weights": options["weights"],
                     "IMAGES": [i for i in images if os.path.isfile(i)]}, path=path)
     click.echo(run_export(head, path, check=images, **options).to_text())
