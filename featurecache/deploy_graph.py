@@ -65,17 +65,21 @@ def _arange(n: torch.Tensor) -> torch.Tensor:
 def resize_weights(n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
     """:func:`axis_resize_matrix` computed from sizes given as tensors (a dynamic graph's resizes).
 
-    torch's antialiased bilinear filter (``aten/src/ATen/native/cpu/UpSampleKernel.cpp``): output
-    ``i`` has its centre at ``scale · (i + 0.5)`` input pixels, ``scale = n_in / n_out``; input
-    ``j`` weighs ``max(0, 1 - |j + 0.5 - centre| / support)`` with ``support = max(scale, 1)``,
-    normalised over ``j``. (torch bounds ``j`` to a window that holds every non-zero weight.)
+    torch's antialiased bilinear filter (``aten/src/ATen/native/cpu/UpSampleKernel.cpp``), with its
+    float32 and float64 steps (computed in float64 throughout, the weights differed from torch's by
+    1.3e-5; with them, by at most one float32 rounding): output ``i`` has its centre at
+    ``scale · (i + 0.5)`` input pixels, ``scale = n_in / n_out``; input ``j`` weighs
+    ``max(0, 1 - |j + 0.5 - centre| / support)`` with ``support = max(scale, 1)``, normalised over
+    ``j``. (torch bounds ``j`` to a window that holds every non-zero weight.)
     """
-    n_in, n_out = n_in.to(torch.float64), n_out.to(torch.float64)
-    scale = n_in / n_out
+    f32, f64 = torch.float32, torch.float64
+    scale = n_in.to(f32) / n_out.to(f32)
     support = torch.clamp(scale, min=1.0)
-    centre = scale * (_arange(n_out) + 0.5)
-    w = torch.clamp(1.0 - torch.abs(_arange(n_in)[:, None] + 0.5 - centre[None, :]) / support, min=0.0)
-    return (w / w.sum(dim=0, keepdim=True)).to(torch.float32)
+    inverse = (1.0 / support.to(f64)).to(f32)
+    centre = (scale.to(f64) * (_arange(n_out) + 0.5)).to(f32)
+    offset = ((_arange(n_in).to(f32)[:, None] - centre[None, :]).to(f64) + 0.5) * inverse.to(f64)
+    w = torch.clamp(1.0 - torch.abs(offset.to(f32)), min=0.0)
+    return w / w.sum(dim=0, keepdim=True)
 
 
 def _positions(length: torch.Tensor, side: torch.Tensor, min_overlap: float) -> torch.Tensor:
@@ -259,7 +263,8 @@ class CamMaps(nn.Module):
             shape = torch._shape_as_tensor(fmap)
             probs = torch.clamp(self.scorer.regions(fmap[0].reshape(d, -1).T).to(torch.float64), _EPS, 1 - _EPS)
             logit = (torch.log(probs) - torch.log(1.0 - probs)).to(torch.float32)
-            logit = logit.T.reshape(-1, fmap.shape[2], fmap.shape[3])  # (C, trunk rows, columns); traced sizes stay dynamic
+            # (C, trunk rows, columns): sizes read from a traced shape stay dynamic in the graph
+            logit = logit.T.reshape(-1, fmap.shape[2], fmap.shape[3])
             rows = map_sampling(hw[0], torch.as_tensor(rh), shape[2], self.stride, self.centre)
             columns = map_sampling(hw[1], torch.as_tensor(rw), shape[3], self.stride, self.centre)
             here = torch.matmul(torch.matmul(rows, logit), columns.T)
