@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from featurecache.backbones import DENSE_STRIDE, FrozenBackbone
-from featurecache.heads.graph import score_module
+from featurecache.heads.graph import score_module, sigmoid
 from featurecache.heads.trained import TrainedHead
 from featurecache.patches import WHOLE_IMAGE_SCALE, PatchGrid
 from featurecache.resources import DEFAULT_MAX_SIDE
@@ -269,7 +269,7 @@ class CamMaps(nn.Module):
             columns = map_sampling(hw[1], torch.as_tensor(rw), shape[3], self.stride, self.centre)
             here = torch.matmul(torch.matmul(rows, logit), columns.T)
             total = here if total is None else total + here
-        return torch.sigmoid(total / len(cells)).permute(1, 2, 0)
+        return sigmoid(total / len(cells)).permute(1, 2, 0)
 
 
 class ExportedModel(nn.Module):
