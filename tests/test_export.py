@@ -370,6 +370,24 @@ def test_deploy_example_needs_no_featurecache_nor_torch(tiny, request, tmp_path,
     assert max(abs(scores[k] - want[k]) for k in want) <= CHECK_TOLERANCE * max(max(want.values()), 1e-6)
 
 
+def test_deploy_maps_example_finds_featurecaches_peaks(dynamic_model):
+    """docs/deploy.md's map_peaks (its second python block) gives LocalizationMap.peak of featurecache's map."""
+    from featurecache.images import load_rgb
+    from featurecache.maps import LocalizationMap
+
+    _, result = dynamic_model
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    namespace = {}
+    exec(blocks[0] + "\n" + blocks[1], namespace)
+    pixels = load_rgb(result.check.names[3])
+    peaks = namespace["map_peaks"](result.path, pixels)
+    want = LocalizationMap("x", result.classes, result.check.maps.predicted[3].transpose(2, 0, 1), 8,
+                           pixels.shape[1], pixels.shape[0], "patch")
+    for c, name in enumerate(result.classes):
+        score, x, y = want.peak(c)
+        assert peaks[name][1:] == (x, y) and abs(peaks[name][0] - score) <= CHECK_TOLERANCE * max(score, 1e-6)
+
+
 def _modules(*names):
     import importlib
 
