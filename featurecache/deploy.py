@@ -568,10 +568,11 @@ def check_export(model: Union[str, Path], head: Union[str, Path, TrainedHead], i
 
 def _compare_maps(predictor, arrays: list, exported: list, meta: dict, runtime: str) -> MapCheck:
     """featurecache's maps of the images (the model's method, stride and scales) beside the model's."""
-    from featurecache.maps import MapConfig
+    from featurecache.maps import Localizer, MapConfig
 
-    config = MapConfig(method=meta["method"], stride=int(meta["stride"]), device="cpu", runtime=runtime)
-    maker = predictor._localizer(config)
+    config = MapConfig(method=meta["method"], stride=int(meta["stride"]), device="cpu", runtime=runtime,
+                       weights=predictor.weights)
+    maker = Localizer(predictor.head, config, backbone=predictor.backbone())  # predict --maps' map maker
     maker.runtime()  # built before the clock starts, as the model's session is
     t0 = time.perf_counter()
     predicted = [maker.pixels_map(a).scores.transpose(1, 2, 0) for a in arrays]
