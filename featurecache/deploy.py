@@ -112,6 +112,10 @@ class ExportConfig:
         if self.input_size is None and not self.dynamic:
             raise ExportError("give the (width, height) the model takes, or dynamic for any size",
                               param="input_size")
+        size = self.input_size
+        if size is not None and not (isinstance(size, (tuple, list)) and len(size) == 2 and all(
+                isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)):
+            raise ExportError(f"must be (width, height) in whole pixels, got {self.input_size!r}", param="input_size")
         if self.map_method != "cam":
             raise ExportError(f"the {self.map_method} map cannot be exported: it reads a cache's patch scores or "
                               "an attention head's weights; a model's maps are cam maps (the default)",

@@ -297,6 +297,9 @@ def test_input_size_and_dynamic_exclude_each_other(tiny, tmp_path):
     with pytest.raises(ExportError) as e:
         export(head, tmp_path / "b.onnx")
     assert e.value.param == "input_size"
+    for bad in ("64,48", (64,), (64.5, 48), 64):
+        with pytest.raises(ExportError, match="whole pixels"):
+            ExportConfig(input_size=bad)
     r = CliRunner().invoke(main, ["export", str(head), str(tmp_path / "b.onnx"), "--input-size", "64,48",
                                   "--dynamic"])
     assert r.exit_code == 2 and "--input-size" in r.output and "--dynamic" in r.output
