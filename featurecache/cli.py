@@ -491,16 +491,16 @@ def predict(head, inputs, out, json_out, csv_out, html_out, weights, device, dow
 def export(head, path, images, check, **options):
     """Write HEAD and its backbone as one ONNX model OUT (.onnx): a uint8 RGB image (H, W, 3) to per-class scores.
 
-    The model computes what predict computes on an image of --input-size: the patch grid,
-    the backbone, the head and its image-score rule. Its metadata holds the class names, what
-    a score means, the default threshold and the head's provenance (docs/deploy.md).
+    The model computes what predict computes on an image of --input-size (or any size: --dynamic):
+    the patch grid, the backbone, the head and its image-score rule; --maps adds the cam map. Its
+    metadata holds the class names, what a score means, the threshold, the maps' grid (docs/deploy.md).
     """
     from featurecache.deploy import export as run_export
 
     if bool(images) != check:
         raise click.UsageError("IMAGES are what --check runs on: give both or neither")
-    if options["input_size"] is None:
-        raise click.UsageError("give --input-size WIDTH,HEIGHT: the model takes images of one size")
+    if (options["input_size"] is None) != options["dynamic"]:
+        raise click.UsageError("give one of --input-size WIDTH,HEIGHT (one size) and --dynamic (any size)")
     _check_outputs({"HEAD": head, "--weights": options["weights"],
                     "IMAGES": [i for i in images if os.path.isfile(i)]}, path=path)
     click.echo(run_export(head, path, check=images, **options).to_text())

@@ -359,10 +359,17 @@ REPORT = _table(
 #: ``export`` (:func:`featurecache.deploy.export`): the model's input size and the check against ``predict``.
 EXPORT = _table(
     Setting("input_size", None, "The image size WIDTH,HEIGHT the model takes (fixed: a consumer resizes its images "
-            "to it first).", "size"),
+            "to it first); or --dynamic.", "size"),
+    Setting("dynamic", False, "A model that takes images of any size instead of --input-size (the grid, resizes and "
+            "windows computed in the graph from the image's shape).", "flag"),
+    Setting("maps", False, "A second output 'maps': each image's class activation map (rows, columns, classes) in "
+            "--stride cells at the head's scales, as predict --maps and localize make it.", "flag"),
+    replace(_METHOD, name="map_method", flag=None, help="--maps: the map method; cam (the default) is the one "
+            "exported."),
+    _STRIDE,
     Setting("check", False, "Then run the model with ONNX Runtime on IMAGES (resized to --input-size) and compare "
-            "its scores with predict's on the same pixels; a difference beyond 1e-4 of the score scale, or another "
-            "top class, is an error.", "flag"),
+            "its scores (and maps) with predict's on the same pixels; a difference beyond 1e-4 of the score scale "
+            "(of the largest map value), or another top class, is an error.", "flag"),
     replace(_BACKEND["runtime"], default="onnxruntime", help="--check: what runs predict's backbone (onnxruntime, "
             "as the model runs: the export alone is compared)."),
     replace(PREDICT["weights"]), _BACKEND["download"], _BACKEND["threads"],

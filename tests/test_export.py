@@ -1,4 +1,5 @@
-"""featurecache export: the ONNX model's scores are predict's; its metadata; the deploy example; bad inputs."""
+"""featurecache export: the ONNX model's scores are predict's (fixed size and dynamic), its maps featurecache's;
+its metadata; the deploy example; bad inputs."""
 
 from __future__ import annotations
 
@@ -16,12 +17,14 @@ from click.testing import CliRunner
 from featurecache.cli import main
 from featurecache.deploy import (
     CHECK_TOLERANCE,
+    ExportConfig,
     ExportedModel,
     axis_resize_matrix,
     check_export,
     export,
     read_metadata,
 )
+from featurecache.deploy_graph import crop_geometry, dense_geometry, map_sampling, resize_weights
 from featurecache.errors import ExportError
 from featurecache.heads.graph import score_module
 from featurecache.heads.trained import TrainedHead
@@ -68,6 +71,52 @@ def test_score_module_is_image_scores(tmp_path, objective, options):
         assert got.dtype == np.float64
         scale = max(np.abs(want).max(), 1e-6)
         assert np.abs(got - want[i]).max() <= 1e-6 * scale, (objective, options, i)
+    # What a cam map scores every trunk cell with: TrainedHead.region_scores.
+    with torch.no_grad():
+        regions = module.regions(torch.from_numpy(np.asarray(X[:30], np.float32))).numpy()
+    want = head.region_scores(np.asarray(X[:30], np.float32))
+    assert regions.shape == want.shape and np.abs(regions - want).max() <= 1e-6, (objective, options)
+
+
+@pytest.mark.parametrize("grid", [PatchGrid(scales=(1.0, 1.3, 2.0, 3.6), input_size=64),
+                                  PatchGrid(scales=(1.0, 2.4), min_overlap=0.3, input_size=96),
+                                  PatchGrid(whole=True, input_size=64)])
+def test_geometry_in_the_graph_is_the_grids(grid):
+    """The boxes and dense windows a dynamic graph computes from the image's shape are the grid's, exactly."""
+    rng = np.random.default_rng(0)
+    sizes = [(500, 375), (375, 500), (64, 64), (333, 500), (96, 97)] + [tuple(rng.integers(40, 700, 2)) for _ in
+                                                                        range(40)]
+    for w, h in sizes:
+        boxes, scales = crop_geometry(torch.tensor(h), torch.tensor(w), grid)
+        want_boxes, want_scales = grid.boxes_and_scales(w, h)
+        assert np.array_equal(boxes.numpy(), want_boxes) and np.array_equal(scales.numpy(), want_scales), (w, h)
+        if grid.whole or grid.input_size % 32:
+            continue
+        got = dense_geometry(torch.tensor(h), torch.tensor(w), grid)
+        for (lam, rw, rh, xs, ys), (lam2, rw2, rh2, xs2, ys2) in zip(got, grid.dense_layout(w, h, stride=32)):
+            assert (lam, int(rw), int(rh)) == (lam2, rw2, rh2), (w, h, lam)
+            assert np.array_equal(xs.numpy(), xs2) and np.array_equal(ys.numpy(), ys2), (w, h, lam)
+
+
+def test_resize_weights_in_the_graph_are_torchs():
+    for n_in, n_out in ((375, 224), (500, 1195), (48, 64), (37, 36), (64, 64), (333, 96)):
+        got = resize_weights(torch.tensor(n_in), torch.tensor(n_out))
+        assert float((got - axis_resize_matrix(n_in, n_out)).abs().max()) < 1e-6, (n_in, n_out)
+
+
+def test_map_sampling_is_the_maps_sampling():
+    """map_sampling's matrices sample a cell map as featurecache.maps._sample (grid_sample) does."""
+    from featurecache.maps import _centres, _sample
+
+    gen = torch.Generator().manual_seed(0)
+    for w, h, rw, rh, centre in ((500, 375, 320, 224, 16.0), (64, 48, 96, 64, 16.0), (30, 200, 32, 224, 16.0),
+                                 (500, 375, 448, 320, 112.0)):
+        logit = torch.randn(1, 3, rh // 32, rw // 32, generator=gen)
+        want = _sample(logit, _centres(w, 8) * rw / w, _centres(h, 8) * rh / h, centre)
+        rows, cols = (map_sampling(torch.tensor(n), torch.tensor(r), torch.tensor(r // 32), 8, centre)
+                      for n, r in ((h, rh), (w, rw)))
+        got = (rows @ logit[0] @ cols.T).numpy()
+        assert got.shape == want.shape and np.abs(got - want).max() < 1e-5, (w, h)
 
 
 def test_resize_matrices_are_torchs_antialiased_resize():
@@ -154,7 +203,7 @@ def test_module_in_torch_is_the_onnx_model(tiny, tmp_path):
     head = _head(tiny, "dense", "mil")
     path = export(head, tmp_path / "d.onnx", input_size=(96, 64)).path
     trained = TrainedHead.load(head, device="cpu")
-    model = ExportedModel(trained, trained.new_images_recipe().build_backbone(), 96, 64)
+    model = ExportedModel(trained, trained.new_images_recipe().build_backbone(), (96, 64))
     image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
     with torch.no_grad():
         want = model(torch.from_numpy(image)).numpy()
@@ -163,6 +212,108 @@ def test_module_in_torch_is_the_onnx_model(tiny, tmp_path):
     # ONNX Runtime's convolutions round differently from torch's; a head trained to convergence (L-BFGS) and the
     # features' float16 rounding magnify that, so the bound is the export's own (--check's, the acceptance's).
     assert np.abs(got - want).max() <= CHECK_TOLERANCE * max(np.abs(want).max(), 1e-6)
+
+
+@pytest.fixture(scope="module")
+def sized_images(tmp_path_factory):
+    """Noise JPEGs of four sizes (and orientations): what a dynamic model takes as they are."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("sizes")
+    rng = np.random.default_rng(1)
+    paths = []
+    for w, h in ((64, 48), (81, 57), (56, 72), (100, 61)):
+        paths.append(root / f"noise-{w}x{h}.jpg")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def dynamic_model(tiny, sized_images, tmp_path_factory):
+    """The crop-mode patch head exported for any size with maps, checked on images of four sizes."""
+    head = _head(tiny, "crop", "patch")
+    path = tmp_path_factory.mktemp("dynamic") / "dynamic.onnx"
+    return head, export(head, path, dynamic=True, maps=True, check=sized_images)
+
+
+def test_dynamic_model_scores_and_maps_as_featurecache_at_every_size(dynamic_model, sized_images):
+    _, result = dynamic_model
+    check = result.check
+    assert result.size is None and result.patches is None
+    assert check.passed and check.relative_difference <= CHECK_TOLERANCE, check.to_text()
+    assert check.maps is not None and check.maps.relative_difference <= CHECK_TOLERANCE, check.maps.to_text()
+    # Each image at its own size: ceil(size / 8) cells, as featurecache's maps.
+    assert [m.shape for m in check.maps.exported] == [(6, 8, 2), (8, 11, 2), (9, 7, 2), (8, 13, 2)]
+    assert "maps of 4 image(s)" in result.to_text() and "any-size" in result.to_text()
+
+
+def test_dynamic_model_metadata(dynamic_model):
+    _, result = dynamic_model
+    meta = read_metadata(result.path)
+    assert meta["featurecache.input"]["width"] is None and meta["featurecache.input"]["height"] is None
+    maps = meta["featurecache.maps"]
+    assert maps["method"] == "cam" and maps["stride"] == 8 and maps["rows"] is None and maps["scales"] == [1.0, 2.0]
+    assert maps["layout"] == "rows, columns, classes"
+
+
+def test_fixed_size_model_with_maps(tiny, tmp_path):
+    """A fixed-size crop model's maps are featurecache's; their grid is in the metadata; a changed map fails."""
+    import onnxruntime as ort
+
+    from featurecache.deploy import MapCheck
+
+    head = _head(tiny, "crop", "mil")
+    result = export(head, tmp_path / "maps.onnx", input_size=SIZE, maps=True, stride=16, check=_images(tiny))
+    assert result.check.maps.passed, result.check.to_text()
+    maps = read_metadata(result.path)["featurecache.maps"]
+    assert (maps["rows"], maps["columns"], maps["stride"]) == (3, 4, 16)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["scores", "maps"]
+    assert session.run(None, {"image": np.zeros((48, 64, 3), np.uint8)})[1].shape == (3, 4, 2)
+    # The comparison can fail: a map off by 1e-3 of its scale is beyond the tolerance.
+    check = result.check.maps
+    moved = MapCheck(tuple(m + 1e-3 * check.scale for m in check.exported), check.predicted, 1.0)
+    assert not moved.passed and moved.relative_difference > CHECK_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, objective, options", [
+    ("dense", "patch", {}),
+    ("dense", "image", {"image_pooling": "scales+max"}),
+    ("crop", "image", {"image_pooling": "coarse+mean"}),
+    ("crop", "fusion", {}),
+])
+def test_dynamic_models_of_every_kind(tiny, sized_images, tmp_path, mode, objective, options):
+    head = _head(tiny, mode, objective, **options)
+    result = export(head, tmp_path / "d.onnx", dynamic=True, maps=True, check=sized_images)
+    assert result.check.passed, result.check.to_text()
+
+
+def test_input_size_and_dynamic_exclude_each_other(tiny, tmp_path):
+    head = _head(tiny, "crop", "patch")
+    with pytest.raises(ExportError) as e:
+        export(head, tmp_path / "b.onnx", input_size=SIZE, dynamic=True)
+    assert e.value.param == "dynamic" and "input_size" in str(e.value)
+    with pytest.raises(ExportError) as e:
+        export(head, tmp_path / "b.onnx")
+    assert e.value.param == "input_size"
+    for bad in ("64,48", (64,), (64.5, 48), 64):
+        with pytest.raises(ExportError, match="whole pixels"):
+            ExportConfig(input_size=bad)
+    r = CliRunner().invoke(main, ["export", str(head), str(tmp_path / "b.onnx"), "--input-size", "64,48",
+                                  "--dynamic"])
+    assert r.exit_code == 2 and "--input-size" in r.output and "--dynamic" in r.output
+    assert not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.parametrize("method", ["windows", "cam*windows", "attention"])
+def test_map_methods_other_than_cam_are_one_line(tiny, tmp_path, method):
+    with pytest.raises(ExportError) as e:
+        ExportConfig(input_size=SIZE, maps=True, map_method=method)
+    assert e.value.param == "map_method" and method in str(e.value) and "\n" not in str(e.value)
+    r = CliRunner().invoke(main, ["export", str(_head(tiny, "crop", "patch")), str(tmp_path / "w.onnx"),
+                                  "--input-size", "64,48", "--maps", "--map-method", method])
+    assert r.exit_code == 1 and r.output.startswith("Error: --map-method:") and r.output.count("\n") == 1
 
 
 def test_metadata_says_what_a_consumer_needs(tiny, patch_model):
@@ -192,10 +343,12 @@ def _deploy_block() -> str:
     return blocks[0]
 
 
-def test_deploy_example_needs_no_featurecache_nor_torch(tiny, patch_model, tmp_path):
-    """docs/deploy.md's score_image, run where torch and featurecache cannot be imported, gives predict's scores."""
-    head, result = patch_model
-    model, image = result.path, _images(tiny)[0]
+@pytest.mark.parametrize("which", ["patch_model", "dynamic_model"])
+def test_deploy_example_needs_no_featurecache_nor_torch(tiny, request, tmp_path, which):
+    """docs/deploy.md's score_image, run where torch and featurecache cannot be imported, gives predict's scores
+    (a fixed-size model, and a dynamic one with maps given an image at its own size)."""
+    head, result = request.getfixturevalue(which)
+    model, image = result.path, Path(result.check.names[1])
     block = tmp_path / "example.py"
     block.write_text(_deploy_block())
     script = (
@@ -215,9 +368,27 @@ def test_deploy_example_needs_no_featurecache_nor_torch(tiny, patch_model, tmp_p
                          capture_output=True, text=True, env=env, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     scores = json.loads(run.stdout.strip().splitlines()[-1])
-    want = dict(zip(result.classes, result.check.predicted[0].tolist()))  # predict's scores of that image
+    want = dict(zip(result.classes, result.check.predicted[1].tolist()))  # predict's scores of that image
     assert scores.keys() == want.keys()
     assert max(abs(scores[k] - want[k]) for k in want) <= CHECK_TOLERANCE * max(max(want.values()), 1e-6)
+
+
+def test_deploy_maps_example_finds_featurecaches_peaks(dynamic_model):
+    """docs/deploy.md's map_peaks (its second python block) gives LocalizationMap.peak of featurecache's map."""
+    from featurecache.images import load_rgb
+    from featurecache.maps import LocalizationMap
+
+    _, result = dynamic_model
+    blocks = re.findall(r"```python\n(.*?)```", DOCS.read_text(), re.S)
+    namespace = {}
+    exec(blocks[0] + "\n" + blocks[1], namespace)
+    pixels = load_rgb(result.check.names[3])
+    peaks = namespace["map_peaks"](result.path, pixels)
+    want = LocalizationMap("x", result.classes, result.check.maps.predicted[3].transpose(2, 0, 1), 8,
+                           pixels.shape[1], pixels.shape[0], "patch")
+    for c, name in enumerate(result.classes):
+        score, x, y = want.peak(c)
+        assert peaks[name][1:] == (x, y) and abs(peaks[name][0] - score) <= CHECK_TOLERANCE * max(score, 1e-6)
 
 
 def _modules(*names):

@@ -7,13 +7,17 @@ the MIL aggregation, the image pooling and image head, or the members and their 
 step keeps the precision the estimator computes in (float64 for the scikit-learn
 coefficients, the power mean and the fusion's log-odds; float32 for the torch heads), so the
 module's scores equal ``image_scores`` up to float rounding (tests/test_export.py).
+
+Each module's :meth:`regions` gives :meth:`TrainedHead.region_scores` (what class activation
+maps score every feature-map cell with). Counts of patches are read from the tensors' shapes
+and the per-scale groups of the image pooling may be given at run time (``scales``), so that a
+graph traced with dynamic axes (``export --dynamic``) keeps them dynamic.
 """
 
 from __future__ import annotations
 
 import copy
-import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +30,13 @@ from featurecache.heads.mil import MILHead
 from featurecache.heads.patch import MLPHead, _LinearSklearnHead
 from featurecache.heads.pooling import DEFAULT_POWER
 
-__all__ = ["score_module"]
+__all__ = ["score_module", "sigmoid"]
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """The number of rows of ``x`` as a float64 tensor: read from its shape at run time (a traced
+    ``x.shape[0]`` would be frozen into the graph as a constant)."""
+    return torch._shape_as_tensor(x)[0].to(torch.float64)
 
 
 def _frozen(net: nn.Module) -> nn.Module:
@@ -49,6 +59,13 @@ class _Linear64(nn.Module):
         return x.double() @ self.coef + self.intercept
 
 
+def sigmoid(z: torch.Tensor) -> torch.Tensor:
+    """σ(z) as ``1 / (1 + exp(-z))``: ONNX Runtime's float32 ``Sigmoid`` is accurate to 1.2e-7 absolute, not
+    relative (a probability of 1e-6 came out 3.9 times too large, measured), and maps take the log-odds of
+    such probabilities; its ``Exp`` is accurate to 7e-8 relative. Equal to torch's sigmoid within float32 rounding."""
+    return 1.0 / (1.0 + torch.exp(-z))
+
+
 def _softmax(z: torch.Tensor) -> torch.Tensor:
     e = torch.exp(z - z.max(dim=1, keepdim=True).values)
     return e / e.sum(dim=1, keepdim=True)
@@ -66,12 +83,14 @@ class PatchPowerMean(nn.Module):
         else:
             self.net, self.linear = None, _Linear64(estimator.coef_, estimator.intercept_)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def regions(self, features: torch.Tensor) -> torch.Tensor:
+        """Class probabilities of each patch (background left out), float32 as ``predict_proba``'s."""
         if self.net is not None:
-            p = torch.softmax(self.net(features), dim=1)
-        else:
-            p = _softmax(self.linear(features)).float()  # predict_proba returns float32
-        return (p[:, 1:].double() ** self.k).mean(dim=0)
+            return torch.softmax(self.net(features), dim=1)[:, 1:]
+        return _softmax(self.linear(features)).float()[:, 1:]  # predict_proba returns float32
+
+    def forward(self, features: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return (self.regions(features).double() ** self.k).sum(dim=0) / _rows(features)
 
 
 def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
@@ -82,7 +101,7 @@ def _log_sigmoid(z: torch.Tensor) -> torch.Tensor:
 def _log_mean_exp(x: torch.Tensor) -> torch.Tensor:
     """log((1/M) Σ exp(x)) over the patches (dim 0), shifted by the maximum."""
     top = x.max(dim=0).values
-    return torch.log(torch.exp(x - top).sum(dim=0)) + top - math.log(x.shape[0])
+    return torch.log(torch.exp(x - top).sum(dim=0)) + top - torch.log(_rows(x)).to(x.dtype)
 
 
 class MILAggregation(nn.Module):
@@ -95,12 +114,16 @@ class MILAggregation(nn.Module):
         self.aggregation = estimator.aggregation
         self.k, self.r = float(estimator.k), float(estimator.temperature)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def regions(self, features: torch.Tensor) -> torch.Tensor:
+        """σ of each patch's logits (``MILHead.patch_scores``)."""
+        return sigmoid(self.net(features))
+
+    def forward(self, features: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
         z = self.net(features)
         if self.aggregation == "max":
-            out = torch.sigmoid(z.max(dim=0).values)
+            out = sigmoid(z.max(dim=0).values)
         elif self.aggregation == "lse":
-            out = torch.sigmoid(_log_mean_exp(self.r * z) / self.r)
+            out = sigmoid(_log_mean_exp(self.r * z) / self.r)
         else:
             out = torch.exp(_log_mean_exp(_log_sigmoid(z) * self.k) / self.k)
         return out.double()
@@ -114,20 +137,35 @@ class ImagePooling(nn.Module):
         super().__init__()
         scales = np.asarray(scales)
         self.pooling = tuple(estimator.pooling)
-        levels = np.unique(scales)
-        # One index list per scale (coarse to fine: ascending λ), as constants of the graph.
-        self.groups = [torch.from_numpy(np.flatnonzero(scales == lev)) for lev in levels]
+        # The scales in ascending λ (coarse to fine); each patch's λ, a constant unless given at run time.
+        self.levels = tuple(float(v) for v in np.unique(np.asarray(scales, np.float32)))
+        self.register_buffer("scales", torch.from_numpy(np.asarray(scales, np.float32).copy()))
+        self.copies = int(estimator.n_features_in_)
         if isinstance(estimator, ImageMLPHead):
             self.net, self.linear = _frozen(estimator.net_), None
         else:
             self.net, self.linear = None, _Linear64(estimator.coef_, estimator.intercept_)
 
     @staticmethod
-    def _mean(x: torch.Tensor) -> torch.Tensor:
-        # Summed in float32 (as _Pooler sums a chunk), divided in float64, rounded to float32.
-        return (x.sum(dim=0).double() / x.shape[0]).float()
+    def _mean(x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # Summed in float32 (as _Pooler sums a chunk), divided in float64, rounded to float32. A scale's
+        # patches are picked by a mask (zeros added leave a float32 sum as it is), so their count can vary.
+        if mask is None:
+            return (x.sum(dim=0).double() / _rows(x)).float()
+        return ((x * mask[:, None].to(x.dtype)).sum(dim=0).double() / mask.to(torch.float64).sum()).float()
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        if self.net is not None:
+            return sigmoid(self.net(x)).double()
+        return sigmoid(self.linear(x)).float().double()  # image_scores returns float32
+
+    def regions(self, features: torch.Tensor) -> torch.Tensor:
+        """The scores of an image all of whose patches are one region's feature: every pooling of it
+        is the feature itself (``_ImageScorer.region_scores``)."""
+        return self._head(features.repeat(1, self.copies // features.shape[1])).float()
+
+    def forward(self, features: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        scales = self.scales if scales is None else scales
         parts = []
         for p in self.pooling:
             if p == "mean":
@@ -135,13 +173,10 @@ class ImagePooling(nn.Module):
             elif p == "max":
                 parts.append(features.max(dim=0).values)
             elif p == "scales":
-                parts.extend(self._mean(features[g]) for g in self.groups)
+                parts.extend(self._mean(features, scales == lev) for lev in self.levels)
             else:  # coarse: the smallest λ
-                parts.append(self._mean(features[self.groups[0]]))
-        x = torch.cat(parts)[None]
-        if self.net is not None:
-            return torch.sigmoid(self.net(x))[0].double()
-        return torch.sigmoid(self.linear(x))[0].float().double()
+                parts.append(self._mean(features, scales == self.levels[0]))
+        return self._head(torch.cat(parts)[None])[0]
 
 
 class Fusion(nn.Module):
@@ -158,12 +193,19 @@ class Fusion(nn.Module):
         self.register_buffer("center", torch.from_numpy(np.asarray(estimator.center_, np.float64).copy()))
         self.register_buffer("scale", torch.from_numpy(np.asarray(estimator.scale_, np.float64).copy()))
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def _fuse(self, member_scores: list) -> torch.Tensor:
         z = []
-        for i, member in enumerate(self.members):
-            s = torch.clamp(member(features), _LOW, _HIGH)
+        for i, s in enumerate(member_scores):
+            s = torch.clamp(s.double(), _LOW, _HIGH)
             z.append((torch.log(s) - torch.log(1.0 - s) - self.center[i]) / self.scale[i])
-        return torch.sigmoid(torch.stack(z).mean(dim=0))
+        return sigmoid(torch.stack(z).mean(dim=0))
+
+    def regions(self, features: torch.Tensor) -> torch.Tensor:
+        """The members' region scores fused as their image scores are (``FusionHead.region_scores``)."""
+        return self._fuse([m.regions(features) for m in self.members]).float()
+
+    def forward(self, features: torch.Tensor, scales: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self._fuse([m(features, scales) for m in self.members])
 
 
 def score_module(head, scales: Sequence[float]) -> nn.Module:
