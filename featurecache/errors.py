@@ -7,7 +7,8 @@ import re
 from typing import Optional
 
 __all__ = ["AblationError", "BackboneError", "CacheError", "DatasetError", "EvalError", "ExportError", "ExtractError",
-           "FeaturecacheError", "HeadError", "PredictError", "ReportError", "integer_at_least", "one_line"]
+           "FeaturecacheError", "HeadError", "PredictError", "ReportError", "integer_at_least", "is_out_of_memory",
+           "one_line"]
 
 
 class FeaturecacheError(ValueError):
@@ -106,6 +107,11 @@ _MEMORY_HINTS = {
 }
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says memory ran out (numpy's MemoryError, torch's and the runtimes' words for it)."""
+    return isinstance(error, MemoryError) or bool(_MEMORY_WORDS.search(str(error)))
+
+
 def one_line(error: BaseException, command: str) -> Optional[str]:
     """The one line a command prints for an error that is bad input or the machine's state, not a bug.
 
@@ -128,7 +134,7 @@ def one_line(error: BaseException, command: str) -> Optional[str]:
     if isinstance(error, ValueError) and _NOT_FINITE.search(text):
         # scikit-learn's input check on features read from a file: a damaged or forged cache.
         return f"the features hold NaN or infinity ({first[:120]}): the cache is damaged; extract it again"
-    if isinstance(error, MemoryError) or (isinstance(error, RuntimeError) and _MEMORY_WORDS.search(text)):
+    if isinstance(error, (MemoryError, RuntimeError)) and is_out_of_memory(error):
         # numpy's MemoryError, torch's "can't allocate memory": with the setting to change.
         return f"out of memory ({first[:160]}); {_MEMORY_HINTS.get(command, 'work on fewer images at a time')}"
     return None

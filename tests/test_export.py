@@ -427,6 +427,18 @@ def test_unexportable_backbone_is_one_line(tiny, tmp_path, monkeypatch):
         export(_head(tiny, "crop", "patch"), tmp_path / "u.onnx", input_size=SIZE)
     message = str(e.value)
     assert "cannot be expressed in ONNX" in message and "aten::fancy_op" in message and "\n" not in message
+
+
+def test_memory_running_out_while_tracing_says_so_and_what_to_change(tiny, tmp_path, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2466250752 bytes.")
+
+    monkeypatch.setattr(torch.onnx, "export", no_memory)
+    with pytest.raises(ExportError) as e:
+        export(_head(tiny, "crop", "patch"), tmp_path / "m.onnx", input_size=SIZE)
+    message = str(e.value)
+    assert "out of memory tracing the model" in message and "--input-size" in message and "\n" not in message
+    assert "cannot be expressed" not in message and not (tmp_path / "m.onnx").exists()
     assert "efficientnet_lite0" in message
 
 
