@@ -63,18 +63,6 @@ def aggregate(z: torch.Tensor, mask: torch.Tensor, aggregation: str, *, temperat
     return log_mean / k if log else torch.exp(log_mean / k)
 
 
-def _started(net: nn.Module, init: Optional[dict]) -> nn.Module:
-    """``net`` with the parameters of ``init`` (a warm start), or as made (a seeded random start)."""
-    if init is None:
-        return net
-    try:
-        net.load_state_dict(init)
-    except RuntimeError as e:  # another width or number of classes: not a start for this scorer
-        first = str(e).strip().splitlines()[-1].strip()
-        raise HeadError(f"the warm start does not fit this scorer: {first}", param="init") from None
-    return net
-
-
 def _size_batches(ids: np.ndarray, sizes: np.ndarray, rows: int) -> list:
     """``ids`` (sorted by their bags' ``sizes``, ascending) cut into runs of at most ``rows`` padded rows each."""
     out, start = [], 0
@@ -211,30 +199,26 @@ class BagTrainer:
             return total
         return loss
 
-    def _fit_lbfgs(self, source: BagSource, Y: np.ndarray, W: np.ndarray, ids: np.ndarray, dev, seed: int,
-                   init: Optional[dict] = None) -> tuple:
+    def _fit_lbfgs(self, source: BagSource, Y: np.ndarray, W: np.ndarray, ids: np.ndarray, dev, seed: int) -> tuple:
         """Full-batch L-BFGS (:func:`~featurecache.heads._torch.train_lbfgs`); ``max``/``lse`` first minimise the
-        warm loss (log-sum-exp at r = 1) for at most ``warmup_epochs`` passes, then the sharp one from there
-        (not after a warm start from ``init``: the warm-up only guards a random start)."""
+        warm loss (log-sum-exp at r = 1) for at most ``warmup_epochs`` passes, then the sharp one from there."""
         loss = self._full_batch(source, Y, W, ids, dev)
         settings = dict(seed=seed, device=dev, weight_decay=float(self.weight_decay), tol=float(self.tol))
         made: dict = {}
 
         def make():  # seeded inside train_lbfgs on the first call; the warm phase's net goes on
             if "net" not in made:
-                made["net"] = _started(scorer(source.n_features, Y.shape[1], 0), init).to(dev)
+                made["net"] = scorer(source.n_features, Y.shape[1], 0).to(dev)
             return made["net"]
 
         history: list = []
-        if self.aggregation != "power" and int(self.warmup_epochs) > 0 and init is None:
+        if self.aggregation != "power" and int(self.warmup_epochs) > 0:
             _, history = train_lbfgs(make, lambda n: loss(n, warm=True), max_passes=int(self.warmup_epochs), **settings)
         net, more = train_lbfgs(make, loss, max_passes=int(self.max_epochs) - len(history), **settings)
         return net, history + [{**h, "epoch": len(history) + h["epoch"]} for h in more]
 
-    def fit(self, source: BagSource, Y: np.ndarray, ignore: Optional[np.ndarray] = None, *,
-            init: Optional[dict] = None) -> tuple:
-        """Train a :func:`scorer` on a :class:`BagSource` with image labels ``Y`` (M, C), from the parameters
-        ``init`` (a state dict of the same scorer: a warm start) or a seeded random start.
+    def fit(self, source: BagSource, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> tuple:
+        """Train a :func:`scorer` on a :class:`BagSource` with image labels ``Y`` (M, C).
 
         Returns
         -------
@@ -260,10 +244,10 @@ class BagTrainer:
         dev = resolve_device(self.device)
         bs = int(self.batch_images)
         if self.solver_used() == "lbfgs":
-            return self._fit_lbfgs(source, Y, W, order[0], dev, seed, init)
+            return self._fit_lbfgs(source, Y, W, order[0], dev, seed)
 
         def make():
-            net = _started(scorer(source.n_features, Y.shape[1], self.hidden), init).to(dev)
+            net = scorer(source.n_features, Y.shape[1], self.hidden).to(dev)
             return net, torch.optim.Adam(net.parameters(), lr=float(self.lr), weight_decay=float(self.weight_decay))
 
         def run_epoch(net, opt, epoch):

@@ -163,22 +163,15 @@ def member_config(config: FitConfig, name: str) -> FitConfig:
                      random_state=config.random_state, progress=False)
 
 
-def train_member(cache, config: FitConfig, name: str, *, init=None) -> TrainedHead:
-    """Train one member (or candidate) on all images of ``cache``.
-
-    ``init``: a trained head to start from where the objective ``warm_starts``
-    (:func:`featurecache.heads.registry.train_objective`); for a fusion, a mapping of member name to
-    such a head.
-    """
+def train_member(cache, config: FitConfig, name: str) -> TrainedHead:
+    """Train one member (or candidate) on all images of ``cache``."""
     sub = member_config(config, name)
     if is_fusion(name):
-        return fit_fusion_objective(cache, sub, kind="fusion", params={"members": config.option("members")},
-                                    inits=init)
-    return train_objective(cache, sub, init=init)
+        return fit_fusion_objective(cache, sub, kind="fusion", params={"members": config.option("members")})
+    return train_objective(cache, sub)
 
 
-def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict,
-                         inits: Optional[Mapping] = None) -> TrainedHead:
+def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
     """Train the members on a cache and the fusion of their scores.
 
     Parameters
@@ -190,8 +183,6 @@ def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict,
         ``"fusion"``.
     params : dict
         :class:`FusionHead` parameters (``members``, ``rule``).
-    inits : mapping, optional
-        Member name -> a trained head that member's training starts from (:func:`train_member`).
 
     Returns
     -------
@@ -202,7 +193,7 @@ def fit_fusion_objective(cache, config: FitConfig, *, kind: str, params: dict,
     with open_cache(cache, config.train_split) as c:
         est = make_head(kind, **params)
         est.members = resolve_members(est.members, has_boxes(c))
-        heads = [train_member(c, config, m, init=(inits or {}).get(m)) for m in est.members]
+        heads = [train_member(c, config, m) for m in est.members]
         est.fit_members(heads, [h.image_scores(c) for h in heads], c.images.labels)
         summary = image_level_summary(c, config, t0, {"members": list(est.members), "fusion_rule": est.rule})
         return TrainedHead.from_cache(est, kind, c, summary, config.objective)

@@ -17,7 +17,6 @@ from sklearn.base import BaseEstimator
 from torch import nn
 
 from featurecache.cache import open_cache
-from featurecache.errors import HeadError
 from featurecache.heads._sources import BagSource
 from featurecache.heads._torch import TorchState
 from featurecache.heads.background import as_policy, background_weights
@@ -144,17 +143,9 @@ class MILHead(TorchState, BaseEstimator):
                            patch_weights=patch_weights)
         return self.fit_source(source, Y, ignore)
 
-    def fit_source(self, source: BagSource, Y: np.ndarray, ignore: Optional[np.ndarray] = None, *,
-                   init: Optional["MILHead"] = None) -> "MILHead":
-        """Train on a :class:`BagSource` (in memory or streamed) with image labels ``Y`` (M, C).
-
-        ``init``: a fitted :class:`MILHead` of the same shape whose parameters the training starts
-        from instead of a seeded random start (a warm start; the warm-up phase is skipped).
-        """
-        if init is not None and not isinstance(init, MILHead):
-            raise HeadError(f"a warm start needs a fitted mil head, got {type(init).__name__}", param="init")
-        state = None if init is None else init._state()
-        net, history = self._trainer().fit(source, Y, ignore, init=state)
+    def fit_source(self, source: BagSource, Y: np.ndarray, ignore: Optional[np.ndarray] = None) -> "MILHead":
+        """Train on a :class:`BagSource` (in memory or streamed) with image labels ``Y`` (M, C)."""
+        net, history = self._trainer().fit(source, Y, ignore)
         self.net_, self.history_, self.n_epochs_ = net, history, len(history)
         self.n_features_in_, self.n_outputs_ = source.n_features, np.shape(Y)[1]
         return self
@@ -223,8 +214,7 @@ def bag_source(cache, config: FitConfig, patch_weight: float) -> tuple:
     return source, extra
 
 
-def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict,
-                      init: Optional[TrainedHead] = None) -> TrainedHead:
+def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict) -> TrainedHead:
     """Train the ``mil`` objective (or ``hybrid``, whose ``patch_weight`` is positive) on a cache.
 
     Parameters
@@ -237,9 +227,6 @@ def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict,
         ``"mil"``.
     params : dict
         :class:`MILHead` parameters.
-    init : TrainedHead, optional
-        A trained mil or hybrid head of the same shape to start from (:meth:`MILHead.fit_source`);
-        the summary records ``warm_start``.
 
     Returns
     -------
@@ -250,9 +237,9 @@ def fit_mil_objective(cache, config: FitConfig, *, kind: str, params: dict,
     with open_cache(cache, config.train_split) as c:
         t = c.images
         source, extra = bag_source(c, config, float(est.patch_weight))
-        est.fit_source(source, t.labels, ignore=t.difficult & ~t.labels, init=None if init is None else init.estimator)
+        est.fit_source(source, t.labels, ignore=t.difficult & ~t.labels)
         extra.update(aggregation=est.describe_aggregation(), epochs=est.n_epochs_, solver=est._trainer().solver_used(),
-                     training_data="stream" if source.streaming else "memory", warm_start=init is not None)
+                     training_data="stream" if source.streaming else "memory")
         return TrainedHead.from_cache(est, kind, c, image_level_summary(c, config, t0, extra), config.objective)
 
 

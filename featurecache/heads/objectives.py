@@ -97,9 +97,6 @@ class Objective:
         not"; ``predict`` uses that as its default threshold.
     attention_maps : bool
         Its heads weigh each patch of an image (``patch_attention``: the ``attention`` map method).
-    warm_starts : bool
-        Its trainer also takes ``init``, a trained head of its kind to start from (``auto`` starts the
-        chosen candidate's refit from its fit on the last fold).
     """
 
     name: str
@@ -120,7 +117,6 @@ class Objective:
     scores: str = ""
     probabilities: bool = False
     attention_maps: bool = False
-    warm_starts: bool = False
 
     def kind(self, options: Mapping) -> Optional[str]:
         """The head kind of a configuration's options (None for an objective that chooses)."""
@@ -160,10 +156,10 @@ _TABLE = (
                      "image features)"),
     Objective("mil", "featurecache.heads.mil:fit_mil_objective", "featurecache.heads.mil:describe_mil",
               heads=(_MIL_HEAD,), patch_scores=True, fixed=MappingProxyType({"patch_weight": 0.0}),
-              probabilities=True, scores=_MIL_SCORES, warm_starts=True),
+              probabilities=True, scores=_MIL_SCORES),
     Objective("hybrid", "featurecache.heads.mil:fit_mil_objective", "featurecache.heads.mil:describe_mil",
               heads=(_MIL_HEAD,), patch_scores=True, needs_boxes=True, positive=("patch_weight",), probabilities=True,
-              scores=_MIL_SCORES, warm_starts=True),
+              scores=_MIL_SCORES),
     Objective("attention", "featurecache.heads.attention:fit_attention_objective",
               "featurecache.heads.attention:describe_attention",
               heads=(HeadKind("attention", "featurecache.heads.attention:AttentionHead"),), patch_scores=True,

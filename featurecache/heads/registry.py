@@ -96,21 +96,16 @@ def option_of_param(objective: str, param: Optional[str]) -> Optional[str]:
     return None
 
 
-def train_objective(cache, config: "FitConfig", *, init=None):
+def train_objective(cache, config: "FitConfig"):
     """Train a head for ``config``'s objective on a cache with its trainer (see
-    :func:`featurecache.train.fit_objective`, which also names the user's option in errors).
-
-    ``init``, a trained head of the same kind, is where the training starts for an objective that
-    ``warm_starts`` (``mil``, ``hybrid``); the others start as always and ignore it.
-    """
+    :func:`featurecache.train.fit_objective`, which also names the user's option in errors)."""
     objective = get_objective(config.objective)
     if objective.chooses:  # it chooses among other objectives, each with its own estimator
         check_options(config.all_options())
         return load(objective.trainer)(cache, config, kind=None, params={})
     kind, params = estimator_for(config.all_options(), params_given=config.params, random_state=config.random_state,
                                  device=config.device)
-    warm = {"init": init} if init is not None and objective.warm_starts else {}
-    return load(objective.trainer)(cache, config, kind=kind, params=params, **warm)
+    return load(objective.trainer)(cache, config, kind=kind, params=params)
 
 
 def estimator_for(options: Mapping, *, params_given: Optional[Mapping] = None, random_state: int = 0,
