@@ -9,6 +9,11 @@ candidate with the highest mean AP over the folds is retrained on all training i
 returned, with the cross-validation table (and what was dropped when) in its summary. The
 ``fusion`` candidate averages its members' held-out scores, so it costs no training of its
 own. Nothing outside the training images is seen.
+
+The fits inside cross-validation only rank the candidates, so they train looser than the refit
+(:func:`screening_config`: ``cv_tol`` for the L-BFGS scorers, ``cv_epochs`` for the patch MLP).
+Each starts from its own seeded start: one started from another fold's fit would carry what that
+fit learnt from this fold's held-out images.
 """
 
 from __future__ import annotations
@@ -88,13 +93,17 @@ def clearly_behind(scores: dict, test, seed: int, *, n_boot: int = HALVING_RESAM
 
 
 def screening_config(config: FitConfig) -> FitConfig:
-    """The configuration of the fits inside cross-validation: ``image_tol`` loosened to ``cv_tol`` (those fits
-    only rank the candidates; never tighter than ``image_tol``, which the chosen candidate's refit keeps)."""
+    """The configuration of the fits inside cross-validation, which only rank the candidates: ``image_tol``
+    loosened to ``cv_tol`` (never tighter) and the patch MLP's ``epochs`` capped at ``cv_epochs`` (never above);
+    0 leaves either as it is. The chosen candidate's refit keeps ``config``'s own."""
     tol = max(float(config.option("cv_tol")), float(config.option("image_tol")))
-    return replace(config, options={**config.options, "image_tol": tol})
+    epochs = int(config.option("epochs"))
+    if int(config.option("cv_epochs")) > 0:
+        epochs = min(epochs, int(config.option("cv_epochs")))
+    return replace(config, options={**config.options, "image_tol": tol, "epochs": epochs})
 
 
-def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k: int, *, progress=None) -> tuple:
+def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k: int, *, progress=None) -> list:
     """Per candidate: held-out mAP in each of ``k`` folds over ``data``'s images, and training seconds.
 
     With ``cv_halving="interval"`` every candidate runs on the first fold, and those clearly
@@ -105,14 +114,13 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
 
     Returns
     -------
-    table : list of dict
+    list of dict
         ``candidate``, ``maps`` (per fold it ran on), ``map_mean``, ``map_std``, ``seconds`` (mean
         training time per fold), ``dropped`` (None, or the fold after which it was dropped, with
         ``behind`` and ``vs_best`` from :func:`clearly_behind`), in the order of ``candidates``.
-    last : dict
-        Each trained name's head on the last fold it ran on (where the refit may start).
     """
-    maps, seconds, dropped, last = {c: [] for c in candidates}, {}, {}, {}
+
+    maps, seconds, dropped = {c: [] for c in candidates}, {}, {}
     alive, screen = list(candidates), screening_config(config)
     halving = config.option("cv_halving") != "none" and k > 1
     bar = tqdm(total=len(_trained(alive, members)) * k, unit="fit", desc="auto",
@@ -127,7 +135,6 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
                     seconds.setdefault(name, []).append(time.perf_counter() - t0)
                     held_out[name] = fitted[name].image_scores(fold.test)
                     bar.update(1)
-                last.update(fitted)
                 scores = {name: _fused(fold.train, fitted, held_out, members) if is_fusion(name) else held_out[name]
                           for name in alive}
                 t = fold.test.images
@@ -144,7 +151,7 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
              "map_std": float(np.nanstd(maps[c])),
              "seconds": float(sum(np.mean(seconds[m]) for m in (members if is_fusion(c) else (c,)))),
              "dropped": dropped.get(c)}
-            for c in candidates], last
+            for c in candidates]
 
 
 def _fused(train, fitted: dict, held_out: dict, members: tuple) -> np.ndarray:
@@ -153,17 +160,6 @@ def _fused(train, fitted: dict, held_out: dict, members: tuple) -> np.ndarray:
     fusion = FusionHead(members, OPTIONS["fusion_rule"].default)
     fusion.fit_scores([fitted[m].image_scores(train) for m in members], train.images.labels)
     return fusion.fuse([held_out[m] for m in members])
-
-
-def _refit(cache, config: FitConfig, chosen: str, last: dict, members: tuple) -> TrainedHead:
-    """The chosen candidate trained on all training images at ``config``'s own tolerance; with
-    ``refit_start="last-fold"``, from its head on the last fold (a fusion's members from theirs) where its
-    objective ``warm_starts``: no held-out score is computed after it, so nothing leaks."""
-    if config.option("refit_start") == "none":
-        return train_member(cache, config, chosen)
-    if is_fusion(chosen):
-        return train_member(cache, config, chosen, init={m: last[m] for m in members if m in last})
-    return train_member(cache, config, chosen, init=last.get(chosen))
 
 
 def fit_auto_objective(cache, config: FitConfig, *, kind=None, params=None) -> TrainedHead:
@@ -200,17 +196,18 @@ def fit_auto_objective(cache, config: FitConfig, *, kind=None, params=None) -> T
         if not candidates:
             raise HeadError("no candidate applies to this cache (patch and hybrid need boxes)", param="candidates")
         in_memory = features_bytes(c.num_patches, c.feature_dim) <= memory_budget(config.memory_limit)
-        table, last = cross_validate(c.to_memory() if in_memory else c, config, candidates, members, k,
-                                     progress=config.progress)
+        table = cross_validate(c.to_memory() if in_memory else c, config, candidates, members, k,
+                               progress=config.progress)
         best = max((r for r in table if r["dropped"] is None),
                    key=lambda r: (np.nan_to_num(r["map_mean"], nan=-1.0), -candidates.index(r["candidate"])))
-        head = _refit(c, config, best["candidate"], last, members)
+        head = train_member(c, config, best["candidate"])
         dropped = [{"candidate": r["candidate"], **r["dropped"]} for r in table if r["dropped"]]
         head.summary["selection"] = {
             "chosen": best["candidate"], "folds": k, "images": n, "table": table, "seed": config.random_state,
             "members": list(members), "seconds": time.perf_counter() - t0, "halving": config.option("cv_halving"),
-            "cv_tol": float(config.option("cv_tol")), "screening_tol": float(screening_config(config).option(
-                "image_tol")), "refit_start": config.option("refit_start"), "dropped": dropped,
+            "cv_tol": float(config.option("cv_tol")), "cv_epochs": int(config.option("cv_epochs")),
+            "screening": {n: screening_config(config).option(n) for n in ("image_tol", "epochs")},
+            "dropped": dropped,
             "reason": f"highest mean AP in {k}-fold cross-validation on the {n} training images"
                       + (f" ({len(dropped)} candidate(s) dropped after fold 1, clearly behind)" if dropped else "")}
         return head

@@ -23,8 +23,8 @@ from featurecache.heads.pooling import DEFAULT_POWER, SCORE_POOLINGS, check_imag
 from featurecache.metrics import METHODS
 
 __all__ = ["AGGREGATIONS", "ATTENTION_BRANCHES", "DEFAULT_CANDIDATES", "DEFAULT_MEMBERS", "EVAL_OPTIONS",
-           "FUSION_RULES", "HALVINGS", "LBFGS_WINDOW", "MAX_AGGREGATION_PARAMETER", "OPTIONS", "REFIT_STARTS",
-           "SOLVERS", "Option", "OptionScopeError", "check_options", "defaults", "is_fusion", "options_of",
+           "FUSION_RULES", "HALVINGS", "LBFGS_WINDOW", "MAX_AGGREGATION_PARAMETER", "OPTIONS", "SOLVERS",
+           "Option", "OptionScopeError", "check_options", "defaults", "is_fusion", "options_of",
            "parse_aggregation", "parse_member", "read_defaults", "relevant", "scope_error"]
 
 #: MIL aggregations of patch logits into an image logit.
@@ -35,9 +35,6 @@ SOLVERS = ("lbfgs", "adam")
 
 #: How ``auto`` drops candidates after its first fold (``cv_halving``).
 HALVINGS = ("interval", "none")
-
-#: Where ``auto``'s refit of the chosen candidate starts (``refit_start``).
-REFIT_STARTS = ("last-fold", "none")
 
 #: Iterations over which the L-BFGS solver measures the relative fall of its loss (``image_tol``).
 LBFGS_WINDOW = 5
@@ -416,11 +413,10 @@ _OPTION_LIST = (
            "auto: the --image-tol of the mil/hybrid fits inside cross-validation, which only rank the candidates "
            "(never tighter than --image-tol; 0: --image-tol, the previous behaviour). The chosen candidate's refit "
            "on all training images uses --image-tol.", _AUTO, minimum=0.0),
-    Option("refit_start", "last-fold",
-           "auto: last-fold (the chosen mil/hybrid candidate's refit on all training images starts from its fit on "
-           "the last fold; a fusion's members from theirs) or none (from a seeded random start: the previous "
-           "behaviour). Fits inside cross-validation always start from their own seeded start.", _AUTO,
-           kind="choice", choices=REFIT_STARTS, parse=_choice("refit_start", REFIT_STARTS)),
+    Option("cv_epochs", 20,
+           "auto: the cap on the patch MLP's epochs (--epochs) inside cross-validation (never above --epochs; 0: "
+           "--epochs, the previous behaviour). The chosen candidate's refit uses --epochs.", _AUTO, parse=int,
+           kind="int", minimum=0),
     Option("val", None, "patch: validation cache (early stopping for the MLP).", _PATCH, kind="path", grid=False,
            parse=_text),
     Option("val_split", None, "patch: validate on this split (of --val, or of CACHE).", _PATCH, kind="text",
