@@ -1,7 +1,7 @@
 """What stage two's default fits cost: auto before and after, side by side, against one mil fit.
 
     python benchmarks/bench_auto.py --work results-work [--only voc|bccd] [--repeat 1] [--runs NAME,...]
-                                    [--before REV]
+                                    [--before REV] [--threads N]
 
 On the caches of examples/auto_table.py (VOC sample: the `train` split of the five-scale
 cache; BCCD: its `train` split), trains side by side:
@@ -19,7 +19,9 @@ and prints the seconds (wall clock and CPU: on shared cores the CPU seconds move
 load), the passes over the bags (epochs) of each, each old/new speed-up, and auto's ratio to
 one mil fit of the same code (the target: at most 3x at the defaults). With --repeat N each
 is trained N times, the order of each pair alternating between repeats, and the median is
-reported. `--runs` picks rows (the `old` ones take minutes).
+reported. `--runs` picks rows (the `old` ones take minutes); `--threads` sets torch's threads of
+every fit (on shared cores one thread makes the CPU seconds a measure of the work: no thread
+waits for another).
 """
 
 from __future__ import annotations
@@ -61,9 +63,9 @@ PAIRS = [("mil old", "mil new"), ("mil before", "mil new"), ("hybrid old", "hybr
 _CHILD = """
 import json, sys, time
 from featurecache.train import fit_objective
-cache, objective, options = json.loads(sys.argv[1])
+cache, objective, options, threads = json.loads(sys.argv[1])
 t, c = time.perf_counter(), time.process_time()
-head = fit_objective(cache, objective=objective, train_split="train", progress=False, **options)
+head = fit_objective(cache, objective=objective, train_split="train", progress=False, threads=threads, **options)
 s, c = time.perf_counter() - t, time.process_time() - c
 print(json.dumps([s, c, head.summary.get("epochs", ""), head.summary.get("selection")]))
 """
@@ -85,17 +87,17 @@ def note_of(selection) -> str:
     return f"chose {selection['chosen']}" + (f"; dropped after fold 1: {dropped}" if dropped else "")
 
 
-def fit(cache: Path, name: str, before: Path) -> tuple:
+def fit(cache: Path, name: str, before: Path, threads) -> tuple:
     """``(wall seconds, CPU seconds, passes or '', note)`` of one fit."""
     objective, options, rev = RUNS[name]
     if rev is not None:  # the previous code, in a child process that imports it from its own files
         env = {**os.environ, "PYTHONPATH": str(before)}
-        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(cache), objective, options])],
+        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(cache), objective, options, threads])],
                              env=env, check=True, capture_output=True, text=True).stdout
         seconds, cpu, passes, selection = json.loads(out.strip().splitlines()[-1])
         return seconds, cpu, passes, note_of(selection)
     t, c = time.perf_counter(), time.process_time()
-    head = fit_objective(cache, objective=objective, train_split="train", progress=False, **options)
+    head = fit_objective(cache, objective=objective, train_split="train", progress=False, threads=threads, **options)
     seconds, cpu = time.perf_counter() - t, time.process_time() - c
     return seconds, cpu, head.summary.get("epochs", ""), note_of(head.summary.get("selection"))
 
@@ -137,6 +139,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--runs", default=",".join(RUNS), help="rows to run, comma-separated")
     ap.add_argument("--before", default=BEFORE, help="git revision of the 'before' rows")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads of every fit [default: all cores]")
     args = ap.parse_args()
     names = [n.strip() for n in args.runs.split(",") if n.strip()]
     unknown = [n for n in names if n not in RUNS]
@@ -151,7 +154,7 @@ def main() -> None:
             passes, notes = {}, {}
             for r in range(args.repeat):
                 for name in order(names, r):
-                    dt, dc, passes[name], notes[name] = fit(cache, name, before)
+                    dt, dc, passes[name], notes[name] = fit(cache, name, before, args.threads)
                     times[name].append(dt)
                     cpus[name].append(dc)
             report(key, names, times, cpus, passes, notes)
