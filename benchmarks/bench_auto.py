@@ -63,6 +63,8 @@ PAIRS = [("mil old", "mil new"), ("mil before", "mil new"), ("hybrid old", "hybr
 _CHILD = """
 import json, sys, time
 from featurecache.train import fit_objective
+# imported before the clock starts, as the parent has them after its first fits
+import featurecache.heads.auto, featurecache.heads.image, featurecache.heads.mil, featurecache.heads.patch
 cache, objective, options, threads = json.loads(sys.argv[1])
 t, c = time.perf_counter(), time.process_time()
 head = fit_objective(cache, objective=objective, train_split="train", progress=False, threads=threads, **options)
