@@ -119,7 +119,6 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
         training time per fold), ``dropped`` (None, or the fold after which it was dropped, with
         ``behind`` and ``vs_best`` from :func:`clearly_behind`), in the order of ``candidates``.
     """
-
     maps, seconds, dropped = {c: [] for c in candidates}, {}, {}
     alive, screen = list(candidates), screening_config(config)
     halving = config.option("cv_halving") != "none" and k > 1

@@ -23,9 +23,9 @@ from featurecache.heads.pooling import DEFAULT_POWER, SCORE_POOLINGS, check_imag
 from featurecache.metrics import METHODS
 
 __all__ = ["AGGREGATIONS", "ATTENTION_BRANCHES", "DEFAULT_CANDIDATES", "DEFAULT_MEMBERS", "EVAL_OPTIONS",
-           "FUSION_RULES", "HALVINGS", "LBFGS_WINDOW", "MAX_AGGREGATION_PARAMETER", "OPTIONS", "SOLVERS",
-           "Option", "OptionScopeError", "check_options", "defaults", "is_fusion", "options_of",
-           "parse_aggregation", "parse_member", "read_defaults", "relevant", "scope_error"]
+           "FUSION_RULES", "HALVINGS", "LBFGS_WINDOW", "MAX_AGGREGATION_PARAMETER", "OPTIONS", "SOLVERS", "Option",
+           "OptionScopeError", "check_options", "defaults", "is_fusion", "options_of", "parse_aggregation",
+           "parse_member", "read_defaults", "relevant", "scope_error"]
 
 #: MIL aggregations of patch logits into an image logit.
 AGGREGATIONS = ("lse", "max", "power")
