@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from featurecache.cli import main
@@ -97,3 +98,43 @@ def test_halving_drops_a_clearly_worse_candidate_after_the_first_fold(tmp_path):
     assert full["chosen"] == sel["chosen"]
     again = fit_objective(cache, **common).summary["selection"]
     assert again["dropped"] == sel["dropped"]  # seeded
+
+
+def test_screening_options_are_recorded_checked_and_never_tighter_than_the_refits(tmp_path):
+    cache = blob_cache(tmp_path / "b.h5", n_images=36, splits=["train" if i % 4 else "val" for i in range(36)])
+    common = dict(candidates="image:mean,mil", train_split="train", device="cpu", progress=False)
+    head = fit_objective(cache, **common)
+    sel = head.summary["selection"]
+    assert sel["cv_tol"] == 0.01 and sel["cv_epochs"] == 20
+    assert sel["screening"] == {"image_tol": 0.01, "epochs": 20}
+    if head.objective == "mil":
+        assert head.estimator.tol == 0.003  # the chosen candidate's refit keeps --image-tol
+    loose = fit_objective(cache, image_tol=0.05, epochs=10, **common).summary["selection"]
+    assert loose["screening"] == {"image_tol": 0.05, "epochs": 10}  # never tighter than --image-tol, --epochs
+    before = fit_objective(cache, cv_tol=0, cv_epochs=0, **common).summary["selection"]
+    assert before["screening"] == {"image_tol": 0.003, "epochs": 60} and before["cv_tol"] == 0.0
+    assert before["chosen"] == sel["chosen"]
+    for bad, param in (({"cv_tol": -1}, "cv_tol"), ({"cv_epochs": -1}, "cv_epochs"), ({"cv_tol": "x"}, "cv_tol")):
+        with pytest.raises(HeadError) as e:
+            fit_objective(cache, **bad, **common)
+        assert e.value.param == param and "\n" not in e.value.message
+    with pytest.raises(HeadError) as e:
+        fit_objective(cache, objective="mil", cv_tol=0.01)  # an option of auto only
+    assert e.value.param == "cv_tol"
+    r = CliRunner().invoke(main, ["fit", str(cache), "--cv-tol", "-1", "-q"])
+    assert r.exit_code == 2 and "Invalid value for '--cv-tol': must be >= 0, got -1.0" in r.output, r.output
+
+
+
+def test_the_folds_fit_at_cv_tol_and_the_refit_is_a_plain_fit(tmp_path):
+    cache = _one_patch_signal(tmp_path / "one.h5")
+    common = dict(candidates="mil", train_split="train", device="cpu", progress=False)
+    loose, exact = (fit_objective(cache, cv_tol=tol, **common) for tol in (0.5, 0))
+    assert loose.summary["selection"]["screening"]["image_tol"] == 0.5
+    assert exact.summary["selection"]["screening"]["image_tol"] == 0.003
+    assert loose.summary["selection"]["table"][0]["maps"] != exact.summary["selection"]["table"][0]["maps"]
+    plain = fit_objective(cache, objective="mil", train_split="train", device="cpu")
+    for head in (loose, exact):  # the chosen candidate's refit keeps --image-tol whatever the folds used
+        assert head.summary["epochs"] == plain.summary["epochs"]
+        for k, v in plain.estimator._state().items():
+            assert torch.equal(v, head.estimator._state()[k]), k

@@ -9,12 +9,18 @@ candidate with the highest mean AP over the folds is retrained on all training i
 returned, with the cross-validation table (and what was dropped when) in its summary. The
 ``fusion`` candidate averages its members' held-out scores, so it costs no training of its
 own. Nothing outside the training images is seen.
+
+The fits inside cross-validation only rank the candidates, so they train looser than the refit
+(:func:`screening_config`: ``cv_tol`` for the L-BFGS scorers, ``cv_epochs`` for the patch MLP).
+Each starts from its own seeded start: one started from another fold's fit would carry what that
+fit learnt from this fold's held-out images.
 """
 
 from __future__ import annotations
 
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -30,7 +36,8 @@ from featurecache.heads.trained import TrainedHead
 from featurecache.metrics import bootstrap_map, bootstrap_weights, interval, mean_ap
 from featurecache.resources import features_bytes, memory_budget
 
-__all__ = ["HALVING_RESAMPLES", "choose_folds", "clearly_behind", "cross_validate", "fit_auto_objective"]
+__all__ = ["HALVING_RESAMPLES", "choose_folds", "clearly_behind", "cross_validate", "fit_auto_objective",
+           "screening_config"]
 
 #: Fewest training images per fold for the comparison to mean anything.
 _MIN_IMAGES_PER_FOLD = 2
@@ -85,12 +92,25 @@ def clearly_behind(scores: dict, test, seed: int, *, n_boot: int = HALVING_RESAM
     return out
 
 
+def screening_config(config: FitConfig) -> FitConfig:
+    """The configuration of the fits inside cross-validation, which only rank the candidates: ``image_tol``
+    loosened to ``cv_tol`` (never tighter) and the patch MLP's ``epochs`` capped at ``cv_epochs`` (never above);
+    0 leaves either as it is. The chosen candidate's refit keeps ``config``'s own."""
+    tol = max(float(config.option("cv_tol")), float(config.option("image_tol")))
+    epochs = int(config.option("epochs"))
+    if int(config.option("cv_epochs")) > 0:
+        epochs = min(epochs, int(config.option("cv_epochs")))
+    return replace(config, options={**config.options, "image_tol": tol, "epochs": epochs})
+
+
 def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k: int, *, progress=None) -> list:
     """Per candidate: held-out mAP in each of ``k`` folds over ``data``'s images, and training seconds.
 
     With ``cv_halving="interval"`` every candidate runs on the first fold, and those clearly
     behind its best there (:func:`clearly_behind`) run on no other fold; ``"none"`` runs every
-    candidate on every fold.
+    candidate on every fold. The fits use :func:`screening_config`, each from its own seeded start:
+    a fit started from another fold's solution would carry what that fit learnt from this fold's
+    held-out images (measured: +3 to +6 mAP for a warm-started hybrid on BCCD's folds 2 and 3).
 
     Returns
     -------
@@ -100,7 +120,7 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
         ``behind`` and ``vs_best`` from :func:`clearly_behind`), in the order of ``candidates``.
     """
     maps, seconds, dropped = {c: [] for c in candidates}, {}, {}
-    alive = list(candidates)
+    alive, screen = list(candidates), screening_config(config)
     halving = config.option("cv_halving") != "none" and k > 1
     bar = tqdm(total=len(_trained(alive, members)) * k, unit="fit", desc="auto",
                disable=None if progress is None else not progress)
@@ -110,7 +130,7 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
                 held_out, fitted = {}, {}
                 for name in _trained(alive, members):
                     t0 = time.perf_counter()
-                    fitted[name] = train_member(fold.train, config, name)
+                    fitted[name] = train_member(fold.train, screen, name)
                     seconds.setdefault(name, []).append(time.perf_counter() - t0)
                     held_out[name] = fitted[name].image_scores(fold.test)
                     bar.update(1)
@@ -184,6 +204,8 @@ def fit_auto_objective(cache, config: FitConfig, *, kind=None, params=None) -> T
         head.summary["selection"] = {
             "chosen": best["candidate"], "folds": k, "images": n, "table": table, "seed": config.random_state,
             "members": list(members), "seconds": time.perf_counter() - t0, "halving": config.option("cv_halving"),
+            "cv_tol": float(config.option("cv_tol")), "cv_epochs": int(config.option("cv_epochs")),
+            "screening": {n: screening_config(config).option(n) for n in ("image_tol", "epochs")},
             "dropped": dropped,
             "reason": f"highest mean AP in {k}-fold cross-validation on the {n} training images"
                       + (f" ({len(dropped)} candidate(s) dropped after fold 1, clearly behind)" if dropped else "")}

@@ -11,6 +11,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_is_fitted, validate_data
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from featurecache.cache import open_cache
@@ -136,18 +137,21 @@ class ImageLogRegHead(_ImageScorer, CoefficientState, BaseEstimator):
         coef = np.zeros((Y.shape[1], X.shape[1]))
         intercept = np.full(Y.shape[1], -np.inf)
         n_iter = 0
-        for c in range(Y.shape[1]):
-            keep = ~ignore[:, c]
-            y = Y[keep, c]
-            if y.all():
-                intercept[c] = np.inf
-                continue
-            if not y.any():
-                continue
-            model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
-            model.fit(X[keep], y)
-            coef[c], intercept[c] = model.coef_[0], model.intercept_[0]
-            n_iter = max(n_iter, int(model.n_iter_.max()))
+        # One BLAS thread: each problem (images x features) is too small for threads to pay, and waking OpenBLAS's
+        # threads at every L-BFGS step cost many times the work itself on 2 shared cores (docs/performance.md).
+        with threadpool_limits(limits=1, user_api="blas"):
+            for c in range(Y.shape[1]):
+                keep = ~ignore[:, c]
+                y = Y[keep, c]
+                if y.all():
+                    intercept[c] = np.inf
+                    continue
+                if not y.any():
+                    continue
+                model = LogisticRegression(C=self.C, max_iter=self.max_iter, random_state=self.random_state)
+                model.fit(X[keep], y)
+                coef[c], intercept[c] = model.coef_[0], model.intercept_[0]
+                n_iter = max(n_iter, int(model.n_iter_.max()))
         self.coef_, self.intercept_ = coef, intercept
         self.n_features_in_, self.n_outputs_, self.n_iter_ = X.shape[1], Y.shape[1], n_iter
         return self

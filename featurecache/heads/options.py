@@ -409,6 +409,14 @@ _OPTION_LIST = (
            "mAP difference to that fold's best lies below zero run on no other fold) or none (every candidate on "
            "every fold: the previous behaviour).", _AUTO, kind="choice", choices=HALVINGS,
            parse=_choice("cv_halving", HALVINGS)),
+    Option("cv_tol", 0.01,
+           "auto: the --image-tol of the mil/hybrid fits inside cross-validation, which only rank the candidates "
+           "(never tighter than --image-tol; 0: --image-tol, the previous behaviour). The chosen candidate's refit "
+           "on all training images uses --image-tol.", _AUTO, minimum=0.0),
+    Option("cv_epochs", 20,
+           "auto: the cap on the patch MLP's epochs (--epochs) inside cross-validation (never above --epochs; 0: "
+           "--epochs, the previous behaviour). The chosen candidate's refit uses --epochs.", _AUTO, parse=int,
+           kind="int", minimum=0),
     Option("val", None, "patch: validation cache (early stopping for the MLP).", _PATCH, kind="path", grid=False,
            parse=_text),
     Option("val_split", None, "patch: validate on this split (of --val, or of CACHE).", _PATCH, kind="text",
