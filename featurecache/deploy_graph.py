@@ -156,6 +156,10 @@ def map_sampling(size: torch.Tensor, resized: torch.Tensor, cells: torch.Tensor,
     return w.to(torch.float32)
 
 
+#: Patches a fixed-size crop-mode graph runs through the backbone at once.
+PATCH_CHUNK = 64
+
+
 class CropFeatures(nn.Module):
     """Crop mode: the grid's patches of a ``(1, 3, H, W)`` image cut out by RoiAlign, through the backbone.
 
@@ -173,9 +177,17 @@ class CropFeatures(nn.Module):
     def forward(self, x: torch.Tensor, hw: Optional[torch.Tensor] = None) -> tuple:
         from torchvision.ops import roi_align
 
-        boxes, scales = crop_geometry(hw[0], hw[1], self.grid) if self.dynamic else (self.boxes, self.scales)
-        crops = roi_align(x, [boxes], output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-        return self.backbone(crops), scales
+        def features(boxes: torch.Tensor) -> torch.Tensor:
+            crops = roi_align(x, [boxes], output_size=self.size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+            return self.backbone(crops)
+
+        if self.dynamic:
+            boxes, scales = crop_geometry(hw[0], hw[1], self.grid)
+            return features(boxes), scales
+        # A fixed grid runs over chunks of patches (unrolled in the graph), so that the model, and tracing
+        # it, hold one chunk's activations, not those of every patch of the image (GBs at the paper's grid).
+        chunks = self.boxes.split(PATCH_CHUNK)
+        return torch.cat([features(b) for b in chunks]) if len(chunks) > 1 else features(self.boxes), self.scales
 
 
 class ScaleTrunk(nn.Module):

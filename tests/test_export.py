@@ -179,6 +179,22 @@ def test_exported_crop_model_scores_as_predict(patch_model):
     assert "check on 6 image(s)" in result.to_text()
 
 
+def test_a_fixed_crop_grid_runs_over_chunks_of_patches_with_the_same_scores(tiny, patch_model, tmp_path,
+                                                                             monkeypatch):
+    """The backbone runs over chunks of PATCH_CHUNK patches (bounded memory at the paper's grid)."""
+    import onnx
+
+    import featurecache.deploy_graph as graph
+
+    head, whole = patch_model
+    monkeypatch.setattr(graph, "PATCH_CHUNK", 2)
+    result = export(head, tmp_path / "chunks.onnx", input_size=SIZE, check=_images(tiny))
+    nodes = [n.op_type for n in onnx.load(str(tmp_path / "chunks.onnx")).graph.node]
+    assert result.patches > 2 and nodes.count("RoiAlign") == -(-result.patches // 2)
+    assert result.check.passed and result.check.top1_agreement == 1.0
+    np.testing.assert_allclose(result.check.exported, whole.check.exported, rtol=0, atol=1e-6)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode, objective, options", [
     ("crop", "mil", {}),
