@@ -30,7 +30,7 @@ import torch
 
 from featurecache import __version__
 from featurecache.backbones import DENSE_STRIDE
-from featurecache.deploy_graph import ExportedModel, axis_resize_matrix
+from featurecache.deploy_graph import ExportedModel, axis_resize_matrix, for_export, weights_into_loops
 from featurecache.errors import BackboneError, ExportError, HeadError, is_out_of_memory
 from featurecache.heads.trained import TrainedHead
 from featurecache.outputs import check_not_inputs, check_output, write_bytes
@@ -269,16 +269,14 @@ def _to_onnx(model: ExportedModel, size: Optional[tuple], name: str) -> bytes:
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example,), buffer, input_names=["image"], output_names=outputs,
-                              opset_version=OPSET, dynamo=False, do_constant_folding=True,
+            torch.onnx.export(for_export(model, example), (example,), buffer, input_names=["image"],
+                              output_names=outputs, opset_version=OPSET, dynamo=False, do_constant_folding=True,
                               dynamic_axes={k: v for k, v in (axes or {}).items() if k in outputs + ["image"]} or None)
     except Exception as e:  # exporters raise many kinds
         first = str(e).strip().splitlines()[0][:160] if str(e).strip() else ""
         if is_out_of_memory(e):
-            # The graph runs the backbone on every patch of an image at once (crop mode): tracing it does too.
-            raise ExportError(f"{name}: out of memory tracing the model on a {width}x{height} image (crop mode "
-                              f"runs all its patches in one batch); export at a smaller --input-size, or a head "
-                              f"of fewer scales or of a dense cache ({first})", param="head") from None
+            raise ExportError(f"{name}: out of memory tracing the model on a {width}x{height} image; export at "
+                              f"a smaller --input-size, or a head of fewer scales ({first})", param="head") from None
         raise ExportError(f"{name}: cannot be expressed in ONNX ({type(e).__name__}: {first})",
                           param="head") from None
     return buffer.getvalue()
@@ -353,6 +351,7 @@ def _with_metadata(data: bytes, metadata: dict) -> bytes:
     import onnx
 
     model = onnx.load_from_string(data)
+    weights_into_loops(model)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -263,6 +263,34 @@ def test_dynamic_model_scores_and_maps_as_featurecache_at_every_size(dynamic_mod
     assert "maps of 4 image(s)" in result.to_text() and "any-size" in result.to_text()
 
 
+def test_a_dynamic_crop_model_loops_over_chunks_of_patches_with_the_same_scores(dynamic_model, patch_model,
+                                                                                sized_images, tmp_path, monkeypatch):
+    """A dynamic crop graph runs the backbone in a Loop over PATCH_CHUNK patches at a time (its number of patches
+    is known at run time only), so that it holds one chunk's activations: chunks of 2 give the same scores."""
+    import onnx
+
+    import featurecache.deploy_graph as graph
+
+    head, whole = dynamic_model
+    monkeypatch.setattr(graph, "PATCH_CHUNK", 2)
+    result = export(head, tmp_path / "loop.onnx", dynamic=True, check=sized_images)
+    model = onnx.load(str(result.path))
+    (loop,) = [n for n in model.graph.node if n.op_type == "Loop"]
+    body = loop.attribute[0].g
+    assert "RoiAlign" not in [n.op_type for n in model.graph.node]
+    assert [n.op_type for n in body.node].count("RoiAlign") == 1
+    assert result.check.passed, result.check.to_text()
+    for a, b in zip(result.check.exported, whole.check.exported):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    # The body holds the weights its convolutions read (ONNX Runtime optimises those it owns), stored once:
+    # as many as a fixed-size model of the same head has.
+    convs = {n.input[1] for n in body.node if n.op_type == "Conv"}
+    assert convs and convs <= {w.name for w in body.initializer}
+    weights = [sum(int(np.prod(w.dims)) for w in list(m.graph.initializer) + list(body.initializer))
+               for m, body in ((model, body), (onnx.load(str(patch_model[1].path)), onnx.GraphProto()))]
+    assert weights[0] < 1.1 * weights[1]
+
+
 def test_dynamic_model_metadata(dynamic_model):
     _, result = dynamic_model
     meta = read_metadata(result.path)
