@@ -86,8 +86,10 @@ def note_of(selection) -> str:
     """What auto chose and dropped."""
     if not selection:
         return ""
-    dropped = ", ".join(d["candidate"] for d in selection.get("dropped", []))
-    return f"chose {selection['chosen']}" + (f"; dropped after fold 1: {dropped}" if dropped else "")
+    gone = selection.get("dropped", [])
+    folds = sorted({d["after_fold"] for d in gone})
+    return f"chose {selection['chosen']}" + "".join(
+        f"; dropped after fold {f}: {', '.join(d['candidate'] for d in gone if d['after_fold'] == f)}" for f in folds)
 
 
 def fit(cache: Path, name: str, before: Path, threads) -> tuple:
