@@ -108,7 +108,7 @@ def test_halving_drops_a_clearly_worse_candidate_after_the_first_fold(tmp_path):
     assert again["dropped"] == sel["dropped"]  # seeded
 
 
-def _scored(n=120, behind=1.7, seed=5):
+def _scored(n=120, behind=1.8, seed=5):
     """One class, every other image positive; per image, each candidate's score: ``image:mean`` and ``image:max``
     separate the classes equally well (independent noise), ``mil`` less well (``behind``)."""
     rng = np.random.default_rng(seed)

@@ -405,7 +405,7 @@ _OPTION_LIST = (
     Option("cv_folds", None, "auto: folds over the training images [default: 3, or 2 below 30 images].", _AUTO,
            parse=lambda t: None if t is None or str(t).lower() == "none" else int(t), kind="int", minimum=2),
     Option("cv_halving", "interval",
-           "auto: interval (every candidate on the first fold; after each fold but the last, those whose 95% "
+           "auto: interval (every candidate on the first fold; after each fold but the last, those whose 90% "
            "paired bootstrap interval of the difference in mean fold mAP to the best, over the held-out images of "
            "the folds so far, lies below zero run on no further fold) or none (every candidate on every fold).",
            _AUTO, kind="choice", choices=HALVINGS,
