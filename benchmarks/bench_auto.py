@@ -99,9 +99,13 @@ def fit(cache: Path, name: str, before: Path, threads) -> tuple:
     objective, options, rev = RUNS[name]
     if rev is not None or before != Path():
         here = Path(featurecache.__file__).resolve().parents[1]
-        env = {**os.environ, "PYTHONPATH": str(before if rev is not None else here)}
-        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(cache), objective, options, threads])],
-                             env=env, check=True, capture_output=True, text=True).stdout
+        root = before if rev is not None else here
+        # run from the code's own folder: `python -c` puts the working directory first on sys.path, so a child
+        # started in this checkout would import it whatever PYTHONPATH says (the "before" rows measured this code)
+        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(cache.resolve()), objective, options,
+                                                                        threads])],
+                             env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, check=True, capture_output=True,
+                             text=True).stdout
         seconds, cpu, passes, selection = json.loads(out.strip().splitlines()[-1])
         return seconds, cpu, passes, note_of(selection)
     t, c = time.perf_counter(), time.process_time()
