@@ -171,7 +171,8 @@ def cross_validate(data, config: FitConfig, candidates: tuple, members: tuple, k
                     maps[name].append(mean_ap(scores[name], t.labels, t.difficult))
                 evidence.append((scores, fold.test))
                 if halving and f < k - 1 and len(alive) > 1:  # after the last fold nothing is left to save
-                    behind = clearly_behind([({c: s[c] for c in alive}, t) for s, t in evidence], config.random_state)
+                    so_far = [({c: sc[c] for c in alive}, test) for sc, test in evidence]
+                    behind = clearly_behind(so_far, config.random_state)
                     dropped.update({c: {"after_fold": f + 1, **v} for c, v in behind.items()})
                     alive = [c for c in alive if c not in behind]
                     bar.total = bar.n + len(_trained(alive, members)) * (k - 1 - f)
