@@ -86,8 +86,10 @@ def note_of(selection) -> str:
     """What auto chose and dropped."""
     if not selection:
         return ""
-    dropped = ", ".join(d["candidate"] for d in selection.get("dropped", []))
-    return f"chose {selection['chosen']}" + (f"; dropped after fold 1: {dropped}" if dropped else "")
+    gone = selection.get("dropped", [])
+    folds = sorted({d["after_fold"] for d in gone})
+    return f"chose {selection['chosen']}" + "".join(
+        f"; dropped after fold {f}: {', '.join(d['candidate'] for d in gone if d['after_fold'] == f)}" for f in folds)
 
 
 def fit(cache: Path, name: str, before: Path, threads) -> tuple:
@@ -97,9 +99,13 @@ def fit(cache: Path, name: str, before: Path, threads) -> tuple:
     objective, options, rev = RUNS[name]
     if rev is not None or before != Path():
         here = Path(featurecache.__file__).resolve().parents[1]
-        env = {**os.environ, "PYTHONPATH": str(before if rev is not None else here)}
-        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(cache), objective, options, threads])],
-                             env=env, check=True, capture_output=True, text=True).stdout
+        root = before if rev is not None else here
+        # run from the code's own folder: `python -c` puts the working directory first on sys.path, so a child
+        # started in this checkout would import it whatever PYTHONPATH says (the "before" rows measured this code)
+        out = subprocess.run([sys.executable, "-c", _CHILD, json.dumps([str(cache.resolve()), objective, options,
+                                                                        threads])],
+                             env={**os.environ, "PYTHONPATH": str(root)}, cwd=root, check=True, capture_output=True,
+                             text=True).stdout
         seconds, cpu, passes, selection = json.loads(out.strip().splitlines()[-1])
         return seconds, cpu, passes, note_of(selection)
     t, c = time.perf_counter(), time.process_time()

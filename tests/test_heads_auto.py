@@ -1,14 +1,21 @@
 """Tests of the auto objective: candidates cross-validated on the training images, the best one kept."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
+import featurecache.heads.auto as auto
+from featurecache.cache import FeatureCache
 from featurecache.cli import main
 from featurecache.errors import HeadError
 from featurecache.evaluate import evaluate
 from featurecache.heads import TrainedHead
+from featurecache.heads.auto import clearly_behind
+from featurecache.heads.registry import FitConfig
+from featurecache.metrics import mean_ap
 from featurecache.train import fit_objective
 
 from conftest import blob_cache, make_synthetic_cache
@@ -93,11 +100,60 @@ def test_halving_drops_a_clearly_worse_candidate_after_the_first_fold(tmp_path):
     assert gone["after_fold"] == 1 and gone["behind"] == "image:max" and gone["vs_best"][2] < 0
     assert len(by["image:mean"]["maps"]) == 1 and len(by["image:max"]["maps"]) == 3  # two trainings saved
     assert "dropped after fold 1" in head.selection_table()
+    assert "(1 candidate(s) dropped as clearly behind: image:mean after fold 1)" in head.summary_line()
     full = fit_objective(cache, cv_halving="none", **common).summary["selection"]
     assert full["dropped"] == [] and all(len(r["maps"]) == 3 for r in full["table"])
     assert full["chosen"] == sel["chosen"]
     again = fit_objective(cache, **common).summary["selection"]
     assert again["dropped"] == sel["dropped"]  # seeded
+
+
+def _scored(n=120, behind=1.8, seed=5):
+    """One class, every other image positive; per image, each candidate's score: ``image:mean`` and ``image:max``
+    separate the classes equally well (independent noise), ``mil`` less well (``behind``)."""
+    rng = np.random.default_rng(seed)
+    y = (np.arange(n) % 2 == 0)[:, None]
+    return y, {"image:mean": y * 2.5 + rng.normal(size=(n, 1)), "image:max": y * 2.5 + rng.normal(size=(n, 1)),
+               "mil": y * behind + rng.normal(size=(n, 1))}
+
+
+def test_clearly_behind_pools_the_folds_so_far():
+    y, scores = _scored()
+    folds = [({c: v[i::3] for c, v in scores.items()}, SimpleNamespace(images=SimpleNamespace(
+        labels=y[i::3], difficult=np.zeros_like(y[i::3])))) for i in range(3)]
+    one, two = clearly_behind(folds[:1], 0), clearly_behind(folds[:2], 0)
+    assert "mil" in two and "image:max" not in two and "image:mean" not in two
+    assert two["mil"]["vs_best"][2] < 0 and two["mil"]["behind"] in ("image:mean", "image:max")
+    maps = {c: [mean_ap(s, t.images.labels) for s, t in ((f[c], t) for f, t in folds[:2])] for c in scores}
+    assert two["mil"]["vs_best"][0] == pytest.approx(np.mean(maps["mil"]) - np.mean(maps[two["mil"]["behind"]]))
+    assert one == {}  # fold 1 alone: too few images to tell
+    assert clearly_behind(folds[:2], 0) == two  # seeded
+
+
+def _fake_training(monkeypatch, scores):
+    """Each candidate's 'training' gives the scores of ``scores`` for the images it is asked about."""
+    def train_member(train, config, name):
+        return SimpleNamespace(image_scores=lambda c: scores[name][c.images.row].astype(np.float32))
+    monkeypatch.setattr(auto, "train_member", train_member)
+
+
+def test_halving_drops_after_the_second_fold_on_the_two_folds_pooled(tmp_path, monkeypatch):
+    y, scores = _scored()
+    _fake_training(monkeypatch, scores)
+    path = make_synthetic_cache(tmp_path / "s.h5", np.zeros((len(y), 4)), [0] * len(y), np.arange(len(y)), y, ["obj"])
+    candidates = ("image:mean", "image:max", "mil")
+    with FeatureCache(path) as c:
+        data = c.to_memory()
+        table = {r["candidate"]: r for r in auto.cross_validate(data, FitConfig("auto"), candidates, (), 3)}
+        full = auto.cross_validate(data, FitConfig("auto", {"cv_halving": "none"}), candidates, (), 3)
+        two = auto.cross_validate(data, FitConfig("auto"), candidates, (), 2)
+    gone = table["mil"]["dropped"]
+    assert gone is not None and gone["after_fold"] == 2 and gone["vs_best"][2] < 0, gone  # not after fold 1
+    assert len(table["mil"]["maps"]) == 2 and table["mil"]["maps"] == full[2]["maps"][:2]  # one training saved
+    assert table["image:max"]["dropped"] is None and len(table["image:max"]["maps"]) == 3  # close: kept
+    assert table["image:mean"]["dropped"] is None and len(table["image:mean"]["maps"]) == 3
+    assert all(r["dropped"] is None and len(r["maps"]) == 3 for r in full)
+    assert all(r["dropped"] is None or r["dropped"]["after_fold"] == 1 for r in two)  # never after the last fold
 
 
 def test_screening_options_are_recorded_checked_and_never_tighter_than_the_refits(tmp_path):

@@ -33,7 +33,7 @@ AGGREGATIONS = ("lse", "max", "power")
 #: Optimisers of the mil/hybrid scorer (:class:`featurecache.heads.bags.BagTrainer`'s ``solver``).
 SOLVERS = ("lbfgs", "adam")
 
-#: How ``auto`` drops candidates after its first fold (``cv_halving``).
+#: How ``auto`` drops candidates clearly behind after each fold but the last (``cv_halving``).
 HALVINGS = ("interval", "none")
 
 #: Iterations over which the L-BFGS solver measures the relative fall of its loss (``image_tol``).
@@ -405,9 +405,10 @@ _OPTION_LIST = (
     Option("cv_folds", None, "auto: folds over the training images [default: 3, or 2 below 30 images].", _AUTO,
            parse=lambda t: None if t is None or str(t).lower() == "none" else int(t), kind="int", minimum=2),
     Option("cv_halving", "interval",
-           "auto: interval (every candidate on the first fold; those whose 95% paired bootstrap interval of the "
-           "mAP difference to that fold's best lies below zero run on no other fold) or none (every candidate on "
-           "every fold: the previous behaviour).", _AUTO, kind="choice", choices=HALVINGS,
+           "auto: interval (every candidate on the first fold; after each fold but the last, those whose 90% "
+           "paired bootstrap interval of the difference in mean fold mAP to the best, over the held-out images of "
+           "the folds so far, lies below zero run on no further fold) or none (every candidate on every fold).",
+           _AUTO, kind="choice", choices=HALVINGS,
            parse=_choice("cv_halving", HALVINGS)),
     Option("cv_tol", 0.01,
            "auto: the --image-tol of the mil/hybrid fits inside cross-validation, which only rank the candidates "
