@@ -268,6 +268,7 @@ def test_a_dynamic_crop_model_loops_over_chunks_of_patches_with_the_same_scores(
     """A dynamic crop graph runs the backbone in a Loop over PATCH_CHUNK patches at a time (its number of patches
     is known at run time only), so that it holds one chunk's activations: chunks of 2 give the same scores."""
     import onnx
+    import onnxruntime as ort
 
     import featurecache.deploy_graph as graph
 
@@ -286,9 +287,32 @@ def test_a_dynamic_crop_model_loops_over_chunks_of_patches_with_the_same_scores(
     # as many as a fixed-size model of the same head has.
     convs = {n.input[1] for n in body.node if n.op_type == "Conv"}
     assert convs and convs <= {w.name for w in body.initializer}
+    # ... and ONNX Runtime fuses the TF-"same" paddings into them, as in a fixed-size graph.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimised.onnx")
+    ort.InferenceSession(str(result.path), options, providers=["CPUExecutionProvider"])
+    optimised = onnx.load(options.optimized_model_filepath)
+    (loop,) = [n for n in optimised.graph.node if n.op_type == "Loop"]
+    assert "Pad" not in [n.op_type for n in loop.attribute[0].g.node]
     weights = [sum(int(np.prod(w.dims)) for w in list(m.graph.initializer) + list(body.initializer))
                for m, body in ((model, body), (onnx.load(str(patch_model[1].path)), onnx.GraphProto()))]
     assert weights[0] < 1.1 * weights[1]
+
+
+def test_static_padding_is_the_same_network_at_its_input_size(tiny):
+    """The loop's backbone: TF-"same" convolutions padded by constants give the same features at the crop size."""
+    from featurecache.deploy_graph import static_padding
+
+    root, _, caches = tiny
+    trained = TrainedHead.load(_head(tiny, "crop", "patch"), device="cpu")
+    net = trained.new_images_recipe().build_backbone()
+    static = static_padding(net, torch.zeros(1, 3, 64, 64))
+    crops = torch.from_numpy(np.random.default_rng(0).uniform(0, 255, (3, 3, 64, 64)).astype(np.float32))
+    kinds = [type(m).__name__ for m in static.modules()]
+    assert "Conv2dSame" in [type(m).__name__ for m in net.modules()] and "Conv2dSame" not in kinds
+    with torch.no_grad():
+        assert torch.equal(static(crops), net(crops))
 
 
 def test_dynamic_model_metadata(dynamic_model):
